@@ -1,0 +1,78 @@
+"""Deterministic probe batches: text rows, image rows and padding, for any causal LM.
+
+Image rows are deterministic random vectors scaled to the RMS of the model's own
+token embeddings, so the probe needs no vision tower and works on models the
+harness has never seen; ``im_mask`` marks them, as the real XComposer does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ProbeBatch:
+    input_ids: torch.Tensor  # [B, T] token ids (image rows hold a placeholder id)
+    inputs_embeds: torch.Tensor  # [B, T, H]
+    im_mask: torch.Tensor  # [B, T] bool, True on image rows
+    attention_mask: torch.Tensor  # [B, T] long, 0 on padding
+    description: str = field(default="")
+
+    @property
+    def text_rows(self) -> torch.Tensor:
+        """Bool [B, T]: real (non-padding) text positions."""
+        return ~self.im_mask & self.attention_mask.bool()
+
+    @property
+    def image_rows(self) -> torch.Tensor:
+        return self.im_mask & self.attention_mask.bool()
+
+    def model_kwargs(self, with_im_mask: bool = True) -> dict:
+        kwargs = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
+        if with_im_mask:
+            kwargs["im_mask"] = self.im_mask
+        return kwargs
+
+
+def make_probe(
+    embedding: torch.nn.Module,
+    *,
+    batch_size: int = 2,
+    seq_len: int = 12,
+    image_spans: list[tuple[int, int]] | None = None,
+    left_padding: list[int] | None = None,
+    seed: int = 0,
+    vocab_low: int = 4,
+) -> ProbeBatch:
+    """Build a probe batch from ``embedding`` (the model's input embedding module).
+
+    ``image_spans`` are ``(start, end)`` positions marked as image rows in every
+    sequence (default: the middle third); ``left_padding[b]`` pads sequence b on the left.
+    """
+    weight = embedding.weight
+    vocab = weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(vocab_low, vocab, (batch_size, seq_len), generator=gen)
+    im_mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    if image_spans is None:
+        image_spans = [(seq_len // 3, 2 * seq_len // 3)]
+    for start, end in image_spans:
+        im_mask[:, start:end] = True
+    attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    for b, pad in enumerate(left_padding or []):
+        attention_mask[b, :pad] = 0
+        im_mask[b, :pad] = False
+    with torch.no_grad():
+        embeds = embedding(input_ids.to(weight.device)).float().cpu()
+        rms = embeds.pow(2).mean().sqrt()
+        image_rows = torch.randn(batch_size, seq_len, weight.shape[1], generator=gen) * rms
+        embeds = torch.where(im_mask[..., None], image_rows, embeds)
+    return ProbeBatch(
+        input_ids=input_ids.to(weight.device),
+        inputs_embeds=embeds.to(device=weight.device, dtype=weight.dtype),
+        im_mask=im_mask.to(weight.device),
+        attention_mask=attention_mask.to(weight.device),
+        description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding}",
+    )

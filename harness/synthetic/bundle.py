@@ -1,0 +1,75 @@
+"""A synthetic base model directory plus its trained adapter: the harness's built-in default."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import official_lora_config, save_adapter, train_adapter
+from .cache import cached_build
+from .export import export_model
+from .family import TINY, Dims, build_model
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """What to build: variant, dimensions, seeds and the LoRA settings."""
+
+    variant: str = "ixc2.5"
+    dims: Dims = TINY
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 8
+    train_steps: int = 3
+    safe_serialization: bool = True
+
+    def params(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    base_dir: Path
+    adapter_dir: Path
+    spec: BundleSpec
+
+
+def build_base_dir(spec: BundleSpec, cache_root: str | Path) -> Path:
+    params = {"variant": spec.variant, "dims": asdict(spec.dims), "seed": spec.seed}
+
+    def build(out: Path) -> None:
+        export_model(build_model(spec.variant, spec.dims, seed=spec.seed), out)
+
+    return cached_build(cache_root, f"base-{spec.variant}", params, build)
+
+
+def build_bundle(spec: BundleSpec = BundleSpec(), cache_root: str | Path | None = None) -> Bundle:
+    """Build (or reuse from ``cache_root``) the base model dir and a trained adapter dir."""
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    base_dir = build_base_dir(spec, cache_root)
+
+    def build(out: Path) -> None:
+        model = build_model(spec.variant, spec.dims, seed=spec.seed)
+        peft_model = train_adapter(
+            model,
+            official_lora_config(r=spec.lora_r, lora_alpha=spec.lora_alpha),
+            steps=spec.train_steps,
+            seed=spec.seed,
+        )
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+        save_adapter(peft_model, out, safe_serialization=spec.safe_serialization)
+        (out / "README.md").unlink(missing_ok=True)
+
+    adapter_dir = cached_build(cache_root, f"adapter-{spec.variant}", spec.params(), build)
+    return Bundle(base_dir=base_dir, adapter_dir=adapter_dir, spec=spec)
+
+
+def default_cache_root() -> Path:
+    """``$PLORA_HARNESS_CACHE`` or ``~/.cache/plora-harness`` (never the user's input dirs)."""
+    import os
+
+    env = os.environ.get("PLORA_HARNESS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "plora-harness"

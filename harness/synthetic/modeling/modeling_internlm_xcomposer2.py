@@ -1,0 +1,116 @@
+"""InternLMXComposer2ForCausalLM, synthetic and tiny (remote code: torch/transformers only).
+
+Language model ``model`` (InternLM2 with PLoRA), LM head ``output``, vision tower
+``vit``, projector ``vision_proj`` and, on HD variants, the separators
+``plora_glb_GN`` ``[1, 1, H]`` and ``plora_sub_GN`` ``[1, 1, 1, H]``. The forward
+takes ``input_ids`` or ``inputs_embeds`` plus an ``im_mask`` keyword, like the real one.
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .build_mlp import CLIPVisionTower, build_vision_projector
+from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
+from .modeling_internlm2 import InternLM2Model
+
+# transformers 5.x renamed the output/keyword ``past_key_values`` to ``cache``.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+class InternLM2PreTrainedModel(PreTrainedModel):
+    config_class = InternLMXcomposer2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["InternLM2DecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+class InternLMXComposer2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
+    def __init__(self, config: InternLMXcomposer2Config) -> None:
+        super().__init__(config)
+        self.model = InternLM2Model(config)
+        self.vocab_size = config.vocab_size
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vit = CLIPVisionTower(config.vision_config)
+        vit_dim = self.vit.hidden_size * (4 if config.hd else 1)  # HD merges 2x2 patches
+        self.vision_proj = build_vision_projector(vit_dim, config.hidden_size)
+        if config.hd:
+            self.plora_glb_GN = nn.Parameter(torch.zeros([1, 1, config.hidden_size]))
+            self.plora_sub_GN = nn.Parameter(torch.zeros([1, 1, 1, config.hidden_size]))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.output
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.output = value
+
+    def encode_img(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image → rows of language-model embeddings (HD: 2x2 merge, sub/glb separators)."""
+        feats = self.vit(pixel_values)  # [B, P, C]
+        if not self.config.hd:
+            return self.vision_proj(feats)
+        b, p, c = feats.shape
+        side = int(p**0.5)
+        grid = feats.view(b, side, side, c)[:, : side // 2 * 2, : side // 2 * 2]
+        grid = grid.reshape(b, side // 2, 2, side // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+        grid = self.vision_proj(grid.reshape(b, side // 2, side // 2, 4 * c))  # [B, h, w, H]
+        rows = torch.cat([grid, self.plora_sub_GN.expand(b, side // 2, 1, -1)], dim=2)
+        rows = rows.reshape(b, -1, self.config.hidden_size)
+        return torch.cat([self.plora_glb_GN.expand(b, 1, -1), rows], dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        im_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        past_key_values = kwargs.pop("cache", None) if past_key_values is None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        hidden = self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            im_mask=im_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values if use_cache else None,
+        )
+        logits = self.output(hidden).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, self.vocab_size), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        cache = {_CACHE_FIELD: past_key_values if use_cache else None}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache)
