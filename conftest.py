@@ -1,0 +1,58 @@
+"""Session fixtures for the harness's own test suite.
+
+Synthetic base models and adapters are built once per cache key on disk, shared
+by all pytest-xdist workers (a file lock, not a race), and treated as read-only
+inputs by every test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev",
+    max_examples=60,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache directory shared by every xdist worker of this run."""
+    env = os.environ.get("PLORA_HARNESS_CACHE")
+    if env:
+        return Path(env)
+    return tmp_path_factory.getbasetemp().parent / "plora-harness-cache"
+
+
+@pytest.fixture(scope="session")
+def make_bundle(synthetic_cache: Path) -> Callable:
+    """``make_bundle(variant=..., lora_r=..., ...)`` → a cached ``Bundle`` (base dir + adapter dir)."""
+    from harness.synthetic import BundleSpec, build_bundle
+
+    def make(**changes):
+        return build_bundle(BundleSpec(**changes), synthetic_cache)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_bundle(make_bundle):
+    """The built-in default: ixc2.5 tiny base + trained official-recipe adapter."""
+    return make_bundle()
