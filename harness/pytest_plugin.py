@@ -1,9 +1,15 @@
-"""pytest plugin (entry point ``pytest11``): options, markers and skips only; no logic.
+"""pytest plugin (entry point ``pytest11``): options, markers, skips and conformance items.
 
-Kept import-light: torch is imported only when a ``gpu``-marked test is collected.
+Wiring only: ``--adapter`` turns every check id of ``harness.check`` into a test item
+(so JUnit and CI list them by name); the engine runs once per session and knows
+nothing of pytest. Import-light: torch loads only when it is needed.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +17,33 @@ MARKERS = {
     "gpu": "needs a CUDA device (skipped with the reason otherwise); select with -m gpu",
     "slow": "long-running; deselect with -m 'not slow'",
     "distributed": "spawns several processes (DeepSpeed / torch.distributed on gloo)",
+    "conformance": "a plora-harness conformance check item (one per check id)",
 }
+OPTION_ENV = {
+    "adapter": "PLORA_HARNESS_ADAPTER",
+    "base_model": "PLORA_HARNESS_BASE_MODEL",
+    "merged": "PLORA_HARNESS_MERGED",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("plora-harness", "LoRA adapter conformance (plora-harness)")
+    group.addoption("--adapter", type=Path, help="adapter directory to check (env PLORA_HARNESS_ADAPTER)")
+    group.addoption("--base-model", type=Path, help="base model directory (env PLORA_HARNESS_BASE_MODEL)")
+    group.addoption("--merged", type=Path, help="merged checkpoint directory (env PLORA_HARNESS_MERGED)")
+    group.addoption("--conformance-report", type=Path, help="write the JSON conformance report here")
+    group.addoption("--device", choices=["cpu", "cuda"], default=None, help="device for dynamic checks")
+    group.addoption("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="dtype for dynamic checks (default float32 on CPU, bfloat16 on CUDA)")
+    group.addoption("--allow-plora-targets", action="store_true", help="lora-on-plora warns instead of failing")
+
+
+def option(config: pytest.Config, name: str):
+    """A plugin option, falling back to its environment variable."""
+    value = config.getoption(name)
+    if value is None and name in OPTION_ENV and os.environ.get(OPTION_ENV[name]):
+        value = Path(os.environ[OPTION_ENV[name]])
+    return value
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -19,7 +51,96 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: {text}")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+class ConformanceRun:
+    """Runs ``harness.check`` once per session, on first use, and keeps the report."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self._report = None
+        self.error: str | None = None
+
+    @property
+    def report(self):
+        if self._report is None and self.error is None:
+            from .api import check
+            from .inputs import InputError
+
+            try:
+                self._report = check(
+                    option(self.config, "adapter"),
+                    base_model=option(self.config, "base_model"),
+                    merged=option(self.config, "merged"),
+                    dtype=self.config.getoption("dtype"),
+                    device=self.config.getoption("device") or "cpu",
+                    allow_plora_targets=self.config.getoption("allow_plora_targets"),
+                )
+            except InputError as err:
+                self.error = str(err)
+            path = self.config.getoption("conformance_report")
+            if path and self._report is not None:
+                Path(path).write_text(self._report.to_json())
+        return self._report
+
+
+class ConformanceItem(pytest.Item):
+    def __init__(self, *, check_id: str, run: ConformanceRun, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.check_id = check_id
+        self.run = run
+        self.add_marker(pytest.mark.conformance)
+
+    def runtest(self) -> None:
+        report = self.run.report
+        if report is None:
+            raise ConformanceFailure(f"input cannot be read: {self.run.error}")
+        result = report.get(self.check_id)
+        if result is None or result.status == "skip":
+            pytest.skip(result.message if result else "not run for these inputs")
+        if result.status == "warn":
+            warnings.warn(f"{self.check_id}: {result.message}", UserWarning, stacklevel=1)
+        if result.status == "fail":
+            fix = f"\nfix: {result.fix}" if result.fix else ""
+            raise ConformanceFailure(f"{self.check_id}: {result.message}{fix}")
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ConformanceFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"plora-harness::{self.check_id}"
+
+
+class ConformanceFailure(Exception):
+    """A failed conformance check: reported as its one-line message and fix, no traceback."""
+
+
+class ConformanceCollector(pytest.Collector):
+    def __init__(self, *, run: ConformanceRun, check_ids: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run = run
+        self.check_ids = check_ids
+
+    def collect(self):
+        for check_id in self.check_ids:
+            yield ConformanceItem.from_parent(self, name=check_id, check_id=check_id, run=self.run)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    if option(config, "adapter") is not None:
+        from .api import planned_check_ids
+
+        ids = planned_check_ids(
+            base_model=option(config, "base_model") is not None, merged=option(config, "merged") is not None
+        )
+        collector = ConformanceCollector.from_parent(
+            session, name="plora-conformance", path=config.rootpath, run=ConformanceRun(config), check_ids=ids
+        )
+        items.extend(collector.collect())
+    _skip_gpu_without_cuda(items)
+
+
+def _skip_gpu_without_cuda(items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

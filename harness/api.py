@@ -1,0 +1,80 @@
+"""``harness.check``: the one engine behind the CLI, the pytest plugin and user scripts.
+
+Data flows one way: inputs (read-only, untrusted) → checks (grouped: static,
+against-base, dynamic, merged) → a ``Report``. Nothing here knows about pytest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .checks import CheckContext, CheckOptions, checks, run_checks
+from .inputs import InputError, read_adapter
+from .report import Report
+
+
+def planned_check_ids(*, base_model: bool, merged: bool) -> list[str]:
+    """The check ids a run with these inputs reports (static always; the rest when given)."""
+    groups = ["static"] + (["against-base", "dynamic"] if base_model else []) + (["merged"] if merged else [])
+    return [c.id for group in groups for c in checks(group)]
+
+
+def _resolve_default(progress: Callable[[str], None] | None):
+    """No adapter given: build (or reuse) the embedded synthetic XComposer base + trained adapter."""
+    from .synthetic import BundleSpec, build_bundle, default_cache_root
+
+    if progress:
+        progress(f"building the embedded synthetic XComposer base + adapter in {default_cache_root()}")
+    return build_bundle(BundleSpec())
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} directory does not exist; pass the directory that holds it")
+    if not path.is_dir():
+        raise InputError(f"{path}: {what} must be a directory, not a file; pass the directory that holds it")
+    return path
+
+
+def check(
+    adapter: str | Path | None = None,
+    base_model: str | Path | None = None,
+    merged: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    allow_plora_targets: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Run every applicable check and return the report.
+
+    Without ``adapter`` the embedded synthetic XComposer base + adapter are checked.
+    Raises ``InputError`` (one line: file, problem, fix) when an input cannot be read at all.
+    """
+    if adapter is None:
+        bundle = _resolve_default(progress)
+        adapter, base_model = bundle.adapter_dir, base_model or bundle.base_dir
+    options = CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device)
+    if progress:
+        progress(f"reading adapter {adapter}")
+    ctx = CheckContext(adapter=read_adapter(adapter), options=options, progress=progress)
+    report = Report(inputs=ctx.adapter.describe())
+    report.extend(run_checks(ctx, "static"))
+    if base_model is not None:
+        from .base_model import inspect_base
+
+        base_dir = _require_dir(base_model, "base model")
+        report.inputs["base_model"] = str(base_dir)
+        if progress:
+            progress(f"inspecting base model {base_dir} on the meta device")
+        ctx.base = inspect_base(base_dir)
+        report.extend(run_checks(ctx, "against-base"))
+        report.extend(run_checks(ctx, "dynamic"))
+    if merged is not None:
+        ctx.merged = _require_dir(merged, "merged checkpoint")
+        report.inputs["merged"] = str(ctx.merged)
+        report.extend(run_checks(ctx, "merged"))
+    ctx.adapter.close()
+    return report

@@ -1,0 +1,75 @@
+"""The ``plora-harness`` command and the pytest plugin: exit codes, outputs, one item per check id."""
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from fixtures.mutations import MUTATIONS
+from harness.api import planned_check_ids
+from harness.cli import main
+
+pytest_plugins = ["pytester"]
+
+
+def test_good_adapter_exits_0_with_a_table(default_bundle, capsys, tmp_path):
+    code = main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet",
+                 "--json", str(tmp_path / "r.json"), "--junit", str(tmp_path / "r.xml")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "check" in out and "status" in out and "empty-tensors     PASS" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert set(data) == {"harness_version", "inputs", "environment", "checks", "summary"}
+    assert set(data["environment"]) >= {"torch", "transformers", "peft"}
+    assert [c["id"] for c in data["checks"]] == planned_check_ids(base_model=False, merged=False)
+    assert all(set(c) == {"id", "status", "message", "details"} for c in data["checks"])
+    assert data["summary"]["failed"] == 0
+    cases = ET.parse(tmp_path / "r.xml").getroot().iter("testcase")
+    assert {case.get("name") for case in cases} == {c["id"] for c in data["checks"]}
+
+
+def test_broken_adapter_exits_1_naming_the_check(default_bundle, capsys, tmp_path):
+    broken = MUTATIONS["empty-tensors"].apply(default_bundle.adapter_dir, tmp_path / "broken")
+    code = main(["check", "--adapter", str(broken), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "empty-tensors     FAIL" in out
+    assert "GatheredParameters" in out and "_zero3_consolidated_16bit_state_dict" in out
+
+
+@pytest.mark.parametrize("args", [["--adapter", "/nonexistent/adapter"], ["--base-model", "/tmp"]])
+def test_unreadable_input_or_usage_error_exits_2_with_one_line(args, capsys):
+    assert main(["check", "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("plora-harness:")
+    assert "Traceback" not in err
+
+
+def test_console_script_is_installed():
+    run = subprocess.run([sys.executable, "-m", "harness.cli", "check", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "--base-model" in run.stdout and "--merged" in run.stdout
+
+
+def test_plugin_makes_one_item_per_check_id(pytester, default_bundle, tmp_path):
+    report = tmp_path / "conformance.json"
+    result = pytester.runpytest("--adapter", str(default_bundle.adapter_dir), "--conformance-report", str(report),
+                                "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=len(planned_check_ids(base_model=False, merged=False)) - 1, skipped=1)
+    result.stdout.fnmatch_lines(["*plora-conformance::empty-tensors PASSED*", "*plora-conformance::finite PASSED*"])
+    assert json.loads(report.read_text())["summary"]["failed"] == 0
+
+
+def test_plugin_fails_the_broken_check_by_name(pytester, default_bundle, tmp_path):
+    broken = MUTATIONS["empty-tensors"].apply(default_bundle.adapter_dir, tmp_path / "broken")
+    result = pytester.runpytest("--adapter", str(broken), "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*FAILED*plora-conformance::empty-tensors*"])
+    result.stdout.fnmatch_lines(["*fix:*GatheredParameters*"])
+    assert result.ret == 1
+
+
+def test_plugin_without_adapter_adds_nothing(pytester):
+    pytester.makepyfile("def test_ok():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
