@@ -77,17 +77,10 @@ def tower_of(module_name: str) -> str:
 
 
 def read_weight_index(base_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Names, shapes and dtypes of every tensor in the base's safetensors files (headers only)."""
-    from safetensors import safe_open
+    """Names, shapes and dtypes of every tensor in the base's weight files (validated headers only)."""
+    from .model_dir import ModelDir
 
-    files = sorted(base_dir.glob("*.safetensors"))
-    index: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                index[key] = (tuple(piece.get_shape()), str(piece.get_dtype()))
-    return index
+    return ModelDir(base_dir).shapes()
 
 
 def build_on_meta(base_dir: Path) -> torch.nn.Module:

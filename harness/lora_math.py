@@ -1,0 +1,45 @@
+"""LoRA arithmetic from a saved config, as PEFT applies it: rank, scaling and ΔW per module.
+
+Kept free of PEFT model objects so the fp32 reference and the merged-checkpoint
+check can compute what a merge *should* produce from the raw tensors alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+
+def _pattern_key(patterns: list[str], module: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern that matches ``module`` as a dotted suffix."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return pattern
+    return None
+
+
+def module_rank(config: dict, module: str) -> int:
+    pattern = config.get("rank_pattern") or {}
+    key = _pattern_key(list(pattern), module)
+    return int(pattern[key]) if key is not None else int(config["r"])
+
+
+def module_alpha(config: dict, module: str) -> float:
+    pattern = config.get("alpha_pattern") or {}
+    key = _pattern_key(list(pattern), module)
+    return float(pattern[key]) if key is not None else float(config["lora_alpha"])
+
+
+def module_scaling(config: dict, module: str, rank: int | None = None) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA; ``rank`` overrides the config (use the saved tensor's)."""
+    r = rank if rank is not None else module_rank(config, module)
+    alpha = module_alpha(config, module)
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False):
+    """ΔW = scaling · B @ A in fp32 (transposed for Conv1D-style ``fan_in_fan_out`` layers)."""
+    delta = (lora_b.float() @ lora_a.float()) * scaling
+    return delta.T if fan_in_fan_out else delta
