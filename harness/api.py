@@ -38,6 +38,14 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def _quiet_libraries() -> None:
+    """Progress bars and info logs of transformers would bury the report; the checks record warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def check(
     adapter: str | Path | None = None,
     base_model: str | Path | None = None,
@@ -53,6 +61,7 @@ def check(
     Without ``adapter`` the embedded synthetic XComposer base + adapter are checked.
     Raises ``InputError`` (one line: file, problem, fix) when an input cannot be read at all.
     """
+    _quiet_libraries()
     if adapter is None:
         bundle = _resolve_default(progress)
         adapter, base_model = bundle.adapter_dir, base_model or bundle.base_dir
@@ -71,10 +80,13 @@ def check(
             progress(f"inspecting base model {base_dir} on the meta device")
         ctx.base = inspect_base(base_dir)
         report.extend(run_checks(ctx, "against-base"))
+        ctx.extras["failed_static"] = [r.id for r in report.checks if r.status == "fail"]
         report.extend(run_checks(ctx, "dynamic"))
     if merged is not None:
         ctx.merged = _require_dir(merged, "merged checkpoint")
         report.inputs["merged"] = str(ctx.merged)
         report.extend(run_checks(ctx, "merged"))
     ctx.adapter.close()
+    if "dynamic.run" in ctx.cache:
+        ctx.cache["dynamic.run"].close()
     return report

@@ -1,0 +1,241 @@
+"""Dynamic checks: load base + adapter through every path and compare with the fp32 reference.
+
+All heavy lifting lives in ``harness.dynamic.DynamicRun`` (one per context, cached);
+these functions only judge its outcomes, so each check is a few lines to read.
+"""
+
+from __future__ import annotations
+
+from ..dynamic import MERGED_PATHS, DynamicRun
+from ..paths import PATHS
+from .registry import CheckContext, failed, passed, register, skipped, warned
+
+# A check that needs these to have passed cannot say anything useful when they failed.
+PREREQUISITES = ("config-valid", "weights-readable", "unsafe-pickle", "empty-tensors")
+EFFECT_FLOOR = 1e-4  # max |Δlogits| / max |logits| below this is "no measurable effect" (fp32 reference)
+
+
+def dynamic_run(ctx: CheckContext) -> DynamicRun | str:
+    """The shared run, or a one-line reason why none can be made."""
+    if ctx.base is None:
+        return "no --base-model given"
+    blocked = [c for c in ctx.extras.get("failed_static", []) if c in PREREQUISITES]
+    if blocked:
+        return f"the adapter cannot be loaded until {', '.join(blocked)} pass(es)"
+
+    def start() -> DynamicRun:
+        return DynamicRun(ctx.base.base_dir, ctx.adapter.root, dtype=ctx.options.dtype, device=ctx.options.device,
+                          progress=ctx.say)
+
+    run = ctx.cached("dynamic.run", start)
+    if run.load_error:
+        return f"LOAD-ERROR the base model does not load with AutoModelForCausalLM(trust_remote_code=True): {run.load_error}"
+    return run
+
+
+def _unavailable(reason: str):
+    if reason.startswith("LOAD-ERROR "):
+        return failed(reason[len("LOAD-ERROR "):], fix="make the base directory load on its own first (see the "
+                      "error); for the real XComposer: attn_implementation='eager' and a local CLIP tower")
+    return skipped(reason)
+
+
+@register(
+    id="key-coverage",
+    group="dynamic",
+    summary="adapter keys that PEFT drops or leaves unfilled when loading (missing, unexpected or not loaded)",
+    why="PEFT loads with strict=False: unexpected keys are silent and missing ones only warn, so a LoRA layer "
+    "can stay at its initialisation while everything looks fine",
+    fix="save with peft_model.save_pretrained() and load with PeftModel.from_pretrained(); do not rename keys or "
+    "use model.load_state_dict() on an adapter file",
+)
+def check_key_coverage(ctx: CheckContext):
+    run = dynamic_run(ctx)
+    if isinstance(run, str):
+        return _unavailable(run)
+    outcome = run.outcome("peft")
+    details = {"raw_load_state_dict": run.raw_load.message if run.raw_load else None}
+    if outcome.error:
+        return failed(f"PeftModel.from_pretrained failed: {outcome.error}", **details)
+    record = outcome.record
+    details.update(missing=record.missing_keys[:10], unexpected=record.unexpected_keys[:10],
+                   not_loaded=record.not_loaded[:10], warnings=record.warnings[:10])
+    if not record.clean:
+        return failed(f"after PeftModel.from_pretrained: {len(record.missing_keys)} missing, "
+                      f"{len(record.unexpected_keys)} unexpected, {len(record.not_loaded)} not loaded adapter keys "
+                      f"(e.g. {(record.missing_keys + record.unexpected_keys + record.not_loaded)[0]})", **details)
+    return passed("every saved adapter key loads into its LoRA layer (0 missing, 0 unexpected)", **details)
+
+
+@register(
+    id="effect",
+    group="dynamic",
+    summary="an adapter that changes nothing measurable on image rows or on text rows",
+    why="an adapter with no effect (nothing matched, LoRA only inside PLoRA, zero-scaled) passes every loading "
+    "test while doing nothing; text rows see the LoRA only when it sits outside PLoRA's image-only branch",
+    fix="check target_modules and lora_alpha; targets inside Plora_A/Plora_B never act on text tokens",
+)
+def check_effect(ctx: CheckContext):
+    run = dynamic_run(ctx)
+    if isinstance(run, str):
+        return _unavailable(run)
+    probe = run.probe
+    diff = (run.reference_logits - run.base_logits).abs().amax(-1)
+    scale = run.base_logits.abs().amax(-1)
+    effects = {}
+    for row_class, rows in (("image", probe.image_rows), ("text", probe.text_rows)):
+        effects[row_class] = float(diff[rows].max() / scale[rows].max().clamp_min(1e-12)) if rows.any() else 0.0
+    details = {"relative_effect": effects, "floor": EFFECT_FLOOR, "dtype_tolerance": run.tolerance}
+    weak = [row for row, value in effects.items() if value < EFFECT_FLOOR]
+    if weak:
+        return failed(f"the adapter has no measurable effect on {' and '.join(weak)} rows "
+                      f"(relative change image {effects['image']:.1e}, text {effects['text']:.1e})", **details)
+    if min(effects.values()) < 2 * run.tolerance:
+        return warned(f"the adapter's effect ({min(effects.values()):.1e}) is close to the "
+                      f"{str(run.dtype).replace('torch.', '')} tolerance ({run.tolerance:.0e}): mis-merges of that size "
+                      "cannot be told from rounding at this dtype", fix="rerun with --dtype float32", **details)
+    return passed(f"the adapter changes outputs by {effects['image']:.1e} on image rows and {effects['text']:.1e} "
+                  "on text rows (relative)", **details)
+
+
+def _path_problem(outcome) -> str | None:
+    if outcome.error:
+        return f"{outcome.name} failed to load: {outcome.error}"
+    if not outcome.comparison.ok:
+        return outcome.comparison.summary()
+    return None
+
+
+@register(
+    id="merge-equivalence",
+    group="dynamic",
+    summary="merged outputs (merge_and_unload, safe_merge) that differ from unmerged ones or from the fp32 reference, "
+    "and LoRA wrappers that merge_and_unload leaves in place",
+    why="users test the unmerged adapter and ship the merged model; dropout, rsLoRA / rank_pattern / alpha_pattern "
+    "scaling, DoRA or LoRA on Plora_* make the two differ",
+    fix="merge in fp32 (then cast), keep targets outside Plora_A/Plora_B, and use the PEFT version that trained "
+    "the adapter",
+)
+def check_merge_equivalence(ctx: CheckContext):
+    run = dynamic_run(ctx)
+    if isinstance(run, str):
+        return _unavailable(run)
+    outcomes = [run.outcome(name) for name in ("peft", "peft-merged", "peft-safe-merged")]
+    problems = [p for p in map(_path_problem, outcomes) if p]
+    details = {o.name: (o.comparison.to_dict() if o.comparison else o.error) for o in outcomes}
+    wrappers = sorted({w for o in outcomes[1:] for w in o.unmerged_wrappers})
+    if wrappers:
+        problems.insert(0, f"merge_and_unload left {len(wrappers)} LoRA wrapper(s) unmerged, e.g. {wrappers[0]}")
+        details["unmerged_wrappers"] = wrappers[:10]
+    if not any(o.error for o in outcomes):
+        unmerged, merged = outcomes[0].logits, outcomes[1].logits
+        between = (unmerged - merged).abs().max() / run.reference_logits.abs().max().clamp_min(1e-12)
+        details["merged_vs_unmerged_rel"] = float(between)
+        if float(between) > run.tolerance:
+            problems.append(f"merged and unmerged outputs differ by {float(between):.2e} (tolerance {run.tolerance:.0e})")
+    if problems:
+        return failed(problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), **details)
+    worst = max(max(o.comparison.image_max_rel, o.comparison.text_max_rel) for o in outcomes)
+    return passed(f"unmerged, merged and safe-merged match the fp32 reference (max rel {worst:.1e}, "
+                  f"tolerance {run.tolerance:.0e})", **details)
+
+
+@register(
+    id="reload-roundtrip",
+    group="dynamic",
+    summary="the official merge script's output (merge, save_pretrained, fresh trust_remote_code load) that loses "
+    "or re-initialises weights or answers differently",
+    why="a merged checkpoint that lacks a tensor (e.g. Plora_A.weight after LoRA on Plora_A) reloads with fresh "
+    "random values and no error",
+    fix="merge with PeftModel.from_pretrained → merge_and_unload → save_pretrained and copy the base's *.py and "
+    "tokenizer files; keep targets outside PLoRA",
+)
+def check_reload_roundtrip(ctx: CheckContext):
+    run = dynamic_run(ctx)
+    if isinstance(run, str):
+        return _unavailable(run)
+    outcome = run.outcome("merge-script")
+    if outcome.error:
+        return failed(f"the merge script path failed: {outcome.error}")
+    record = outcome.record
+    details = {"missing_on_reload": record.missing_keys[:10], "unexpected_on_reload": record.unexpected_keys[:10],
+               "comparison": outcome.comparison.to_dict(), "files": record.files_used}
+    if record.missing_keys:
+        return failed(f"the reloaded merged checkpoint lacks {len(record.missing_keys)} tensor(s), re-initialised on "
+                      f"load, e.g. {record.missing_keys[0]}", **details)
+    if record.unexpected_keys:
+        return failed(f"the merged checkpoint has {len(record.unexpected_keys)} tensor(s) the model does not use, "
+                      f"e.g. {record.unexpected_keys[0]}", **details)
+    if not outcome.comparison.ok:
+        return failed(outcome.comparison.summary(), **details)
+    return passed(f"merged → saved → reloaded: no missing or unexpected tensors, outputs match "
+                  f"(max rel {max(outcome.comparison.image_max_rel, outcome.comparison.text_max_rel):.1e})", **details)
+
+
+@register(
+    id="plora-preserved",
+    group="dynamic",
+    summary="a merge that changes PLoRA's own weights (Plora_A/B, plora_*_GN) or leaves PLoRA modules replaced",
+    why="PLoRA is the base model's image-only branch: the LoRA merge must fold into the base weight only and give "
+    "back the original PLoRA modules, or image tokens are processed differently",
+    fix="target the PLoRA modules (attention.wqkv, ...) not their Plora_A/Plora_B children; never fold PLoRA into "
+    "the base weight",
+)
+def check_plora_preserved(ctx: CheckContext):
+    run = dynamic_run(ctx)
+    if isinstance(run, str):
+        return _unavailable(run)
+    if not run.base_plora:
+        return skipped("the base model has no PLoRA weights")
+    outcomes = [run.outcome(name) for name in MERGED_PATHS]
+    changed = sorted({p for o in outcomes for p in o.plora_changed})
+    classes = sorted({c for o in outcomes for c in o.class_changes})
+    details = {"plora_changed": changed[:10], "class_changes": classes[:10], "plora_tensors": len(run.base_plora)}
+    if errors := [o for o in outcomes if o.error]:
+        return failed(f"{errors[0].name} failed to load: {errors[0].error}", **details)
+    if changed:
+        return failed(f"{len(changed)} PLoRA tensor(s) differ from the base after merging, e.g. {changed[0]}", **details)
+    if classes:
+        return failed(f"{len(classes)} PLoRA module(s) are not the original class after merging: {classes[0]}",
+                      **details)
+    return passed(f"all {len(run.base_plora)} PLoRA tensors bit-identical to the base after every merge; "
+                  f"{len(run.base_classes)} PLoRA modules keep their class", **details)
+
+
+@register(
+    id="path-agreement",
+    group="dynamic",
+    summary="any loading path (peft, merged, merge script, load_adapter, set_peft_model_state_dict, .bin, "
+    ".safetensors) that loads with problems or disagrees with the fp32 reference",
+    why="users reach the adapter through different paths; each must give the same model, and agreeing with a "
+    "hand-computed reference rules out paths that are wrong the same way",
+    fix="see the failing path's record in the details: missing/unexpected keys point at key names, output "
+    "differences at scaling or dtype",
+)
+def check_path_agreement(ctx: CheckContext):
+    run = dynamic_run(ctx)
+    if isinstance(run, str):
+        return _unavailable(run)
+    problems, table = [], {}
+    for name in PATHS:
+        outcome = run.outcome(name)
+        if outcome.error:
+            problems.append(f"{name} failed to load: {outcome.error}")
+            table[name] = {"error": outcome.error}
+            continue
+        record = outcome.record
+        table[name] = {"image_max_rel": outcome.comparison.image_max_rel,
+                       "text_max_rel": outcome.comparison.text_max_rel,
+                       "missing": len(record.missing_keys), "unexpected": len(record.unexpected_keys),
+                       "not_loaded": len(record.not_loaded)}
+        if not record.clean:
+            problems.append(f"{name}: {len(record.missing_keys)} missing, {len(record.unexpected_keys)} unexpected, "
+                            f"{len(record.not_loaded)} not loaded keys")
+        elif not outcome.comparison.ok:
+            problems.append(outcome.comparison.summary())
+    details = {"paths": table, "tolerance": run.tolerance, "dtype": str(run.dtype).replace("torch.", ""),
+               "raw_load_state_dict": run.raw_load.message if run.raw_load else None}
+    if problems:
+        return failed(f"{len(problems)} of {len(PATHS)} loading paths disagree: {problems[0]}", **details)
+    return passed(f"all {len(PATHS)} loading paths agree with the fp32 reference; plain load_state_dict is "
+                  "correctly refused (a PEFT adapter is not a state dict)", **details)

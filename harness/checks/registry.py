@@ -1,0 +1,162 @@
+"""The check registry: stable ids, what each catches, why, the fix, and a runner that never crashes.
+
+A check is a function ``func(ctx: CheckContext) -> CheckResult`` registered with::
+
+    @register(id="finite", group="static", summary="...", why="...", fix="...")
+    def check_finite(ctx):
+        return passed("no NaN/Inf")            # id and default fix are filled in by the runner
+
+``run_checks(ctx, group)`` runs every check of a group in registration order and turns an unexpected
+exception inside a check into a ``fail`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..report import CheckResult
+
+GROUPS = ("static", "against-base", "dynamic", "merged")
+
+
+@dataclass(frozen=True)
+class Check:
+    id: str
+    group: str
+    summary: str  # what it catches
+    why: str  # why it matters
+    fix: str  # how to fix a failure (default, a check may give a more specific one)
+    func: Callable[["CheckContext"], CheckResult]
+
+
+REGISTRY: dict[str, Check] = {}
+
+
+def register(*, id: str, group: str, summary: str, why: str, fix: str) -> Callable:
+    """Decorator: add ``func`` to the registry under a stable ``id``."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown check group {group!r}; one of {GROUPS}")
+
+    def decorate(func: Callable) -> Callable:
+        if id in REGISTRY and REGISTRY[id].func is not func:
+            existing = REGISTRY[id].func
+            if (existing.__module__, existing.__qualname__) != (func.__module__, func.__qualname__):
+                raise ValueError(f"check id {id!r} registered twice")
+        REGISTRY[id] = Check(id=id, group=group, summary=summary, why=why, fix=fix, func=func)
+        return func
+
+    return decorate
+
+
+def get_check(check_id: str) -> Check:
+    _load_builtin_checks()
+    return REGISTRY[check_id]
+
+
+def checks(group: str | None = None) -> list[Check]:
+    """Registered checks (of one group), in registration order."""
+    _load_builtin_checks()
+    return [c for c in REGISTRY.values() if group is None or c.group == group]
+
+
+@dataclass
+class CheckOptions:
+    allow_plora_targets: bool = False
+    dtype: str | None = None
+    device: str = "cpu"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckContext:
+    """What checks see. Add fields freely (with defaults): checks read only what they need.
+
+    ``adapter`` is ``harness.inputs.AdapterInputs`` (or None when only a base/merged dir is checked);
+    ``cache`` memoises expensive shared work (the tensor scan, loaded models) across checks.
+    """
+
+    adapter: Any = None
+    options: CheckOptions = field(default_factory=CheckOptions)
+    cache: dict[str, Any] = field(default_factory=dict)
+    base: Any = None
+    merged: Any = None
+    progress: Callable[[str], None] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress(text)
+
+
+# -- result helpers: id (and default fix) are filled in by the runner -----------------------------
+
+
+def passed(message: str, **details) -> CheckResult:
+    return CheckResult(id="", status="pass", message=message, details=details)
+
+
+def failed(message: str, *, fix: str | None = None, **details) -> CheckResult:
+    return CheckResult(id="", status="fail", message=message, details=details, fix=fix)
+
+
+def warned(message: str, *, fix: str | None = None, **details) -> CheckResult:
+    return CheckResult(id="", status="warn", message=message, details=details, fix=fix)
+
+
+def skipped(message: str, **details) -> CheckResult:
+    return CheckResult(id="", status="skip", message=message, details=details)
+
+
+def run_check(check: Check, ctx: CheckContext) -> CheckResult:
+    """Run one check; an exception or a wrong return value becomes a ``fail``, never a crash."""
+    try:
+        result = check.func(ctx)
+        if not isinstance(result, CheckResult):
+            raise TypeError(f"check returned {type(result).__name__}, not CheckResult")
+    except Exception as err:  # noqa: BLE001 - a broken check must not take the report down
+        text = str(err).strip().splitlines()
+        reason = text[0][:300] if text else ""
+        return CheckResult(
+            id=check.id,
+            status="fail",
+            message=f"internal error in check: {type(err).__name__}: {reason}",
+            details={"exception": type(err).__name__},
+            fix="this is a harness bug or an input it does not understand; please report it with the JSON report",
+        )
+    result.id = check.id
+    if result.status in ("fail", "warn") and result.fix is None:
+        result.fix = check.fix
+    return result
+
+
+def run_checks(ctx: CheckContext, group: str | None = None, only: list[str] | None = None) -> list[CheckResult]:
+    """Run every check of ``group`` (all groups if None) or the ids in ``only``, in order."""
+    selected = checks(group)
+    if only is not None:
+        selected = [c for c in selected if c.id in only]
+    results = []
+    for check in selected:
+        ctx.say(f"check {check.id}")
+        results.append(run_check(check, ctx))
+    return results
+
+
+def _load_builtin_checks() -> None:
+    """Import the modules that register the built-in checks (static here; others when present)."""
+    import importlib
+
+    from . import static  # noqa: F401  (registers on import)
+
+    for name in ("against_base", "dynamic", "merged"):
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{name}":
+                raise

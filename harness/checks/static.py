@@ -1,0 +1,826 @@
+"""Static checks: read the adapter directory only, load no model.
+
+``config-valid``, ``weights-readable``, ``unsafe-pickle``, ``empty-tensors``, ``key-grammar``,
+``shapes``, ``finite``, ``noop``, ``full-checkpoint``. ``finite``, ``noop`` and ``empty-tensors``
+share one streaming pass over the tensor data (``AdapterInputs.scan``, cached on the context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..inputs import AdapterInputs, WeightFile
+from .registry import CheckContext, failed, passed, register, skipped, warned
+
+PREFIX = "base_model.model."
+LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+B_KINDS = ("lora_B", "lora_embedding_B")
+REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
+ZERO3_FIX = (
+    "save under ZeRO-3 only after gathering: wrap save_pretrained in "
+    "deepspeed.zero.GatheredParameters(params, modifier_rank=None) on all ranks, or pass "
+    "state_dict=engine._zero3_consolidated_16bit_state_dict() to save_pretrained"
+)
+
+
+# -- shared analysis -------------------------------------------------------------------------------
+
+
+@dataclass
+class KeyInfo:
+    key: str
+    kind: str  # lora | bias | modules_to_save | trainable_tokens | plora | base_layer | unknown
+    module: str = ""  # module path without the PEFT prefix
+    lora_kind: str | None = None  # lora_A / lora_B / ... for kind == "lora"
+    adapter_name: str | None = None  # a name left in the key (".default.")
+    prefixes: int = 0  # how many times "base_model.model." starts the key
+
+
+@dataclass
+class KeyAnalysis:
+    infos: list[KeyInfo] = field(default_factory=list)
+
+    def of(self, *kinds: str) -> list[KeyInfo]:
+        return [i for i in self.infos if i.kind in kinds]
+
+    @property
+    def lora(self) -> list[KeyInfo]:
+        return self.of("lora")
+
+
+def _config(ctx: CheckContext) -> dict:
+    config = ctx.adapter.config if ctx.adapter is not None else None
+    return config if isinstance(config, dict) else {}
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, set)):
+        return [v for v in value if isinstance(v, str)]
+    return [value] if isinstance(value, str) else []
+
+
+def classify_key(key: str, config: dict) -> KeyInfo:
+    """Name one saved key by what it is, following PEFT's save format (``get_peft_model_state_dict``)."""
+    rest, prefixes = key, 0
+    while rest.startswith(PREFIX):
+        rest, prefixes = rest[len(PREFIX) :], prefixes + 1
+    parts = rest.split(".")
+    info = KeyInfo(key=key, kind="unknown", prefixes=prefixes)
+
+    if "base_layer" in parts or "original_module" in parts:
+        info.kind = "base_layer"
+        return info
+    for index in range(len(parts) - 1, -1, -1):
+        if parts[index] in LORA_KINDS:
+            info.kind, info.lora_kind = "lora", parts[index]
+            info.module = ".".join(parts[:index])
+            tail = parts[index + 1 :]
+            allowed = {
+                "lora_A": [["weight"], ["bias"]],
+                "lora_B": [["weight"], ["bias"]],
+                "lora_embedding_A": [[]],
+                "lora_embedding_B": [[]],
+                "lora_magnitude_vector": [[], ["weight"]],
+            }[parts[index]]
+            if tail not in allowed:
+                if tail and tail[0] not in ("weight", "bias"):
+                    info.adapter_name = tail[0]
+                else:
+                    info.kind = "unknown"
+            return info
+    if any(p in ("Plora_A", "Plora_B") or p.startswith("plora_") for p in parts):
+        info.kind, info.module = "plora", rest
+        return info
+    if "modules_to_save" in parts:
+        index = parts.index("modules_to_save")
+        info.kind, info.module = "modules_to_save", ".".join(parts[:index])
+        if index + 1 < len(parts) - 1:
+            info.adapter_name = parts[index + 1]
+        return info
+    if "trainable_tokens_delta" in parts or "token_adapter" in parts:
+        info.kind, info.module = "trainable_tokens", rest
+        return info
+    for entry in _as_list(config.get("modules_to_save")):
+        for index in range(len(parts) - 1):
+            sub = ".".join(parts[: index + 1])
+            if sub == entry or sub.endswith("." + entry):
+                info.kind, info.module = "modules_to_save", sub
+                return info
+    if parts[-1] == "bias" and (config.get("bias") in ("all", "lora_only")):
+        info.kind, info.module = "bias", ".".join(parts[:-1])
+        return info
+    info.module = rest
+    return info
+
+
+def analyse_keys(ctx: CheckContext) -> KeyAnalysis:
+    def compute() -> KeyAnalysis:
+        config = _config(ctx)
+        return KeyAnalysis([classify_key(key, config) for key in ctx.adapter.tensors])
+
+    return ctx.cached("static.keys", compute)
+
+
+def tensor_scan(ctx: CheckContext):
+    """The one streaming pass (finite / all-zero / empty), shared by every data check."""
+    return ctx.cached("static.scan", ctx.adapter.scan)
+
+
+def full_checkpoint_reason(ctx: CheckContext) -> str | None:
+    """Why the input is a full model / merged checkpoint rather than an adapter, or None."""
+
+    def compute() -> str | None:
+        adapter: AdapterInputs = ctx.adapter
+        names = ", ".join(wf.name for wf in adapter.foreign_files[:3])
+        if adapter.foreign_files and adapter.model_config is not None and adapter.config_path is None:
+            return (
+                f"a full model directory (config.json + {names}) with no adapter_config.json: "
+                f"a merged or base model, not an adapter"
+            )
+        keys = analyse_keys(ctx)
+        total = len(keys.infos)
+        if total == 0:
+            return None
+        base_layer = keys.of("base_layer")
+        if base_layer:
+            return (
+                f"{len(base_layer)} of {total} keys are base weights (e.g. {base_layer[0].key}): a full "
+                f"PeftModel state_dict(), not the adapter save_pretrained writes"
+            )
+        lora = keys.lora
+        unknown = keys.of("unknown", "plora")
+        if not lora and unknown:
+            return (
+                f"none of the {total} keys is a LoRA tensor (e.g. {unknown[0].key}): a full or merged model "
+                f"state dict, not an adapter"
+            )
+        if lora and len(unknown) > len(lora):
+            return (
+                f"{len(unknown)} of {total} keys are not LoRA tensors (e.g. {unknown[0].key}): a model "
+                f"state dict with LoRA tensors inside, not an adapter"
+            )
+        if adapter.foreign_files and not adapter.adapter_files:
+            return f"only model weight files ({names}), no adapter_model.safetensors/.bin"
+        return None
+
+    return ctx.cached("static.full_checkpoint", compute)
+
+
+def _data_unavailable(ctx: CheckContext) -> str | None:
+    """A skip reason when the tensor checks have nothing adapter-like to read."""
+    adapter: AdapterInputs = ctx.adapter
+    if adapter is None:
+        return "no adapter given"
+    primary = adapter.primary
+    if primary is None:
+        return "no readable weights file (see weights-readable)"
+    if primary.role == "foreign" or full_checkpoint_reason(ctx):
+        return "not an adapter (see full-checkpoint)"
+    return None
+
+
+def _examples(items, limit: int = 5) -> list:
+    return list(items)[:limit]
+
+
+def _more(count: int, limit: int = 3) -> str:
+    return f" (+{count - limit} more)" if count > limit else ""
+
+
+# -- config-valid ----------------------------------------------------------------------------------
+
+
+def _lora_config_fields() -> dict[str, dataclasses.Field]:
+    from peft import LoraConfig
+
+    return {f.name: f for f in dataclasses.fields(LoraConfig)}
+
+
+def _default_looking(value) -> bool:
+    return value is None or value is False or value == "" or (isinstance(value, (dict, list)) and not value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@register(
+    id="config-valid",
+    group="static",
+    summary="adapter_config.json is missing, lacks required fields (peft_type, r, lora_alpha, target_modules), "
+    "is not a LoRA config, has invalid values, or has fields the installed PEFT does not know",
+    why="PEFT builds the LoRA layers from this file: a missing field fails the load, and a field from a newer "
+    "PEFT raises TypeError in older versions or is silently dropped in newer ones (changing the adapter's behaviour)",
+    fix="regenerate adapter_config.json with save_pretrained, or install the PEFT version that wrote it "
+    "(its peft_version field)",
+)
+def check_config_valid(ctx: CheckContext):
+    adapter: AdapterInputs = ctx.adapter
+    if adapter.config is None:
+        detail = {"error": adapter.config_error}
+        if adapter.config_path is None and adapter.foreign_files:
+            return failed(
+                "no adapter_config.json: this directory is not a PEFT adapter (see full-checkpoint)",
+                fix="pass the directory written by peft_model.save_pretrained(); for a merged model use --merged "
+                "together with --base-model and --adapter",
+                **detail,
+            )
+        return failed(
+            adapter.config_error or "adapter_config.json missing",
+            fix="copy the adapter_config.json written by save_pretrained next to the weights (PEFT cannot build "
+            "the LoRA layers without it)",
+            **detail,
+        )
+
+    config = adapter.config
+    problems: list[str] = []
+    missing = [name for name in REQUIRED_FIELDS if config.get(name) is None]
+    targets, params = config.get("target_modules"), config.get("target_parameters")
+    if not targets and not params:
+        missing.append("target_modules")
+    if missing:
+        return failed(
+            f"adapter_config.json lacks required field(s): {', '.join(missing)}",
+            fix="regenerate adapter_config.json with save_pretrained (it writes every field) instead of editing it by hand",
+            missing=missing,
+        )
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":  # PEFT looks the type up by exact value
+        return failed(
+            f"peft_type is {peft_type!r}: this harness checks LoRA adapters (peft_type LORA)",
+            fix="use a LoRA adapter, or a tool made for this PEFT method",
+            peft_type=peft_type,
+        )
+
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        problems.append(f"r must be a positive integer, not {r!r}")
+    if not _is_number(alpha):
+        problems.append(f"lora_alpha must be a number, not {alpha!r}")
+    elif alpha == 0:
+        problems.append("lora_alpha is 0: the LoRA scaling is zero, the adapter does nothing")
+    if targets is not None and not (
+        (isinstance(targets, str) and targets) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        problems.append(f"target_modules must be a non-empty list of names or a regex string, not {targets!r}")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        problems.append(f"bias must be 'none', 'all' or 'lora_only', not {config.get('bias')!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
+            problems.append(f"{name} must map module patterns to numbers, not {pattern!r}")
+        elif name == "rank_pattern" and not all(isinstance(v, int) and v > 0 for v in pattern.values()):
+            problems.append(f"rank_pattern ranks must be positive integers: {pattern!r}")
+        else:
+            bad = []
+            for key in pattern:
+                try:
+                    re.compile(rf"(.*\.)?({key})$")
+                except re.error:
+                    bad.append(key)
+            if bad:
+                problems.append(f"{name} keys are not valid patterns: {bad}")
+    if problems:
+        return failed(f"adapter_config.json: {problems[0]}{_more(len(problems), 1)}", problems=problems)
+
+    known = _lora_config_fields()
+    unknown = {k: v for k, v in config.items() if k not in known}
+    writer = config.get("peft_version")
+    installed = _peft_version()
+
+    # Build the config the way PEFT does (known fields only): its own validation runs.
+    kwargs = {k: v for k, v in config.items() if k in known and known[k].init}
+    try:
+        from peft import LoraConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            LoraConfig(**kwargs)
+    except Exception as err:  # noqa: BLE001
+        text = str(err).strip().splitlines()
+        return failed(
+            f"PEFT {installed} rejects this config: {text[0][:200] if text else type(err).__name__}",
+            exception=type(err).__name__,
+        )
+
+    if unknown:
+        non_default = {k: v for k, v in unknown.items() if not _default_looking(v)}
+        origin = f"written by PEFT {writer}, " if writer else ""
+        names = ", ".join(sorted(unknown))
+        if non_default:
+            return failed(
+                f"field(s) unknown to the installed PEFT {installed} with non-default values: "
+                f"{', '.join(sorted(non_default))} ({origin}older PEFT raises TypeError, newer drops them silently)",
+                fix=f"install peft>={writer} to load this adapter as trained" if writer else
+                "install the PEFT version that wrote this adapter, or remove the fields if they are not needed",
+                unknown_fields=unknown,
+                peft_version_written=writer,
+                peft_version_installed=installed,
+            )
+        return warned(
+            f"field(s) unknown to the installed PEFT {installed}, all at default values: {names} "
+            f"({origin}harmless once dropped, but older PEFT raises TypeError on them)",
+            fix="delete these fields from adapter_config.json for older PEFT versions, or upgrade peft",
+            unknown_fields=unknown,
+            peft_version_written=writer,
+            peft_version_installed=installed,
+        )
+    return passed(
+        f"LoRA config: r={r}, lora_alpha={alpha}, "
+        f"{len(_as_list(targets)) or len(_as_list(params))} target pattern(s)"
+        + (", rank_pattern" if config.get("rank_pattern") else "")
+        + (", alpha_pattern" if config.get("alpha_pattern") else "")
+        + (", rsLoRA" if config.get("use_rslora") else "")
+        + (", DoRA" if config.get("use_dora") else ""),
+        peft_version_written=writer,
+        peft_version_installed=installed,
+    )
+
+
+def _peft_version() -> str:
+    try:
+        import peft
+
+        return peft.__version__
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# -- weights-readable ------------------------------------------------------------------------------
+
+
+def _compare_files(first: WeightFile, second: WeightFile) -> list[str]:
+    """Differences between two readable weights files (keys, shapes, dtypes, then bytes)."""
+    diffs: list[str] = []
+    a_keys, b_keys = set(first.tensors), set(second.tensors)
+    if a_keys - b_keys:
+        diffs.append(f"{len(a_keys - b_keys)} key(s) only in {first.name}, e.g. {sorted(a_keys - b_keys)[0]}")
+    if b_keys - a_keys:
+        diffs.append(f"{len(b_keys - a_keys)} key(s) only in {second.name}, e.g. {sorted(b_keys - a_keys)[0]}")
+    differing = []
+    for key in sorted(a_keys & b_keys):
+        ia, ib = first.tensors[key], second.tensors[key]
+        if ia.shape != ib.shape or ia.dtype != ib.dtype:
+            differing.append(f"{key} ({ia.dtype}{list(ia.shape)} vs {ib.dtype}{list(ib.shape)})")
+            continue
+        try:
+            same = torch.equal(first.get_tensor(key), second.get_tensor(key))
+        finally:
+            first.release(key)
+        if not same:
+            differing.append(key)
+    if differing:
+        diffs.append(f"{len(differing)} tensor(s) differ, e.g. {differing[0]}")
+    return diffs
+
+
+@register(
+    id="weights-readable",
+    group="static",
+    summary="no adapter weights, or a truncated / corrupt / hostile weights file, or both adapter_model.bin and "
+    "adapter_model.safetensors present with different contents",
+    why="a truncated download or a bad header fails the load (or worse, loads garbage); when both formats exist "
+    "PEFT loads the safetensors one, so a stale .bin next to it is a trap for every other loader",
+    fix="re-save the adapter with save_pretrained (or re-download it); keep exactly one weights file",
+)
+def check_weights_readable(ctx: CheckContext):
+    adapter: AdapterInputs = ctx.adapter
+    files = adapter.adapter_files
+    if not files:
+        if adapter.foreign_files:
+            names = ", ".join(wf.name for wf in adapter.foreign_files[:3])
+            return failed(
+                f"no adapter_model.safetensors or adapter_model.bin; found {names}{_more(len(adapter.foreign_files))} "
+                f"(model weights, see full-checkpoint)",
+                fix="pass the directory written by peft_model.save_pretrained()",
+                found=[wf.name for wf in adapter.foreign_files],
+            )
+        return failed(
+            f"no weights file in {adapter.root}: expected adapter_model.safetensors (or adapter_model.bin)",
+            fix="copy the adapter weights next to adapter_config.json, or re-save with save_pretrained",
+        )
+    broken = [wf for wf in files if wf.error]
+    if broken:
+        first = broken[0]
+        return failed(
+            f"{first.name}: {first.error}" + (f" (and {len(broken) - 1} more file)" if len(broken) > 1 else ""),
+            fix="see unsafe-pickle" if first.unsafe_globals else
+            "re-save the adapter with save_pretrained(safe_serialization=True), or re-download it completely",
+            errors={wf.name: wf.error for wf in broken},
+        )
+    empty_files = [wf for wf in files if not wf.tensors]
+    if empty_files:
+        return failed(
+            f"{empty_files[0].name} holds no tensors",
+            fix="the save wrote nothing: check that the model had LoRA layers and re-save with save_pretrained",
+        )
+    details = {wf.name: {"tensors": len(wf.tensors), "bytes": wf.size} for wf in files}
+    if len(files) == 2:
+        safetensors_file = next(wf for wf in files if wf.format == "safetensors")
+        bin_file = next(wf for wf in files if wf.format == "bin")
+        ctx.say("comparing adapter_model.bin with adapter_model.safetensors")
+        diffs = _compare_files(safetensors_file, bin_file)
+        if diffs:
+            return failed(
+                f"adapter_model.bin and adapter_model.safetensors differ: {diffs[0]}",
+                fix="delete the stale file (PEFT loads adapter_model.safetensors when both exist) and keep one",
+                differences=diffs,
+                **details,
+            )
+        return passed(
+            f"adapter_model.safetensors and adapter_model.bin are identical ({len(safetensors_file.tensors)} tensors)",
+            **details,
+        )
+    wf = files[0]
+    return passed(f"{wf.name}: {len(wf.tensors)} tensors, {wf.size} bytes, header sane", **details)
+
+
+# -- unsafe-pickle ---------------------------------------------------------------------------------
+
+
+@register(
+    id="unsafe-pickle",
+    group="static",
+    summary="a .bin (pickle) weights file that needs Python objects beyond torch's tensor-rebuild allowlist",
+    why="a .bin file is a pickle: loading it with torch.load(weights_only=False) (old transformers/PEFT, many "
+    "scripts) runs whatever code it names; the harness only disassembles it and never executes it",
+    fix="do not load this file with torch.load(weights_only=False); get a safetensors export, or re-save from a "
+    "trusted environment with save_pretrained(safe_serialization=True)",
+)
+def check_unsafe_pickle(ctx: CheckContext):
+    adapter: AdapterInputs = ctx.adapter
+    bins = [wf for wf in adapter.weight_files if wf.format == "bin"]
+    if not bins:
+        return skipped("no .bin file (safetensors only)")
+    unsafe = [wf for wf in bins if wf.unsafe_globals]
+    if unsafe:
+        wf = unsafe[0]
+        globals_ = wf.unsafe_globals
+        return failed(
+            f"{wf.name} is a pickle that would call {', '.join(globals_[:3])}{_more(len(globals_))}; "
+            f"refused and not executed",
+            file=wf.name,
+            unsafe_globals=globals_,
+        )
+    uninspected = [wf for wf in bins if wf.unsafe_globals is None]
+    if uninspected:
+        return skipped(f"{uninspected[0].name} could not be inspected: {uninspected[0].error} (see weights-readable)")
+    names = ", ".join(wf.name for wf in bins)
+    return passed(f"{names}: only torch tensor-rebuild globals, loaded with weights_only=True")
+
+
+# -- empty-tensors ---------------------------------------------------------------------------------
+
+
+@register(
+    id="empty-tensors",
+    group="static",
+    summary="tensors with zero elements, e.g. lora_A of shape (0,): the symptom of save_pretrained under "
+    "DeepSpeed ZeRO-3 without gathering the partitioned parameters",
+    why="each rank holds only a shard of every parameter under ZeRO-3; saving without gathering writes "
+    "placeholders, and loading the adapter fails or silently leaves the LoRA weights at initialisation",
+    fix=ZERO3_FIX,
+)
+def check_empty_tensors(ctx: CheckContext):
+    reason = _data_unavailable(ctx)
+    if reason:
+        return skipped(reason)
+    infos = ctx.adapter.tensors
+    empty = [key for key, info in infos.items() if info.numel == 0]
+    if empty:
+        shapes = {key: list(infos[key].shape) for key in _examples(empty, 10)}
+        return failed(
+            f"{len(empty)} of {len(infos)} tensors are empty (e.g. {empty[0]} shape {tuple(infos[empty[0]].shape)}): "
+            f"saved under ZeRO-3 without gathering the partitioned parameters",
+            empty=len(empty),
+            examples=shapes,
+        )
+    return passed(f"all {len(infos)} tensors have elements")
+
+
+# -- key-grammar -----------------------------------------------------------------------------------
+
+
+@register(
+    id="key-grammar",
+    group="static",
+    summary="keys that PEFT will not match: the base_model.model. prefix missing or doubled, an adapter name "
+    "(.default.) left in keys, base-model PLoRA weights saved as adapter tensors, unknown suffixes",
+    why="PEFT loads adapters with strict=False and only warns: keys it cannot match are dropped and those "
+    "LoRA layers stay at initialisation, so the adapter silently does less or nothing",
+    fix="save with peft_model.save_pretrained() (which writes get_peft_model_state_dict()); do not save "
+    "model.state_dict() or rename keys by hand",
+)
+def check_key_grammar(ctx: CheckContext):
+    adapter: AdapterInputs = ctx.adapter
+    if adapter.primary is None:
+        return skipped("no readable weights file (see weights-readable)")
+    if adapter.primary.role == "foreign":
+        return skipped("not an adapter (see full-checkpoint)")
+    keys = analyse_keys(ctx)
+    if not keys.infos:
+        return skipped("no tensors")
+    config = _config(ctx)
+    problems: list[tuple[str, list[str], str]] = []  # (message, examples, fix)
+
+    no_prefix = [i.key for i in keys.infos if i.prefixes == 0]
+    doubled = [i.key for i in keys.infos if i.prefixes > 1]
+    named = [i for i in keys.infos if i.adapter_name]
+    plora = [i.key for i in keys.of("plora")]
+    base = [i.key for i in keys.of("base_layer")]
+    unknown = [i.key for i in keys.of("unknown")]
+    if doubled:
+        problems.append((
+            f"{len(doubled)} key(s) carry the base_model.model. prefix {max(i.prefixes for i in keys.infos)} times "
+            f"(e.g. {doubled[0]})",
+            doubled,
+            "the adapter was saved from a PeftModel wrapped twice (get_peft_model on a PeftModel); strip one "
+            "'base_model.model.' or re-save from a singly wrapped model",
+        ))
+    if no_prefix:
+        problems.append((
+            f"{len(no_prefix)} key(s) lack the base_model.model. prefix (e.g. {no_prefix[0]})",
+            no_prefix,
+            "save with peft_model.save_pretrained(); PEFT expects keys like "
+            "base_model.model.<module>.lora_A.weight",
+        ))
+    if named:
+        names = sorted({i.adapter_name for i in named})
+        problems.append((
+            f"{len(named)} key(s) still contain the adapter name {names[0]!r} (e.g. {named[0].key})",
+            [i.key for i in named],
+            "save with peft_model.save_pretrained(), which strips the adapter name; or remove "
+            f"'.{names[0]}' from the keys",
+        ))
+    if plora:
+        problems.append((
+            f"{len(plora)} key(s) are the base model's PLoRA weights, not LoRA tensors (e.g. {plora[0]}): a name "
+            f"filter on 'lora_' also matches Plora_A/Plora_B/plora_*_GN",
+            plora,
+            "save with peft_model.save_pretrained() (PEFT >= 0.21 selects adapter weights structurally), or select "
+            "keys with '.lora_A.'/'.lora_B.' rather than 'lora_'",
+        ))
+    if base:
+        problems.append((
+            f"{len(base)} key(s) are base weights (base_layer/original_module, e.g. {base[0]})",
+            base,
+            "save with peft_model.save_pretrained(), not model.state_dict()",
+        ))
+    if unknown:
+        problems.append((
+            f"{len(unknown)} key(s) are not LoRA tensors PEFT knows (e.g. {unknown[0]})",
+            unknown,
+            "remove them, or list the fully trained modules in modules_to_save so PEFT restores them",
+        ))
+    magnitudes = [i for i in keys.lora if i.lora_kind == "lora_magnitude_vector"]
+    if config.get("use_dora") and keys.lora and not magnitudes:
+        problems.append((
+            "use_dora is true but there is no lora_magnitude_vector: PEFT would re-initialise the DoRA magnitudes",
+            [],
+            "re-save with save_pretrained from the trained DoRA model",
+        ))
+    if not problems:
+        counts = {}
+        for info in keys.infos:
+            counts[info.kind] = counts.get(info.kind, 0) + 1
+        return passed(f"{len(keys.infos)} keys follow PEFT's adapter format", kinds=counts)
+    message, examples, fix = problems[0]
+    return failed(
+        message + (f"; and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""),
+        fix=fix,
+        problems=[p[0] for p in problems],
+        examples=_examples(examples, 5),
+    )
+
+
+# -- shapes ----------------------------------------------------------------------------------------
+
+
+def expected_rank(config: dict, module: str) -> int | None:
+    """The rank PEFT gives ``module`` (path without prefix): rank_pattern first, matched like PEFT does."""
+    r = config.get("r")
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict) or not pattern:
+        return r if isinstance(r, int) else None
+    try:
+        from peft.utils.other import get_pattern_key
+    except ImportError:  # older PEFT: the same rule, inlined
+
+        def get_pattern_key(pattern_keys, key_to_match):
+            for key in pattern_keys:
+                if re.match(rf"(.*\.)?({key})$", key_to_match):
+                    return key
+            return key_to_match
+
+    key = get_pattern_key(list(pattern.keys()), module)
+    value = pattern.get(key, r)
+    return value if isinstance(value, int) else None
+
+
+@register(
+    id="shapes",
+    group="static",
+    summary="lora_A not [r, in] or lora_B not [out, r], A and B ranks that disagree, a rank that differs from "
+    "r / rank_pattern in the config, lora_A without lora_B, DoRA magnitudes that do not match lora_B",
+    why="PEFT builds each LoRA layer from the config's rank and then copies the saved tensors in: a mismatch "
+    "fails the load, or (with a hand-edited config) loads with the wrong scaling alpha/r",
+    fix="make adapter_config.json's r / rank_pattern match the trained weights (regenerate it with save_pretrained)",
+)
+def check_shapes(ctx: CheckContext):
+    reason = _data_unavailable(ctx)
+    if reason:
+        return skipped(reason)
+    config = _config(ctx)
+    tensors = ctx.adapter.tensors
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    empty = 0
+    for info in analyse_keys(ctx).lora:
+        shape = tensors[info.key].shape
+        if tensors[info.key].numel == 0:
+            empty += 1
+            continue
+        part = info.lora_kind + (".bias" if info.key.endswith(".bias") else "")
+        modules.setdefault(info.module, {})[part] = shape
+    if not modules:
+        return skipped("no non-empty LoRA tensors" + (" (see empty-tensors)" if empty else ""))
+
+    problems: list[str] = []
+    ranks: dict[int, int] = {}
+    for module, parts in modules.items():
+        if "lora_A" in parts or "lora_B" in parts:
+            a, b = parts.get("lora_A"), parts.get("lora_B")
+            a_name, b_name = "lora_A", "lora_B"
+        elif "lora_embedding_A" in parts or "lora_embedding_B" in parts:
+            a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
+            a_name, b_name = "lora_embedding_A", "lora_embedding_B"
+        else:
+            continue
+        if a is None or b is None:
+            problems.append(f"{module}: {a_name if a is not None else b_name} without "
+                            f"{b_name if a is not None else a_name}")
+            continue
+        if len(a) < 2 or len(b) < 2:
+            problems.append(f"{module}: {a_name}{list(a)} / {b_name}{list(b)} are not matrices")
+            continue
+        rank_a, rank_b = a[0], b[1]
+        if rank_a != rank_b:
+            problems.append(f"{module}: {a_name} rank {rank_a} ({list(a)}) != {b_name} rank {rank_b} ({list(b)})")
+            continue
+        expected = expected_rank(config, module) if config else None
+        if expected is not None and rank_a != expected:
+            source = "rank_pattern" if config.get("rank_pattern") and expected != config.get("r") else "r"
+            problems.append(f"{module}: rank {rank_a} {list(a)}/{list(b)} but the config's {source} gives {expected}")
+            continue
+        magnitude = parts.get("lora_magnitude_vector")
+        if magnitude is not None and (len(magnitude) != 1 or magnitude[0] != b[0]):
+            problems.append(f"{module}: lora_magnitude_vector {list(magnitude)} does not match {b_name} out {b[0]}")
+            continue
+        bias = parts.get("lora_B.bias")
+        if bias is not None and list(bias) != [b[0]]:
+            problems.append(f"{module}: lora_B.bias {list(bias)} does not match lora_B out {b[0]}")
+            continue
+        ranks[rank_a] = ranks.get(rank_a, 0) + 1
+    if problems:
+        return failed(
+            f"{len(problems)} LoRA module(s) with inconsistent shapes: {problems[0]}",
+            problems=_examples(problems, 10),
+            count=len(problems),
+        )
+    rank_text = ", ".join(f"r={r} x{n}" for r, n in sorted(ranks.items()))
+    return passed(f"{sum(ranks.values())} LoRA modules, shapes consistent with the config ({rank_text})",
+                  ranks={str(k): v for k, v in ranks.items()})
+
+
+# -- finite ----------------------------------------------------------------------------------------
+
+
+@register(
+    id="finite",
+    group="static",
+    summary="NaN or Inf values in any adapter tensor",
+    why="a single NaN in lora_A/lora_B turns every output of the adapted layer into NaN (fp16 overflow or a "
+    "diverged run); merging spreads it into the base weights",
+    fix="retrain or take an earlier checkpoint; for fp16 overflow train/save in bf16 or fp32",
+)
+def check_finite(ctx: CheckContext):
+    reason = _data_unavailable(ctx)
+    if reason:
+        return skipped(reason)
+    ctx.say("scanning tensor data")
+    stats = tensor_scan(ctx)
+    errors = {k: s.error for k, s in stats.items() if s.error}
+    bad = {k: s for k, s in stats.items() if not s.finite}
+    if bad:
+        first_key, first = next(iter(bad.items()))
+        return failed(
+            f"{len(bad)} tensor(s) contain NaN/Inf (e.g. {first_key}: {first.nan} NaN, {first.inf} Inf)",
+            tensors={k: {"nan": s.nan, "inf": s.inf, "numel": s.numel} for k, s in _examples(bad.items(), 10)},
+            count=len(bad),
+        )
+    if errors:
+        key = next(iter(errors))
+        return failed(f"could not read tensor {key}: {errors[key]}", fix="re-save or re-download the adapter",
+                      errors=dict(_examples(errors.items(), 10)))
+    return passed(f"all {len(stats)} tensors finite")
+
+
+# -- noop ------------------------------------------------------------------------------------------
+
+
+@register(
+    id="noop",
+    group="static",
+    summary="every lora_B is all zero: an untrained adapter (PEFT initialises lora_B to zero), so merging or "
+    "loading it changes nothing",
+    why="the usual cause is saving before training, training the wrong parameters, or an optimizer that never "
+    "stepped; the result looks like a valid adapter and silently does nothing",
+    fix="check that the LoRA parameters were trainable and the optimizer stepped, then save after training",
+)
+def check_noop(ctx: CheckContext):
+    reason = _data_unavailable(ctx)
+    if reason:
+        return skipped(reason)
+    keys = analyse_keys(ctx)
+    b_keys = [i.key for i in keys.lora if i.lora_kind in B_KINDS and not i.key.endswith(".bias")]
+    if not b_keys:
+        return skipped("no lora_B tensors")
+    stats = tensor_scan(ctx)
+    nonempty = [k for k in b_keys if stats[k].numel > 0]
+    if not nonempty:
+        return skipped("every lora_B is empty (see empty-tensors)")
+    zero = [k for k in nonempty if not stats[k].nonzero and stats[k].error is None]
+    if len(zero) == len(nonempty):
+        other_effects = [i.key for i in keys.infos if i.kind in ("modules_to_save", "trainable_tokens", "bias")
+                         or i.lora_kind == "lora_magnitude_vector"]
+        if other_effects:
+            return warned(
+                f"all {len(zero)} lora_B tensors are zero; only {len(other_effects)} other tensor(s) "
+                f"(modules_to_save / DoRA magnitudes / biases) can change the model",
+                zero=len(zero),
+            )
+        return failed(
+            f"all {len(zero)} lora_B tensors are exactly zero: an untrained adapter, it changes nothing",
+            zero=len(zero),
+            examples=_examples(zero, 5),
+        )
+    if zero:
+        return warned(
+            f"{len(zero)} of {len(nonempty)} lora_B tensors are exactly zero (e.g. {zero[0]}): those modules "
+            f"were never updated",
+            fix="check that those modules received gradients (frozen layers, layers_to_transform, unused branches)",
+            zero=len(zero),
+            examples=_examples(zero, 5),
+        )
+    return passed(f"all {len(nonempty)} lora_B tensors are non-zero")
+
+
+# -- full-checkpoint -------------------------------------------------------------------------------
+
+
+@register(
+    id="full-checkpoint",
+    group="static",
+    summary="the input is a full model state dict or a merged model directory, not a LoRA adapter",
+    why="a merged model or full state dict passed where an adapter is expected fails to load as an adapter, "
+    "or (loaded with load_state_dict) reports missing PLoRA weights; it needs the merged-model checks instead",
+    fix="pass the directory written by peft_model.save_pretrained() as --adapter; to verify a merged model, "
+    "pass it as --merged together with --base-model and --adapter",
+)
+def check_full_checkpoint(ctx: CheckContext):
+    adapter: AdapterInputs = ctx.adapter
+    if adapter.primary is None and not adapter.foreign_files:
+        return skipped("no readable weights file (see weights-readable)")
+    reason = full_checkpoint_reason(ctx)
+    if reason:
+        return failed(reason)
+    return passed(f"an adapter: {len(analyse_keys(ctx).lora)} LoRA tensors")
+
+
+# -- convenience -----------------------------------------------------------------------------------
+
+
+def run_static(adapter_dir, options=None, *, progress=None, context: CheckContext | None = None):
+    """Read ``adapter_dir`` and run every static check: a ``Report``.
+
+    Raises ``harness.inputs.InputError`` when the input cannot be read at all.
+    """
+    from .. import inputs as inputs_module
+    from ..report import Report
+    from .registry import CheckOptions, run_checks
+
+    adapter = adapter_dir if isinstance(adapter_dir, AdapterInputs) else inputs_module.read_adapter(adapter_dir)
+    ctx = context or CheckContext(adapter=adapter, options=options or CheckOptions(), progress=progress)
+    if ctx.adapter is None:
+        ctx.adapter = adapter
+    report = Report(inputs=adapter.describe())
+    report.extend(run_checks(ctx, "static"))
+    return report

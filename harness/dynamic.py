@@ -1,0 +1,126 @@
+"""One dynamic run: load the base and the adapter through every path, once each, against one reference.
+
+The expensive work (model loads, forward passes) happens here, lazily and at most
+once per path; the checks in ``harness.checks.dynamic`` only read the outcomes.
+Each loaded model is reduced to the facts the checks need and freed straight away,
+so at most two models (reference + one path) are alive at any time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .paths import PATHS, LoadRecord, RawLoadDiagnosis, diagnose_raw_load, find_unmerged_lora_wrappers, load_base
+from .paths import read_adapter_tensors
+from .probes import ProbeBatch, make_probe
+from .reference import Comparison, apply_adapter_reference, compare, probe_logits, tolerance_for
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MERGED_PATHS = ("peft-merged", "peft-safe-merged", "merge-script")
+
+
+@dataclass
+class PathOutcome:
+    name: str
+    record: LoadRecord | None = None
+    comparison: Comparison | None = None
+    logits: torch.Tensor | None = None
+    error: str | None = None
+    unmerged_wrappers: list[str] = field(default_factory=list)
+    plora_changed: list[str] = field(default_factory=list)
+    class_changes: list[str] = field(default_factory=list)
+
+
+class DynamicRun:
+    """Reference, probe and per-path outcomes for one (base, adapter, dtype, device)."""
+
+    def __init__(self, base_dir: Path, adapter_dir: Path, *, dtype: str | None, device: str, progress=None) -> None:
+        self.base_dir, self.adapter_dir, self.device = Path(base_dir), Path(adapter_dir), device
+        self.dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+        self.progress = progress or (lambda text: None)
+        self._workdir = tempfile.TemporaryDirectory(prefix="plora-harness-")
+        self.workdir = Path(self._workdir.name)
+        self.outcomes: dict[str, PathOutcome] = {}
+        self.load_error: str | None = None
+        self.probe: ProbeBatch | None = None
+        self.uses_im_mask = False
+        self.base_logits = self.reference_logits = None
+        self.raw_load: RawLoadDiagnosis | None = None
+        self.base_plora: dict[str, torch.Tensor] = {}
+        self.base_classes: dict[str, str] = {}
+        self._prepare()
+
+    @property
+    def tolerance(self) -> float:
+        return tolerance_for(self.dtype)
+
+    def _prepare(self) -> None:
+        self.progress("loading the base model in fp32 for the reference")
+        try:
+            model = load_base(self.base_dir, dtype=torch.float32, device=self.device)
+        except Exception as err:  # remote code that downloads or crashes: one line, not a traceback
+            self.load_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
+            return
+        self.uses_im_mask = "im_mask" in inspect.signature(model.forward).parameters
+        self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if _is_plora_like(m)}
+        self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if _is_plora_param(n)}
+        self.probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[(4, 11)],
+                                left_padding=[0, 3], seed=1234)
+        self.base_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+        config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
+        apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir))
+        self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+        self.raw_load = diagnose_raw_load(model, self.adapter_dir)
+        del model
+
+    def outcome(self, name: str) -> PathOutcome:
+        """Run loading path ``name`` once; later calls return the stored outcome."""
+        if name in self.outcomes:
+            return self.outcomes[name]
+        outcome = PathOutcome(name)
+        self.progress(f"loading path {name} ({str(self.dtype).replace('torch.', '')}, {self.device})")
+        try:
+            loaded = PATHS[name](self.base_dir, self.adapter_dir, dtype=self.dtype, device=self.device,
+                                 workdir=self.workdir / name)
+        except Exception as err:
+            outcome.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
+        else:
+            outcome.record = loaded.record
+            outcome.logits = probe_logits(loaded.model, self.probe, im_mask=self.uses_im_mask)
+            outcome.comparison = compare(outcome.logits, self.reference_logits, self.probe, dtype=self.dtype, label=name)
+            if name in MERGED_PATHS:
+                self._inspect_merged(loaded.model, outcome)
+            del loaded
+        self.outcomes[name] = outcome
+        return outcome
+
+    def _inspect_merged(self, model: torch.nn.Module, outcome: PathOutcome) -> None:
+        outcome.unmerged_wrappers = find_unmerged_lora_wrappers(model)
+        params = dict(model.named_parameters())
+        for name, before in self.base_plora.items():
+            after = params.get(name)
+            if after is None or after.shape != before.shape or not torch.equal(after.detach().cpu(), before.to(after.dtype)):
+                outcome.plora_changed.append(name)
+        modules = dict(model.named_modules())
+        for name, class_name in self.base_classes.items():
+            if name not in modules or type(modules[name]).__name__ != class_name:
+                got = type(modules[name]).__name__ if name in modules else "missing"
+                outcome.class_changes.append(f"{name}: {got} instead of {class_name}")
+
+    def close(self) -> None:
+        self._workdir.cleanup()
+
+
+def _is_plora_like(module: torch.nn.Module) -> bool:
+    children = dict(module.named_children())
+    return "Plora_A" in children and "Plora_B" in children
+
+
+def _is_plora_param(name: str) -> bool:
+    return ".Plora_A." in name or ".Plora_B." in name or name.split(".")[-1].startswith("plora_")

@@ -1,0 +1,298 @@
+"""The loading-path registry: every way a user turns base + adapter into a model.
+
+Each path is a function ``(base_dir, adapter_dir, *, dtype, device, workdir) -> LoadedModel``
+returning an ``eval()`` model and a ``LoadRecord`` of what happened. PEFT loads with
+``strict=False`` (unexpected keys are silent, missing keys only warn), so every path
+records both by comparing the saved adapter keys with the adapter the model ended up
+holding, independent of the PEFT version's own reporting.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+
+ADAPTER_SAFETENSORS, ADAPTER_BIN, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
+_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+@dataclass
+class LoadRecord:
+    path: str
+    missing_keys: list[str] = field(default_factory=list)  # adapter keys the model expected but did not get
+    unexpected_keys: list[str] = field(default_factory=list)  # saved keys the model had no place for
+    not_loaded: list[str] = field(default_factory=list)  # keys present but whose values differ from the file
+    warnings: list[str] = field(default_factory=list)
+    files_used: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing_keys or self.unexpected_keys or self.not_loaded)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    record: LoadRecord
+
+
+PathFn = Callable[..., LoadedModel]
+PATHS: dict[str, PathFn] = {}
+
+
+def loading_path(name: str) -> Callable[[PathFn], PathFn]:
+    def register(func: PathFn) -> PathFn:
+        PATHS[name] = func
+        return func
+
+    return register
+
+
+@contextmanager
+def capture_warnings(into: list[str]):
+    """Collect Python warnings and transformers/PEFT log records (what users would see scroll by)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(n) for n in ("transformers", "peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeHandler(handler)
+    into.extend(
+        f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
+        for w in caught
+        if not issubclass(w.category, (DeprecationWarning, FutureWarning))  # library churn, not the adapter
+    )
+    into.extend(f"{r.levelname}: {r.getMessage().splitlines()[0][:300]}" for r in records)
+
+
+def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", **kwargs) -> torch.nn.Module:
+    """AutoModelForCausalLM with trust_remote_code and an explicit dtype (never "auto")."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{_DTYPE_KW: dtype}, **kwargs)
+    if isinstance(model, tuple):  # output_loading_info=True
+        return (model[0].to(device).eval(), model[1])
+    return model.to(device).eval()
+
+
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The saved adapter tensors: safetensors first, ``.bin`` only with ``weights_only=True``."""
+    from safetensors.torch import load_file
+
+    if (adapter_dir / ADAPTER_SAFETENSORS).is_file():
+        return load_file(str(adapter_dir / ADAPTER_SAFETENSORS))
+    return torch.load(adapter_dir / ADAPTER_BIN, map_location="cpu", weights_only=True)
+
+
+def _record_coverage(record: LoadRecord, model, saved: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Compare the file's keys and values with the adapter the PEFT model now holds."""
+    from peft.utils import get_peft_model_state_dict
+
+    held = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    record.missing_keys = sorted(set(held) - set(saved))
+    record.unexpected_keys = sorted(set(saved) - set(held))
+    for key in sorted(set(held) & set(saved)):
+        value, want = held[key], saved[key]
+        if value.shape != want.shape or not torch.equal(value.detach().cpu().float(), want.float()):
+            if not torch.equal(value.detach().cpu().to(want.dtype), want):
+                record.not_loaded.append(key)
+
+
+def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype, device, workdir,
+                          source_dir: Path | None = None) -> LoadedModel:
+    from peft import PeftModel
+
+    record = LoadRecord(path=name)
+    source = source_dir or adapter_dir
+    with capture_warnings(record.warnings):
+        base = load_base(base_dir, dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(base, source).eval()
+    record.files_used = sorted(p.name for p in source.iterdir() if p.name.startswith("adapter_"))
+    _record_coverage(record, model, read_adapter_tensors(source), "default")
+    return LoadedModel(model, record)
+
+
+@loading_path("peft")
+def load_peft(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
+    """``PeftModel.from_pretrained``, unmerged."""
+    return _peft_from_pretrained("peft", base_dir, adapter_dir, **kw)
+
+
+@loading_path("peft-merged")
+def load_peft_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
+    """``PeftModel.from_pretrained`` then ``merge_and_unload()``."""
+    loaded = _peft_from_pretrained("peft-merged", base_dir, adapter_dir, **kw)
+    with capture_warnings(loaded.record.warnings):
+        loaded.model = loaded.model.merge_and_unload().eval()
+    return loaded
+
+
+@loading_path("peft-safe-merged")
+def load_peft_safe_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
+    """``merge_and_unload(safe_merge=True)``: PEFT checks the merged weights for NaN first."""
+    loaded = _peft_from_pretrained("peft-safe-merged", base_dir, adapter_dir, **kw)
+    with capture_warnings(loaded.record.warnings):
+        loaded.model = loaded.model.merge_and_unload(safe_merge=True).eval()
+    return loaded
+
+
+def copy_model_extras(base_dir: Path, out_dir: Path) -> list[str]:
+    """What the official merge script ships beside the weights: custom code and tokenizer files."""
+    copied = []
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and (path.suffix == ".py" or path.name.startswith(("tokenizer", "special_tokens"))):
+            if not (out_dir / path.name).exists():
+                shutil.copyfile(path, out_dir / path.name)
+                copied.append(path.name)
+    return copied
+
+
+@loading_path("merge-script")
+def load_merge_script(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir: Path) -> LoadedModel:
+    """The official recipe: merge, ``save_pretrained`` (+ code, tokenizer), reload fresh with remote code."""
+    loaded = load_peft_merged(base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir)
+    record = loaded.record
+    record.path = "merge-script"
+    out = Path(workdir) / "merge-script"
+    with capture_warnings(record.warnings):
+        loaded.model.save_pretrained(out, safe_serialization=True)
+        record.notes.append(f"copied {copy_model_extras(base_dir, out)}")
+        del loaded
+        model, info = load_base(out, dtype=dtype, device=device, output_loading_info=True)
+    record.missing_keys = sorted(info.get("missing_keys", []))
+    record.unexpected_keys = sorted(info.get("unexpected_keys", []))
+    record.files_used = sorted(p.name for p in out.iterdir())
+    return LoadedModel(model, record)
+
+
+def _fresh_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, record: LoadRecord):
+    """Base wrapped by PEFT with the saved config but fresh (untrained) weights."""
+    import json
+
+    from peft import get_peft_model
+
+    from .targets import lora_config_from_dict
+
+    config = lora_config_from_dict(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
+    config.inference_mode = True
+    base = load_base(base_dir, dtype=dtype, device=device)
+    return get_peft_model(base, config)
+
+
+@loading_path("load-adapter")
+def load_with_load_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
+    """Base wrapped by PEFT, then ``load_adapter`` under a non-default name and ``set_adapter``."""
+    record = LoadRecord(path="load-adapter")
+    with capture_warnings(record.warnings):
+        model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device, record=record)
+        model.load_adapter(str(adapter_dir), adapter_name="other")
+        model.set_adapter("other")
+    record.files_used = sorted(p.name for p in adapter_dir.iterdir() if p.name.startswith("adapter_"))
+    _record_coverage(record, model, read_adapter_tensors(adapter_dir), "other")
+    return LoadedModel(model.eval(), record)
+
+
+@loading_path("state-dict")
+def load_with_state_dict(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
+    """Base wrapped by PEFT, then ``set_peft_model_state_dict`` with the raw saved tensors."""
+    from peft.utils import set_peft_model_state_dict
+
+    record = LoadRecord(path="state-dict")
+    saved = read_adapter_tensors(adapter_dir)
+    with capture_warnings(record.warnings):
+        model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device, record=record)
+        result = set_peft_model_state_dict(model, saved)
+    reported = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and ".Plora_" not in k]
+    if reported:
+        record.notes.append(f"PEFT reported {len(reported)} missing adapter keys, e.g. {reported[0]}")
+    _record_coverage(record, model, saved, "default")
+    return LoadedModel(model.eval(), record)
+
+
+def _resaved(adapter_dir: Path, workdir: Path, fmt: str) -> Path:
+    """The same adapter written in ``fmt`` ("bin" or "safetensors") into ``workdir`` (never the input)."""
+    from safetensors.torch import save_file
+
+    out = Path(workdir) / f"adapter-{fmt}"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(adapter_dir / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+    tensors = {k: v.contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
+    if fmt == "bin":
+        torch.save(tensors, out / ADAPTER_BIN)
+    else:
+        save_file(tensors, str(out / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+    return out
+
+
+@loading_path("bin")
+def load_bin(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
+    """The adapter as ``adapter_model.bin`` (a weights-only pickle), through ``PeftModel.from_pretrained``."""
+    source = _resaved(adapter_dir, workdir, "bin")
+    return _peft_from_pretrained("bin", base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir,
+                                 source_dir=source)
+
+
+@loading_path("safetensors")
+def load_safetensors(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
+    """The adapter as ``adapter_model.safetensors``, through ``PeftModel.from_pretrained``."""
+    source = _resaved(adapter_dir, workdir, "safetensors")
+    return _peft_from_pretrained("safetensors", base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir,
+                                 source_dir=source)
+
+
+@dataclass
+class RawLoadDiagnosis:
+    """What plain ``base.load_state_dict(adapter)`` does: it must fail, and this says why."""
+
+    failed: bool
+    message: str
+    missing_plora: list[str]
+    missing_total: int
+    unexpected_total: int
+
+
+PEFT_NOT_STATE_DICT = ("this is a PEFT adapter, not a model state dict; load it with PeftModel.from_pretrained "
+                       "or merge it")
+
+
+def diagnose_raw_load(model: torch.nn.Module, adapter_dir: Path) -> RawLoadDiagnosis:
+    """The seed report's path: ``model.load_state_dict(adapter_tensors)``, turned into a diagnosis."""
+    saved = read_adapter_tensors(adapter_dir)
+    try:
+        model.load_state_dict(saved)  # strict: this is exactly what the user ran
+    except RuntimeError:
+        pass
+    else:
+        return RawLoadDiagnosis(False, "load_state_dict accepted the adapter file: it is a full state dict", [], 0, 0)
+    own = set(model.state_dict())
+    missing = sorted(own - set(saved))
+    unexpected = sorted(set(saved) - own)
+    plora = [k for k in missing if "Plora_" in k or "plora_" in k]
+    message = f"{PEFT_NOT_STATE_DICT} (load_state_dict: {len(missing)} missing keys"
+    message += f", including {len(plora)} PLoRA keys such as {plora[0]}" if plora else ""
+    message += f"; {len(unexpected)} unexpected adapter keys)"
+    return RawLoadDiagnosis(True, message, plora, len(missing), len(unexpected))
+
+
+def find_unmerged_lora_wrappers(model: torch.nn.Module) -> list[str]:
+    """Modules still wrapped by PEFT after a merge (``merge_and_unload`` skips names containing ``lora_``)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]

@@ -1,0 +1,256 @@
+"""Static checks: each fails on its broken fixture (with the right message) and passes on valid adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures import GOOD_VARIANTS, MUTATIONS, both_formats_identical, marker_path
+from fixtures.mutations import BIN, edit_config, load_tensors, save_tensors, copy_adapter
+from harness.checks import CheckContext, CheckOptions, checks, run_static
+from harness.checks.registry import Check, register, run_check
+from harness.checks.static import classify_key, expected_rank
+from harness.inputs import InputError, read_adapter
+
+STATIC_IDS = [
+    "config-valid", "weights-readable", "unsafe-pickle", "empty-tensors", "key-grammar",
+    "shapes", "finite", "noop", "full-checkpoint",
+]
+BROKEN = [name for name, m in MUTATIONS.items() if not m.input_error]
+
+
+@pytest.fixture(scope="module")
+def good(default_bundle) -> Path:
+    return default_bundle.adapter_dir
+
+
+@pytest.fixture(scope="session")
+def good_variant(synthetic_cache):
+    """``good_variant(name)`` -> a valid trained adapter dir, built once and shared by xdist workers."""
+    from harness.synthetic.cache import cached_build
+
+    def make(name: str) -> Path:
+        return cached_build(synthetic_cache, f"good-{name}", {"variant": name}, GOOD_VARIANTS[name])
+
+    return make
+
+
+def _problems(report):
+    return [(c.id, c.status, c.message) for c in report.checks if c.status in ("fail", "warn")]
+
+
+def test_registry_lists_the_static_checks_in_order():
+    registered = checks("static")
+    assert [c.id for c in registered] == STATIC_IDS
+    for check in registered:
+        assert check.summary and check.why and check.fix and check.group == "static"
+
+
+def test_default_adapter_passes_every_static_check(good):
+    report = run_static(good)
+    assert _problems(report) == []
+    assert [c.id for c in report.checks] == STATIC_IDS
+    assert report.get("unsafe-pickle").status == "skip"
+    assert report.exit_code == 0
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_fixture_fails_the_right_check(name, good, tmp_path):
+    mutation = MUTATIONS[name]
+    broken = mutation.apply(good, tmp_path / name)
+    report = run_static(broken)
+    result = report.get(mutation.check)
+    assert result.status == mutation.status, _problems(report)
+    assert mutation.fragment.lower() in result.message.lower(), result.message
+    assert "\n" not in result.message
+    if mutation.status == "fail":
+        assert result.fix and report.exit_code == 1
+    assert not any(c.message.startswith("internal error") for c in report.checks), _problems(report)
+
+
+@pytest.mark.parametrize("name", list(GOOD_VARIANTS))
+def test_good_variants_pass_every_static_check(name, good_variant):
+    adapter_dir = good_variant(name)
+    report = run_static(adapter_dir)
+    assert _problems(report) == []
+    has_bin = (adapter_dir / BIN).exists()
+    for result in report.checks:
+        expected = "skip" if result.id == "unsafe-pickle" and not has_bin else "pass"
+        assert result.status == expected, (result.id, result.message)
+
+
+def test_good_variants_exercise_what_they_claim(good_variant):
+    dora = read_adapter(good_variant("dora"))
+    assert any(k.endswith("lora_magnitude_vector") for k in dora.tensors)
+    pattern = read_adapter(good_variant("rank-alpha-pattern"))
+    ranks = {info.shape[0] for k, info in pattern.tensors.items() if k.endswith("lora_A.weight")}
+    assert ranks == {2, 4, 8}
+    saved = read_adapter(good_variant("modules-to-save"))
+    assert "base_model.model.output.weight" in saved.tensors
+    assert [wf.format for wf in read_adapter(good_variant("bin-only")).weight_files] == ["bin"]
+
+
+def test_both_formats_identical_passes(good, tmp_path):
+    report = run_static(both_formats_identical(good, tmp_path / "both"))
+    assert _problems(report) == []
+    assert "identical" in report.get("weights-readable").message
+    assert report.get("unsafe-pickle").status == "pass"
+
+
+def test_malicious_pickle_payload_never_runs(good, tmp_path):
+    broken = MUTATIONS["malicious-bin"].apply(good, tmp_path / "m")
+    report = run_static(broken)
+    assert report.get("unsafe-pickle").status == "fail"
+    assert "io.open" in report.get("unsafe-pickle").details["unsafe_globals"]
+    assert not marker_path(broken).exists()
+
+
+def test_zero3_message_names_both_fixes(good, tmp_path):
+    report = run_static(MUTATIONS["empty-tensors"].apply(good, tmp_path / "z"))
+    result = report.get("empty-tensors")
+    assert "GatheredParameters(params, modifier_rank=None)" in result.fix
+    assert "_zero3_consolidated_16bit_state_dict()" in result.fix
+    assert report.get("finite").status == "pass" and report.get("shapes").status == "skip"
+
+
+def test_full_checkpoint_points_to_merged_mode(good, tmp_path):
+    report = run_static(MUTATIONS["merged-model-dir"].apply(good, tmp_path / "m"))
+    assert "--merged" in report.get("full-checkpoint").fix
+    assert report.get("finite").status == "skip"
+
+
+def test_partial_zero_lora_b_warns(good, tmp_path):
+    adapter_dir = copy_adapter(good, tmp_path / "a")
+    tensors = load_tensors(adapter_dir)
+    key = next(k for k in tensors if ".lora_B." in k)
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_tensors(adapter_dir, tensors)
+    result = run_static(adapter_dir).get("noop")
+    assert result.status == "warn" and "1 of 10" in result.message
+
+
+def test_missing_config_fails_config_valid_only(good, tmp_path):
+    adapter_dir = copy_adapter(good, tmp_path / "a")
+    (adapter_dir / "adapter_config.json").unlink()
+    report = run_static(adapter_dir)
+    assert [p[0] for p in _problems(report)] == ["config-valid"]
+    assert "missing" in report.get("config-valid").message
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda c: c.update(peft_type="IA3"), "peft_type is 'IA3'"),
+        (lambda c: c.update(peft_type="lora"), "peft_type is 'lora'"),
+        (lambda c: c.update(r=0), "positive integer"),
+        (lambda c: c.update(lora_alpha="big"), "lora_alpha must be a number"),
+        (lambda c: c.update(target_modules=None), "target_modules"),
+        (lambda c: c.update(rank_pattern={"wo": "four"}), "rank_pattern"),
+        (lambda c: c.update(bias="sometimes"), "bias must be"),
+        (lambda c: c.update(layers_pattern="layers"), "rejects this config"),
+    ],
+)
+def test_config_value_problems(good, tmp_path, change, fragment):
+    adapter_dir = copy_adapter(good, tmp_path / "a")
+    edit_config(adapter_dir, change)
+    result = run_static(adapter_dir).get("config-valid")
+    assert result.status == "fail" and fragment in result.message, result.message
+
+
+def test_target_parameters_satisfy_the_target_requirement(good, tmp_path):
+    adapter_dir = copy_adapter(good, tmp_path / "a")
+    edit_config(adapter_dir, lambda c: c.update(target_modules=None, target_parameters=["feed_forward.w1.weight"]))
+    result = run_static(adapter_dir).get("config-valid")
+    assert "lacks required" not in result.message
+
+
+def test_runner_turns_exceptions_into_failures(good):
+    def explode(ctx):
+        raise RuntimeError("boom\nsecond line")
+
+    def wrong_type(ctx):
+        return "pass"
+
+    ctx = CheckContext(adapter=read_adapter(good), options=CheckOptions())
+    for func in (explode, wrong_type):
+        check = Check(id="exploding", group="static", summary="s", why="w", fix="f", func=func)
+        result = run_check(check, ctx)
+        assert result.id == "exploding" and result.status == "fail"
+        assert result.message.startswith("internal error") and "\n" not in result.message
+
+
+def test_register_rejects_duplicates_and_unknown_groups():
+    with pytest.raises(ValueError, match="group"):
+        register(id="x", group="nope", summary="", why="", fix="")
+    with pytest.raises(ValueError, match="twice"):
+        register(id="finite", group="static", summary="", why="", fix="")(lambda ctx: None)
+
+
+def test_scan_runs_once_for_all_data_checks(good, monkeypatch):
+    adapter = read_adapter(good)
+    calls = []
+    original = type(adapter).scan
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(type(adapter), "scan", counting)
+    run_static(adapter)
+    assert len(calls) == 1
+
+
+def test_classify_key():
+    config = {"modules_to_save": ["output", "vision_proj"], "bias": "lora_only"}
+    assert classify_key("base_model.model.a.b.lora_A.weight", config).kind == "lora"
+    assert classify_key("base_model.model.a.lora_magnitude_vector", config).lora_kind == "lora_magnitude_vector"
+    assert classify_key("base_model.model.a.lora_A.default.weight", config).adapter_name == "default"
+    assert classify_key("base_model.model.a.lora_embedding_A.other", config).adapter_name == "other"
+    assert classify_key("base_model.model.output.weight", config).kind == "modules_to_save"
+    assert classify_key("base_model.model.vision_proj.0.weight", config).kind == "modules_to_save"
+    assert classify_key("base_model.model.a.b.bias", config).kind == "bias"
+    assert classify_key("base_model.model.a.b.bias", {}).kind == "unknown"
+    assert classify_key("base_model.model.a.wqkv.Plora_A.weight", config).kind == "plora"
+    assert classify_key("base_model.model.a.wqkv.base_layer.weight", config).kind == "base_layer"
+    assert classify_key("base_model.model.base_model.model.a.lora_B.weight", config).prefixes == 2
+
+
+def test_expected_rank_matches_peft():
+    config = {"r": 8, "rank_pattern": {"w2": 4, "layers.1.attention.wo": 2}}
+    assert expected_rank(config, "model.layers.0.feed_forward.w2") == 4
+    assert expected_rank(config, "model.layers.1.attention.wo") == 2
+    assert expected_rank(config, "model.layers.0.attention.wo") == 8
+    assert expected_rank(config, "model.layers.0.feed_forward.xw2") == 8
+
+
+def _digests(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif path.is_symlink():
+                out[str(path)] = "link:" + os.readlink(path)
+    return out
+
+
+def test_full_static_run_never_modifies_inputs(good, tmp_path):
+    roots = [copy_adapter(good, tmp_path / "default")]
+    roots += [MUTATIONS[name].apply(good, tmp_path / name) for name in MUTATIONS]
+    roots.append(both_formats_identical(good, tmp_path / "both"))
+    before = _digests(tmp_path)
+    listing = sorted(str(p) for p in tmp_path.rglob("*"))
+    mtimes = {p: os.stat(p).st_mtime_ns for p in before}
+    for root in roots:
+        try:
+            run_static(root).to_json()
+        except InputError:
+            pass
+    assert _digests(tmp_path) == before
+    assert {p: os.stat(p).st_mtime_ns for p in before} == mtimes
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == listing  # nothing created, nothing removed
