@@ -51,6 +51,8 @@ class DynamicRun:
         self.probe: ProbeBatch | None = None
         self.uses_im_mask = False
         self.base_logits = self.reference_logits = None
+        self.text_probe: ProbeBatch | None = None  # the same tokens with no image rows at all
+        self.text_base_logits = self.text_reference_logits = None
         self.raw_load: RawLoadDiagnosis | None = None
         self.base_plora: dict[str, torch.Tensor] = {}
         self.base_classes: dict[str, str] = {}
@@ -72,10 +74,14 @@ class DynamicRun:
         self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if _is_plora_param(n)}
         self.probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[(4, 11)],
                                 left_padding=[0, 3], seed=1234)
+        self.text_probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[],
+                                     left_padding=[0, 3], seed=1234)
         self.base_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+        self.text_base_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
         config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
         apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir))
         self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+        self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
         del model
 

@@ -31,6 +31,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ MODEL_CONFIG_NAME = "config.json"
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
-SCAN_CHUNK_ELEMENTS = 1 << 22  # elements per reduction step (bounded work per call)
+SCAN_CHUNK_ELEMENTS = 1 << 20  # elements per reduction step: bounded scratch memory and page release
 
 # safetensors dtype -> (bits per element, torch dtype or None when torch has no such dtype)
 SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
@@ -73,6 +74,9 @@ SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "F6_E2M3": (6, None),
     "F6_E3M2": (6, None),
 }
+
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python names it from 3.13): prefault a chunk in one call.
+_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform.startswith("linux") else None
 
 # Files in a model / trainer directory that are pickles but not weights: never collected.
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json"}
@@ -143,17 +147,37 @@ class WeightFile:
 
     def release(self, key: str) -> None:
         """Drop the pages of one tensor from this process (keeps RSS low while streaming)."""
-        if self.format != "safetensors" or self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self.format == "safetensors" and key in (self.tensors or {}):
+            info = self.tensors[key]
+            self.release_range(info.begin, info.nbytes)
+
+    def release_range(self, begin: int, nbytes: int) -> None:
+        """Drop the pages holding bytes ``[begin, begin + nbytes)`` of the file from this process.
+
+        The mapping is private and never written, so dropped pages are simply read again from the
+        file (or the page cache) if a live view touches them later.
+        """
+        if self._mmap is None or nbytes <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        info = self.tensors[key]
-        page = mmap.PAGESIZE
-        start = (info.begin // page) * page
-        end = info.begin + info.nbytes
-        if end > start:
-            try:
-                self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
-            except (OSError, ValueError):
-                pass
+        start = (begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, begin + nbytes - start)
+        except (OSError, ValueError):
+            pass
+
+    def prefetch_range(self, begin: int, nbytes: int) -> None:
+        """Map the pages of ``[begin, begin + nbytes)`` in one call (MADV_POPULATE_READ, Linux >= 5.14).
+
+        Far cheaper than one page fault per 4 KB when a chunk is then read once; a no-op elsewhere.
+        """
+        global _POPULATE_READ
+        if self._mmap is None or nbytes <= 0 or _POPULATE_READ is None:
+            return
+        start = (begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        try:
+            self._mmap.madvise(_POPULATE_READ, start, begin + nbytes - start)
+        except (OSError, ValueError):
+            _POPULATE_READ = None  # kernel without it: plain page faults from now on
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
@@ -502,50 +526,91 @@ def _inspect_bin(wf: WeightFile) -> None:
 
 # -- the one streaming pass --------------------------------------------------------------------
 
+# IEEE-style floats, viewed as same-width signed integers: (int dtype, magnitude mask, smallest
+# non-finite magnitude). With ``m = max(bits & mask)`` over a tensor, one reduction answers both
+# questions exactly: ``m >= nonfinite`` <=> some element is Inf/NaN, ``m == 0`` <=> all elements are
+# +-0. Integer reductions run at memory speed; float reductions on bf16/fp16 do not.
+_FLOAT_BITS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
+    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+}
+for _name, _nonfinite in (("float8_e4m3fn", 0x7F), ("float8_e5m2", 0x7C)):  # e4m3fn: NaN only, no Inf
+    if hasattr(torch, _name):
+        _FLOAT_BITS[getattr(torch, _name)] = (torch.int8, 0x7F, _nonfinite)
+_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-def scan_weight_file(wf: WeightFile) -> dict[str, TensorStats]:
-    """Finiteness and all-zero test of every tensor, chunk by chunk, without full copies."""
+
+def scan_weight_file(wf: WeightFile | None) -> dict[str, TensorStats]:
+    """Finiteness, all-zero and emptiness of every tensor: one bounded pass over the bytes.
+
+    Each tensor is read in chunks of ``SCAN_CHUNK_ELEMENTS`` straight from the (private, read-only)
+    mmap; the pages of a chunk are handed back to the OS as soon as it is scanned, so the resident
+    set stays near one chunk whatever the file size. No per-element Python, no full copies.
+    """
     stats: dict[str, TensorStats] = {}
     if wf is None or not wf.readable:
         return stats
+    scratch: dict[torch.dtype, torch.Tensor] = {}
     for key, info in wf.tensors.items():
         entry = TensorStats(numel=info.numel, dtype=info.dtype)
         stats[key] = entry
         if info.numel == 0:
             continue
         try:
-            tensor = wf.get_tensor(key)
-            _scan_tensor(tensor.reshape(-1), entry)
-        except Exception as err:
+            flat = wf.get_tensor(key).reshape(-1)
+            if flat.is_complex():
+                flat = torch.view_as_real(flat).reshape(-1)
+            step = SCAN_CHUNK_ELEMENTS
+            itemsize = flat.element_size()
+            for start in range(0, flat.numel(), step):
+                chunk = flat[start : start + step]
+                if info.begin is not None:
+                    wf.prefetch_range(info.begin + start * itemsize, chunk.numel() * itemsize)
+                _scan_chunk(chunk, entry, scratch)
+                if info.begin is not None:
+                    wf.release_range(info.begin + start * itemsize, chunk.numel() * itemsize)
+            if not entry.finite:  # rare: count exactly, chunk by chunk (only for a broken tensor)
+                for start in range(0, flat.numel(), step):
+                    chunk = _as_float(flat[start : start + step])
+                    entry.nan += int(torch.isnan(chunk).sum())
+                    entry.inf += int(torch.isinf(chunk).sum())
+        except Exception as err:  # noqa: BLE001 - recorded, reported by the checks
             entry.error = _one_line(err)
         finally:
             wf.release(key)
     return stats
 
 
-def _scan_tensor(flat: torch.Tensor, entry: TensorStats) -> None:
-    # torch.aminmax is one vectorised reduction with no temporary: NaN and +/-Inf propagate into
-    # min or max (so both finite <=> every element finite), and min == max == 0 <=> all zero.
-    # About 6 GB/s per core on bf16; dtypes it lacks (fp8, complex, uint16) take a slower path.
-    floating = flat.is_floating_point() or flat.is_complex()
-    for start in range(0, flat.numel(), SCAN_CHUNK_ELEMENTS):
-        chunk = flat[start : start + SCAN_CHUNK_ELEMENTS]
-        try:
-            low, high = torch.aminmax(chunk)
-            if floating and not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-                entry.finite = False
-            if not entry.nonzero and (bool(low != 0) or bool(high != 0)):
-                entry.nonzero = True
-        except (RuntimeError, TypeError, NotImplementedError):
-            if chunk.is_floating_point() and chunk.element_size() == 1:
-                chunk = chunk.float()  # fp8: no reductions; a small per-chunk copy
-            if floating and not bool(torch.isfinite(chunk).all()):
-                entry.finite = False
-            if not entry.nonzero:
-                entry.nonzero = bool((chunk != 0).any())
-    if not entry.finite:  # rare: count exactly (allocates, but only for a broken tensor)
-        entry.nan = int(torch.isnan(flat).sum())
-        entry.inf = int(torch.isinf(flat).sum())
+def _scan_chunk(chunk: torch.Tensor, entry: TensorStats, scratch: dict[torch.dtype, torch.Tensor]) -> None:
+    bits = _FLOAT_BITS.get(chunk.dtype)
+    if bits is not None:
+        int_dtype, mask, nonfinite = bits
+        buffer = scratch.get(int_dtype)
+        if buffer is None:
+            buffer = scratch[int_dtype] = torch.empty(SCAN_CHUNK_ELEMENTS, dtype=int_dtype)
+        magnitude = buffer[: chunk.numel()]
+        torch.bitwise_and(chunk.view(int_dtype), mask, out=magnitude)
+        top = int(magnitude.max())
+        if top >= nonfinite:
+            entry.finite = False
+        if top != 0:
+            entry.nonzero = True
+    elif chunk.is_floating_point():  # fnuz / e8m0 fp8 and other exotic encodings: a small per-chunk copy
+        values = _as_float(chunk)
+        if not bool(torch.isfinite(values).all()):
+            entry.finite = False
+        if not entry.nonzero and bool(values.any()):
+            entry.nonzero = True
+    elif not entry.nonzero:  # integers and bool: any set bit
+        signed = chunk.view(_SIGNED[chunk.element_size()])
+        low, high = torch.aminmax(signed)
+        entry.nonzero = bool(low != 0) or bool(high != 0)
+
+
+def _as_float(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk if chunk.dtype in (torch.float32, torch.float64) or not chunk.is_floating_point() else chunk.float()
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -82,11 +82,18 @@ def capture_warnings(into: list[str]):
     into.extend(f"{r.levelname}: {r.getMessage().splitlines()[0][:300]}" for r in records)
 
 
-def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", **kwargs) -> torch.nn.Module:
-    """AutoModelForCausalLM with trust_remote_code and an explicit dtype (never "auto")."""
+def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnings_into: list[str] | None = None,
+              **kwargs) -> torch.nn.Module:
+    """AutoModelForCausalLM with trust_remote_code and an explicit dtype (never "auto").
+
+    ``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before; warnings and transformers log
+    records go to ``warnings_into`` when given. ``output_loading_info=True`` returns (model, info).
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{_DTYPE_KW: dtype}, **kwargs)
+    sink: list[str] = [] if warnings_into is None else warnings_into
+    with capture_warnings(sink):
+        model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{_DTYPE_KW: dtype}, **kwargs)
     if isinstance(model, tuple):  # output_loading_info=True
         return (model[0].to(device).eval(), model[1])
     return model.to(device).eval()
@@ -106,13 +113,47 @@ def _record_coverage(record: LoadRecord, model, saved: dict[str, torch.Tensor], 
     from peft.utils import get_peft_model_state_dict
 
     held = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    record.missing_keys = sorted(set(held) - set(saved))
-    record.unexpected_keys = sorted(set(saved) - set(held))
+    record.missing_keys = sorted(set(record.missing_keys) | (set(held) - set(saved)))
+    record.unexpected_keys = sorted(set(record.unexpected_keys) | (set(saved) - set(held)))
     for key in sorted(set(held) & set(saved)):
         value, want = held[key], saved[key]
         if value.shape != want.shape or not torch.equal(value.detach().cpu().float(), want.float()):
             if not torch.equal(value.detach().cpu().to(want.dtype), want):
                 record.not_loaded.append(key)
+
+
+def _adapter_owned(model, adapter_name: str) -> set[str]:
+    """Names of the parameters that belong to ``adapter_name``'s LoRA layers (structural, not by substring).
+
+    A name filter on ``"lora_"`` also matches PLoRA's ``Plora_A`` and ``plora_glb_GN``; PEFT's own
+    ``load_result.missing_keys`` does exactly that, so it is filtered here by module ownership.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    owned = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+                container = getattr(module, attr, None)
+                if container is not None and adapter_name in container:
+                    sub = container[adapter_name]
+                    params = sub.named_parameters() if isinstance(sub, torch.nn.Module) else [("", sub)]
+                    owned.update(f"{name}.{attr}.{adapter_name}" + (f".{p}" if p else "") for p, _ in params)
+    return owned
+
+
+def _note_load_result(record: LoadRecord, model, result, adapter_name: str) -> None:
+    """PEFT's own load result, reduced to adapter keys (it loads with strict=False and does not raise)."""
+    owned = _adapter_owned(model, adapter_name)
+    missing = sorted(k for k in getattr(result, "missing_keys", []) or [] if k in owned)
+    unexpected = sorted(getattr(result, "unexpected_keys", []) or [])
+    noise = [k for k in getattr(result, "missing_keys", []) or [] if k not in owned and "lora_" in k]
+    record.notes.append(f"load_result: {len(missing)} missing adapter keys, {len(unexpected)} unexpected keys")
+    if noise:
+        record.notes.append(f"PEFT also lists {len(noise)} non-adapter key(s) containing 'lora_' as missing "
+                            f"(e.g. {noise[0]}): PLoRA names, ignored")
+    record.missing_keys = sorted(set(record.missing_keys) | set(missing))
+    record.unexpected_keys = sorted(set(record.unexpected_keys) | set(unexpected))
 
 
 def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype, device, workdir,
@@ -202,8 +243,9 @@ def load_with_load_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, 
     record = LoadRecord(path="load-adapter")
     with capture_warnings(record.warnings):
         model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device, record=record)
-        model.load_adapter(str(adapter_dir), adapter_name="other")
+        result = model.load_adapter(str(adapter_dir), adapter_name="other")
         model.set_adapter("other")
+    _note_load_result(record, model, result, "other")
     record.files_used = sorted(p.name for p in adapter_dir.iterdir() if p.name.startswith("adapter_"))
     _record_coverage(record, model, read_adapter_tensors(adapter_dir), "other")
     return LoadedModel(model.eval(), record)
@@ -219,9 +261,7 @@ def load_with_state_dict(base_dir: Path, adapter_dir: Path, *, dtype, device, wo
     with capture_warnings(record.warnings):
         model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device, record=record)
         result = set_peft_model_state_dict(model, saved)
-    reported = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and ".Plora_" not in k]
-    if reported:
-        record.notes.append(f"PEFT reported {len(reported)} missing adapter keys, e.g. {reported[0]}")
+    _note_load_result(record, model, result, "default")
     _record_coverage(record, model, saved, "default")
     return LoadedModel(model.eval(), record)
 
@@ -259,36 +299,66 @@ def load_safetensors(base_dir: Path, adapter_dir: Path, *, dtype, device, workdi
 
 @dataclass
 class RawLoadDiagnosis:
-    """What plain ``base.load_state_dict(adapter)`` does: it must fail, and this says why."""
+    """What plain ``base.load_state_dict(adapter)`` does: it must fail, and this says why (no traceback)."""
 
     failed: bool
     message: str
-    missing_plora: list[str]
+    missing_plora: list[str]  # Plora_A/B and plora_*_GN keys the adapter file does not have
     missing_total: int
     unexpected_total: int
+    unexpected_examples: list[str] = field(default_factory=list)
+    error_type: str | None = None  # the exception class load_state_dict raised
 
+
+Diagnosis = RawLoadDiagnosis
 
 PEFT_NOT_STATE_DICT = ("this is a PEFT adapter, not a model state dict; load it with PeftModel.from_pretrained "
                        "or merge it")
 
 
-def diagnose_raw_load(model: torch.nn.Module, adapter_dir: Path) -> RawLoadDiagnosis:
-    """The seed report's path: ``model.load_state_dict(adapter_tensors)``, turned into a diagnosis."""
-    saved = read_adapter_tensors(adapter_dir)
-    try:
-        model.load_state_dict(saved)  # strict: this is exactly what the user ran
-    except RuntimeError:
-        pass
+def diagnose_raw_load(model_or_base_dir: torch.nn.Module | Path | str, adapter_dir: Path | str) -> RawLoadDiagnosis:
+    """The seed report's path: ``model.load_state_dict(adapter_tensors)``, turned into a diagnosis.
+
+    Takes a loaded base model (its weights are never overwritten)
+    or a base directory (loaded fresh in fp32). A strict ``load_state_dict`` copies matching keys
+    before raising, so a given model is first checked for key overlap and only loaded into when
+    the file shares no key with it.
+    """
+    adapter_dir = Path(adapter_dir)
+    if isinstance(model_or_base_dir, (str, Path)):
+        model = load_base(Path(model_or_base_dir), dtype=torch.float32, device="cpu")
     else:
-        return RawLoadDiagnosis(False, "load_state_dict accepted the adapter file: it is a full state dict", [], 0, 0)
+        model = model_or_base_dir
+    saved = read_adapter_tensors(adapter_dir)
     own = set(model.state_dict())
     missing = sorted(own - set(saved))
     unexpected = sorted(set(saved) - own)
-    plora = [k for k in missing if "Plora_" in k or "plora_" in k]
+    error_type = None
+    if own & set(saved):  # would overwrite real weights: judge by keys instead of loading
+        error_type = "RuntimeError" if (missing or unexpected) else None
+    else:
+        try:
+            model.load_state_dict(saved)  # strict: exactly what the user ran
+        except RuntimeError as err:
+            error_type = type(err).__name__
+    if error_type is None:
+        return RawLoadDiagnosis(False, "load_state_dict accepted the adapter file: it is a full state dict", [], 0, 0)
+    plora = [k for k in missing if "Plora_" in k or k.rsplit(".", 1)[-1].startswith("plora_")]
     message = f"{PEFT_NOT_STATE_DICT} (load_state_dict: {len(missing)} missing keys"
-    message += f", including {len(plora)} PLoRA keys such as {plora[0]}" if plora else ""
-    message += f"; {len(unexpected)} unexpected adapter keys)"
-    return RawLoadDiagnosis(True, message, plora, len(missing), len(unexpected))
+    message += f", including {len(plora)} PLoRA keys such as {', '.join(_plora_examples(plora))}" if plora else ""
+    message += f"; {len(unexpected)} unexpected adapter keys"
+    message += f" such as {unexpected[0]})" if unexpected else ")"
+    return RawLoadDiagnosis(True, message, plora, len(missing), len(unexpected), unexpected[:5], error_type)
+
+
+def _plora_examples(plora: list[str]) -> list[str]:
+    """One example per kind (Plora_A, Plora_B, each GN separator), so the message names them all."""
+    picks = []
+    for kind in ("Plora_A", "Plora_B", "plora_glb_GN", "plora_sub_GN"):
+        found = next((k for k in plora if kind in k), None)
+        if found:
+            picks.append(found)
+    return picks
 
 
 def find_unmerged_lora_wrappers(model: torch.nn.Module) -> list[str]:

@@ -79,17 +79,25 @@ def check_effect(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, str):
         return _unavailable(run)
-    probe = run.probe
-    diff = (run.reference_logits - run.base_logits).abs().amax(-1)
-    scale = run.base_logits.abs().amax(-1)
-    effects = {}
-    for row_class, rows in (("image", probe.image_rows), ("text", probe.text_rows)):
-        effects[row_class] = float(diff[rows].max() / scale[rows].max().clamp_min(1e-12)) if rows.any() else 0.0
+    def relative_effect(base, adapted, rows) -> float:
+        if not rows.any():
+            return 0.0
+        diff = (adapted - base).abs().amax(-1)[rows].max()
+        return float(diff / base.abs().amax(-1)[rows].max().clamp_min(1e-12))
+
+    # Image rows from the mixed probe; text rows from a probe with no image rows at all, so that
+    # text positions cannot pick the adapter up through attention to image positions.
+    effects = {
+        "image": relative_effect(run.base_logits, run.reference_logits, run.probe.image_rows),
+        "text": relative_effect(run.text_base_logits, run.text_reference_logits, run.text_probe.text_rows),
+    }
     details = {"relative_effect": effects, "floor": EFFECT_FLOOR, "dtype_tolerance": run.tolerance}
     weak = [row for row, value in effects.items() if value < EFFECT_FLOOR]
     if weak:
+        hint = ("; an adapter acting only through PLoRA's image branch (LoRA on Plora_A/Plora_B) never changes text "
+                "tokens" if weak == ["text"] else "")
         return failed(f"the adapter has no measurable effect on {' and '.join(weak)} rows "
-                      f"(relative change image {effects['image']:.1e}, text {effects['text']:.1e})", **details)
+                      f"(relative change image {effects['image']:.1e}, text {effects['text']:.1e}){hint}", **details)
     if min(effects.values()) < 2 * run.tolerance:
         return warned(f"the adapter's effect ({min(effects.values()):.1e}) is close to the "
                       f"{str(run.dtype).replace('torch.', '')} tolerance ({run.tolerance:.0e}): mis-merges of that size "
@@ -133,6 +141,9 @@ def check_merge_equivalence(ctx: CheckContext):
         details["merged_vs_unmerged_rel"] = float(between)
         if float(between) > run.tolerance:
             problems.append(f"merged and unmerged outputs differ by {float(between):.2e} (tolerance {run.tolerance:.0e})")
+    if problems and (ctx.adapter.config or {}).get("use_dora") and run.base_plora:
+        problems[0] += ("; DoRA's magnitude rescales the whole PLoRA output (image branch included) when unmerged "
+                        "but only the base weight when merged, so the two cannot agree on image rows")
     if problems:
         return failed(problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), **details)
     worst = max(max(o.comparison.image_max_rel, o.comparison.text_max_rel) for o in outcomes)

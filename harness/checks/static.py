@@ -8,6 +8,8 @@ share one streaming pass over the tensor data (``AdapterInputs.scan``, cached on
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +20,6 @@ from ..inputs import AdapterInputs, WeightFile
 from .registry import CheckContext, failed, passed, register, skipped, warned
 
 PREFIX = "base_model.model."
-LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 B_KINDS = ("lora_B", "lora_embedding_B")
 REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
 ZERO3_FIX = (
@@ -34,7 +35,7 @@ ZERO3_FIX = (
 @dataclass
 class KeyInfo:
     key: str
-    kind: str  # lora | bias | modules_to_save | trainable_tokens | plora | base_layer | unknown
+    kind: str  # lora | bias | modules_to_save | trainable_tokens | embedding_layer | plora | base_layer | unknown
     module: str = ""  # module path without the PEFT prefix
     lora_kind: str | None = None  # lora_A / lora_B / ... for kind == "lora"
     adapter_name: str | None = None  # a name left in the key (".default.")
@@ -66,37 +67,54 @@ def _as_list(value) -> list:
     return [value] if isinstance(value, str) else []
 
 
+@functools.cache
+def _embedding_layer_names() -> tuple[str, ...]:
+    try:
+        from peft.utils.other import EMBEDDING_LAYER_NAMES
+    except ImportError:  # pragma: no cover - other PEFT layouts
+        EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
+    return tuple(EMBEDDING_LAYER_NAMES)
+
+
+_LORA_TAILS = {
+    "lora_A": (["weight"], ["bias"]),
+    "lora_B": (["weight"], ["bias"]),
+    "lora_embedding_A": ([],),
+    "lora_embedding_B": ([],),
+    "lora_magnitude_vector": ([], ["weight"]),
+}
+
+
 def classify_key(key: str, config: dict) -> KeyInfo:
-    """Name one saved key by what it is, following PEFT's save format (``get_peft_model_state_dict``)."""
+    """Name one saved key by what it is, following PEFT's save format (``get_peft_model_state_dict``).
+
+    Kinds: ``lora`` (lora_A/B, lora_embedding_A/B, lora_magnitude_vector, lora_B.bias), ``bias``
+    (bias="all"/"lora_only"), ``modules_to_save``, ``trainable_tokens``, ``embedding_layer``
+    (save_embedding_layers), ``base_layer`` (base weights: a full PeftModel state dict), ``plora``
+    (the base model's own PLoRA weights) and ``unknown``.
+    """
     rest, prefixes = key, 0
     while rest.startswith(PREFIX):
         rest, prefixes = rest[len(PREFIX) :], prefixes + 1
     parts = rest.split(".")
     info = KeyInfo(key=key, kind="unknown", prefixes=prefixes)
 
-    if "base_layer" in parts or "original_module" in parts:
-        info.kind = "base_layer"
-        return info
+    # LoRA tensors first: target_parameters nests wrappers, so ".base_layer.lora_A.weight" is a LoRA key.
     for index in range(len(parts) - 1, -1, -1):
-        if parts[index] in LORA_KINDS:
+        if parts[index] in _LORA_TAILS:
             info.kind, info.lora_kind = "lora", parts[index]
-            info.module = ".".join(parts[:index])
+            info.module = ".".join(p for p in parts[:index] if p != "base_layer")
             tail = parts[index + 1 :]
-            allowed = {
-                "lora_A": [["weight"], ["bias"]],
-                "lora_B": [["weight"], ["bias"]],
-                "lora_embedding_A": [[]],
-                "lora_embedding_B": [[]],
-                "lora_magnitude_vector": [[], ["weight"]],
-            }[parts[index]]
-            if tail not in allowed:
+            if tail not in _LORA_TAILS[parts[index]]:
                 if tail and tail[0] not in ("weight", "bias"):
                     info.adapter_name = tail[0]
                 else:
                     info.kind = "unknown"
             return info
-    if any(p in ("Plora_A", "Plora_B") or p.startswith("plora_") for p in parts):
-        info.kind, info.module = "plora", rest
+    # bias="all" / "lora_only": PEFT saves biases too, those of LoRA layers as "<module>.base_layer.bias".
+    if parts[-1] == "bias" and config.get("bias") in ("all", "lora_only"):
+        info.kind = "bias"
+        info.module = ".".join(p for p in parts[:-1] if p != "base_layer")
         return info
     if "modules_to_save" in parts:
         index = parts.index("modules_to_save")
@@ -107,15 +125,24 @@ def classify_key(key: str, config: dict) -> KeyInfo:
     if "trainable_tokens_delta" in parts or "token_adapter" in parts:
         info.kind, info.module = "trainable_tokens", rest
         return info
+    # save_embedding_layers (automatic when embed_tokens/lm_head are targeted): PEFT saves the embedding
+    # weights themselves, as "<embed>.base_layer.weight" when wrapped, and restores them on load.
+    if parts[-1] == "weight" and any(p in _embedding_layer_names() for p in parts[:-1]):
+        info.kind = "embedding_layer"
+        info.module = ".".join(p for p in parts[:-1] if p != "base_layer")
+        return info
+    if "base_layer" in parts or "original_module" in parts:
+        info.kind = "base_layer"
+        return info
+    if any(p in ("Plora_A", "Plora_B") or p.startswith("plora_") for p in parts):
+        info.kind, info.module = "plora", rest
+        return info
     for entry in _as_list(config.get("modules_to_save")):
         for index in range(len(parts) - 1):
             sub = ".".join(parts[: index + 1])
             if sub == entry or sub.endswith("." + entry):
                 info.kind, info.module = "modules_to_save", sub
                 return info
-    if parts[-1] == "bias" and (config.get("bias") in ("all", "lora_only")):
-        info.kind, info.module = "bias", ".".join(parts[:-1])
-        return info
     info.module = rest
     return info
 
@@ -681,7 +708,7 @@ def check_shapes(ctx: CheckContext):
             problems.append(f"{module}: rank {rank_a} {list(a)}/{list(b)} but the config's {source} gives {expected}")
             continue
         magnitude = parts.get("lora_magnitude_vector")
-        if magnitude is not None and (len(magnitude) != 1 or magnitude[0] != b[0]):
+        if magnitude is not None and math.prod(magnitude) != b[0]:  # [out] (Linear), [1, out, 1, 1] (Conv)
             problems.append(f"{module}: lora_magnitude_vector {list(magnitude)} does not match {b_name} out {b[0]}")
             continue
         bias = parts.get("lora_B.bias")

@@ -25,9 +25,19 @@ class BundleSpec:
     lora_alpha: int = 8
     train_steps: int = 3
     safe_serialization: bool = True
+    target_modules: tuple[str, ...] | str | None = None  # None: the official XComposer targets
+    lora_overrides: tuple[tuple[str, object], ...] = ()  # extra LoraConfig fields, e.g. (("use_rslora", True),)
 
     def params(self) -> dict:
         return asdict(self)
+
+    def lora_kwargs(self) -> dict:
+        kwargs = dict(self.lora_overrides)
+        if self.target_modules is not None:
+            kwargs["target_modules"] = (
+                self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+            )
+        return kwargs
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ def build_bundle(spec: BundleSpec = BundleSpec(), cache_root: str | Path | None 
         model = build_model(spec.variant, spec.dims, seed=spec.seed)
         peft_model = train_adapter(
             model,
-            official_lora_config(r=spec.lora_r, lora_alpha=spec.lora_alpha),
+            official_lora_config(r=spec.lora_r, lora_alpha=spec.lora_alpha, **spec.lora_kwargs()),
             steps=spec.train_steps,
             seed=spec.seed,
         )
