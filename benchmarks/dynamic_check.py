@@ -1,0 +1,115 @@
+"""Dynamic check cost: ``harness.check(adapter, base_model=...)`` vs the validation script users write today.
+
+Builds a synthetic XComposer base of about 1.5 GB of fp32 weights (``--hidden``/``--layers`` to
+resize) and a random r=16 adapter, then measures in fresh worker processes, interleaved:
+  floor   - load base + adapter, two forward passes (unmerged, merged) and one merge: the minimum;
+  naive   - load base, PeftModel.from_pretrained, deep-copy, merge_and_unload, compare outputs;
+  harness - harness.check(adapter, base_model=base) (every check, every loading path).
+Prints medians of wall time and peak RSS above the worker's baseline, against the base's bytes.
+
+    python benchmarks/dynamic_check.py [--hidden 1024] [--layers 24] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, median, peak_rss_mb, reset_peak_rss, run_worker  # noqa: E402
+
+
+def build(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from harness.synthetic import TINY, build_model, export_model
+    from harness.synthetic.adapters import OFFICIAL_TARGETS
+
+    dims = TINY.with_(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 3.5),
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256)
+    model = build_model("ixc2.5", dims)
+    export_model(model, root / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(OFFICIAL_TARGETS),
+                                                  init_lora_weights=False))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=1e-3)
+    peft_model.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def _probe(model):
+    from harness.probes import make_probe
+
+    return make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16)
+
+
+def worker(method: str, base: Path, adapter: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import harness
+
+    baseline = reset_peak_rss()
+    start = time.perf_counter()
+    if method == "harness":
+        report = harness.check(adapter, base_model=base)
+        assert report.exit_code == 0, report.render()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True, dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(model, adapter).eval()
+        probe = _probe(model)
+        with torch.no_grad():
+            unmerged = peft_model(**probe.model_kwargs()).logits
+            merged_model = (copy.deepcopy(peft_model) if method == "naive" else peft_model).merge_and_unload()
+            merged = merged_model(**probe.model_kwargs()).logits
+        assert torch.allclose(unmerged, merged, atol=1e-3, rtol=1e-3)
+    return {"seconds": time.perf_counter() - start, "rss_mb": peak_rss_mb() - baseline}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "BASE", "ADAPTER"), help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.worker:
+        method, base, adapter = args.worker
+        print(json.dumps(worker(method, Path(base), Path(adapter))))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapter = build(Path(tmp), args.hidden, args.layers)
+        base_mb = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e6
+        methods = ["floor", "naive", "harness"]
+        samples = {m: [] for m in methods}
+        for _ in range(args.repeats):
+            for method in methods:
+                samples[method].append(run_worker(Path(__file__), [method, str(base), str(adapter)]))
+    result = {"machine": machine(), "base_weights_mb": round(base_mb, 1), "repeats": args.repeats, "methods": {}}
+    for method in methods:
+        secs = median([s["seconds"] for s in samples[method]])
+        rss = median([s["rss_mb"] for s in samples[method]])
+        result["methods"][method] = {"median_s": round(secs, 2), "peak_rss_above_baseline_mb": round(rss, 1),
+                                     "rss_vs_base": round(rss / base_mb, 2)}
+    floor = result["methods"]["floor"]["median_s"]
+    result["harness_vs_floor_time"] = round(result["methods"]["harness"]["median_s"] / floor, 2)
+    print(f"base weights: {base_mb:.0f} MB fp32, {args.repeats} interleaved rounds")
+    print(f"{'method':<8} {'median s':>9} {'peak RSS +MB':>13} {'x base':>7}")
+    for method, row in result["methods"].items():
+        print(f"{method:<8} {row['median_s']:>9.2f} {row['peak_rss_above_baseline_mb']:>13.0f} {row['rss_vs_base']:>7.2f}")
+    print(f"harness takes {result['harness_vs_floor_time']}x the floor's time")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
