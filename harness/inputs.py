@@ -31,7 +31,6 @@ import math
 import mmap
 import os
 import struct
-import sys
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -74,9 +73,6 @@ SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "F6_E2M3": (6, None),
     "F6_E3M2": (6, None),
 }
-
-# madvise(MADV_POPULATE_READ) (Linux >= 5.14; Python names it from 3.13): prefault a chunk in one call.
-_POPULATE_READ: int | None = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform.startswith("linux") else None
 
 # Files in a model / trainer directory that are pickles but not weights: never collected.
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json"}
@@ -127,13 +123,19 @@ class WeightFile:
         return self.path.name
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, tensor)`` in file order; tensors are zero-copy views of a private mmap."""
+        """Yield ``(key, tensor)`` in file order; tensors are zero-copy, read-only views of a private mmap.
+
+        Streaming: once the caller moves on, the previous tensor's pages are released (a view kept
+        alive still reads correctly, from the file again), so RSS stays near one tensor. Copy a
+        tensor (``.clone()``) before modifying it.
+        """
         if not self.readable:
             raise InputError(f"{self.path}: cannot read tensors: {self.error}")
         if self.format == "safetensors":
             mm = self._map()
             for info in self.tensors.values():
                 yield info.name, _view(mm, info)
+                self.release(info.name)
         else:
             for key in self.tensors:
                 yield key, self._state[key]
@@ -164,20 +166,6 @@ class WeightFile:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, begin + nbytes - start)
         except (OSError, ValueError):
             pass
-
-    def prefetch_range(self, begin: int, nbytes: int) -> None:
-        """Map the pages of ``[begin, begin + nbytes)`` in one call (MADV_POPULATE_READ, Linux >= 5.14).
-
-        Far cheaper than one page fault per 4 KB when a chunk is then read once; a no-op elsewhere.
-        """
-        global _POPULATE_READ
-        if self._mmap is None or nbytes <= 0 or _POPULATE_READ is None:
-            return
-        start = (begin // mmap.PAGESIZE) * mmap.PAGESIZE
-        try:
-            self._mmap.madvise(_POPULATE_READ, start, begin + nbytes - start)
-        except (OSError, ValueError):
-            _POPULATE_READ = None  # kernel without it: plain page faults from now on
 
     def _map(self) -> mmap.mmap:
         if self._mmap is None:
@@ -566,8 +554,6 @@ def scan_weight_file(wf: WeightFile | None) -> dict[str, TensorStats]:
             itemsize = flat.element_size()
             for start in range(0, flat.numel(), step):
                 chunk = flat[start : start + step]
-                if info.begin is not None:
-                    wf.prefetch_range(info.begin + start * itemsize, chunk.numel() * itemsize)
                 _scan_chunk(chunk, entry, scratch)
                 if info.begin is not None:
                     wf.release_range(info.begin + start * itemsize, chunk.numel() * itemsize)

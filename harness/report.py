@@ -34,15 +34,20 @@ class CheckResult:
 
 
 def environment() -> dict:
-    """Versions of the libraries whose behaviour the checks depend on."""
+    """Versions of the libraries whose behaviour the checks depend on (None when not installed)."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {}
     for name in ("torch", "transformers", "peft"):
-        try:
-            from importlib.metadata import version
-
-            versions[name] = version(name)
-        except Exception:
-            versions[name] = None
+        module = sys.modules.get(name)  # what is really imported wins over package metadata
+        found = getattr(module, "__version__", None) if module is not None else None
+        if found is None:
+            try:
+                found = version(name)
+            except PackageNotFoundError:
+                found = None
+        versions[name] = str(found) if found is not None else None
     return versions
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import GOOD_VARIANTS, MUTATIONS, both_formats_identical, marker_path
-from fixtures.mutations import BIN, edit_config, load_tensors, save_tensors, copy_adapter
+from fixtures import ALL_GOOD_VARIANTS, MUTATIONS, both_formats_identical, marker_path
+from fixtures.mutations import BIN, copy_adapter, edit_config, load_tensors, save_tensors, source_digest
 from harness.checks import CheckContext, CheckOptions, checks, run_static
 from harness.checks.registry import Check, register, run_check
 from harness.checks.static import classify_key, expected_rank
@@ -34,7 +34,8 @@ def good_variant(synthetic_cache):
     from harness.synthetic.cache import cached_build
 
     def make(name: str) -> Path:
-        return cached_build(synthetic_cache, f"good-{name}", {"variant": name}, GOOD_VARIANTS[name])
+        params = {"variant": name, "fixtures": source_digest()}
+        return cached_build(synthetic_cache, f"good-{name}", params, ALL_GOOD_VARIANTS[name])
 
     return make
 
@@ -48,6 +49,17 @@ def test_registry_lists_the_static_checks_in_order():
     assert [c.id for c in registered] == STATIC_IDS
     for check in registered:
         assert check.summary and check.why and check.fix and check.group == "static"
+
+
+def test_registry_orders_all_checks_by_group_and_rejects_unknown_groups():
+    from harness.checks import GROUPS
+
+    every = checks()
+    assert [c.id for c in every[: len(STATIC_IDS)]] == STATIC_IDS
+    assert [GROUPS.index(c.group) for c in every] == sorted(GROUPS.index(c.group) for c in every)
+    assert len({c.id for c in every}) == len(every)
+    with pytest.raises(ValueError, match="unknown check group"):
+        checks("statics")
 
 
 def test_default_adapter_passes_every_static_check(good):
@@ -72,7 +84,7 @@ def test_broken_fixture_fails_the_right_check(name, good, tmp_path):
     assert not any(c.message.startswith("internal error") for c in report.checks), _problems(report)
 
 
-@pytest.mark.parametrize("name", list(GOOD_VARIANTS))
+@pytest.mark.parametrize("name", list(ALL_GOOD_VARIANTS))
 def test_good_variants_pass_every_static_check(name, good_variant):
     adapter_dir = good_variant(name)
     report = run_static(adapter_dir)
@@ -92,6 +104,15 @@ def test_good_variants_exercise_what_they_claim(good_variant):
     saved = read_adapter(good_variant("modules-to-save"))
     assert "base_model.model.output.weight" in saved.tensors
     assert [wf.format for wf in read_adapter(good_variant("bin-only")).weight_files] == ["bin"]
+    keys = {name: set(read_adapter(good_variant(name)).tensors) for name in
+            ("hf-bias-all", "hf-bias-lora-only", "hf-lora-bias", "hf-embedding-dora", "hf-trainable-tokens")}
+    assert any(k.endswith("k_proj.base_layer.bias") for k in keys["hf-bias-all"])
+    assert any(k.endswith("q_proj.base_layer.bias") for k in keys["hf-bias-lora-only"])
+    assert any(k.endswith("lora_B.bias") for k in keys["hf-lora-bias"])
+    assert {"base_model.model.model.embed_tokens.base_layer.weight",
+            "base_model.model.model.embed_tokens.lora_embedding_A",
+            "base_model.model.model.embed_tokens.lora_magnitude_vector"} <= keys["hf-embedding-dora"]
+    assert any("trainable_tokens_delta" in k for k in keys["hf-trainable-tokens"])
 
 
 def test_both_formats_identical_passes(good, tmp_path):
@@ -145,7 +166,7 @@ def test_missing_config_fails_config_valid_only(good, tmp_path):
     ("change", "fragment"),
     [
         (lambda c: c.update(peft_type="IA3"), "peft_type is 'IA3'"),
-        (lambda c: c.update(peft_type="lora"), "peft_type is 'lora'"),
+        (lambda c: c.update(peft_type="lora"), "peft_type is 'lora', not exactly 'LORA'"),
         (lambda c: c.update(r=0), "positive integer"),
         (lambda c: c.update(lora_alpha="big"), "lora_alpha must be a number"),
         (lambda c: c.update(target_modules=None), "target_modules"),
@@ -217,6 +238,17 @@ def test_classify_key():
     assert classify_key("base_model.model.a.wqkv.Plora_A.weight", config).kind == "plora"
     assert classify_key("base_model.model.a.wqkv.base_layer.weight", config).kind == "base_layer"
     assert classify_key("base_model.model.base_model.model.a.lora_B.weight", config).prefixes == 2
+    # valid PEFT saves that are easy to mistake for base weights
+    assert classify_key("base_model.model.a.q_proj.base_layer.bias", {"bias": "all"}).kind == "bias"
+    assert classify_key("base_model.model.a.q_proj.base_layer.bias", {"bias": "none"}).kind == "base_layer"
+    assert classify_key("base_model.model.a.q_proj.base_layer.weight", {"bias": "all"}).kind == "base_layer"
+    embed = classify_key("base_model.model.model.embed_tokens.base_layer.weight", {})
+    assert (embed.kind, embed.module) == ("embedding_layer", "model.embed_tokens")
+    nested = classify_key("base_model.model.m.experts.base_layer.lora_A.weight", {})  # target_parameters
+    assert (nested.kind, nested.module) == ("lora", "m.experts")
+    assert classify_key("base_model.model.lm_head.modules_to_save.default.weight", {}).adapter_name == "default"
+    assert classify_key("base_model.model.a.lora_B.bias", {}).kind == "lora"
+    assert classify_key("base_model.model.a.lora_A.weight.extra", {}).kind == "unknown"
 
 
 def test_expected_rank_matches_peft():
@@ -239,16 +271,20 @@ def _digests(root: Path) -> dict[str, str]:
     return out
 
 
-def test_full_static_run_never_modifies_inputs(good, tmp_path):
+def test_full_static_run_never_modifies_inputs(good, good_variant, tmp_path):
+    """Checksums, mtimes and listings of every input are identical after a full static run."""
     roots = [copy_adapter(good, tmp_path / "default")]
     roots += [MUTATIONS[name].apply(good, tmp_path / name) for name in MUTATIONS]
     roots.append(both_formats_identical(good, tmp_path / "both"))
+    roots += [copy_adapter(good_variant(name), tmp_path / name) for name in ("bin-only", "dora", "hf-bias-all")]
     before = _digests(tmp_path)
     listing = sorted(str(p) for p in tmp_path.rglob("*"))
     mtimes = {p: os.stat(p).st_mtime_ns for p in before}
     for root in roots:
         try:
-            run_static(root).to_json()
+            report = run_static(root)
+            report.to_json()
+            report.render()
         except InputError:
             pass
     assert _digests(tmp_path) == before

@@ -241,6 +241,77 @@ def test_scan_finds_nan_inf_and_zero_across_chunks(tmp_path, monkeypatch, dtype)
     assert stats["empty"].numel == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.float8_e5m2, torch.float8_e4m3fnuz])
+def test_scan_other_float_encodings(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(inputs, "SCAN_CHUNK_ELEMENTS", 8)
+    base = torch.randn(40).to(dtype) if not dtype.is_complex else torch.randn(40, dtype=dtype)
+    bad = base.clone()
+    bad[33] = float("inf") if dtype != torch.float8_e4m3fnuz else float("nan")
+    path = tmp_path / "x.safetensors"
+    save_file({"ok": base, "bad": bad, "zero": torch.zeros(40, dtype=dtype)}, str(path))
+    stats = inputs.scan_weight_file(inspect_weight_file(path))
+    assert stats["ok"].finite and stats["ok"].nonzero and stats["ok"].error is None
+    assert not stats["bad"].finite and stats["bad"].nan + stats["bad"].inf == 1
+    assert stats["zero"].finite and not stats["zero"].nonzero
+
+
+def test_scan_negative_zero_is_zero_and_tiny_values_are_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs, "SCAN_CHUNK_ELEMENTS", 8)
+    tensors = {
+        "negzero": torch.full((20,), -0.0, dtype=torch.bfloat16),
+        "mixedzero": torch.tensor([0.0, -0.0] * 10, dtype=torch.float16),
+        "subnormal": torch.tensor([0.0] * 19 + [-1e-40], dtype=torch.float32),
+        "neg_nan": torch.tensor([1.0] * 19 + [-float("nan")], dtype=torch.bfloat16),
+        "ints": torch.tensor([0, 0, -3], dtype=torch.int64),
+        "int_zero": torch.zeros(5, dtype=torch.int32),
+        "bools": torch.tensor([False, True]),
+    }
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    stats = inputs.scan_weight_file(inspect_weight_file(path))
+    assert not stats["negzero"].nonzero and not stats["mixedzero"].nonzero
+    assert stats["subnormal"].nonzero and stats["subnormal"].finite
+    assert not stats["neg_nan"].finite and stats["neg_nan"].nan == 1
+    assert stats["ints"].nonzero and stats["ints"].finite and not stats["int_zero"].nonzero
+    assert stats["bools"].nonzero
+
+
+def test_scan_releases_pages_without_losing_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs, "SCAN_CHUNK_ELEMENTS", 1000)
+    tensors = {"a": torch.randn(3001), "b": torch.randn(70, 90).to(torch.bfloat16)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    wf = inspect_weight_file(path)
+    views = dict(wf.iter_tensors())  # live views across the page release
+    first = inputs.scan_weight_file(wf)
+    second = inputs.scan_weight_file(wf)
+    assert first == second
+    assert all(torch.equal(views[k], tensors[k]) for k in tensors)
+
+
+def test_scan_resident_memory_stays_small(tmp_path):
+    """The scan maps, reads and releases chunk by chunk: peak RSS grows far less than the file."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:  # reset VmHWM (Linux)
+            handle.write("5")
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    path = tmp_path / "big.safetensors"
+    save_file({f"t{i}": torch.ones(1024, 4096, dtype=torch.bfloat16) for i in range(8)}, str(path))  # 64 MB
+    size = path.stat().st_size
+
+    def status(field):
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field))
+
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = status("VmRSS")
+    stats = inputs.scan_weight_file(inspect_weight_file(path))
+    assert all(s.nonzero and s.finite for s in stats.values())
+    assert status("VmHWM") - before < 0.5 * size
+
+
 def test_scan_is_cached(good):
     adapter = read_adapter(good)
     assert adapter.scan() is adapter.scan()

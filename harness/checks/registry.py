@@ -51,14 +51,22 @@ def register(*, id: str, group: str, summary: str, why: str, fix: str) -> Callab
 
 
 def get_check(check_id: str) -> Check:
-    _load_builtin_checks()
+    if check_id not in REGISTRY:
+        _load_builtin_checks()
     return REGISTRY[check_id]
 
 
 def checks(group: str | None = None) -> list[Check]:
-    """Registered checks (of one group), in registration order."""
-    _load_builtin_checks()
-    return [c for c in REGISTRY.values() if group is None or c.group == group]
+    """Registered checks (of one group, or all in ``GROUPS`` order), in registration order.
+
+    Only the module of the asked group is imported, so a static-only run never imports the
+    model-loading machinery of the other groups.
+    """
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"unknown check group {group!r}; one of {GROUPS}")
+    _load_builtin_checks(group)
+    selected = [c for c in REGISTRY.values() if group is None or c.group == group]
+    return sorted(selected, key=lambda c: GROUPS.index(c.group))  # stable: registration order within a group
 
 
 @dataclass
@@ -148,13 +156,15 @@ def run_checks(ctx: CheckContext, group: str | None = None, only: list[str] | No
     return results
 
 
-def _load_builtin_checks() -> None:
-    """Import the modules that register the built-in checks (static here; others when present)."""
+# group -> the module of this package that registers its built-in checks
+_GROUP_MODULES = {"static": "static", "against-base": "against_base", "dynamic": "dynamic", "merged": "merged"}
+
+
+def _load_builtin_checks(group: str | None = None) -> None:
+    """Import the module(s) that register the built-in checks of ``group`` (all groups if None)."""
     import importlib
 
-    from . import static  # noqa: F401  (registers on import)
-
-    for name in ("against_base", "dynamic", "merged"):
+    for name in [_GROUP_MODULES[group]] if group is not None else list(_GROUP_MODULES.values()):
         try:
             importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as err:

@@ -279,6 +279,12 @@ def check_config_valid(ctx: CheckContext):
             missing=missing,
         )
     peft_type = config.get("peft_type")
+    if isinstance(peft_type, str) and peft_type.upper() == "LORA" and peft_type != "LORA":
+        return failed(
+            f"peft_type is {peft_type!r}, not exactly 'LORA': PeftConfig.from_pretrained cannot find its config class",
+            fix='write "peft_type": "LORA" (upper case) in adapter_config.json',
+            peft_type=peft_type,
+        )
     if peft_type != "LORA":  # PEFT looks the type up by exact value
         return failed(
             f"peft_type is {peft_type!r}: this harness checks LoRA adapters (peft_type LORA)",
