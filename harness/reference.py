@@ -120,7 +120,7 @@ def expected_deltas(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str,
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     out = {}
     for module, parts in sorted(lora.items()):
-        if "lora_A" not in parts or "lora_B" not in parts or module_name not in modules:
+        if "lora_A" not in parts or "lora_B" not in parts:
             continue  # nothing a loader could apply either: key-coverage / base-match report these
         rank = parts["lora_A"].shape[0]
         scaling = module_scaling(config, module, rank=rank)
@@ -147,7 +147,11 @@ def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[
             params[name].copy_(value.to(params[name].dtype))
             changed.append(name)
     for module_name, delta in expected_deltas(config, tensors).items():
+        if module_name not in modules or getattr(modules[module_name], "weight", None) is None:
+            continue  # an adapter module the base lacks: key-coverage / base-match report these
         weight = modules[module_name].weight
+        if weight.shape != delta.delta.shape:
+            continue  # a different base: reported by base-match, not folded in here
         weight.copy_(delta.merged_weight(weight).to(weight.dtype))
         changed.append(module_name)
     return changed
@@ -434,3 +438,42 @@ def first_divergent_layer(model: torch.nn.Module, reference: torch.nn.Module, pr
         if not comparison.ok:
             return comparison.summary()
     return None
+
+
+@dataclass
+class Verdict:
+    """One model (a loading path's result) judged against the reference: outputs, weights, first bad layer."""
+
+    label: str
+    comparison: Comparison
+    deltas: DeltaComparison | None
+    divergent_layer: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.comparison.ok and (self.deltas is None or self.deltas.ok)
+
+    def report(self) -> str:
+        """Readable, one line per aspect: which path, which rows, how far off, which module/layer."""
+        lines = [f"path {self.label}: {'OK' if self.ok else 'MISMATCH against the fp32 reference'}",
+                 f"  outputs: {self.comparison.summary()}"]
+        if self.deltas is not None:
+            lines.append(f"  weights: {self.deltas.summary()}")
+        if self.divergent_layer:
+            lines.append(f"  first divergent decoder layer: {self.divergent_layer}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def judge(label: str, model: torch.nn.Module, reference: Reference, probe: ProbeBatch, *, dtype: torch.dtype,
+          reference_logits: torch.Tensor | None = None, locate: bool = True) -> Verdict:
+    """Compare ``model`` with the reference on the probe and per module; locate the first bad layer on failure."""
+    ref_logits = probe_logits(reference.model, probe) if reference_logits is None else reference_logits
+    comparison = compare(probe_logits(model, probe), ref_logits, probe, dtype=dtype, label=label)
+    deltas = None
+    if reference.base_state:
+        deltas = compare_module_deltas(model, reference.base_state, reference.deltas, dtype=dtype, label=label)
+    divergent = None
+    if locate and not (comparison.ok and (deltas is None or deltas.ok)):
+        divergent = first_divergent_layer(model, reference.model, probe, dtype=dtype)
+    return Verdict(label, comparison, deltas, divergent)

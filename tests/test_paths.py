@@ -1,0 +1,251 @@
+"""The loading-path matrix on real directories: every registered path against the fp32 reference.
+
+Base directories and trained adapters come from the shared synthetic cache (built once per
+session); generated adapters (drawn rank / alpha / rsLoRA / patterns / targets) are written to
+temporary directories next to a cached base. Input directories are never written to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from peft import get_peft_model
+from peft.tuners.lora import LoraModel
+
+from harness.paths import (
+    PATHS,
+    PEFT_NOT_STATE_DICT,
+    diagnose_raw_load,
+    find_unmerged_lora_wrappers,
+    load_base,
+    read_adapter_tensors,
+)
+from harness.probes import make_probe
+from harness.reference import build_reference, compare, judge, probe_logits, tolerance_for
+from harness.synthetic.adapters import save_adapter
+from harness.synthetic.family import TINY, build_model
+
+from test_properties_merge import (  # noqa: E402  (shared scenario machinery, tests/ is on sys.path)
+    Scenario,
+    doubled_scaling_merge,
+    fill_adapter,
+    legacy_merge_and_unload,
+    prop_settings,
+    scenarios,
+)
+
+torch.set_num_threads(1)
+
+EXPECTED_PATHS = {"peft", "peft-merged", "peft-safe-merged", "merge-script", "load-adapter", "state-dict", "bin",
+                  "safetensors"}
+
+
+def dir_digest(path: Path) -> str:
+    """Names and bytes of every file under ``path``: proves a path never writes into its inputs."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def probe_for_dir(reference_model) -> object:
+    return make_probe(reference_model.get_input_embeddings(), batch_size=2, seq_len=10, image_spans=[(2, 6)],
+                      left_padding=[0, 2], seed=7)
+
+
+def run_matrix(base_dir: Path, adapter_dir: Path, *, dtype: torch.dtype = torch.float32, paths=None,
+               workdir: Path | None = None) -> tuple[list[str], dict]:
+    """Every path against the fp32 reference and against each other; returns (problems, records)."""
+    paths = PATHS if paths is None else paths
+    reference = build_reference(base_dir, adapter_dir)
+    probe = probe_for_dir(reference.model)
+    ref_logits = probe_logits(reference.model, probe)
+    problems, records, outputs = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(workdir or tmp)
+        for name, path in paths.items():
+            loaded = path(base_dir, adapter_dir, dtype=dtype, device="cpu", workdir=root / name)
+            records[name] = loaded.record
+            assert not loaded.model.training, f"path {name} returned a model in training mode"
+            record = loaded.record
+            if record.missing_keys or record.unexpected_keys or getattr(record, "not_loaded", []):
+                problems.append(f"path {name}: missing {record.missing_keys[:3]}, unexpected "
+                                f"{record.unexpected_keys[:3]}, not loaded {getattr(record, 'not_loaded', [])[:3]}")
+            verdict = judge(name, loaded.model, reference, probe, dtype=dtype, reference_logits=ref_logits)
+            if not verdict.ok:
+                problems.append(verdict.report())
+            outputs[name] = probe_logits(loaded.model, probe)
+            del loaded
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pair = compare(outputs[a], outputs[b], probe, dtype=dtype, label=f"{a} vs {b}",
+                           tolerance=2 * tolerance_for(dtype))
+            if not pair.ok:
+                problems.append(pair.summary())
+    return problems, records
+
+
+def test_registry_has_every_path() -> None:
+    assert EXPECTED_PATHS <= set(PATHS)
+
+
+@pytest.mark.parametrize("variant,safe", [("ixc2.5", True), ("ixc2", False), ("ixc2-4khd", True)])
+def test_trained_adapter_loads_identically_on_every_path(make_bundle, variant: str, safe: bool) -> None:
+    bundle = make_bundle(variant=variant, safe_serialization=safe)
+    before = dir_digest(bundle.base_dir), dir_digest(bundle.adapter_dir)
+    problems, records = run_matrix(bundle.base_dir, bundle.adapter_dir)
+    assert not problems, "\n".join(problems)
+    assert (dir_digest(bundle.base_dir), dir_digest(bundle.adapter_dir)) == before, "a path wrote into its inputs"
+    assert set(records) == set(PATHS)
+    for name, record in records.items():
+        assert record.path == name
+        assert isinstance(record.warnings, list)
+    saved = "adapter_model.safetensors" if safe else "adapter_model.bin"
+    assert saved in records["peft"].files_used
+    assert "adapter_model.bin" in records["bin"].files_used
+    assert "adapter_model.safetensors" in records["safetensors"].files_used
+    files = set(records["merge-script"].files_used)
+    assert {"config.json", "modeling_internlm_xcomposer2.py", "build_mlp.py", "tokenizer.json"} <= files
+
+
+def test_low_precision_paths_within_dtype_tolerance(default_bundle) -> None:
+    problems, _ = run_matrix(default_bundle.base_dir, default_bundle.adapter_dir, dtype=torch.bfloat16,
+                             paths={k: PATHS[k] for k in ("peft", "peft-merged", "merge-script")})
+    assert not problems, "\n".join(problems)
+
+
+def test_merge_script_reload_is_plora_and_bit_identical(default_bundle, tmp_path: Path) -> None:
+    loaded = PATHS["merge-script"](default_bundle.base_dir, default_bundle.adapter_dir, dtype=torch.float32,
+                                   device="cpu", workdir=tmp_path)
+    base = load_base(default_bundle.base_dir, dtype=torch.float32)
+    assert not find_unmerged_lora_wrappers(loaded.model)
+    got, want = loaded.model.state_dict(), base.state_dict()
+    plora = [k for k in want if ".Plora_" in k or k.startswith("plora_")]
+    assert plora and all(torch.equal(got[k], want[k]) for k in plora)
+    assert {type(m).__name__ for n, m in loaded.model.named_modules() if n.endswith("attention.wqkv")} == {"PLoRA"}
+    assert (tmp_path / "merge-script" / "config.json").is_file()
+
+
+def test_load_base_records_warnings(default_bundle) -> None:
+    sink: list[str] = []
+    model = load_base(default_bundle.base_dir, dtype=torch.float32, warnings_into=sink)
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert all(isinstance(w, str) for w in sink)
+
+
+@pytest.mark.parametrize("variant", ["ixc2", "ixc2.5"])
+def test_raw_load_state_dict_is_diagnosed(make_bundle, variant: str) -> None:
+    bundle = make_bundle(variant=variant)
+    diagnosis = diagnose_raw_load(bundle.base_dir, bundle.adapter_dir)
+    assert diagnosis.failed and diagnosis.error_type == "RuntimeError"
+    assert diagnosis.message.startswith(PEFT_NOT_STATE_DICT)
+    assert "Traceback" not in diagnosis.message
+    assert any(".Plora_A." in k for k in diagnosis.missing_plora)
+    assert any(".Plora_B." in k for k in diagnosis.missing_plora)
+    assert "Plora_A" in diagnosis.message and "Plora_B" in diagnosis.message
+    hd = variant != "ixc2"
+    assert ("plora_glb_GN" in diagnosis.missing_plora) == hd and ("plora_sub_GN" in diagnosis.message) == hd
+    assert diagnosis.unexpected_total == len(read_adapter_tensors(bundle.adapter_dir))
+
+
+def test_raw_load_leaves_a_given_model_untouched(default_bundle) -> None:
+    model = load_base(default_bundle.base_dir, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert diagnose_raw_load(model, default_bundle.adapter_dir).failed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated adapters through the whole matrix
+
+
+def write_adapter(sc: Scenario, out: Path, *, targets=None, safe: bool = True) -> Path:
+    """An adapter for the bundle base (same variant, TINY dims, seed 0) with deterministic tensors."""
+    model = get_peft_model(build_model(sc.variant, TINY, seed=0), sc.lora_config(targets))
+    fill_adapter(model, sc.seed)
+    return save_adapter(model.eval(), out, safe_serialization=safe)
+
+
+@prop_settings(8)
+@given(sc=scenarios(dtypes=("float32",), masks=("spans",)), safe=st.booleans())
+def test_generated_adapters_agree_on_every_path(make_bundle, sc: Scenario, safe: bool) -> None:
+    """Drawn r / alpha / rsLoRA / rank_pattern / alpha_pattern / targets: every path pair agrees with the reference."""
+    base_dir = make_bundle(variant=sc.variant).base_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = write_adapter(sc, Path(tmp) / "adapter", safe=safe)
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        assert config["use_rslora"] == sc.rslora and config["rank_pattern"] == dict(sc.rank_pattern)
+        problems, _ = run_matrix(base_dir, adapter_dir, workdir=Path(tmp) / "work")
+    assert not problems, f"{sc!r}\n" + "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# A broken path must fail loudly and say where
+
+
+def doubled_scaling_path(base_dir: Path, adapter_dir: Path, **kw):
+    """Test double: ``peft-merged`` with every LoRA scaling doubled before the merge."""
+    loaded = PATHS["peft"](base_dir, adapter_dir, **kw)
+    loaded.record.path = "peft-merged-doubled"
+    loaded.model = doubled_scaling_merge(loaded.model).eval()
+    return loaded
+
+
+def test_doubled_scaling_path_fails_with_readable_report(default_bundle) -> None:
+    broken = {"peft": PATHS["peft"], "peft-merged-doubled": doubled_scaling_path}
+    problems, _ = run_matrix(default_bundle.base_dir, default_bundle.adapter_dir, paths=broken)
+    assert problems, "a doubled scaling went unnoticed"
+    report = "\n".join(problems)
+    print(report)
+    assert "path peft-merged-doubled: MISMATCH" in report
+    assert "image rows max abs" in report and "text rows max abs" in report and "OUTSIDE" in report
+    assert "worst module model.layers." in report and "(layer " in report
+    assert "first divergent decoder layer: layer 0" in report
+    assert "peft vs peft-merged-doubled" in report  # the pairwise comparison fails too
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on Plora_A / Plora_B
+
+
+def test_lora_on_plora_a_with_prefix_filter_merge_loses_plora_a(default_bundle, tmp_path: Path, monkeypatch) -> None:
+    """With the old prefix-filter merge, Plora_A wrappers survive merge_and_unload, the merged checkpoint
+    saves ``Plora_A.base_layer.weight`` instead of ``Plora_A.weight``, and the reload re-initialises it."""
+    sc = Scenario(variant="ixc2.5", r=4, alpha=8)
+    adapter_dir = write_adapter(sc, tmp_path / "adapter", targets=r".*\.Plora_A")
+    # peft 0.21 merges these correctly (structural matching):
+    loaded = PATHS["merge-script"](default_bundle.base_dir, adapter_dir, dtype=torch.float32, device="cpu",
+                                   workdir=tmp_path / "new")
+    assert not loaded.record.missing_keys and not find_unmerged_lora_wrappers(loaded.model)
+    # ... the older behaviour, reproduced by a test double of merge_and_unload:
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: legacy_merge_and_unload(self))
+    merged = PATHS["peft-merged"](default_bundle.base_dir, adapter_dir, dtype=torch.float32, device="cpu",
+                                  workdir=tmp_path / "old-merged")
+    flagged = find_unmerged_lora_wrappers(merged.model)
+    assert flagged and all(name.endswith("Plora_A") for name in flagged)
+    reloaded = PATHS["merge-script"](default_bundle.base_dir, adapter_dir, dtype=torch.float32, device="cpu",
+                                     workdir=tmp_path / "old")
+    lost = [k for k in reloaded.record.missing_keys if k.endswith("Plora_A.weight")]
+    assert lost, reloaded.record.missing_keys
+    assert any("Plora_A.base_layer.weight" in k for k in reloaded.record.unexpected_keys)
+
+
+def test_lora_on_plora_has_no_text_row_effect_through_paths(default_bundle, tmp_path: Path) -> None:
+    sc = Scenario(variant="ixc2.5", r=4, alpha=8)
+    adapter_dir = write_adapter(sc, tmp_path / "adapter", targets=r".*\.Plora_[AB]")
+    base = load_base(default_bundle.base_dir, dtype=torch.float32)
+    text_only = make_probe(base.get_input_embeddings(), batch_size=2, seq_len=8, image_spans=[], seed=3)
+    want = probe_logits(base, text_only)
+    for name in ("peft", "peft-merged", "load-adapter"):
+        loaded = PATHS[name](default_bundle.base_dir, adapter_dir, dtype=torch.float32, device="cpu",
+                             workdir=tmp_path / name)
+        assert torch.equal(probe_logits(loaded.model, text_only), want), name

@@ -1,0 +1,189 @@
+"""The fp32 reference and the tolerance policy, checked on their own (PEFT used only as an oracle here)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from peft.tuners.lora import LoraLayer
+
+from harness.probes import make_probe
+from harness.reference import (
+    TOLERANCE_TABLE,
+    ModuleDelta,
+    apply_adapter_reference,
+    build_reference,
+    compare,
+    compare_module_deltas,
+    expected_deltas,
+    greedy_tokens,
+    policy_for,
+    probe_logits,
+    tolerance_for,
+)
+
+from test_properties_merge import Scenario, adapter_of, base_model, peft_model, prop_settings, scenarios  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@prop_settings(25)
+@given(sc=scenarios(dtypes=("float32",), masks=("spans",)))
+def test_expected_deltas_match_peft_scaling_and_delta(sc: Scenario) -> None:
+    """alpha/r, rsLoRA alpha/sqrt(r), rank_pattern, alpha_pattern: the hand-made ΔW is PEFT's, module by module."""
+    model = peft_model(sc)
+    config, tensors = adapter_of(model)
+    deltas = expected_deltas(config, tensors)
+    layers = {n.replace("base_model.model.", "", 1): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert set(deltas) == set(layers)
+    for name, layer in layers.items():
+        want = deltas[name]
+        assert want.rank == layer.r["default"], name
+        assert math.isclose(want.scaling, layer.scaling["default"], rel_tol=1e-12), (name, want.scaling, layer.scaling)
+        torch.testing.assert_close(want.delta, layer.get_delta_weight("default").float(), rtol=1e-5, atol=1e-6)
+
+
+def test_scaling_rules_by_hand() -> None:
+    a, b = torch.ones(4, 3), torch.ones(5, 4)
+    tensors = {"base_model.model.m.layers.0.attention.wqkv.lora_A.weight": a,
+               "base_model.model.m.layers.0.attention.wqkv.lora_B.weight": b,
+               "base_model.model.m.layers.0.attention.wo.lora_A.weight": a[:2],
+               "base_model.model.m.layers.0.attention.wo.lora_B.weight": b[:, :2]}
+    plain = expected_deltas({"r": 4, "lora_alpha": 8}, tensors)
+    assert plain["m.layers.0.attention.wqkv"].scaling == 2.0
+    assert plain["m.layers.0.attention.wo"].scaling == 4.0  # the saved rank (2) wins over r
+    rs = expected_deltas({"r": 4, "lora_alpha": 8, "use_rslora": True}, tensors)
+    assert rs["m.layers.0.attention.wqkv"].scaling == 4.0  # 8 / sqrt(4)
+    patterned = expected_deltas({"r": 4, "lora_alpha": 8, "rank_pattern": {"wo": 2}, "alpha_pattern": {"wqkv": 2}},
+                                tensors)
+    assert patterned["m.layers.0.attention.wqkv"].scaling == 0.5
+    assert patterned["m.layers.0.attention.wo"].scaling == 4.0
+    torch.testing.assert_close(plain["m.layers.0.attention.wqkv"].delta, torch.full((5, 3), 8.0))
+
+
+def test_reference_touches_only_target_weights(default_bundle) -> None:
+    from harness.paths import load_base
+
+    reference = build_reference(default_bundle.base_dir, default_bundle.adapter_dir)
+    base = load_base(default_bundle.base_dir, dtype=torch.float32)
+    got, want = reference.model.state_dict(), base.state_dict()
+    changed = {k for k in want if not torch.equal(got[k], want[k])}
+    assert changed == {f"{m}.weight" for m in reference.deltas}
+    assert not any(".Plora_" in k or k.startswith("plora_") for k in changed)
+    assert all(".lora_" not in k for k in got)  # a plain model, no PEFT wrappers
+    assert set(reference.base_state) == changed
+    assert next(reference.model.parameters()).dtype == torch.float32 and not reference.model.training
+
+
+def test_apply_adapter_reference_skips_modules_the_base_lacks() -> None:
+    model = base_model(Scenario())
+    tensors = {"base_model.model.nowhere.lora_A.weight": torch.ones(2, 3),
+               "base_model.model.nowhere.lora_B.weight": torch.ones(3, 2)}
+    assert apply_adapter_reference(model, {"r": 2, "lora_alpha": 2}, tensors) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerance policy
+
+
+def test_tolerance_table_is_documented_and_ordered() -> None:
+    assert set(TOLERANCE_TABLE) == {torch.float32, torch.bfloat16, torch.float16}
+    for dtype, policy in TOLERANCE_TABLE.items():
+        assert policy.why and policy.atol > 0 and policy.weight_eps >= torch.finfo(dtype).eps
+        assert tolerance_for(dtype) == policy.rel
+        assert policy.rel < 0.1  # a doubled scaling moves logits by O(0.1-1): always caught at fp32, visible above
+    assert tolerance_for(torch.float32) < tolerance_for(torch.float16) < tolerance_for(torch.bfloat16)
+    assert policy_for(torch.float64) == TOLERANCE_TABLE[torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# compare(): row classes, worst position, padding, NaN
+
+
+@pytest.fixture
+def probe():
+    embedding = torch.nn.Embedding(32, 8)
+    return make_probe(embedding, batch_size=2, seq_len=6, image_spans=[(2, 4)], left_padding=[0, 1], seed=0)
+
+
+def test_compare_separates_image_and_text_rows(probe) -> None:
+    ref = torch.randn(2, 6, 5)
+    got = ref.clone()
+    got[1, 5, 3] += 0.5  # a text row
+    result = compare(got, ref, probe, dtype=torch.float32, label="pathX")
+    assert not result.ok
+    assert result.image_max_abs == 0.0 and result.text_max_abs == pytest.approx(0.5)
+    assert result.worst_row == ("text", 1, 5)
+    summary = result.summary()
+    assert summary.startswith("pathX:") and "text row batch 1 position 5" in summary and "OUTSIDE" in summary
+    got = ref.clone()
+    got[0, 3, 0] -= 0.5  # an image row
+    result = compare(got, ref, probe, dtype=torch.float32, label="pathY")
+    assert result.worst_row == ("image", 0, 3) and result.text_max_abs == 0.0 and not result.ok
+
+
+def test_compare_ignores_padding_and_fails_on_nan(probe) -> None:
+    ref = torch.randn(2, 6, 5)
+    got = ref.clone()
+    got[1, 0] = 1e6  # padding (left_padding=[0, 1])
+    assert compare(got, ref, probe, dtype=torch.float32, label="pad").ok
+    got[0, 1, 0] = float("nan")
+    assert not compare(got, ref, probe, dtype=torch.float32, label="nan").ok
+
+
+def test_compare_uses_the_dtype_policy(probe) -> None:
+    ref = torch.ones(2, 6, 5)
+    got = ref + 3e-3  # bf16-sized rounding: within bf16, outside fp32
+    assert compare(got, ref, probe, dtype=torch.bfloat16, label="bf16").ok
+    assert not compare(got, ref, probe, dtype=torch.float32, label="fp32").ok
+
+
+# ---------------------------------------------------------------------------------------------
+# compare_module_deltas(): names the worst module and layer
+
+
+def test_compare_module_deltas_names_the_bad_module() -> None:
+    sc = Scenario(layers=2)
+    model = peft_model(sc)
+    config, tensors = adapter_of(model)
+    base = base_model(sc)
+    base_state = base.state_dict()
+    expected = expected_deltas(config, tensors)
+    good = compare_module_deltas(model, base_state, expected, label="peft")
+    assert good.ok, good.summary()
+    merged = model.merge_and_unload()
+    assert compare_module_deltas(merged, base_state, expected, label="merged").ok
+    with torch.no_grad():
+        merged.model.layers[1].feed_forward.w2.weight.add_(expected["model.layers.1.feed_forward.w2"].delta * 0.5)
+    bad = compare_module_deltas(merged, base_state, expected, label="merged")
+    assert not bad.ok
+    assert bad.worst_module == "model.layers.1.feed_forward.w2" and bad.worst_layer == 1
+    assert bad.worst_error == pytest.approx(0.5, rel=1e-3)
+    assert "model.layers.1.feed_forward.w2 (layer 1)" in bad.summary()
+
+
+def test_compare_module_deltas_reports_missing_modules() -> None:
+    sc = Scenario()
+    expected = {"model.layers.9.attention.wo": ModuleDelta("model.layers.9.attention.wo", torch.ones(2, 2), 1.0, 1)}
+    result = compare_module_deltas(base_model(sc), base_model(sc).state_dict(), expected)
+    assert not result.ok and result.missing == ["model.layers.9.attention.wo"]
+
+
+def test_module_delta_dora_rescales_rows() -> None:
+    base = torch.randn(4, 3)
+    delta = ModuleDelta("m", torch.zeros(4, 3), 1.0, 1, magnitude=torch.full((4,), 2.0))
+    merged = delta.merged_weight(base)
+    torch.testing.assert_close(merged.norm(dim=1), torch.full((4,), 2.0))
+
+
+def test_greedy_tokens_shape_and_determinism() -> None:
+    sc = Scenario()
+    model = peft_model(sc)
+    probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=6, image_spans=[(1, 3)], seed=2)
+    first = greedy_tokens(model, probe, max_new_tokens=3)
+    assert first.shape == (2, 3) and first.dtype == torch.long
+    assert torch.equal(first, greedy_tokens(model, probe, max_new_tokens=3))
+    assert torch.equal(first[:, 0], probe_logits(model, probe)[:, -1].argmax(-1))
