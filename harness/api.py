@@ -23,10 +23,12 @@ def planned_check_ids(*, base_model: bool, merged: bool) -> list[str]:
 def _resolve_default(progress: Callable[[str], None] | None):
     """No adapter given: build (or reuse) the embedded synthetic XComposer base + trained adapter."""
     from .synthetic import BundleSpec, build_bundle, default_cache_root
+    from .synthetic.bundle import build_merged_dir
 
     if progress:
-        progress(f"building the embedded synthetic XComposer base + adapter in {default_cache_root()}")
-    return build_bundle(BundleSpec())
+        progress(f"building the embedded synthetic XComposer base, adapter and merged model in {default_cache_root()}")
+    bundle = build_bundle(BundleSpec())
+    return bundle, build_merged_dir(bundle)
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -58,13 +60,15 @@ def check(
 ) -> Report:
     """Run every applicable check and return the report.
 
-    Without ``adapter`` the embedded synthetic XComposer base + adapter are checked.
+    Without ``adapter`` the embedded synthetic XComposer base, adapter and merged model are checked.
     Raises ``InputError`` (one line: file, problem, fix) when an input cannot be read at all.
     """
     _quiet_libraries()
     if adapter is None:
-        bundle = _resolve_default(progress)
-        adapter, base_model = bundle.adapter_dir, base_model or bundle.base_dir
+        if base_model is not None or merged is not None:
+            raise InputError("--base-model/--merged need --adapter; run without arguments for the built-in demo")
+        bundle, merged = _resolve_default(progress)
+        adapter, base_model = bundle.adapter_dir, bundle.base_dir
     options = CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device)
     if progress:
         progress(f"reading adapter {adapter}")

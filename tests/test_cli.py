@@ -73,3 +73,13 @@ def test_plugin_without_adapter_adds_nothing(pytester):
     pytester.makepyfile("def test_ok():\n    pass\n")
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_main_job_checks_the_embedded_default_end_to_end(monkeypatch, synthetic_cache, capsys):
+    """`plora-harness check` with no arguments: synthetic base + adapter + merged model, every check."""
+    monkeypatch.setenv("PLORA_HARNESS_CACHE", str(synthetic_cache))
+    assert main(["check", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for check_id in planned_check_ids(base_model=True, merged=True):
+        assert f"\n{check_id} " in out, check_id
+    assert "merged-matches     PASS" in out and "0 failed" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,6 +76,23 @@ def build_bundle(spec: BundleSpec = BundleSpec(), cache_root: str | Path | None 
 
     adapter_dir = cached_build(cache_root, f"adapter-{spec.variant}", spec.params(), build)
     return Bundle(base_dir=base_dir, adapter_dir=adapter_dir, spec=spec)
+
+
+def build_merged_dir(bundle: Bundle, cache_root: str | Path | None = None) -> Path:
+    """The official merge script's output for ``bundle`` (merge, save_pretrained, code + tokenizer copied)."""
+    from ..paths import copy_model_extras, load_peft_merged
+
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory() as work:
+            loaded = load_peft_merged(bundle.base_dir, bundle.adapter_dir, dtype=torch.float32, device="cpu",
+                                      workdir=Path(work))
+            loaded.model.save_pretrained(out, safe_serialization=True)
+        copy_model_extras(bundle.base_dir, out)
+
+    params = {"spec": bundle.spec.params(), "base": str(bundle.base_dir), "adapter": str(bundle.adapter_dir)}
+    return cached_build(cache_root, f"merged-{bundle.spec.variant}", params, build)
 
 
 def default_cache_root() -> Path:
