@@ -56,3 +56,24 @@ def make_bundle(synthetic_cache: Path) -> Callable:
 def default_bundle(make_bundle):
     """The built-in default: ixc2.5 tiny base + trained official-recipe adapter."""
     return make_bundle()
+
+
+def zero_run_specs() -> dict:
+    """The DeepSpeed runs every distributed test shares: one launch trains all four (cached, locked)."""
+    from harness.synthetic.zero_train import ZeroSpec
+
+    return {
+        "zero2": ZeroSpec(stage=2),
+        "zero3": ZeroSpec(stage=3),
+        "zero2-bf16": ZeroSpec(stage=2, bf16=True),
+        "zero3-bf16": ZeroSpec(stage=3, bf16=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def zero_runs(synthetic_cache: Path) -> dict:
+    """Real 2-rank DeepSpeed ZeRO-2/3 runs (fp32 and bf16) of the synthetic XComposer + official LoRA."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install 'plora-harness[deepspeed]')")
+    from harness.synthetic.zero_train import build_zero_many
+
+    return build_zero_many(zero_run_specs(), synthetic_cache)

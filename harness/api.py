@@ -6,6 +6,7 @@ against-base, dynamic, merged) → a ``Report``. Nothing here knows about pytest
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,10 +71,40 @@ def check(
         bundle, merged = _resolve_default(progress)
         adapter, base_model = bundle.adapter_dir, bundle.base_dir
     options = CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device)
+    with contextlib.ExitStack() as cleanup:
+        zero, adapter = _convert_if_zero(Path(adapter), cleanup, progress)
+        if isinstance(zero, str):  # a refused or failed conversion: nothing else can be checked
+            ctx = CheckContext(options=options, progress=progress, extras={"zero": zero})
+            report = Report(inputs={"adapter": str(adapter), "deepspeed_checkpoint": str(adapter)})
+            report.extend(run_checks(ctx, "static", only=["zero-checkpoint"]))
+            return report
+        if progress:
+            progress(f"reading adapter {adapter}")
+        ctx = CheckContext(adapter=read_adapter(adapter), options=options, progress=progress, extras={"zero": zero})
+        return _run_all(ctx, base_model, merged, progress)
+
+
+def _convert_if_zero(adapter: Path, cleanup: contextlib.ExitStack, progress):
+    """A DeepSpeed checkpoint becomes a temporary PEFT adapter dir (removed when the run ends)."""
+    from . import zero as zero_module
+
+    if not zero_module.is_zero_checkpoint(adapter):
+        return None, adapter
     if progress:
-        progress(f"reading adapter {adapter}")
-    ctx = CheckContext(adapter=read_adapter(adapter), options=options, progress=progress)
+        progress(f"converting DeepSpeed checkpoint {adapter} with zero_to_fp32")
+    try:
+        conversion = cleanup.enter_context(zero_module.converted_zero_checkpoint(adapter))
+    except zero_module.DeepSpeedUnavailable as err:
+        raise InputError(f"{adapter}: is a DeepSpeed checkpoint and {err}") from None
+    except zero_module.ZeroCheckpointError as err:
+        return str(err).splitlines()[0], adapter
+    return conversion, conversion.output_dir
+
+
+def _run_all(ctx: CheckContext, base_model, merged, progress) -> Report:
     report = Report(inputs=ctx.adapter.describe())
+    if ctx.extras.get("zero") is not None:
+        report.inputs["deepspeed_checkpoint"] = str(ctx.extras["zero"].checkpoint_dir)
     report.extend(run_checks(ctx, "static"))
     if base_model is not None:
         from .base_model import inspect_base
