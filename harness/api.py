@@ -15,9 +15,10 @@ from .inputs import InputError, read_adapter
 from .report import Report
 
 
-def planned_check_ids(*, base_model: bool, merged: bool) -> list[str]:
+def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> list[str]:
     """The check ids a run with these inputs reports (static always; the rest when given)."""
-    groups = ["static"] + (["against-base", "dynamic"] if base_model else []) + (["merged"] if merged else [])
+    groups = (["deepspeed"] if zero else []) + ["static"]
+    groups += (["against-base", "dynamic"] if base_model else []) + (["merged"] if merged else [])
     return [c.id for group in groups for c in checks(group)]
 
 
@@ -76,7 +77,7 @@ def check(
         if isinstance(zero, str):  # a refused or failed conversion: nothing else can be checked
             ctx = CheckContext(options=options, progress=progress, extras={"zero": zero})
             report = Report(inputs={"adapter": str(adapter), "deepspeed_checkpoint": str(adapter)})
-            report.extend(run_checks(ctx, "static", only=["zero-checkpoint"]))
+            report.extend(run_checks(ctx, "deepspeed"))
             return report
         if progress:
             progress(f"reading adapter {adapter}")
@@ -105,6 +106,7 @@ def _run_all(ctx: CheckContext, base_model, merged, progress) -> Report:
     report = Report(inputs=ctx.adapter.describe())
     if ctx.extras.get("zero") is not None:
         report.inputs["deepspeed_checkpoint"] = str(ctx.extras["zero"].checkpoint_dir)
+        report.extend(run_checks(ctx, "deepspeed"))
     report.extend(run_checks(ctx, "static"))
     if base_model is not None:
         from .base_model import inspect_base

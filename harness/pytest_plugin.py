@@ -129,9 +129,12 @@ class ConformanceCollector(pytest.Collector):
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if option(config, "adapter") is not None:
         from .api import planned_check_ids
+        from .zero import is_zero_checkpoint
 
         ids = planned_check_ids(
-            base_model=option(config, "base_model") is not None, merged=option(config, "merged") is not None
+            base_model=option(config, "base_model") is not None,
+            merged=option(config, "merged") is not None,
+            zero=is_zero_checkpoint(option(config, "adapter")),
         )
         collector = ConformanceCollector.from_parent(
             session, name="plora-conformance", path=config.rootpath, run=ConformanceRun(config), check_ids=ids

@@ -38,7 +38,7 @@ def test_gathered_adapter_and_engine_checkpoint_pass_every_check(zero_runs, stag
     assert failures(report) == {}
     zero = report.get("zero-checkpoint")
     if source == "gathered":
-        assert zero.status == "skip"
+        assert zero is None  # only reported for DeepSpeed checkpoint inputs
     else:
         assert zero.status == "pass"
         assert f"ZeRO-{stage} checkpoint, world size 2" in zero.message
@@ -54,3 +54,30 @@ def test_converted_checkpoint_agrees_with_gathered_adapter(zero_runs):
     assert a.keys() == b.keys()
     for name in a:
         assert abs(a[name]["image_max_rel"] - b[name]["image_max_rel"]) < 1e-6, name
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_shard_is_refused_before_loading(zero_runs, tmp_path):
+    import shutil
+
+    import torch
+
+    run = zero_runs["zero3"]
+    ckpt = shutil.copytree(run.checkpoint_dir, tmp_path / "ckpt")
+    shutil.copy(run.checkpoint_dir.parent / "adapter-gathered" / "adapter_config.json", ckpt / "adapter_config.json")
+    marker = tmp_path / "PAYLOAD_RAN"
+    shard = next((ckpt / run.spec.tag).glob("*_model_states.pt"))
+    torch.save({"module": _Payload(str(marker))}, shard)
+    report = harness.check(ckpt, base_model=run.base_dir)
+    result = report.get("zero-checkpoint")
+    assert result.status == "fail" and report.exit_code == 1
+    assert shard.name in result.message and "open" in result.message and "never contains" in result.message
+    assert not marker.exists(), "the pickle payload ran"
+    assert [r.id for r in report.checks] == ["zero-checkpoint"]

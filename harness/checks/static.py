@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..inputs import AdapterInputs, WeightFile
-from . import zero_checkpoint  # noqa: F401  (registers first: it explains where the adapter came from)
 from .registry import CheckContext, failed, passed, register, skipped, warned
 
 PREFIX = "base_model.model."

@@ -12,7 +12,7 @@ from .registry import CheckContext, failed, passed, register, skipped
 
 @register(
     id="zero-checkpoint",
-    group="static",
+    group="deepspeed",
     summary="a DeepSpeed checkpoint directory given as the adapter: detected, vetted (pickle scan) and converted "
     "with DeepSpeed's zero_to_fp32; fails when the conversion is refused or yields no LoRA tensors",
     why="DeepSpeed checkpoints are pickles that zero_to_fp32 loads with weights_only=False, and ZeRO-3 shards "
