@@ -8,6 +8,7 @@ so at most two models (reference + one path) are alive at any time.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import tempfile
@@ -84,6 +85,7 @@ class DynamicRun:
         self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
         del model
+        gc.collect()  # HF/PEFT models hold reference cycles: free the weights before the next load
 
     def outcome(self, name: str) -> PathOutcome:
         """Run loading path ``name`` once; later calls return the stored outcome."""
@@ -103,6 +105,7 @@ class DynamicRun:
             if name in MERGED_PATHS:
                 self._inspect_merged(loaded.model, outcome)
             del loaded
+            gc.collect()
         self.outcomes[name] = outcome
         return outcome
 

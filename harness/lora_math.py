@@ -12,7 +12,7 @@ import re
 import torch
 
 
-def _pattern_key(patterns: list[str], module: str) -> str | None:
+def pattern_key(patterns: list[str], module: str) -> str | None:
     """PEFT's ``get_pattern_key``: the first pattern that matches ``module`` as a dotted suffix."""
     for pattern in patterns:
         if re.match(rf"(.*\.)?({pattern})$", module):
@@ -22,13 +22,13 @@ def _pattern_key(patterns: list[str], module: str) -> str | None:
 
 def module_rank(config: dict, module: str) -> int:
     pattern = config.get("rank_pattern") or {}
-    key = _pattern_key(list(pattern), module)
+    key = pattern_key(list(pattern), module)
     return int(pattern[key]) if key is not None else int(config["r"])
 
 
 def module_alpha(config: dict, module: str) -> float:
     pattern = config.get("alpha_pattern") or {}
-    key = _pattern_key(list(pattern), module)
+    key = pattern_key(list(pattern), module)
     return float(pattern[key]) if key is not None else float(config["lora_alpha"])
 
 

@@ -640,23 +640,15 @@ def check_key_grammar(ctx: CheckContext):
 
 def expected_rank(config: dict, module: str) -> int | None:
     """The rank PEFT gives ``module`` (path without prefix): rank_pattern first, matched like PEFT does."""
+    from ..lora_math import pattern_key
+
     r = config.get("r")
     pattern = config.get("rank_pattern") or {}
-    if not isinstance(pattern, dict) or not pattern:
-        return r if isinstance(r, int) else None
-    try:
-        from peft.utils.other import get_pattern_key
-    except ImportError:  # older PEFT: the same rule, inlined
-
-        def get_pattern_key(pattern_keys, key_to_match):
-            for key in pattern_keys:
-                if re.match(rf"(.*\.)?({key})$", key_to_match):
-                    return key
-            return key_to_match
-
-    key = get_pattern_key(list(pattern.keys()), module)
-    value = pattern.get(key, r)
-    return value if isinstance(value, int) else None
+    if isinstance(pattern, dict) and pattern:
+        key = pattern_key(list(pattern), module)
+        if key is not None:
+            r = pattern[key]
+    return r if isinstance(r, int) else None
 
 
 @register(
