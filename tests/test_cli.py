@@ -83,3 +83,20 @@ def test_main_job_checks_the_embedded_default_end_to_end(monkeypatch, synthetic_
     for check_id in planned_check_ids(base_model=True, merged=True):
         assert f"\n{check_id} " in out, check_id
     assert "merged-matches     PASS" in out and "0 failed" in out
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_every_broken_fixture_exits_with_the_right_code_and_id(name, default_bundle, tmp_path, capsys):
+    mutation = MUTATIONS[name]
+    broken = mutation.apply(default_bundle.adapter_dir, tmp_path / "broken")
+    code = main(["check", "--adapter", str(broken), "--quiet"])
+    captured = capsys.readouterr()
+    if mutation.input_error:
+        assert code == 2 and len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+        assert mutation.fragment.lower() in captured.err.lower()
+    elif mutation.status == "fail":
+        assert code == 1
+        assert any(line.startswith(mutation.check) and "FAIL" in line for line in captured.out.splitlines())
+    else:
+        assert any(line.startswith(mutation.check) and mutation.status.upper() in line
+                   for line in captured.out.splitlines())
