@@ -8,6 +8,7 @@ so at most two models (reference + one path) are alive at any time.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import inspect
 import json
@@ -85,7 +86,7 @@ class DynamicRun:
         self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
         del model
-        gc.collect()  # HF/PEFT models hold reference cycles: free the weights before the next load
+        release_memory()
 
     def outcome(self, name: str) -> PathOutcome:
         """Run loading path ``name`` once; later calls return the stored outcome."""
@@ -105,7 +106,7 @@ class DynamicRun:
             if name in MERGED_PATHS:
                 self._inspect_merged(loaded.model, outcome)
             del loaded
-            gc.collect()
+            release_memory()
         self.outcomes[name] = outcome
         return outcome
 
@@ -124,6 +125,15 @@ class DynamicRun:
 
     def close(self) -> None:
         self._workdir.cleanup()
+
+
+def release_memory() -> None:
+    """Free a dropped model now: HF/PEFT models hold reference cycles, and glibc keeps freed arenas."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the collector alone
+        pass
 
 
 def _is_plora_like(module: torch.nn.Module) -> bool:

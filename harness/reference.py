@@ -115,16 +115,21 @@ def expected_deltas(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str,
 
     The rank is the saved ``lora_A``'s, the alpha comes from ``alpha_pattern`` or ``lora_alpha``,
     matched like PEFT (first pattern that matches as a dotted suffix); rsLoRA uses alpha/sqrt(r).
+    Holds every ΔW at once (full weight-sized fp32 matrices): use ``iter_expected_deltas`` to stream.
     """
+    return {delta.module: delta for delta in iter_expected_deltas(config, tensors)}
+
+
+def iter_expected_deltas(config: dict, tensors: dict[str, torch.Tensor]):
+    """``expected_deltas`` one module at a time, so only one ΔW is alive (memory: one weight)."""
     lora, _ = split_adapter_tensors(tensors)
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    out = {}
     for module, parts in sorted(lora.items()):
         if "lora_A" not in parts or "lora_B" not in parts:
             continue  # nothing a loader could apply either: key-coverage / base-match report these
         rank = parts["lora_A"].shape[0]
         scaling = module_scaling(config, module, rank=rank)
-        out[module] = ModuleDelta(
+        yield ModuleDelta(
             module=module,
             delta=delta_weight(parts["lora_A"], parts["lora_B"], scaling, fan_in_fan_out=fan_in_fan_out),
             scaling=scaling,
@@ -132,7 +137,6 @@ def expected_deltas(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str,
             magnitude=parts.get("lora_magnitude_vector"),
             fan_in_fan_out=fan_in_fan_out,
         )
-    return out
 
 
 @torch.no_grad()
@@ -146,7 +150,8 @@ def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[
         if name in params:  # modules_to_save / bias tensors replace the base values
             params[name].copy_(value.to(params[name].dtype))
             changed.append(name)
-    for module_name, delta in expected_deltas(config, tensors).items():
+    for delta in iter_expected_deltas(config, tensors):
+        module_name = delta.module
         if module_name not in modules or getattr(modules[module_name], "weight", None) is None:
             continue  # an adapter module the base lacks: key-coverage / base-match report these
         weight = modules[module_name].weight
