@@ -6,6 +6,8 @@ these functions only judge its outcomes, so each check is a few lines to read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..dynamic import MERGED_PATHS, DynamicRun
 from ..paths import PATHS
 from .registry import CheckContext, failed, passed, register, skipped, warned
@@ -15,13 +17,21 @@ PREREQUISITES = ("config-valid", "weights-readable", "unsafe-pickle", "empty-ten
 EFFECT_FLOOR = 1e-4  # max |Δlogits| / max |logits| below this is "no measurable effect" (fp32 reference)
 
 
-def dynamic_run(ctx: CheckContext) -> DynamicRun | str:
-    """The shared run, or a one-line reason why none can be made."""
+@dataclass(frozen=True)
+class Unavailable:
+    """Why no dynamic run exists: a skip (missing input, blocked) or a failure (the base does not load)."""
+
+    reason: str
+    is_failure: bool = False
+
+
+def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
+    """The shared run, or why none can be made."""
     if ctx.base is None:
-        return "no --base-model given"
+        return Unavailable("no --base-model given")
     blocked = [c for c in ctx.extras.get("failed_static", []) if c in PREREQUISITES]
     if blocked:
-        return f"the adapter cannot be loaded until {', '.join(blocked)} pass(es)"
+        return Unavailable(f"the adapter cannot be loaded until {', '.join(blocked)} pass(es)")
 
     def start() -> DynamicRun:
         return DynamicRun(ctx.base.base_dir, ctx.adapter.root, dtype=ctx.options.dtype, device=ctx.options.device,
@@ -29,15 +39,16 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | str:
 
     run = ctx.cached("dynamic.run", start)
     if run.load_error:
-        return f"LOAD-ERROR the base model does not load with AutoModelForCausalLM(trust_remote_code=True): {run.load_error}"
+        return Unavailable("the base model does not load with AutoModelForCausalLM(trust_remote_code=True): "
+                           f"{run.load_error}", is_failure=True)
     return run
 
 
-def _unavailable(reason: str):
-    if reason.startswith("LOAD-ERROR "):
-        return failed(reason[len("LOAD-ERROR "):], fix="make the base directory load on its own first (see the "
-                      "error); for the real XComposer: attn_implementation='eager' and a local CLIP tower")
-    return skipped(reason)
+def _unavailable(why: Unavailable):
+    if why.is_failure:
+        return failed(why.reason, fix="make the base directory load on its own first (see the error); for the "
+                      "real XComposer: attn_implementation='eager' and a local CLIP tower")
+    return skipped(why.reason)
 
 
 @register(
@@ -51,7 +62,7 @@ def _unavailable(reason: str):
 )
 def check_key_coverage(ctx: CheckContext):
     run = dynamic_run(ctx)
-    if isinstance(run, str):
+    if isinstance(run, Unavailable):
         return _unavailable(run)
     outcome = run.outcome("peft")
     details = {"raw_load_state_dict": run.raw_load.message if run.raw_load else None}
@@ -77,7 +88,7 @@ def check_key_coverage(ctx: CheckContext):
 )
 def check_effect(ctx: CheckContext):
     run = dynamic_run(ctx)
-    if isinstance(run, str):
+    if isinstance(run, Unavailable):
         return _unavailable(run)
     def relative_effect(base, adapted, rows) -> float:
         if not rows.any():
@@ -126,7 +137,7 @@ def _path_problem(outcome) -> str | None:
 )
 def check_merge_equivalence(ctx: CheckContext):
     run = dynamic_run(ctx)
-    if isinstance(run, str):
+    if isinstance(run, Unavailable):
         return _unavailable(run)
     outcomes = [run.outcome(name) for name in ("peft", "peft-merged", "peft-safe-merged")]
     problems = [p for p in map(_path_problem, outcomes) if p]
@@ -163,7 +174,7 @@ def check_merge_equivalence(ctx: CheckContext):
 )
 def check_reload_roundtrip(ctx: CheckContext):
     run = dynamic_run(ctx)
-    if isinstance(run, str):
+    if isinstance(run, Unavailable):
         return _unavailable(run)
     outcome = run.outcome("merge-script")
     if outcome.error:
@@ -194,7 +205,7 @@ def check_reload_roundtrip(ctx: CheckContext):
 )
 def check_plora_preserved(ctx: CheckContext):
     run = dynamic_run(ctx)
-    if isinstance(run, str):
+    if isinstance(run, Unavailable):
         return _unavailable(run)
     if not run.base_plora:
         return skipped("the base model has no PLoRA weights")
@@ -225,7 +236,7 @@ def check_plora_preserved(ctx: CheckContext):
 )
 def check_path_agreement(ctx: CheckContext):
     run = dynamic_run(ctx)
-    if isinstance(run, str):
+    if isinstance(run, Unavailable):
         return _unavailable(run)
     problems, table = [], {}
     for name in PATHS:
