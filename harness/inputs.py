@@ -622,7 +622,7 @@ SAFETENSORS_BY_NAME = {
 }
 
 
-def _check_inside(file_path: Path, root: Path) -> None:
+def check_inside(file_path: Path, root: Path) -> None:
     """A file we read must resolve inside ``root`` (or into a hub snapshot's own ``blobs/``)."""
     try:
         target = file_path.resolve(strict=True)
@@ -635,8 +635,11 @@ def _check_inside(file_path: Path, root: Path) -> None:
     if root.parent.name == "snapshots" and target.is_relative_to(root.parent.parent / "blobs"):
         return  # ~/.cache/huggingface/hub/models--x/snapshots/<rev>/file -> ../../blobs/<sha>
     raise InputError(
-        f"{file_path}: a symlink to {target}, outside {root}; copy the real file into the adapter directory"
+        f"{file_path}: a symlink to {target}, outside {root}; copy the real file into the directory"
     )
+
+
+_check_inside = check_inside
 
 
 def _read_json_object(path: Path) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .inputs import InputError, TensorInfo, WeightFile, inspect_weight_file
+from .inputs import InputError, TensorInfo, WeightFile, check_inside, inspect_weight_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -23,7 +23,10 @@ class ModelDir:
         self.path = Path(path)
         if not self.path.is_dir():
             raise InputError(f"{self.path}: not a directory; pass the model directory written by save_pretrained")
+        root = self.path.resolve()
         config_path = self.path / "config.json"
+        if config_path.is_symlink():
+            check_inside(config_path, root)
         try:
             self.config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
         except (OSError, ValueError) as err:
@@ -35,6 +38,8 @@ class ModelDir:
             files = sorted(p for p in self.path.glob("*.bin") if p.name not in ADAPTER_FILES)
         if not files:
             raise InputError(f"{self.path}: no model weights (*.safetensors or *.bin); pass a saved model directory")
+        for path in files:
+            check_inside(path, root)  # a symlink out of the model directory is refused, as for adapters
         self.files: list[WeightFile] = [inspect_weight_file(p, role="foreign") for p in files]
         broken = [wf for wf in self.files if not wf.readable]
         if broken:

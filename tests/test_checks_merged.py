@@ -143,3 +143,12 @@ def test_merged_check_never_writes_into_inputs(default_bundle, merged_dir):
     before = snapshot()
     result(default_bundle, merged_dir)
     assert snapshot() == before
+
+
+def test_merged_dir_with_a_symlink_out_of_it_is_refused(default_bundle, merged_dir, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    broken = clone(merged_dir, tmp_path / "m")
+    (broken / "model.safetensors").rename(outside)
+    (broken / "model.safetensors").symlink_to(outside)
+    got = result(default_bundle, broken)
+    assert got.status == "fail" and "outside" in got.message and "symlink" in got.message

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora_math import delta_weight, module_scaling
+from ..inputs import InputError
 from ..model_dir import ModelDir
 from .registry import CheckContext, failed, passed, register, skipped, warned
 from .static import analyse_keys
@@ -135,7 +136,10 @@ def check_merged_matches(ctx: CheckContext):
         return skipped("--merged needs --base-model to compare against")
     if ctx.adapter is None or ctx.adapter.primary is None or not isinstance(ctx.adapter.config, dict):
         return skipped("the adapter's tensors or config are unreadable (see the static checks)")
-    base, merged = ModelDir(ctx.base.base_dir), ModelDir(ctx.merged)
+    try:
+        base, merged = ModelDir(ctx.base.base_dir), ModelDir(ctx.merged)
+    except InputError as err:  # unreadable, corrupt or escaping files: say which, never a traceback
+        return failed(str(err))
     ctx.say("comparing the merged checkpoint with base + adapter, tensor by tensor")
     found = compare_merged(ctx, base, merged)
     problems = []
