@@ -223,8 +223,12 @@ def load_merge_script(base_dir: Path, adapter_dir: Path, *, dtype, device, workd
     return LoadedModel(model, record)
 
 
-def _fresh_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, record: LoadRecord):
-    """Base wrapped by PEFT with the saved config but fresh (untrained) weights."""
+def _fresh_peft(base_dir: Path, adapter_dir: Path, *, dtype, device):
+    """Base wrapped by PEFT with the saved config and random non-zero (decoy) LoRA weights.
+
+    Not PEFT's zero-init lora_B: a decoy that stays active, or a key that never loads, then shows
+    up as a difference from the reference instead of hiding as a no-op.
+    """
     import json
 
     from peft import get_peft_model
@@ -233,6 +237,7 @@ def _fresh_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, record: Loa
 
     config = lora_config_from_dict(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
     config.inference_mode = True
+    config.init_lora_weights = False
     base = load_base(base_dir, dtype=dtype, device=device)
     return get_peft_model(base, config)
 
@@ -242,7 +247,7 @@ def load_with_load_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, 
     """Base wrapped by PEFT, then ``load_adapter`` under a non-default name and ``set_adapter``."""
     record = LoadRecord(path="load-adapter")
     with capture_warnings(record.warnings):
-        model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device, record=record)
+        model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device)
         result = model.load_adapter(str(adapter_dir), adapter_name="other")
         model.set_adapter("other")
     _note_load_result(record, model, result, "other")
@@ -259,7 +264,7 @@ def load_with_state_dict(base_dir: Path, adapter_dir: Path, *, dtype, device, wo
     record = LoadRecord(path="state-dict")
     saved = read_adapter_tensors(adapter_dir)
     with capture_warnings(record.warnings):
-        model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device, record=record)
+        model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device)
         result = set_peft_model_state_dict(model, saved)
     _note_load_result(record, model, result, "default")
     _record_coverage(record, model, saved, "default")

@@ -1,6 +1,5 @@
 """Checks against the base model's structure: each fails on its broken case, passes on good ones."""
 
-import pytest
 
 import harness
 from fixtures.mutations import copy_adapter, edit_config

@@ -1,6 +1,5 @@
 """Dynamic checks: each fails on a broken adapter or a broken loading path, with a readable message."""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -180,3 +179,17 @@ def test_plain_llama_with_dora_passes_every_check(llama_bundle):
     assert bad == {}
     assert report.get("plora-preserved").status == "skip"
     assert report.get("path-agreement").status == "pass"
+
+
+def test_load_adapter_that_never_switches_is_caught(default_bundle, monkeypatch):
+    """The decoy default adapter is non-zero, so forgetting set_adapter() cannot pass as a no-op."""
+
+    def forgetful(base_dir, adapter_dir, *, dtype, device, workdir):
+        record = paths.LoadRecord(path="load-adapter")
+        model = paths._fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device)
+        model.load_adapter(str(adapter_dir), adapter_name="other")  # no set_adapter("other")
+        return paths.LoadedModel(model.eval(), record)
+
+    monkeypatch.setitem(paths.PATHS, "load-adapter", forgetful)
+    got = results(default_bundle.adapter_dir, default_bundle.base_dir)["path-agreement"]
+    assert got.status == "fail" and "load-adapter: image rows" in got.message

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 from peft.tuners.lora import LoraLayer
 
 from harness.probes import make_probe
