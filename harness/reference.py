@@ -482,3 +482,16 @@ def judge(label: str, model: torch.nn.Module, reference: Reference, probe: Probe
     if locate and not (comparison.ok and (deltas is None or deltas.ok)):
         divergent = first_divergent_layer(model, reference.model, probe, dtype=dtype)
     return Verdict(label, comparison, deltas, divergent)
+
+
+def pairwise_disagreements(outputs: dict[str, torch.Tensor], probe: ProbeBatch, *, dtype: torch.dtype) -> list[str]:
+    """Every pair of paths compared with each other (twice the dtype tolerance: both carry rounding)."""
+    problems = []
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pair = compare(outputs[a], outputs[b], probe, dtype=dtype, label=f"{a} vs {b}",
+                           tolerance=2 * tolerance_for(dtype))
+            if not pair.ok:
+                problems.append(pair.summary())
+    return problems

@@ -28,7 +28,7 @@ from harness.paths import (
     read_adapter_tensors,
 )
 from harness.probes import make_probe
-from harness.reference import build_reference, compare, judge, probe_logits, tolerance_for
+from harness.reference import build_reference, judge, pairwise_disagreements, probe_logits
 from harness.synthetic.adapters import save_adapter
 from harness.synthetic.family import TINY, build_model
 
@@ -84,13 +84,7 @@ def run_matrix(base_dir: Path, adapter_dir: Path, *, dtype: torch.dtype = torch.
                 problems.append(verdict.report())
             outputs[name] = probe_logits(loaded.model, probe)
             del loaded
-    names = list(outputs)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            pair = compare(outputs[a], outputs[b], probe, dtype=dtype, label=f"{a} vs {b}",
-                           tolerance=2 * tolerance_for(dtype))
-            if not pair.ok:
-                problems.append(pair.summary())
+    problems += pairwise_disagreements(outputs, probe, dtype=dtype)
     return problems, records
 
 

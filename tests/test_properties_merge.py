@@ -32,6 +32,7 @@ from harness.reference import (
     compare,
     greedy_tokens,
     judge,
+    pairwise_disagreements,
     policy_for,
     probe_logits,
     tolerance_for,
@@ -290,13 +291,7 @@ def test_every_path_matches_reference_and_each_other(sc: Scenario) -> None:
             failures += [f"path {label}: {p}" for p in plora_problems(net, base_plora)]
             failures += [f"path {label}: LoRA wrapper left unmerged: {w}" for w in find_unmerged_lora_wrappers(net)]
         outputs[label] = probe_logits(net, probe)
-    labels = list(outputs)
-    for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
-            pair = compare(outputs[a], outputs[b], probe, dtype=dtype, label=f"{a} vs {b}",
-                           tolerance=2 * tolerance_for(dtype))
-            if not pair.ok:
-                failures.append(pair.summary())
+    failures += pairwise_disagreements(outputs, probe, dtype=dtype)
     assert not failures, f"{sc!r}\n" + "\n".join(failures)
 
 

@@ -57,8 +57,9 @@ def check_targets_resolve(ctx: CheckContext):
     id="lora-on-plora",
     group="against-base",
     summary="LoRA attached to the inner Plora_A / Plora_B linears of a PLoRA module",
-    why="their effect on text tokens is exactly zero, merge_and_unload skips modules named lora_*, and the merged "
-    "checkpoint then lacks Plora_A.weight, which reloads re-initialised",
+    why="their effect on text tokens is exactly zero; peft <= 0.20's merge_and_unload skips modules named lora_* "
+    "(the merged checkpoint then lacks Plora_A.weight and reloads it re-initialised), peft 0.21 merges them into "
+    "PLoRA's own weights",
     fix="target the PLoRA modules themselves (attention.wqkv, ...), not Plora_A/Plora_B; avoid 'all-linear' and "
     "regexes that reach inside them",
 )
