@@ -11,8 +11,32 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:  # transformers >= 4.36
+    from transformers import DynamicCache
+
+    _LEGACY_GENERATE = False
+except ImportError:  # the XComposer-era stack (transformers 4.33): no Cache classes, no generic generate prep
+    _LEGACY_GENERATE = True
+
+    class DynamicCache:  # noqa: D101 - the two methods the decoder uses, as in transformers' DynamicCache
+        def __init__(self) -> None:
+            self.key_cache: list[torch.Tensor] = []
+            self.value_cache: list[torch.Tensor] = []
+
+        def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int):
+            if len(self.key_cache) <= layer_idx:
+                self.key_cache.append(key)
+                self.value_cache.append(value)
+            else:
+                self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key], dim=-2)
+                self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], value], dim=-2)
+            return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+        def get_seq_length(self) -> int:
+            return self.key_cache[0].shape[-2] if self.key_cache else 0
 
 from .build_mlp import CLIPVisionTower, build_vision_projector
 from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
@@ -114,3 +138,18 @@ class InternLMXComposer2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
             )
         cache = {_CACHE_FIELD: past_key_values if use_cache else None}
         return CausalLMOutputWithPast(loss=loss, logits=logits, **cache)
+
+    if _LEGACY_GENERATE:
+        # transformers 4.33's generate() needs the model's own input preparation (as the real remote code has).
+        def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                          inputs_embeds=None, im_mask=None, **kwargs):
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                input_ids = input_ids[:, past_key_values.get_seq_length():]
+                inputs_embeds, im_mask = None, None
+            if inputs_embeds is not None:
+                model_inputs = {"inputs_embeds": inputs_embeds, "im_mask": im_mask}
+            else:
+                model_inputs = {"input_ids": input_ids}
+            model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask,
+                                use_cache=kwargs.get("use_cache"))
+            return model_inputs
