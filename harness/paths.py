@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from packaging.version import Version
+
+from .compat import DTYPE_KW
 
 ADAPTER_SAFETENSORS, ADAPTER_BIN, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
-_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+_DTYPE_KW = DTYPE_KW
 
 
 @dataclass
@@ -93,7 +94,19 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
 
     sink: list[str] = [] if warnings_into is None else warnings_into
     with capture_warnings(sink):
-        model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{_DTYPE_KW: dtype}, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{_DTYPE_KW: dtype},
+                                                         **kwargs)
+        except ModuleNotFoundError as err:
+            if "transformers_modules" in str(err) and "." in Path(base_dir).name:
+                from .inputs import InputError
+
+                raise InputError(
+                    f"{base_dir}: transformers {transformers.__version__} cannot import remote code from a folder "
+                    f"whose name contains '.'; load it from a copy or symlink named without dots "
+                    f"(e.g. {Path(base_dir).name.replace('.', '_')}) or upgrade transformers."
+                ) from None
+            raise
     if isinstance(model, tuple):  # output_loading_info=True
         return (model[0].to(device).eval(), model[1])
     return model.to(device).eval()
@@ -116,10 +129,13 @@ def _record_coverage(record: LoadRecord, model, saved: dict[str, torch.Tensor], 
     record.missing_keys = sorted(set(record.missing_keys) | (set(held) - set(saved)))
     record.unexpected_keys = sorted(set(record.unexpected_keys) | (set(saved) - set(held)))
     for key in sorted(set(held) & set(saved)):
-        value, want = held[key], saved[key]
-        if value.shape != want.shape or not torch.equal(value.detach().cpu().float(), want.float()):
-            if not torch.equal(value.detach().cpu().to(want.dtype), want):
-                record.not_loaded.append(key)
+        value, want = held[key].detach().cpu(), saved[key]
+        # Loaded means equal to the file's value, or to it rounded to the dtype the model holds it in
+        # (PEFT before ~0.12 casts adapter weights to a bf16/fp16 base's dtype; later ones keep them fp32).
+        if value.shape != want.shape or not (
+            torch.equal(value.float(), want.float()) or torch.equal(value, want.to(value.dtype))
+        ):
+            record.not_loaded.append(key)
 
 
 def _adapter_owned(model, adapter_name: str) -> set[str]:

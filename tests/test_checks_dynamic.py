@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import harness
+from harness import compat
+from harness.compat import DTYPE_KW
 from fixtures.mutations import GOOD_VARIANTS, MUTATIONS, copy_adapter
 from harness import paths
 from harness.checks.registry import checks
@@ -41,6 +43,7 @@ def test_good_variants_pass_dynamic_checks(variant, make_bundle, tmp_path):
     assert {i: got[i].status for i in DYNAMIC} == {i: "pass" for i in DYNAMIC}, {i: got[i].message for i in DYNAMIC}
 
 
+@pytest.mark.skipif(not compat.peft_supports("use_dora"), reason=f"PEFT {compat.PEFT_VERSION} has no DoRA")
 def test_dora_on_plora_cannot_merge_faithfully(make_bundle, tmp_path):
     """A real incompatibility: unmerged DoRA rescales PLoRA's image-row output, merged DoRA does not."""
     adapter = GOOD_VARIANTS["dora"](tmp_path / "dora")
@@ -156,7 +159,8 @@ def test_static_blocker_skips_dynamic_checks(default_bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_bundle(tmp_path_factory):
-    """A plain HF causal LM (Llama from config) + a LoRA on q_proj/v_proj: the harness is not XComposer-only."""
+    """A plain HF causal LM (Llama from config) + a LoRA (DoRA where PEFT has it) on q_proj/v_proj: the harness is
+    not XComposer-only."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -165,14 +169,15 @@ def llama_bundle(tmp_path_factory):
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(root / "base")
-    model = LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(root / "base", **{DTYPE_KW: torch.float32})
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False, task_type="CAUSAL_LM", use_dora=True))
+                                                  init_lora_weights=False, task_type="CAUSAL_LM",
+                                                  **({"use_dora": True} if compat.peft_supports("use_dora") else {})))
     peft_model.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
 
 
-def test_plain_llama_with_dora_passes_every_check(llama_bundle):
+def test_plain_llama_passes_every_check(llama_bundle):
     base, adapter = llama_bundle
     report = harness.check(adapter, base_model=base)
     bad = {r.id: r.message for r in report.checks if r.status == "fail"}

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import harness
+from harness.compat import DTYPE_KW
 
 LAYER = "model.layers.1.attention.wqkv"
 
@@ -20,11 +21,11 @@ def merged_dir(default_bundle, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path_factory.mktemp("merged")
-    base = AutoModelForCausalLM.from_pretrained(default_bundle.base_dir, trust_remote_code=True, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(default_bundle.base_dir, trust_remote_code=True, **{DTYPE_KW: torch.float32})
     merged = PeftModel.from_pretrained(base, default_bundle.adapter_dir).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
-    for path in default_bundle.base_dir.iterdir():
-        if path.suffix == ".py" or path.name.startswith("tokenizer"):
+    for path in default_bundle.base_dir.iterdir():  # code and tokenizer files (transformers 4.x also writes
+        if path.suffix == ".py" or path.name.startswith(("tokenizer", "special_tokens")):  # special_tokens_map)
             shutil.copyfile(path, out / path.name)
     return out
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness.compat import DTYPE_KW
 from harness.probes import make_probe
 from harness.synthetic import BundleSpec, build_bundle, build_model
 from harness.synthetic.cache import cached_build
@@ -18,9 +19,9 @@ from harness.synthetic.cache import cached_build
 FRESH_PROCESS_LOAD = r"""
 import json, sys, torch
 from transformers import AutoModel, AutoModelForCausalLM
-d = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
-also = AutoModel.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+d, dtype_kw = sys.argv[1], {sys.argv[4]: torch.float32}  # dtype= or torch_dtype=, by transformers version
+model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, **dtype_kw).eval()
+also = AutoModel.from_pretrained(d, trust_remote_code=True, **dtype_kw).eval()
 probe = torch.load(sys.argv[2], weights_only=True)
 with torch.no_grad():
     a = model(inputs_embeds=probe["embeds"], im_mask=probe["mask"]).logits
@@ -48,7 +49,8 @@ def test_export_loads_in_a_fresh_process_without_harness(variant, make_bundle, t
     script = tmp_path / "load.py"
     script.write_text(FRESH_PROCESS_LOAD)
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    run = subprocess.run([sys.executable, str(script), str(base_dir), str(tmp_path / "probe.pt"), str(tmp_path / "out.pt")],
+    run = subprocess.run([sys.executable, str(script), str(base_dir), str(tmp_path / "probe.pt"), str(tmp_path / "out.pt"),
+                          DTYPE_KW],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])

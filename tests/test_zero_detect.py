@@ -273,12 +273,18 @@ def test_peft_key_agrees_with_peft_on_the_synthetic_model() -> None:
     from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict
 
+    from harness import compat
     from harness.synthetic import build_model, official_lora_config
 
-    model = get_peft_model(build_model("ixc2.5"), official_lora_config(r=2, use_dora=True))
+    dora = {"use_dora": True} if compat.peft_supports("use_dora") else {}  # magnitude keys where PEFT has DoRA
+    model = get_peft_model(build_model("ixc2.5"), official_lora_config(r=2, **dora))
     saved = set(get_peft_model_state_dict(model))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert {peft_key(name) for name in trainable} == saved
+    assert {peft_key(name) for name in trainable} - {None} == saved
+    # PEFT <= 0.20 also leaves PLoRA's Plora_A/B and plora_*_GN trainable (their names contain "lora_"):
+    # not adapter keys, and peft_key says so.
+    leftover = [name for name in trainable if peft_key(name) is None]
+    assert all("lora_" in name.lower() and ".lora_" not in name for name in leftover), leftover[:5]
 
 
 # --------------------------------------------------------------------------- import hygiene

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.compat import DTYPE_KW
 from harness.zero import SKIP_REASON
 
 pytest.importorskip("deepspeed", reason=SKIP_REASON)
@@ -168,7 +169,7 @@ def test_base_plus_adapter_reproduces_rank0_logits(zero_runs, name: str, source:
     else:
         adapter_dir = convert_zero_checkpoint(run.checkpoint_dir, tmp_path / "converted").output_dir
     ref = run.reference()
-    base = AutoModelForCausalLM.from_pretrained(run.base_dir, trust_remote_code=True, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(run.base_dir, trust_remote_code=True, **{DTYPE_KW: torch.float32})
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
         logits = model(inputs_embeds=ref["inputs_embeds"], im_mask=ref["im_mask"],

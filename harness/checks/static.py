@@ -7,7 +7,6 @@ share one streaming pass over the tensor data (``AdapterInputs.scan``, cached on
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compat import lora_config_fields
 from ..inputs import AdapterInputs, WeightFile
 from .registry import CheckContext, failed, passed, register, skipped, warned
 
@@ -224,14 +224,23 @@ def _more(count: int, limit: int = 3) -> str:
 # -- config-valid ----------------------------------------------------------------------------------
 
 
-def _lora_config_fields() -> dict[str, dataclasses.Field]:
-    from peft import LoraConfig
-
-    return {f.name: f for f in dataclasses.fields(LoraConfig)}
+# Fields that describe the file, not the adapter's behaviour: unknown to an older PEFT, dropped harmlessly.
+METADATA_FIELDS = frozenset({"peft_version", "base_model_name_or_path", "revision", "auto_mapping", "inference_mode"})
 
 
 def _default_looking(value) -> bool:
-    return value is None or value is False or value == "" or (isinstance(value, (dict, list)) and not value)
+    """None, False, "", empty containers, or a dict of such values (e.g. ``runtime_config``)."""
+    if isinstance(value, dict):
+        return all(_default_looking(v) for v in value.values())
+    return value is None or value is False or value == "" or (isinstance(value, list) and not value)
+
+
+def _rejected(installed: str, err: Exception):
+    text = str(err).strip().splitlines()
+    return failed(
+        f"PEFT {installed} rejects this config: {text[0][:200] if text else type(err).__name__}",
+        exception=type(err).__name__,
+    )
 
 
 def _is_number(value) -> bool:
@@ -325,43 +334,55 @@ def check_config_valid(ctx: CheckContext):
     if problems:
         return failed(f"adapter_config.json: {problems[0]}{_more(len(problems), 1)}", problems=problems)
 
-    known = _lora_config_fields()
+    known = lora_config_fields()
     unknown = {k: v for k, v in config.items() if k not in known}
     writer = config.get("peft_version")
     installed = _peft_version()
+    origin = f"written by PEFT {writer}, " if writer else ""
+    fix_version = (f"install peft>={writer} to load this adapter as trained" if writer else
+                   "install the PEFT version that wrote this adapter")
 
-    # Build the config the way PEFT does (known fields only): its own validation runs.
-    kwargs = {k: v for k, v in config.items() if k in known and known[k].init}
+    # Read the config the way the installed PEFT does (PeftModel.from_pretrained -> from_peft_type):
+    # its own validation runs, and how it treats unknown fields is observed, not assumed.
     try:
-        from peft import LoraConfig
+        from peft import PeftConfig
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            LoraConfig(**kwargs)
+            PeftConfig.from_peft_type(**config)
+    except TypeError as err:
+        if unknown and "unexpected keyword argument" in str(err):
+            return failed(
+                f"PEFT {installed} cannot read this config: it raises TypeError on the field(s) it does not know: "
+                f"{', '.join(sorted(unknown))} ({origin}PEFT before about 0.14 refuses unknown fields even at "
+                f"default values)",
+                fix=f"{fix_version}, or delete the unknown fields from a copy of adapter_config.json if they are all "
+                "at their defaults",
+                unknown_fields=unknown,
+                peft_version_written=writer,
+                peft_version_installed=installed,
+            )
+        return _rejected(installed, err)
     except Exception as err:  # noqa: BLE001
-        text = str(err).strip().splitlines()
-        return failed(
-            f"PEFT {installed} rejects this config: {text[0][:200] if text else type(err).__name__}",
-            exception=type(err).__name__,
-        )
+        return _rejected(installed, err)
 
     if unknown:
-        non_default = {k: v for k, v in unknown.items() if not _default_looking(v)}
-        origin = f"written by PEFT {writer}, " if writer else ""
+        non_default = {k: v for k, v in unknown.items() if k not in METADATA_FIELDS and not _default_looking(v)}
         names = ", ".join(sorted(unknown))
         if non_default:
             return failed(
                 f"field(s) unknown to the installed PEFT {installed} with non-default values: "
-                f"{', '.join(sorted(non_default))} ({origin}older PEFT raises TypeError, newer drops them silently)",
-                fix=f"install peft>={writer} to load this adapter as trained" if writer else
-                "install the PEFT version that wrote this adapter, or remove the fields if they are not needed",
+                f"{', '.join(sorted(non_default))} ({origin}PEFT {installed} drops them silently, so the adapter "
+                "would not behave as trained)",
+                fix=fix_version,
                 unknown_fields=unknown,
                 peft_version_written=writer,
                 peft_version_installed=installed,
             )
         return warned(
             f"field(s) unknown to the installed PEFT {installed}, all at default values: {names} "
-            f"({origin}harmless once dropped, but older PEFT raises TypeError on them)",
+            f"({origin}PEFT {installed} drops them with a warning: harmless here, but PEFT before about 0.14 "
+            "raises TypeError on them)",
             fix="delete these fields from adapter_config.json for older PEFT versions, or upgrade peft",
             unknown_fields=unknown,
             peft_version_written=writer,

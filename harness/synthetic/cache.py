@@ -43,10 +43,14 @@ def cache_key(params: dict) -> str:
 
 
 def cached_build(root: str | Path, name: str, params: dict, build: Callable[[Path], None]) -> Path:
-    """Return ``root/<name>-<key>``, calling ``build(tmp_dir)`` once if it does not exist yet."""
+    """Return ``root/<name>-<key>``, calling ``build(tmp_dir)`` once if it does not exist yet.
+
+    Dots in ``name`` become ``d`` (``ixc2.5`` -> ``ixc2d5``, as the real hub repos spell it): transformers
+    before 4.4x cannot import remote code from a folder whose name contains a dot.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{name}-{cache_key(params)}"
+    target = root / f"{name.replace('.', 'd')}-{cache_key(params)}"
     if target.is_dir():
         return target
     with FileLock(str(target) + ".lock"):

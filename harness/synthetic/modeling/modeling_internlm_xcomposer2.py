@@ -143,8 +143,11 @@ class InternLMXComposer2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         # transformers 4.33's generate() needs the model's own input preparation (as the real remote code has).
         def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                           inputs_embeds=None, im_mask=None, **kwargs):
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
-                input_ids = input_ids[:, past_key_values.get_seq_length():]
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if past > 0:
+                # input_ids holds only generated tokens when the prompt came as inputs_embeds: keep the new ones.
+                keep = input_ids.shape[1] - past if input_ids.shape[1] > past else 1
+                input_ids = input_ids[:, -keep:]
                 inputs_embeds, im_mask = None, None
             if inputs_embeds is not None:
                 model_inputs = {"inputs_embeds": inputs_embeds, "im_mask": im_mask}

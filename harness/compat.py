@@ -1,0 +1,116 @@
+"""Which torch/transformers/PEFT this process runs, what they can do, and the supported range.
+
+The harness runs on the XComposer-era stack (transformers 4.33, peft 0.7-0.8) and today's
+(transformers 5, peft 0.21). Version-dependent behaviour is decided here once, by probing the
+installed library where that is cheap (a feature is present or not), so the rest of the code
+never compares version strings itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import peft
+import torch
+import transformers
+from packaging.version import Version
+
+TORCH_VERSION = Version(torch.__version__.split("+")[0])
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+PEFT_VERSION = Version(peft.__version__)
+
+# The tested range: CI runs the oldest and the newest end of it (README, "Supported versions").
+SUPPORTED: dict[str, tuple[str, str]] = {
+    "torch": ("2.1", "3"),
+    "transformers": ("4.33", "6"),
+    "peft": ("0.7", "1"),
+}
+_INSTALLED = {"torch": TORCH_VERSION, "transformers": TRANSFORMERS_VERSION, "peft": PEFT_VERSION}
+
+# ``from_pretrained(dtype=...)`` since transformers 4.56; ``torch_dtype=`` before (and deprecated after).
+DTYPE_KW = "dtype" if TRANSFORMERS_VERSION >= Version("4.56") else "torch_dtype"
+
+
+class UnsupportedStack(RuntimeError):
+    """An installed library is outside the tested range. ``str(err)`` is one line with the fix."""
+
+
+def unsupported() -> list[str]:
+    """One phrase per installed library outside ``SUPPORTED`` (empty when all are inside)."""
+    problems = []
+    for name, (low, high) in SUPPORTED.items():
+        found = _INSTALLED[name]
+        if not (Version(low) <= found < Version(high)):
+            problems.append(f"{name} {found} (supported: >={low},<{high})")
+    return problems
+
+
+def require_supported() -> None:
+    """Refuse to run on an untested stack instead of failing oddly deep inside a check."""
+    problems = unsupported()
+    if problems:
+        pins = " ".join(f"'{name}>={low},<{high}'" for name, (low, high) in SUPPORTED.items())
+        raise UnsupportedStack(
+            f"plora-harness does not support {'; '.join(problems)}; install a supported stack, e.g. pip install {pins}."
+        )
+
+
+@functools.cache
+def lora_config_fields() -> frozenset[str]:
+    """Field names the installed PEFT's ``LoraConfig`` knows (what an adapter_config.json may use)."""
+    from peft import LoraConfig
+
+    return frozenset(f.name for f in dataclasses.fields(LoraConfig))
+
+
+def peft_supports(field: str) -> bool:
+    """Whether the installed PEFT has this LoraConfig field (``use_dora``, ``lora_bias``, ``exclude_modules``...)."""
+    return field in lora_config_fields()
+
+
+@functools.cache
+def peft_drops_unknown_config_fields() -> bool:
+    """True when the installed PEFT drops unknown adapter_config.json fields with a warning (peft >= 0.14 or so);
+    False when it raises TypeError on them, as the XComposer-era peft 0.7/0.8 does. Probed, not looked up."""
+    from peft import PeftConfig
+
+    probe = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["q"], "plora_harness_probe": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            PeftConfig.from_peft_type(**probe)
+        except TypeError:
+            return False
+    return True
+
+
+@functools.cache
+def merge_skips_lora_named_modules() -> bool:
+    """Whether ``merge_and_unload`` leaves modules whose name contains ``lora_`` unmerged, still wrapped.
+
+    PEFT up to 0.20 filters modules by that substring, so a LoRA placed on PLoRA's ``Plora_A``/``Plora_B``
+    survives the merge as a wrapper and is dropped on save; 0.21 merges it into them (REFERENCE.md 5.4).
+    Probed on a two-parameter module, not looked up by version.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.Plora_A = torch.nn.Linear(2, 2, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.Plora_A(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = get_peft_model(Probe(), LoraConfig(r=1, lora_alpha=1, target_modules=["Plora_A"])).merge_and_unload()
+    return any(isinstance(module, LoraLayer) for module in merged.modules())
+
+
+def versions() -> dict[str, str]:
+    """The installed versions, for reports and manifests."""
+    return {name: str(found) for name, found in _INSTALLED.items()}
