@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checks import CheckContext, CheckOptions, checks, run_checks
+from .compat import require_supported
 from .inputs import InputError, read_adapter
 from .report import Report
 
@@ -63,8 +64,10 @@ def check(
     """Run every applicable check and return the report.
 
     Without ``adapter`` the embedded synthetic XComposer base, adapter and merged model are checked.
-    Raises ``InputError`` (one line: file, problem, fix) when an input cannot be read at all.
+    Raises ``InputError`` (one line: file, problem, fix) when an input cannot be read at all, and
+    ``UnsupportedStack`` when torch/transformers/PEFT are outside the tested range.
     """
+    require_supported()
     _quiet_libraries()
     if adapter is None:
         if base_model is not None or merged is not None:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .api import check
+    from .compat import UnsupportedStack
     from .inputs import InputError
 
     progress = None if args.quiet else (lambda text: print(f"... {text}", file=sys.stderr, flush=True))
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_plora_targets=args.allow_plora_targets,
             progress=progress,
         )
-    except InputError as err:
+    except (InputError, UnsupportedStack) as err:
         print(f"plora-harness: {err}", file=sys.stderr)
         return EXIT_UNREADABLE
     print(report.render())

@@ -1,6 +1,6 @@
 """Which torch/transformers/PEFT this process runs, what they can do, and the supported range.
 
-The harness runs on the XComposer-era stack (transformers 4.33, peft 0.7-0.8) and today's
+The harness runs on the XComposer-era stack (transformers 4.33, peft 0.8) and today's
 (transformers 5, peft 0.21). Version-dependent behaviour is decided here once, by probing the
 installed library where that is cheap (a feature is present or not), so the rest of the code
 never compares version strings itself.
@@ -25,7 +25,7 @@ PEFT_VERSION = Version(peft.__version__)
 SUPPORTED: dict[str, tuple[str, str]] = {
     "torch": ("2.1", "3"),
     "transformers": ("4.33", "6"),
-    "peft": ("0.7", "1"),
+    "peft": ("0.8", "1"),
 }
 _INSTALLED = {"torch": TORCH_VERSION, "transformers": TRANSFORMERS_VERSION, "peft": PEFT_VERSION}
 

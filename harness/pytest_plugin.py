@@ -63,6 +63,7 @@ class ConformanceRun:
     def report(self):
         if self._report is None and self.error is None:
             from .api import check
+            from .compat import UnsupportedStack
             from .inputs import InputError
 
             try:
@@ -75,6 +76,8 @@ class ConformanceRun:
                     allow_plora_targets=self.config.getoption("allow_plora_targets"),
                 )
             except InputError as err:
+                self.error = f"input cannot be read: {err}"
+            except UnsupportedStack as err:
                 self.error = str(err)
             path = self.config.getoption("conformance_report")
             if path and self._report is not None:
@@ -92,7 +95,7 @@ class ConformanceItem(pytest.Item):
     def runtest(self) -> None:
         report = self.run.report
         if report is None:
-            raise ConformanceFailure(f"input cannot be read: {self.run.error}")
+            raise ConformanceFailure(self.run.error or "no report")
         result = report.get(self.check_id)
         if result is None or result.status == "skip":
             pytest.skip(result.message if result else "not run for these inputs")
