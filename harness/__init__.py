@@ -8,3 +8,10 @@ def check(*args, **kwargs):
     from .api import check as _check
 
     return _check(*args, **kwargs)
+
+
+def check_trained(*args, **kwargs):
+    """End-of-training gate; see ``harness.api.check_trained``."""
+    from .api import check_trained as _check_trained
+
+    return _check_trained(*args, **kwargs)

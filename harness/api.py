@@ -130,3 +130,42 @@ def _run_all(ctx: CheckContext, base_model, merged, progress) -> Report:
     if "dynamic.run" in ctx.cache:
         ctx.cache["dynamic.run"].close()
     return report
+
+
+def check_trained(
+    peft_model,
+    saved_dir: str | Path,
+    base_model: str | Path | None = None,
+    *,
+    adapter_name: str = "default",
+    device: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """End-of-training gate: the static checks on ``saved_dir``, then ``trained-vs-shipped`` and
+    ``trained-params-saved`` against the in-memory ``peft_model``.
+
+    ``base_model`` defaults to the adapter config's ``base_model_name_or_path`` when that is a local
+    directory. Comparisons run in the trained model's dtype (its tolerance from the table in the README)
+    on its device unless ``device`` is given. Nothing is written into ``saved_dir``.
+    """
+    import torch
+
+    require_supported()
+    _quiet_libraries()
+    saved_dir = _require_dir(saved_dir, "saved adapter")
+    param = next(peft_model.parameters())
+    dtype = param.dtype if param.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    options = CheckOptions(device=device or param.device.type)
+    trained = {"model": peft_model, "saved_dir": saved_dir, "base_dir": base_model, "adapter_name": adapter_name,
+               "dtype": dtype}
+    if progress:
+        progress(f"reading adapter {saved_dir}")
+    ctx = CheckContext(adapter=read_adapter(saved_dir), options=options, progress=progress,
+                       extras={"trained": trained})
+    report = Report(inputs={**ctx.adapter.describe(), "trained_model": type(peft_model).__name__})
+    if base_model is not None:
+        report.inputs["base_model"] = str(base_model)
+    report.extend(run_checks(ctx, "static"))
+    report.extend(run_checks(ctx, "trained"))
+    ctx.adapter.close()
+    return report

@@ -86,6 +86,33 @@ def peft_drops_unknown_config_fields() -> bool:
     return True
 
 
+class _PloraProbe(torch.nn.Module):
+    """A target linear ``q`` next to a base linear named like PLoRA's ``Plora_A``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(2, 2, bias=False)
+        self.Plora_A = torch.nn.Linear(2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.Plora_A(self.q(x))
+
+
+@functools.cache
+def peft_leaves_lora_named_params_trainable() -> bool:
+    """Whether ``get_peft_model`` leaves base parameters whose names contain ``lora_`` trainable.
+
+    PEFT <= 0.20 freezes by name (``"lora_" not in name``), so PLoRA's ``Plora_A``/``Plora_B`` and
+    ``plora_*_GN`` keep training, and are never saved. Probed on a two-linear module.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(_PloraProbe(), LoraConfig(r=1, lora_alpha=1, target_modules=["q"]))
+    return any(p.requires_grad for n, p in model.named_parameters() if "Plora_A" in n)
+
+
 @functools.cache
 def merge_skips_lora_named_modules() -> bool:
     """Whether ``merge_and_unload`` leaves modules whose name contains ``lora_`` unmerged, still wrapped.
@@ -97,17 +124,10 @@ def merge_skips_lora_named_modules() -> bool:
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    class Probe(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.Plora_A = torch.nn.Linear(2, 2, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.Plora_A(x)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merged = get_peft_model(Probe(), LoraConfig(r=1, lora_alpha=1, target_modules=["Plora_A"])).merge_and_unload()
+        model = get_peft_model(_PloraProbe(), LoraConfig(r=1, lora_alpha=1, target_modules=["Plora_A"]))
+        merged = model.merge_and_unload()
     return any(isinstance(module, LoraLayer) for module in merged.modules())
 
 

@@ -281,7 +281,7 @@ def load_with_state_dict(base_dir: Path, adapter_dir: Path, *, dtype, device, wo
     saved = read_adapter_tensors(adapter_dir)
     with capture_warnings(record.warnings):
         model = _fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device)
-        result = set_peft_model_state_dict(model, saved)
+        result = set_peft_model_state_dict(model, dict(saved))  # peft 0.15-0.20 rewrite it in place
     _note_load_result(record, model, result, "default")
     _record_coverage(record, model, saved, "default")
     return LoadedModel(model.eval(), record)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..report import CheckResult
 
-GROUPS = ("deepspeed", "static", "against-base", "dynamic", "merged")
+GROUPS = ("deepspeed", "static", "against-base", "dynamic", "merged", "trained")
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ def run_checks(ctx: CheckContext, group: str | None = None, only: list[str] | No
 
 
 # group -> the module of this package that registers its built-in checks
-_GROUP_MODULES = {"deepspeed": "zero_checkpoint", "static": "static", "against-base": "against_base", "dynamic": "dynamic", "merged": "merged"}
+_GROUP_MODULES = {"deepspeed": "zero_checkpoint", "static": "static", "against-base": "against_base", "dynamic": "dynamic", "merged": "merged",
+                  "trained": "trained"}
 
 
 def _load_builtin_checks(group: str | None = None) -> None:

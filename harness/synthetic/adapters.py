@@ -41,8 +41,13 @@ def train_adapter(
     seed: int = 0,
     lr: float = 1e-2,
 ) -> PeftModel:
-    """Wrap ``model`` (in place) with PEFT and take ``steps`` AdamW steps on probe batches."""
+    """Wrap ``model`` (in place) with PEFT and take ``steps`` AdamW steps on probe batches.
+
+    The base is frozen first, so only the adapter (and ``modules_to_save``) trains on every PEFT version:
+    PEFT <= 0.20 would otherwise leave PLoRA's ``Plora_A``/``Plora_B`` and ``plora_*_GN`` trainable.
+    """
     torch.manual_seed(seed)
+    model.requires_grad_(False)
     peft_model = get_peft_model(model, lora_config or official_lora_config())
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]

@@ -522,6 +522,7 @@ def _train_one(run: dict, job: dict, rank: int, world: int, phase) -> None:
     stage = f"ZeRO-{spec.stage}" + (" bf16" if spec.bf16 else "")
     torch.manual_seed(spec.seed)  # identical LoRA init on every rank
     model = build_model(spec.variant, spec.dims, seed=spec.seed)
+    model.requires_grad_(False)  # only the adapter trains, whatever PEFT's rule (<= 0.20 leaves Plora_* trainable)
     peft_model = get_peft_model(model, official_lora_config(r=spec.lora_r, lora_alpha=spec.lora_alpha))
     if run.get("base_dir"):
         peft_model.peft_config["default"].base_model_name_or_path = run["base_dir"]

@@ -1,0 +1,196 @@
+"""Trained vs shipped: is what ``save_pretrained`` wrote the model that was trained?
+
+Run at the end of a training script, with the in-memory PEFT model and the directory it was saved
+to. Two questions, both answered without trusting PEFT's own bookkeeping:
+
+* Outputs: a fresh base + the saved adapter, loaded the way users load it, must reproduce the
+  trained model's logits on image and text rows.
+* Parameters: every parameter the optimiser could move (``requires_grad``) and every base
+  parameter whose value differs from the base files must be in the adapter. PEFT <= 0.20 leaves
+  PLoRA's ``Plora_A``/``Plora_B`` and ``plora_*_GN`` trainable (their names contain ``lora_``) but
+  never saves them; the official XComposer recipe unfreezes ``vision_proj`` without
+  ``modules_to_save``. Both train weights that no user will ever load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .model_dir import ModelDir
+from .paths import PATHS, read_adapter_tensors
+from .probes import ProbeBatch, make_probe
+from .reference import Comparison, compare, probe_logits
+from .zero import peft_key
+
+PEFT_PREFIX = "base_model.model."
+# PEFT's own containers, not base parameters: adapter weights, saved copies and the frozen originals.
+_PEFT_PARTS = re.compile(
+    r"\.(lora_[A-Za-z_]+|modules_to_save|original_module|token_adapter|trainable_tokens_[a-z]+)(\.|$)"
+)
+
+
+@dataclass
+class ParamFinding:
+    name: str  # the base checkpoint key (PEFT's prefix and ``.base_layer`` removed)
+    trainable: bool
+    changed: bool | None  # differs from the base files (None: not in them, or not comparable)
+    max_abs_change: float | None = None
+    kind: str = "other"  # plora | plora-separator | projector | vision | language | other
+
+
+@dataclass
+class TrainedAudit:
+    saved_dir: Path
+    base_dir: Path | None
+    adapter_name: str
+    saved_keys: list[str]
+    not_saved: list[ParamFinding] = field(default_factory=list)  # trainable or changed, and not in the adapter
+    trainable_count: int = 0
+    compared_count: int = 0  # base parameters compared with the base files
+    comparison: Comparison | None = None
+    # parameters whose reloaded value differs from the trained one: (checkpoint key, max abs difference)
+    weight_mismatches: list[tuple[str, float]] = field(default_factory=list)
+    reload_path: str = "peft"
+    reload_error: str | None = None
+
+    @property
+    def changed_not_saved(self) -> list[ParamFinding]:
+        return [f for f in self.not_saved if f.changed]
+
+    @property
+    def trainable_not_saved(self) -> list[ParamFinding]:
+        return [f for f in self.not_saved if f.trainable]
+
+
+def base_key(param_name: str) -> str | None:
+    """The base checkpoint key of a PEFT model's base parameter (``.base_layer`` removed), or None for
+    PEFT's own parameters (adapter weights, modules_to_save copies)."""
+    name = param_name[len(PEFT_PREFIX):] if param_name.startswith(PEFT_PREFIX) else param_name
+    if _PEFT_PARTS.search(name):
+        return None
+    return name.replace(".base_layer.", ".").replace(".base_layer", "")
+
+
+def kind_of(name: str) -> str:
+    """What a parameter is, in the words the fix needs."""
+    leaf_path = name.split(".")
+    if "Plora_A" in leaf_path or "Plora_B" in leaf_path:
+        return "plora"
+    if re.search(r"(^|\.)plora_(glb|sub)_GN$", name):
+        return "plora-separator"
+    from .base_model import PROJECTOR_MARKERS, VISION_MARKERS
+
+    if any(marker in name for marker in PROJECTOR_MARKERS):
+        return "projector"
+    if any(marker in name for marker in VISION_MARKERS):
+        return "vision"
+    return "language"
+
+
+def resolve_base_dir(peft_model, adapter_name: str, base_dir: str | Path | None) -> Path | None:
+    """``base_dir`` if given, else the local directory the adapter config names (``base_model_name_or_path``)."""
+    if base_dir is not None:
+        return Path(base_dir)
+    config = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    named = getattr(config, "base_model_name_or_path", None)
+    return Path(named) if named and Path(named).is_dir() else None
+
+
+def audit_parameters(peft_model, saved_dir: Path, base: ModelDir | None, adapter_name: str) -> TrainedAudit:
+    """Which trainable or changed parameters did not make it into the saved adapter."""
+    saved = read_adapter_tensors(saved_dir)
+    audit = TrainedAudit(saved_dir=saved_dir, base_dir=base.path if base else None, adapter_name=adapter_name,
+                         saved_keys=sorted(saved))
+    base_keys = set(base.keys) if base is not None else set()
+    for name, param in peft_model.named_parameters():
+        audit.trainable_count += bool(param.requires_grad)
+        saved_as = peft_key(name, adapter_name)
+        if saved_as is not None:
+            continue  # an adapter parameter (or modules_to_save copy): its saved value is what the reload tests
+        key = base_key(name)
+        if key is None:
+            continue  # another adapter's weights, or PEFT's frozen original of a modules_to_save module
+        changed, max_abs = None, None
+        if key in base_keys:
+            reference = base.get(key)
+            value = param.detach()
+            if value.shape == reference.shape:
+                audit.compared_count += 1
+                value32, reference32 = value.float().cpu(), reference.float()
+                changed = not torch.equal(value32, reference32)
+                max_abs = float((value32 - reference32).abs().max()) if changed and value.numel() else None
+        if (param.requires_grad or changed) and f"{PEFT_PREFIX}{key}" not in saved and key not in saved:
+            audit.not_saved.append(ParamFinding(key, bool(param.requires_grad), changed, max_abs, kind_of(key)))
+    return audit
+
+
+def _probe_for(model) -> ProbeBatch:
+    return make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[(4, 11)],
+                      left_padding=[0, 3], seed=4321)
+
+
+def _uses_im_mask(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "im_mask" in inspect.signature(inner.forward).parameters
+
+
+def audit_trained(peft_model, saved_dir: str | Path, base_dir: str | Path | None = None, *,
+                  adapter_name: str = "default", dtype: torch.dtype = torch.float32,
+                  device: str = "cpu") -> TrainedAudit:
+    """Compare the in-memory trained ``peft_model`` with ``saved_dir`` (and the base files, when known).
+
+    The trained model is put in ``eval()`` for the comparison and restored to its previous mode.
+    """
+    saved_dir = Path(saved_dir)
+    base_path = resolve_base_dir(peft_model, adapter_name, base_dir)
+    base = ModelDir(base_path) if base_path is not None else None
+    audit = audit_parameters(peft_model, saved_dir, base, adapter_name)
+    if base_path is None:
+        audit.reload_error = ("no base model directory: pass base_model=, or save with a local "
+                              "base_model_name_or_path in the adapter config")
+        return audit
+
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        probe = _probe_for(peft_model)
+        uses_im_mask = _uses_im_mask(peft_model)
+        trained = probe_logits(peft_model, probe, im_mask=uses_im_mask)
+    finally:
+        peft_model.train(was_training)
+    with tempfile.TemporaryDirectory(prefix="plora-harness-trained-") as work:
+        try:
+            loaded = PATHS[audit.reload_path](base_path, saved_dir, dtype=dtype, device=device, workdir=Path(work))
+        except Exception as err:  # noqa: BLE001 - reported as the check's failure, one line
+            text = str(err).strip().splitlines()
+            audit.reload_error = f"{type(err).__name__}: {text[0][:300] if text else ''}"
+            return audit
+        shipped = probe_logits(loaded.model, probe, im_mask=uses_im_mask)
+        audit.weight_mismatches = _weight_mismatches(peft_model, loaded.model)
+        del loaded
+    audit.comparison = compare(shipped, trained, probe, dtype=dtype, label=f"{audit.reload_path} reload")
+    return audit
+
+
+@torch.no_grad()
+def _weight_mismatches(trained, reloaded) -> list[tuple[str, float]]:
+    """Same-named parameters of the two PEFT models that differ: what the probe may not exercise
+    (a projector only images reach, a layer the probe's tokens barely move). One tensor at a time."""
+    reloaded_params = dict(reloaded.named_parameters())
+    mismatches = []
+    for name, param in trained.named_parameters():
+        other = reloaded_params.get(name)
+        if other is None:
+            continue  # structure differences show up in the output comparison and the key checks
+        a, b = param.detach().float().cpu(), other.detach().float().cpu()
+        if a.shape != b.shape:
+            mismatches.append((base_key(name) or name, float("inf")))
+        elif not torch.equal(a, b):
+            mismatches.append((base_key(name) or name, float((a - b).abs().max())))
+    return mismatches
