@@ -1,0 +1,52 @@
+"""Wiring for the GPU suites: options, device/dtype, the real model's path, the figures file.
+
+The plugin (harness.pytest_plugin) owns the options (--base-model / PLORA_HARNESS_BASE_MODEL,
+--adapter / PLORA_HARNESS_ADAPTER, --device, --dtype) and skips every ``gpu`` item with
+"no CUDA device" on machines without one; the real-model items also need a model directory and
+skip with "no --base-model given" otherwise. Figures go to $PLORA_HARNESS_FIGURES when set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.pytest_plugin import option
+
+FIGURES_ENV = "PLORA_HARNESS_FIGURES"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.fixture(scope="session")
+def gpu_device(pytestconfig: pytest.Config) -> str:
+    return pytestconfig.getoption("device") or "cuda"
+
+
+@pytest.fixture(scope="session")
+def gpu_dtype(pytestconfig: pytest.Config, gpu_device: str) -> torch.dtype:
+    """--dtype, defaulting to bf16 on CUDA (what users run 7B models in) and fp32 elsewhere."""
+    name = pytestconfig.getoption("dtype") or ("bfloat16" if gpu_device == "cuda" else "float32")
+    return DTYPES[name]
+
+
+@pytest.fixture(scope="session")
+def real_base_model(pytestconfig: pytest.Config) -> Path:
+    path = option(pytestconfig, "base_model")
+    if path is None:
+        pytest.skip("no --base-model given")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def real_adapter(pytestconfig: pytest.Config) -> Path | None:
+    path = option(pytestconfig, "adapter")
+    return Path(path) if path is not None else None
+
+
+@pytest.fixture(scope="session")
+def figures_path() -> Path | None:
+    value = os.environ.get(FIGURES_ENV)
+    return Path(value) if value else None
