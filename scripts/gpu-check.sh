@@ -10,7 +10,7 @@
 #
 # Environment (all optional):
 #   PLORA_HARNESS_GPU_PYTHON   use this interpreter as it is: no venv, no installs
-#   PLORA_HARNESS_GPU_VENV     the venv to create or reuse (default: .venv-gpu at the repo root). It is made with
+#   PLORA_HARNESS_GPU_VENV     the venv to create or reuse (default ~/.cache/plora-harness/venv-gpu), made with
 #                              --system-site-packages, so a CUDA torch already on the machine is reused, and only
 #                              what is missing is installed (pins from requirements/dev.txt).
 #   PLORA_HARNESS_TORCH_SPEC   what to install when no CUDA build of torch is importable (default: torch==2.13.0,
@@ -34,9 +34,9 @@ pip_install() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
 if [[ -n "${PLORA_HARNESS_GPU_PYTHON:-}" ]]; then
   py="$PLORA_HARNESS_GPU_PYTHON"
 else
-  venv="${PLORA_HARNESS_GPU_VENV:-$root/.venv-gpu}"
+  venv="${PLORA_HARNESS_GPU_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/plora-harness/venv-gpu}"
   if [[ ! -x "$venv/bin/python" ]]; then
-    python3 -m venv --system-site-packages "$venv" || { echo "gpu-check: cannot create $venv" >&2; exit 4; }
+    mkdir -p "$(dirname "$venv")" && python3 -m venv --system-site-packages "$venv" || { echo "gpu-check: cannot create $venv" >&2; exit 4; }
   fi
   py="$venv/bin/python"
   if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then

@@ -81,6 +81,7 @@ def environment(device: str | torch.device) -> dict:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "python": platform.python_version(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "high" = TF32 fp32 references
     }
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)

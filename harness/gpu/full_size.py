@@ -222,7 +222,7 @@ class FullSizeRun:
                         "text_probe": run_probe(peft_model, text_probe, layer=last)}
         with phase(t, peaks, "merge", s.device):
             merged_model = self.merge(peft_model)
-        del peft_model, model
+        del peft_model, model, embedding
         with phase(t, peaks, "check", s.device):
             merged = {"probe": run_probe(merged_model, probe, layer=last),
                       "text_probe": run_probe(merged_model, text_probe, layer=last)}
