@@ -9,6 +9,7 @@ holding, independent of the PEFT version's own reporting.
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import warnings
@@ -195,19 +196,30 @@ def load_peft(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
 @loading_path("peft-merged")
 def load_peft_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``PeftModel.from_pretrained`` then ``merge_and_unload()``."""
-    loaded = _peft_from_pretrained("peft-merged", base_dir, adapter_dir, **kw)
-    with capture_warnings(loaded.record.warnings):
-        loaded.model = loaded.model.merge_and_unload().eval()
-    return loaded
+    return merge_loaded(_peft_from_pretrained("peft-merged", base_dir, adapter_dir, **kw), "peft-merged")
 
 
 @loading_path("peft-safe-merged")
 def load_peft_safe_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``merge_and_unload(safe_merge=True)``: PEFT checks the merged weights for NaN first."""
-    loaded = _peft_from_pretrained("peft-safe-merged", base_dir, adapter_dir, **kw)
-    with capture_warnings(loaded.record.warnings):
-        loaded.model = loaded.model.merge_and_unload(safe_merge=True).eval()
-    return loaded
+    return merge_loaded(_peft_from_pretrained("peft-safe-merged", base_dir, adapter_dir, **kw), "peft-safe-merged",
+                        safe_merge=True)
+
+
+def merge_loaded(loaded: LoadedModel, name: str, *, safe_merge: bool = False) -> LoadedModel:
+    """``merge_and_unload`` an already loaded PEFT model, in place (``loaded`` is consumed).
+
+    Lets one load serve the unmerged path, the merged path and the merge script in turn, as a user's
+    merge script does; the load record (keys, files) is carried over under the new path name.
+    """
+    record = LoadRecord(path=name, missing_keys=list(loaded.record.missing_keys),
+                        unexpected_keys=list(loaded.record.unexpected_keys),
+                        not_loaded=list(loaded.record.not_loaded), warnings=list(loaded.record.warnings),
+                        files_used=list(loaded.record.files_used), notes=list(loaded.record.notes))
+    with capture_warnings(record.warnings):
+        model = loaded.model.merge_and_unload(safe_merge=safe_merge) if safe_merge else loaded.model.merge_and_unload()
+    loaded.model = None
+    return LoadedModel(model.eval(), record)
 
 
 def copy_model_extras(base_dir: Path, out_dir: Path) -> list[str]:
@@ -224,14 +236,22 @@ def copy_model_extras(base_dir: Path, out_dir: Path) -> list[str]:
 @loading_path("merge-script")
 def load_merge_script(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir: Path) -> LoadedModel:
     """The official recipe: merge, ``save_pretrained`` (+ code, tokenizer), reload fresh with remote code."""
-    loaded = load_peft_merged(base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir)
-    record = loaded.record
+    merged = load_peft_merged(base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir)
+    return save_and_reload(merged, base_dir, dtype=dtype, device=device, workdir=workdir)
+
+
+def save_and_reload(merged: LoadedModel, base_dir: Path, *, dtype, device, workdir: Path) -> LoadedModel:
+    """The merge script's second half: ``save_pretrained`` the merged model with the base's code and tokenizer,
+    free it, and reload the directory fresh (``merged`` is consumed: one model in memory at a time)."""
+    record = merged.record
     record.path = "merge-script"
     out = Path(workdir) / "merge-script"
     with capture_warnings(record.warnings):
-        loaded.model.save_pretrained(out, safe_serialization=True)
+        merged.model.save_pretrained(out, safe_serialization=True)
         record.notes.append(f"copied {copy_model_extras(base_dir, out)}")
-        del loaded
+        merged.model = None
+        del merged
+        gc.collect()  # HF models hold reference cycles: free the merged weights before the reload
         model, info = load_base(out, dtype=dtype, device=device, output_loading_info=True)
     record.missing_keys = sorted(info.get("missing_keys", []))
     record.unexpected_keys = sorted(info.get("unexpected_keys", []))
