@@ -62,7 +62,7 @@ sys.exit(0 if any(e.name == "plora_harness" for e in entry_points(group="pytest1
   plugin=(-p harness.pytest_plugin)
 fi
 
-"$py" - >"$out/environment.txt" 2>&1 <<'EOF'
+"$py" - >"$out/environment.txt" <<'EOF'
 import platform, torch, transformers, peft
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"transformers {transformers.__version__}, peft {peft.__version__}")

@@ -69,7 +69,8 @@ def test_flash_attention_in_config_is_explained_and_loaded_eager(copy_of):
     assert "attn_implementation='eager'" in quirk.fix and one_line(quirk.sentence())
     loaded = load_real_model(model_dir, dtype=torch.float32, device="cpu")  # the harness asks for eager
     assert any("loaded with attn_implementation='eager'" in n for n in loaded.notes), loaded.notes
-    assert loaded.model.config._attn_implementation in (None, "eager")
+    assert getattr(loaded.model.config, "_attn_implementation", None) in (None, "eager")  # absent on 4.33
+    assert getattr(loaded.model.config, "attn_implementation", None) in (None, "eager")
 
 
 @pytest.mark.parametrize("cached, offline, severity", [(False, True, "error"), (False, False, "warning"),
