@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import inspect
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from .paths import (
     read_adapter_tensors,
     save_and_reload,
 )
-from .probes import ProbeBatch, make_probe
+from .probes import ProbeBatch, accepts_im_mask, make_probe
 from .reference import (
     Comparison,
     apply_adapter_reference,
@@ -88,7 +87,7 @@ class DynamicRun:
         except Exception as err:  # remote code that downloads or crashes: one line, not a traceback
             self.load_error = _one_line(err)
             return
-        self.uses_im_mask = "im_mask" in inspect.signature(model.forward).parameters
+        self.uses_im_mask = accepts_im_mask(model)
         self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if _is_plora_like(m)}
         self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if _is_plora_param(n)}
         self.probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[(4, 11)],

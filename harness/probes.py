@@ -7,6 +7,7 @@ harness has never seen; ``im_mask`` marks them, as the real XComposer does.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -76,3 +77,16 @@ def make_probe(
         attention_mask=attention_mask.to(weight.device),
         description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding}",
     )
+
+
+def accepts_im_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``im_mask``: as a named parameter (the synthetic family), or through
+    ``**kwargs`` on a model with PLoRA-like modules (the real XComposer reads ``kwargs["im_mask"]``). A PEFT
+    wrapper is looked through. Plain causal LMs get no ``im_mask``: they would reject or ignore it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    if "im_mask" in params:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    return any({"Plora_A", "Plora_B"} <= {name for name, _ in module.named_children()} for module in inner.modules())

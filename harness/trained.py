@@ -14,7 +14,6 @@ to. Two questions, both answered without trusting PEFT's own bookkeeping:
 
 from __future__ import annotations
 
-import inspect
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 
 from .model_dir import ModelDir
 from .paths import PATHS, read_adapter_tensors
-from .probes import ProbeBatch, make_probe
+from .probes import ProbeBatch, accepts_im_mask, make_probe
 from .reference import Comparison, compare, probe_logits
 from .zero import peft_key
 
@@ -71,7 +70,7 @@ class TrainedAudit:
 def base_key(param_name: str) -> str | None:
     """The base checkpoint key of a PEFT model's base parameter (``.base_layer`` removed), or None for
     PEFT's own parameters (adapter weights, modules_to_save copies)."""
-    name = param_name[len(PEFT_PREFIX):] if param_name.startswith(PEFT_PREFIX) else param_name
+    name = param_name.removeprefix(PEFT_PREFIX)
     if _PEFT_PARTS.search(name):
         return None
     return name.replace(".base_layer.", ".").replace(".base_layer", "")
@@ -135,11 +134,6 @@ def _probe_for(model) -> ProbeBatch:
                       left_padding=[0, 3], seed=4321)
 
 
-def _uses_im_mask(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "im_mask" in inspect.signature(inner.forward).parameters
-
-
 def audit_trained(peft_model, saved_dir: str | Path, base_dir: str | Path | None = None, *,
                   adapter_name: str = "default", dtype: torch.dtype = torch.float32,
                   device: str = "cpu") -> TrainedAudit:
@@ -160,7 +154,7 @@ def audit_trained(peft_model, saved_dir: str | Path, base_dir: str | Path | None
     peft_model.eval()
     try:
         probe = _probe_for(peft_model)
-        uses_im_mask = _uses_im_mask(peft_model)
+        uses_im_mask = accepts_im_mask(peft_model)
         trained = probe_logits(peft_model, probe, im_mask=uses_im_mask)
     finally:
         peft_model.train(was_training)

@@ -1,0 +1,43 @@
+"""accepts_im_mask: image rows reach PLoRA whichever way a model's forward takes ``im_mask``."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from harness.probes import accepts_im_mask, make_probe
+from harness.reference import probe_logits
+from harness.synthetic import build_model
+from harness.synthetic.modeling.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+
+
+class KwargsForward(InternLMXComposer2ForCausalLM):
+    """The real remote code's signature: ``forward(self, input_ids=None, ..., **kwargs)``, im_mask from kwargs."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               im_mask=kwargs.pop("im_mask", None), **kwargs)
+
+
+def kwargs_model() -> torch.nn.Module:
+    model = build_model("ixc2.5")
+    model.__class__ = KwargsForward
+    return model
+
+
+def test_named_parameter_and_kwargs_forms_both_get_im_mask():
+    model = kwargs_model()
+    assert accepts_im_mask(build_model("ixc2.5")) and accepts_im_mask(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["wqkv"]))
+    assert accepts_im_mask(peft_model)  # looked through the PEFT wrapper
+    probe = make_probe(model.get_input_embeddings())
+    with_mask = probe_logits(model, probe, im_mask=True)
+    assert not torch.allclose(with_mask, probe_logits(model, probe, im_mask=False))  # PLoRA acts on image rows
+
+
+def test_plain_causal_lm_gets_no_im_mask():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    assert not accepts_im_mask(LlamaForCausalLM(config))  # **kwargs, but no PLoRA modules
