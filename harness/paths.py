@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from packaging.version import Version
 
-from .compat import DTYPE_KW
+from .compat import DTYPE_KW, TRANSFORMERS_VERSION
 
 ADAPTER_SAFETENSORS, ADAPTER_BIN, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
 _DTYPE_KW = DTYPE_KW
@@ -94,6 +95,8 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
     from transformers import AutoModelForCausalLM
 
     sink: list[str] = [] if warnings_into is None else warnings_into
+    if "config" not in kwargs:
+        kwargs.update(_attention_override(Path(base_dir), sink))
     with capture_warnings(sink):
         try:
             model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{_DTYPE_KW: dtype},
@@ -111,6 +114,38 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
     if isinstance(model, tuple):  # output_loading_info=True
         return (model[0].to(device).eval(), model[1])
     return model.to(device).eval()
+
+
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def _attention_override(base_dir: Path, notes: list[str]) -> dict:
+    """Eager attention for a config that asks for flash attention on a machine without flash_attn.
+
+    The real InternLM-XComposer2 configs default to ``attn_implementation: "flash_attention_2"`` (the
+    remote code's own switch), which fails to load on CPU-only and most CI machines. Outputs are the same
+    up to the dtype tolerance; the override is recorded in ``notes`` so the report says it happened.
+    """
+    import importlib.util
+    import json
+
+    try:
+        declared = json.loads((base_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    asked = declared.get("attn_implementation") or declared.get("_attn_implementation")
+    if asked not in FLASH_ATTENTION or importlib.util.find_spec("flash_attn") is not None:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=True)
+    config.attn_implementation = "eager"  # the remote code reads this field
+    kwargs: dict = {"config": config}
+    if TRANSFORMERS_VERSION >= Version("4.36"):
+        kwargs["attn_implementation"] = "eager"  # and transformers its own
+    notes.append(f"{base_dir / 'config.json'} asks for {asked} and flash_attn is not installed: loaded with "
+                 "attn_implementation='eager' (pass it to from_pretrained yourself outside the harness)")
+    return kwargs
 
 
 def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:

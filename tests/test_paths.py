@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -246,3 +247,21 @@ def test_lora_on_plora_has_no_text_row_effect_through_paths(default_bundle, tmp_
         loaded = PATHS[name](default_bundle.base_dir, adapter_dir, dtype=torch.float32, device="cpu",
                              workdir=tmp_path / name)
         assert torch.equal(probe_logits(loaded.model, text_only), want), name
+
+
+def test_flash_attention_config_loads_eagerly_with_a_note(default_bundle, tmp_path: Path) -> None:
+    """Real XComposer configs ask for flash_attention_2; without flash_attn the load falls back to eager, said."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed: no override happens")
+    copy = shutil.copytree(default_bundle.base_dir, tmp_path / "flash-config")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "attn_implementation": "flash_attention_2"}))
+    notes: list[str] = []
+    model = load_base(copy, dtype=torch.float32, warnings_into=notes)
+    assert model.config.attn_implementation == "eager"
+    assert any("asks for flash_attention_2 and flash_attn is not installed" in n for n in notes), notes
+    reference = load_base(default_bundle.base_dir, dtype=torch.float32)
+    probe = make_probe(reference.get_input_embeddings())
+    assert torch.equal(probe_logits(model, probe), probe_logits(reference, probe))
