@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from fixtures.zero_runs import zero_run_specs
+
 settings.register_profile(
     "ci",
     max_examples=25,
@@ -56,18 +58,6 @@ def make_bundle(synthetic_cache: Path) -> Callable:
 def default_bundle(make_bundle):
     """The built-in default: ixc2.5 tiny base + trained official-recipe adapter."""
     return make_bundle()
-
-
-def zero_run_specs() -> dict:
-    """The DeepSpeed runs every distributed test shares: one launch trains all four (cached, locked)."""
-    from harness.synthetic.zero_train import ZeroSpec
-
-    return {
-        "zero2": ZeroSpec(stage=2),
-        "zero3": ZeroSpec(stage=3),
-        "zero2-bf16": ZeroSpec(stage=2, bf16=True),
-        "zero3-bf16": ZeroSpec(stage=3, bf16=True),
-    }
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ pytest.importorskip("deepspeed", reason=SKIP_REASON)
 
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import zero_run_specs  # noqa: E402
+from fixtures.zero_runs import zero_run_specs  # noqa: E402
 from harness.synthetic.zero_train import ZeroSpec, ZeroTrainError, train_zero  # noqa: E402
 from harness.zero import (  # noqa: E402
     OPTIM_STATES_ALLOWED,

@@ -79,14 +79,23 @@ class CLIPVisionTower(nn.Module):
     def __init__(self, vision_config: dict, select_layer: int = -1) -> None:
         super().__init__()
         self.select_layer = select_layer
-        self.vision_tower = CLIPVisionModel(CLIPVisionConfig(**vision_config))
+        clip = CLIPVisionModel(CLIPVisionConfig(**vision_config))
+        if hasattr(clip, "vision_model"):  # transformers 4.x: keys vision_tower.vision_model.*, as in real checkpoints
+            self.vision_tower = clip
+        else:  # transformers 5 flattened CLIPVisionModel; keep the real checkpoints' vision_model level
+            self.vision_tower = nn.Module()
+            self.vision_tower.vision_model = clip
+
+    @property
+    def _clip(self) -> nn.Module:
+        return self.vision_tower if isinstance(self.vision_tower, CLIPVisionModel) else self.vision_tower.vision_model
 
     @property
     def hidden_size(self) -> int:
-        return self.vision_tower.config.hidden_size
+        return self._clip.config.hidden_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.vision_tower(pixel_values, output_hidden_states=True)
+        out = self._clip(pixel_values, output_hidden_states=True)
         # Last layer, patch tokens only (drop the CLS token), as the real wrapper does.
         return out.hidden_states[self.select_layer][:, 1:]
 
