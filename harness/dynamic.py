@@ -81,9 +81,10 @@ class DynamicRun:
         return tolerance_for(self.dtype)
 
     def _prepare(self) -> None:
+        keep_large_frees_returnable()
         self.progress("loading the base model in fp32 for the reference")
         try:
-            model = load_base(self.base_dir, dtype=torch.float32, device=self.device)
+            model = load_base(self.base_dir, dtype=torch.float32, device=self.device, private=True)  # ΔW in place
         except Exception as err:  # remote code that downloads or crashes: one line, not a traceback
             self.load_error = _one_line(err)
             return
@@ -142,7 +143,7 @@ class DynamicRun:
         """peft -> merge in place (peft-merged) -> save + reload (merge-script); a failing step fails the rest."""
         steps = [
             ("peft", lambda _: PATHS["peft"](self.base_dir, self.adapter_dir, dtype=self.dtype, device=self.device,
-                                             workdir=self.workdir / "peft")),
+                                             workdir=self.workdir / "peft", private=True)),
             ("peft-merged", lambda loaded: merge_loaded(loaded, "peft-merged")),
             ("merge-script", lambda loaded: save_and_reload(loaded, self.base_dir, dtype=self.dtype,
                                                             device=self.device, workdir=self.workdir / "merge-script")),
@@ -191,6 +192,20 @@ def _chain_is_builtin() -> bool:
 
 def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
+
+
+def keep_large_frees_returnable() -> None:
+    """Fix glibc's mmap threshold at 1 MiB, so every freed weight-sized buffer goes back to the OS at once.
+
+    Why: glibc raises the threshold to the size of each freed mmapped block (up to 32 MiB), after which
+    weight-sized buffers come from the heap and stay there when freed; PEFT's ``safe_merge`` (clone, add,
+    free the original) then grows the process to 1.5x the model. With the threshold fixed the run stays
+    at one copy. Process-wide and harmless elsewhere (large buffers are mmapped, as by default at first).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def release_memory() -> None:

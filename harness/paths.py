@@ -23,6 +23,7 @@ import transformers
 from packaging.version import Version
 
 from .compat import DTYPE_KW, TRANSFORMERS_VERSION
+from .private_weights import privatize_weights
 
 ADAPTER_SAFETENSORS, ADAPTER_BIN, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
 _DTYPE_KW = DTYPE_KW
@@ -86,11 +87,13 @@ def capture_warnings(into: list[str]):
 
 
 def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnings_into: list[str] | None = None,
-              **kwargs) -> torch.nn.Module:
+              private: bool = False, **kwargs) -> torch.nn.Module:
     """AutoModelForCausalLM with trust_remote_code and an explicit dtype (never "auto").
 
     ``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before; warnings and transformers log
     records go to ``warnings_into`` when given. ``output_loading_info=True`` returns (model, info).
+    ``private=True`` (for a model about to be merged in place on the CPU) re-reads the weights into
+    private memory (``harness.private_weights``): same values, no copy-on-write faults, one copy in RSS.
     """
     from transformers import AutoModelForCausalLM
 
@@ -111,9 +114,11 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
                     f"(e.g. {Path(base_dir).name.replace('.', '_')}) or upgrade transformers."
                 ) from None
             raise
-    if isinstance(model, tuple):  # output_loading_info=True
-        return (model[0].to(device).eval(), model[1])
-    return model.to(device).eval()
+    loaded, info = model if isinstance(model, tuple) else (model, None)  # output_loading_info=True gives both
+    if private and device == "cpu":
+        privatize_weights(loaded, base_dir)
+    loaded = loaded.to(device).eval()
+    return (loaded, info) if info is not None else loaded
 
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -209,13 +214,13 @@ def _note_load_result(record: LoadRecord, model, result, adapter_name: str) -> N
 
 
 def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype, device, workdir,
-                          source_dir: Path | None = None) -> LoadedModel:
+                          source_dir: Path | None = None, private: bool = False) -> LoadedModel:
     from peft import PeftModel
 
     record = LoadRecord(path=name)
     source = source_dir or adapter_dir
     with capture_warnings(record.warnings):
-        base = load_base(base_dir, dtype=dtype, device=device)
+        base = load_base(base_dir, dtype=dtype, device=device, private=private)
         model = PeftModel.from_pretrained(base, source).eval()
     record.files_used = sorted(p.name for p in source.iterdir() if p.name.startswith("adapter_"))
     _record_coverage(record, model, read_adapter_tensors(source), "default")
@@ -223,22 +228,22 @@ def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype
 
 
 @loading_path("peft")
-def load_peft(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
-    """``PeftModel.from_pretrained``, unmerged."""
-    return _peft_from_pretrained("peft", base_dir, adapter_dir, **kw)
+def load_peft(base_dir: Path, adapter_dir: Path, *, private: bool = False, **kw) -> LoadedModel:
+    """``PeftModel.from_pretrained``, unmerged (``private``: weights in private memory, to be merged next)."""
+    return _peft_from_pretrained("peft", base_dir, adapter_dir, private=private, **kw)
 
 
 @loading_path("peft-merged")
 def load_peft_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``PeftModel.from_pretrained`` then ``merge_and_unload()``."""
-    return merge_loaded(_peft_from_pretrained("peft-merged", base_dir, adapter_dir, **kw), "peft-merged")
+    return merge_loaded(_peft_from_pretrained("peft-merged", base_dir, adapter_dir, private=True, **kw), "peft-merged")
 
 
 @loading_path("peft-safe-merged")
 def load_peft_safe_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``merge_and_unload(safe_merge=True)``: PEFT checks the merged weights for NaN first."""
-    return merge_loaded(_peft_from_pretrained("peft-safe-merged", base_dir, adapter_dir, **kw), "peft-safe-merged",
-                        safe_merge=True)
+    return merge_loaded(_peft_from_pretrained("peft-safe-merged", base_dir, adapter_dir, private=True, **kw),
+                        "peft-safe-merged", safe_merge=True)
 
 
 def merge_loaded(loaded: LoadedModel, name: str, *, safe_merge: bool = False) -> LoadedModel:
