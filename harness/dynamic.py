@@ -2,8 +2,9 @@
 
 The expensive work (model loads, forward passes) happens here, lazily and at most
 once per path; the checks in ``harness.checks.dynamic`` only read the outcomes.
-Each loaded model is reduced to the facts the checks need and freed straight away,
-so at most two models (reference + one path) are alive at any time.
+Each loaded model is reduced to the facts the checks need and freed straight away, so
+one model is alive at a time (the fp32 reference is reduced to its logits before any path
+loads); ``peft``, ``peft-merged`` and ``merge-script`` share one load (see ``_run_chain``).
 """
 
 from __future__ import annotations
