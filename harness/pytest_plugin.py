@@ -62,27 +62,54 @@ class ConformanceRun:
     @property
     def report(self):
         if self._report is None and self.error is None:
-            from .api import check
-            from .compat import UnsupportedStack
-            from .inputs import InputError
+            from .report import Report
+            from .run_once import computed_once
 
-            try:
-                self._report = check(
-                    option(self.config, "adapter"),
-                    base_model=option(self.config, "base_model"),
-                    merged=option(self.config, "merged"),
-                    dtype=self.config.getoption("dtype"),
-                    device=self.config.getoption("device") or "cpu",
-                    allow_plora_targets=self.config.getoption("allow_plora_targets"),
-                )
-            except InputError as err:
-                self.error = f"input cannot be read: {err}"
-            except UnsupportedStack as err:
-                self.error = str(err)
-            path = self.config.getoption("conformance_report")
-            if path and self._report is not None:
-                Path(path).write_text(self._report.to_json())
+            outcome = computed_once(_shared_dir(self.config), self._key(), self._run)
+            self.error = outcome.get("error")
+            self._report = Report.from_dict(outcome["report"]) if "report" in outcome else None
         return self._report
+
+    def _options(self) -> dict:
+        return {
+            "adapter": option(self.config, "adapter"),
+            "base_model": option(self.config, "base_model"),
+            "merged": option(self.config, "merged"),
+            "dtype": self.config.getoption("dtype"),
+            "device": self.config.getoption("device") or "cpu",
+            "allow_plora_targets": self.config.getoption("allow_plora_targets"),
+        }
+
+    def _key(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(repr(sorted(self._options().items())).encode()).hexdigest()[:16]
+
+    def _run(self) -> dict:
+        from .api import check
+        from .compat import UnsupportedStack
+        from .inputs import InputError
+
+        options = self._options()
+        try:
+            report = check(options.pop("adapter"), **options)
+        except InputError as err:
+            return {"error": f"input cannot be read: {err}"}
+        except UnsupportedStack as err:
+            return {"error": str(err)}
+        path = self.config.getoption("conformance_report")
+        if path:  # written once, by the process that ran the engine
+            Path(path).write_text(report.to_json())
+        return {"report": report.to_dict()}
+
+
+def _shared_dir(config: pytest.Config) -> Path | None:
+    """Under pytest-xdist, a directory all workers of this run share (inside the run's base temp dir,
+    which pytest cleans up like any other); None in a single process."""
+    if not hasattr(config, "workerinput"):
+        return None
+    factory = getattr(config, "_tmp_path_factory", None) or pytest.TempPathFactory.from_config(config, _ispytest=True)
+    return factory.getbasetemp().parent / "plora-harness-conformance"
 
 
 class ConformanceItem(pytest.Item):

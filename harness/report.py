@@ -107,6 +107,18 @@ class Report:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Report:
+        """The inverse of ``to_dict`` (a report read back from its JSON, e.g. by another pytest worker)."""
+        checks = []
+        for item in data.get("checks", []):
+            details = dict(item.get("details") or {})
+            fix = details.pop("fix", None)
+            checks.append(CheckResult(id=item["id"], status=item["status"], message=item["message"],
+                                      details=details, fix=fix))
+        return cls(inputs=dict(data.get("inputs") or {}), environment=dict(data.get("environment") or {}),
+                   checks=checks, harness_version=data.get("harness_version", _harness_version()))
+
     def render(self) -> str:
         """A table (id, status, message), then details and the fix of each failure and warning."""
         lines = []

@@ -69,6 +69,41 @@ def test_plugin_fails_the_broken_check_by_name(pytester, default_bundle, tmp_pat
     assert result.ret == 1
 
 
+def test_plugin_under_xdist_runs_the_engine_once(default_bundle, tmp_path):
+    """Every worker collects the conformance items; only one may run the engine (model loads are costly)."""
+    calls = tmp_path / "engine-calls.txt"
+    (tmp_path / "conftest.py").write_text(
+        "import harness.api as api\n"
+        "_check = api.check\n"
+        "def counting_check(*args, **kwargs):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n"
+        "        f.write('run\\n')\n"
+        "    return _check(*args, **kwargs)\n"
+        "api.check = counting_check\n"
+    )
+    report = tmp_path / "conformance.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", "--adapter",
+         str(default_bundle.adapter_dir), "--conformance-report", str(report), str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
+    )
+    expected = len(planned_check_ids(base_model=False, merged=False))
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert f"{expected - 1} passed, 1 skipped" in run.stdout
+    assert calls.read_text().splitlines() == ["run"]  # one engine run for both workers
+    assert json.loads(report.read_text())["summary"]["failed"] == 0
+
+
+def test_report_round_trips_through_its_json(default_bundle):
+    import harness
+    from harness.report import Report
+
+    original = harness.check(default_bundle.adapter_dir)
+    again = Report.from_dict(json.loads(original.to_json()))
+    assert again.to_dict() == original.to_dict()
+    assert [(c.id, c.status, c.fix) for c in again.checks] == [(c.id, c.status, c.fix) for c in original.checks]
+
+
 def test_plugin_without_adapter_adds_nothing(pytester):
     pytester.makepyfile("def test_ok():\n    pass\n")
     result = pytester.runpytest("-p", "no:cacheprovider")
