@@ -34,6 +34,8 @@ import torch
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIME_PREFIXES = {"image", "text", "application", "audio", "video", "multipart", "font"}
 _DOWNLOAD_CALLS = {"from_pretrained", "hf_hub_download", "snapshot_download", "cached_file", "cached_path"}
+_URL_CALLS = {"urlopen", "urlretrieve", "download_url"}  # plus requests.get / httpx.get, matched by object name
+_HTTP_MODULES = {"requests", "httpx"}
 _VISION_CONFIG_KEYS = ("vision_tower", "vit_path", "vit_model", "clip", "mm_vision", "visual_encoder", "image_encoder")
 _MAX_CODE_BYTES = 4_000_000
 FLASH = ("flash_attention_2", "flash_attention_3")
@@ -83,6 +85,7 @@ def diagnose_dir(model_dir: str | Path) -> list[Quirk]:
     quirks += _attention_quirks(config_path, config)
     sources = _parse_sources(model_dir)
     quirks += _hub_quirks(model_dir, config_path, config, sources)
+    quirks += _url_quirks(sources)
     quirks += _tokenizer_quirks(sources)
     quirks += _rotary_buffer_quirks(sources)
     return quirks
@@ -230,6 +233,35 @@ def _hub_quirks(model_dir: Path, config_path: Path, config: dict, sources: list[
             quirks.append(Quirk("hub-download", "warning", where, f"the model fetches {repo_id!r} from the Hugging "
                                 "Face hub while it is built and it is not in the local cache, so loading needs the "
                                 "network", f"run `{download}` once, or point this entry at a local copy"))
+    return quirks
+
+
+def _url_quirks(sources: list[_Source]) -> list[Quirk]:
+    """http(s) URLs fetched by the remote code itself (IXC2.5's ``get_font()`` downloads SimHei.ttf with
+    ``urlopen`` from ``__init__``): the model cannot even be built without network access."""
+    quirks = []
+    for source in sources:
+        if source.tree is None:
+            continue
+        fetches = any(
+            isinstance(node, ast.Call) and (
+                (isinstance(node.func, ast.Name) and node.func.id in _URL_CALLS)
+                or (isinstance(node.func, ast.Attribute) and (node.func.attr in _URL_CALLS or (
+                    isinstance(node.func.value, ast.Name) and node.func.value.id in _HTTP_MODULES))))
+            for node in ast.walk(source.tree))
+        if not fetches:
+            continue
+        for node in ast.walk(source.tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(
+                    ("http://", "https://")):
+                offline = hub_offline()
+                quirks.append(Quirk(
+                    "url-download", "error" if offline else "warning", f"{source.path}:{node.lineno}",
+                    f"the remote code downloads {node.value} itself"
+                    + (" and the network is switched off (HF_HUB_OFFLINE)" if offline else
+                       ", so building the model needs network access"),
+                    "download the file once, put it in the model directory and point the code at it (or load "
+                    "where the URL is reachable)"))
     return quirks
 
 

@@ -293,3 +293,32 @@ def test_prompt_lays_out_text_image_text(base_dir):
     assert re.fullmatch(r"image\+text prompt, 5 image rows", prompt.description)
     no_tokenizer = image_text_prompt(loaded.model.get_input_embeddings(), None, image_rows=3, seed=1)
     assert no_tokenizer.im_mask.sum() == 3 and no_tokenizer.inputs_embeds.shape[1] == 4 + 3 + 12
+
+
+@pytest.mark.parametrize("offline, severity", [(False, "warning"), (True, "error")])
+def test_a_url_download_in_the_remote_code_names_file_and_line(copy_of, monkeypatch, offline, severity):
+    """IXC2.5's get_font() fetches SimHei.ttf with urlopen from __init__: no network, no model."""
+    model_dir = copy_of()
+    code = model_dir / "build_mlp.py"
+    url = "https://huggingface.co/internlm/internlm-xcomposer2d5-7b/resolve/main/SimHei.ttf?download=true"
+    code.write_text(code.read_text() + (
+        "\n\nfrom urllib.request import urlopen\n\n"
+        "def get_font():\n"
+        f"    truetype_url = '{url}'\n"
+        "    return urlopen(truetype_url)\n"))
+    line = code.read_text().splitlines().index(f"    truetype_url = '{url}'") + 1
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    [quirk] = diagnose_dir(model_dir)
+    assert (quirk.id, quirk.severity, quirk.where) == ("url-download", severity, f"{code}:{line}")
+    assert url in quirk.problem and "\n" not in quirk.sentence()
+
+
+def test_urls_in_code_that_fetches_nothing_are_left_alone(copy_of):
+    model_dir = copy_of()
+    code = model_dir / "build_mlp.py"
+    code.write_text(code.read_text() + "\nHOMEPAGE = 'https://github.com/InternLM/InternLM-XComposer'\n")
+    assert diagnose_dir(model_dir) == []
