@@ -174,3 +174,25 @@ def test_base_key_and_kind(name, key, kind):
     assert base_key(name) == key
     if key is not None:
         assert kind_of(key) == kind
+
+
+def test_official_recipe_loses_the_hd_separators_on_old_peft(default_bundle, tmp_path):
+    """REFERENCE 4: the official recipe freezes everything under model.model (and the ViT) before
+    get_peft_model. plora_glb_GN / plora_sub_GN are top-level and named "lora_": PEFT <= 0.20 leaves them
+    trainable, training moves them (images pass through them), and save_pretrained drops them."""
+    model = load_base(default_bundle.base_dir, dtype=torch.float32)
+    model.model.requires_grad_(False)
+    model.vit.requires_grad_(False)
+    peft_model = get_peft_model(model, official_lora_config(r=4))
+    peft_model.peft_config["default"].base_model_name_or_path = str(default_bundle.base_dir)
+    train(peft_model)
+    report = harness.check_trained(peft_model, save_adapter(peft_model, tmp_path / "adapter"))
+    params = report.get("trained-params-saved")
+    if compat.peft_leaves_lora_named_params_trainable():
+        assert params.status == "fail", params.message
+        assert {f["name"] for f in params.details["changed_not_saved"]} == {"plora_glb_GN", "plora_sub_GN"}
+        assert params.message.startswith("2 parameter(s) changed during training but are not in the adapter: "
+                                         "2 plora_*_GN separator")
+        assert report.get("trained-vs-shipped").status == "fail"
+    else:
+        assert statuses(report) == {"trained-vs-shipped": "pass", "trained-params-saved": "pass"}, report.render()
