@@ -41,5 +41,5 @@ def module_scaling(config: dict, module: str, rank: int | None = None) -> float:
 
 def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False):
     """ΔW = scaling · B @ A in fp32 (transposed for Conv1D-style ``fan_in_fan_out`` layers)."""
-    delta = (lora_b.float() @ lora_a.float()) * scaling
+    delta = (lora_b.float() @ lora_a.float()).mul_(scaling)  # in place: one weight-sized buffer, not two
     return delta.T if fan_in_fan_out else delta

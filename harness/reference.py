@@ -157,7 +157,10 @@ def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[
         weight = modules[module_name].weight
         if weight.shape != delta.delta.shape:
             continue  # a different base: reported by base-match, not folded in here
-        weight.copy_(delta.merged_weight(weight).to(weight.dtype))
+        if delta.magnitude is None and weight.dtype == torch.float32:
+            weight.add_(delta.delta.to(weight.device))  # the same fp32 sum as merged_weight, without a copy
+        else:
+            weight.copy_(delta.merged_weight(weight).to(weight.dtype))
         changed.append(module_name)
     return changed
 
