@@ -26,7 +26,6 @@ from .compat import DTYPE_KW, TRANSFORMERS_VERSION
 from .private_weights import privatize_weights
 
 ADAPTER_SAFETENSORS, ADAPTER_BIN, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
-_DTYPE_KW = DTYPE_KW
 
 
 @dataclass
@@ -102,7 +101,7 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
         kwargs.update(_attention_override(Path(base_dir), sink))
     with capture_warnings(sink):
         try:
-            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{_DTYPE_KW: dtype},
+            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{DTYPE_KW: dtype},
                                                          **kwargs)
         except ModuleNotFoundError as err:
             if "transformers_modules" in str(err) and "." in Path(base_dir).name:
