@@ -31,6 +31,16 @@ _INSTALLED = {"torch": TORCH_VERSION, "transformers": TRANSFORMERS_VERSION, "pef
 
 # ``from_pretrained(dtype=...)`` since transformers 4.56; ``torch_dtype=`` before (and deprecated after).
 DTYPE_KW = "dtype" if TRANSFORMERS_VERSION >= Version("4.56") else "torch_dtype"
+# ``from_pretrained(attn_implementation=...)`` since transformers 4.36.
+ATTN_IMPLEMENTATION_KWARG = TRANSFORMERS_VERSION >= Version("4.36")
+# What XComposer2.5's config asks for by default, and what needs the flash_attn package.
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 class UnsupportedStack(RuntimeError):

@@ -195,6 +195,15 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
 
 
+def _glibc():
+    """glibc, for its allocator controls; None on other C libraries."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def keep_large_frees_returnable() -> None:
     """Fix glibc's mmap threshold at 1 MiB, so every freed weight-sized buffer goes back to the OS at once.
 
@@ -203,19 +212,17 @@ def keep_large_frees_returnable() -> None:
     free the original) then grows the process to 1.5x the model. With the threshold fixed the run stays
     at one copy. Process-wide and harmless elsewhere (large buffers are mmapped, as by default at first).
     """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def release_memory() -> None:
     """Free a dropped model now: HF/PEFT models hold reference cycles, and glibc keeps freed arenas."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the collector alone
-        pass
+    libc = _glibc()
+    if libc is not None:  # not glibc: the collector alone
+        libc.malloc_trim(0)
 
 
 def _is_plora_like(module: torch.nn.Module) -> bool:

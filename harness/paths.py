@@ -9,6 +9,7 @@ holding, independent of the PEFT version's own reporting.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import shutil
@@ -20,9 +21,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from packaging.version import Version
 
-from .compat import DTYPE_KW, TRANSFORMERS_VERSION
+from .compat import (
+    ATTN_IMPLEMENTATION_KWARG,
+    DTYPE_KW,
+    FLASH_ATTENTION,
+    flash_attn_installed,
+)
 from .private_weights import privatize_weights
 
 ADAPTER_SAFETENSORS, ADAPTER_BIN, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json"
@@ -120,9 +125,6 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
     return (loaded, info) if info is not None else loaded
 
 
-FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
-
-
 def _attention_override(base_dir: Path, notes: list[str]) -> dict:
     """Eager attention for a config that asks for flash attention on a machine without flash_attn.
 
@@ -130,7 +132,6 @@ def _attention_override(base_dir: Path, notes: list[str]) -> dict:
     remote code's own switch), which fails to load on CPU-only and most CI machines. Outputs are the same
     up to the dtype tolerance; the override is recorded in ``notes`` so the report says it happened.
     """
-    import importlib.util
     import json
 
     try:
@@ -138,14 +139,14 @@ def _attention_override(base_dir: Path, notes: list[str]) -> dict:
     except (OSError, ValueError):
         return {}
     asked = declared.get("attn_implementation") or declared.get("_attn_implementation")
-    if asked not in FLASH_ATTENTION or importlib.util.find_spec("flash_attn") is not None:
+    if asked not in FLASH_ATTENTION or flash_attn_installed():
         return {}
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=True)
     config.attn_implementation = "eager"  # the remote code reads this field
     kwargs: dict = {"config": config}
-    if TRANSFORMERS_VERSION >= Version("4.36"):
+    if ATTN_IMPLEMENTATION_KWARG:
         kwargs["attn_implementation"] = "eager"  # and transformers its own
     notes.append(f"{base_dir / 'config.json'} asks for {asked} and flash_attn is not installed: loaded with "
                  "attn_implementation='eager' (pass it to from_pretrained yourself outside the harness)")
@@ -251,10 +252,8 @@ def merge_loaded(loaded: LoadedModel, name: str, *, safe_merge: bool = False) ->
     Lets one load serve the unmerged path, the merged path and the merge script in turn, as a user's
     merge script does; the load record (keys, files) is carried over under the new path name.
     """
-    record = LoadRecord(path=name, missing_keys=list(loaded.record.missing_keys),
-                        unexpected_keys=list(loaded.record.unexpected_keys),
-                        not_loaded=list(loaded.record.not_loaded), warnings=list(loaded.record.warnings),
-                        files_used=list(loaded.record.files_used), notes=list(loaded.record.notes))
+    record = copy.deepcopy(loaded.record)
+    record.path = name
     with capture_warnings(record.warnings):
         model = loaded.model.merge_and_unload(safe_merge=safe_merge) if safe_merge else loaded.model.merge_and_unload()
     loaded.model = None

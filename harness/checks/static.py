@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compat import lora_config_fields
+from ..compat import PEFT_VERSION, lora_config_fields
 from ..inputs import AdapterInputs, WeightFile
 from .registry import CheckContext, failed, passed, register, skipped, warned
 
@@ -337,7 +337,7 @@ def check_config_valid(ctx: CheckContext):
     known = lora_config_fields()
     unknown = {k: v for k, v in config.items() if k not in known}
     writer = config.get("peft_version")
-    installed = _peft_version()
+    installed = str(PEFT_VERSION)
     origin = f"written by PEFT {writer}, " if writer else ""
     fix_version = (f"install peft>={writer} to load this adapter as trained" if writer else
                    "install the PEFT version that wrote this adapter")
@@ -398,15 +398,6 @@ def check_config_valid(ctx: CheckContext):
         peft_version_written=writer,
         peft_version_installed=installed,
     )
-
-
-def _peft_version() -> str:
-    try:
-        import peft
-
-        return peft.__version__
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 # -- weights-readable ------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ Each finding is a ``Quirk`` whose ``sentence()`` is one line: the file, what is 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import json
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ..compat import FLASH_ATTENTION, flash_attn_installed
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIME_PREFIXES = {"image", "text", "application", "audio", "video", "multipart", "font"}
 _DOWNLOAD_CALLS = {"from_pretrained", "hf_hub_download", "snapshot_download", "cached_file", "cached_path"}
@@ -38,7 +39,6 @@ _URL_CALLS = {"urlopen", "urlretrieve", "download_url"}  # plus requests.get / h
 _HTTP_MODULES = {"requests", "httpx"}
 _VISION_CONFIG_KEYS = ("vision_tower", "vit_path", "vit_model", "clip", "mm_vision", "visual_encoder", "image_encoder")
 _MAX_CODE_BYTES = 4_000_000
-FLASH = ("flash_attention_2", "flash_attention_3")
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,9 @@ def _auto_map_quirks(model_dir: Path, config: dict) -> list[Quirk]:
     return quirks
 
 
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
 def _attention_quirks(config_path: Path, config: dict) -> list[Quirk]:
     asked = config.get("attn_implementation") or config.get("_attn_implementation")
-    if asked not in FLASH:
+    if asked not in FLASH_ATTENTION:
         return []
     installed = flash_attn_installed()
     problem = f"attn_implementation is {asked!r}" + ("" if installed else " and flash_attn is not installed, so a "

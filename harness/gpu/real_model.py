@@ -26,18 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
-from packaging.version import Version
 
+from ..compat import ATTN_IMPLEMENTATION_KWARG, FLASH_ATTENTION
 from ..inputs import InputError
 from ..paths import capture_warnings, copy_model_extras, load_base
 from ..probes import ProbeBatch, make_probe
 from ..reference import compare, tolerance_for
 from .figures import environment, gib, overall_peak, phase
 from .full_size import row_errors
-from .quirks import FLASH, Quirk, RealModelError, diagnose_dir, diagnose_loaded, explain_load_error
+from .quirks import (
+    Quirk,
+    RealModelError,
+    diagnose_dir,
+    diagnose_loaded,
+    explain_load_error,
+)
 
-_ATTN_KWARG = Version(transformers.__version__) >= Version("4.36")  # from_pretrained(attn_implementation=...)
 PROMPT_BEFORE = "[UNUSED_TOKEN_146]user\n"
 PROMPT_AFTER = "Describe this image in detail.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
 
@@ -68,14 +72,14 @@ def load_real_model(model_dir: str | Path, *, dtype: torch.dtype, device: str, a
     if errors:
         raise RealModelError(errors[0].sentence(), quirks)
     notes: list[str] = []
-    kwargs: dict = {"attn_implementation": attn_implementation} if _ATTN_KWARG else {}
+    kwargs: dict = {"attn_implementation": attn_implementation} if ATTN_IMPLEMENTATION_KWARG else {}
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
         asked = getattr(config, "attn_implementation", None)
-        if asked in FLASH and asked != attn_implementation:
+        if asked in FLASH_ATTENTION and asked != attn_implementation:
             config.attn_implementation = attn_implementation  # the remote code's own switch
         flash_in_json = any(q.id == "flash-attention" for q in quirks)
-        if asked in FLASH or (flash_in_json and _ATTN_KWARG):
+        if asked in FLASH_ATTENTION or (flash_in_json and ATTN_IMPLEMENTATION_KWARG):
             notes.append(f"config.json asks for flash attention; loaded with attn_implementation={attn_implementation!r}")
         with capture_warnings(notes):
             loaded = load_base(model_dir, dtype=dtype, device=device, config=config,
