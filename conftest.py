@@ -64,6 +64,6 @@ def default_bundle(make_bundle):
 def zero_runs(synthetic_cache: Path) -> dict:
     """Real 2-rank DeepSpeed ZeRO-2/3 runs (fp32 and bf16) of the synthetic XComposer + official LoRA."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install 'plora-harness[deepspeed]')")
-    from harness.synthetic.zero_train import build_zero_many
+    from fixtures.zero_train import build_zero_many
 
     return build_zero_many(zero_run_specs(), synthetic_cache)

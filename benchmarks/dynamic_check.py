@@ -45,7 +45,7 @@ def build(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 
 
 def _probe(model):
-    from harness.probes import make_probe
+    from harness.numerics.probes import make_probe
 
     return make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16)
 

@@ -73,8 +73,9 @@ def worker(method: str, adapter: Path) -> dict:
                 problems += not bool(t.any())
         seconds = time.perf_counter() - start
     else:
-        from harness.checks import run_static  # noqa: F401  (import cost is not the scan's)
         import peft  # noqa: F401
+
+        from harness.checks import run_static  # noqa: F401  (import cost is not the scan's)
 
         baseline = reset_peak_rss()
         start = time.perf_counter()

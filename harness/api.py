@@ -10,10 +10,11 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
-from .checks import CheckContext, CheckOptions, checks, run_checks
-from .compat import require_supported
-from .inputs import InputError, read_adapter
-from .report import Report
+from harness.checks import CheckContext, CheckOptions, checks, run_checks
+from harness.compat import require_supported
+from harness.inputs.adapter_dir import read_adapter
+from harness.inputs.errors import InputError
+from harness.report import Report
 
 
 def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> list[str]:
@@ -25,8 +26,8 @@ def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> 
 
 def _resolve_default(progress: Callable[[str], None] | None):
     """No adapter given: build (or reuse) the embedded synthetic XComposer base + trained adapter."""
-    from .synthetic import BundleSpec, build_bundle, default_cache_root
-    from .synthetic.bundle import build_merged_dir
+    from harness.synthetic import BundleSpec, build_bundle, default_cache_root
+    from harness.synthetic.bundle import build_merged_dir
 
     if progress:
         progress(f"building the embedded synthetic XComposer base, adapter and merged model in {default_cache_root()}")
@@ -90,7 +91,7 @@ def check(
 
 def _convert_if_zero(adapter: Path, cleanup: contextlib.ExitStack, progress):
     """A DeepSpeed checkpoint becomes a temporary PEFT adapter dir (removed when the run ends)."""
-    from . import zero as zero_module
+    from harness.inputs import deepspeed as zero_module
 
     if not zero_module.is_zero_checkpoint(adapter):
         return None, adapter
@@ -112,7 +113,7 @@ def _run_all(ctx: CheckContext, base_model, merged, progress) -> Report:
         report.extend(run_checks(ctx, "deepspeed"))
     report.extend(run_checks(ctx, "static"))
     if base_model is not None:
-        from .base_model import inspect_base
+        from harness.model.structure import inspect_base
 
         base_dir = _require_dir(base_model, "base model")
         report.inputs["base_model"] = str(base_dir)

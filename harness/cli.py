@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .api import check
-    from .compat import UnsupportedStack
-    from .inputs import InputError
+    from harness.api import check
+    from harness.compat import UnsupportedStack
+    from harness.inputs.errors import InputError
 
     progress = None if args.quiet else (lambda text: print(f"... {text}", file=sys.stderr, flush=True))
     if args.adapter is None and (args.base_model or args.merged):

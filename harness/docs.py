@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .checks import checks
+from harness.checks import checks
 
 BEGIN, END = "<!-- checks:begin -->", "<!-- checks:end -->"
 

@@ -62,8 +62,8 @@ class ConformanceRun:
     @property
     def report(self):
         if self._report is None and self.error is None:
-            from .report import Report
-            from .run_once import computed_once
+            from harness.report import Report
+            from harness.run_once import computed_once
 
             outcome = computed_once(_shared_dir(self.config), self._key(), self._run)
             self.error = outcome.get("error")
@@ -86,9 +86,9 @@ class ConformanceRun:
         return hashlib.sha256(repr(sorted(self._options().items())).encode()).hexdigest()[:16]
 
     def _run(self) -> dict:
-        from .api import check
-        from .compat import UnsupportedStack
-        from .inputs import InputError
+        from harness.api import check
+        from harness.compat import UnsupportedStack
+        from harness.inputs.errors import InputError
 
         options = self._options()
         try:
@@ -158,8 +158,8 @@ class ConformanceCollector(pytest.Collector):
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if option(config, "adapter") is not None:
-        from .api import planned_check_ids
-        from .zero import is_zero_checkpoint
+        from harness.api import planned_check_ids
+        from harness.inputs.deepspeed import is_zero_checkpoint
 
         ids = planned_check_ids(
             base_model=option(config, "base_model") is not None,

@@ -52,7 +52,7 @@ def environment() -> dict:
 
 
 def _harness_version() -> str:
-    from . import __version__
+    from harness import __version__
 
     return __version__
 

@@ -77,7 +77,7 @@ finish() {  # finish STATUS [REASON]: record how the run went in figures.json, s
   "$py" - "$out/figures.json" "$1" "$(( $(date +%s) - started ))" "${2:-}" <<'EOF'
 import json, sys
 from pathlib import Path
-from harness.gpu.figures import write_figures
+from fixtures.gpu.figures import write_figures
 
 path, rc, wall, reason = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 write_figures(path, "gpu_check", {"exit_status": rc, "wall_s_including_setup": wall, "reason": reason or None})

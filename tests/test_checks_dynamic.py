@@ -8,11 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import harness
-from harness import compat
-from harness.compat import DTYPE_KW
 from fixtures.mutations import GOOD_VARIANTS, MUTATIONS, copy_adapter
-from harness import paths
+from harness import compat
 from harness.checks.registry import checks
+from harness.compat import DTYPE_KW
+from harness.loading import paths
+from harness.loading.base import copy_model_extras, load_base
+from harness.loading.records import LoadedModel, LoadRecord
 
 DYNAMIC = [c.id for c in checks("dynamic")]
 
@@ -108,13 +110,13 @@ def lossy_merge_script(base_dir, adapter_dir, *, dtype, device, workdir):
     merged = paths.load_peft_merged(base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir)
     out = Path(workdir) / "lossy"
     merged.model.save_pretrained(out, safe_serialization=True)
-    paths.copy_model_extras(base_dir, out)
+    copy_model_extras(base_dir, out)
     tensors = load_file(out / "model.safetensors")
     tensors.pop("model.layers.0.attention.wqkv.Plora_A.weight")
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    model, info = paths.load_base(out, dtype=dtype, device=device, output_loading_info=True)
-    record = paths.LoadRecord(path="merge-script", missing_keys=sorted(info["missing_keys"]))
-    return paths.LoadedModel(model, record)
+    model, info = load_base(out, dtype=dtype, device=device, output_loading_info=True)
+    record = LoadRecord(path="merge-script", missing_keys=sorted(info["missing_keys"]))
+    return LoadedModel(model, record)
 
 
 def test_reinitialised_tensor_after_reload_fails(default_bundle, monkeypatch):
@@ -190,10 +192,10 @@ def test_load_adapter_that_never_switches_is_caught(default_bundle, monkeypatch)
     """The decoy default adapter is non-zero, so forgetting set_adapter() cannot pass as a no-op."""
 
     def forgetful(base_dir, adapter_dir, *, dtype, device, workdir):
-        record = paths.LoadRecord(path="load-adapter")
+        record = LoadRecord(path="load-adapter")
         model = paths._fresh_peft(base_dir, adapter_dir, dtype=dtype, device=device)
         model.load_adapter(str(adapter_dir), adapter_name="other")  # no set_adapter("other")
-        return paths.LoadedModel(model.eval(), record)
+        return LoadedModel(model.eval(), record)
 
     monkeypatch.setitem(paths.PATHS, "load-adapter", forgetful)
     got = results(default_bundle.adapter_dir, default_bundle.base_dir)["path-agreement"]

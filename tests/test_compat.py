@@ -15,8 +15,8 @@ from packaging.version import Version
 import harness
 from harness import compat
 from harness.cli import main
-from harness.inputs import InputError
-from harness.paths import load_base
+from harness.inputs.errors import InputError
+from harness.loading.base import load_base
 
 
 def test_the_installed_stack_is_inside_the_supported_range():

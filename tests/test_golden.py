@@ -21,7 +21,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from harness.golden import (
+from fixtures.golden_adapters import (
     GOLDEN_NAME,
     MANIFEST_NAME,
     PROBES_NAME,
@@ -37,7 +37,9 @@ from harness.golden import (
     params_digest,
     tensor_inventory,
 )
-from harness.paths import PATHS, LoadedModel, read_adapter_tensors
+from harness.inputs.adapter_dir import read_adapter_tensors
+from harness.loading.paths import PATHS
+from harness.loading.records import LoadedModel
 from harness.synthetic.export import export_model
 from harness.synthetic.family import Dims, build_model
 

@@ -14,8 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from fixtures import MUTATIONS, marker_path
 from fixtures.mutations import BIN, CONFIG, SAFETENSORS, copy_adapter
-from harness import inputs
-from harness.inputs import InputError, WeightsError, inspect_weight_file, parse_safetensors_header, read_adapter
+from harness.inputs import scan
+from harness.inputs.adapter_dir import read_adapter
+from harness.inputs.errors import InputError, WeightsError
+from harness.inputs.scan import scan_weight_file
+from harness.inputs.weights import inspect_weight_file, parse_safetensors_header
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +182,7 @@ def test_damaged_files_never_crash(default_bundle, tmp_path_factory, cut, flips)
     path.write_bytes(bytes(data))
     wf = inspect_weight_file(path)
     if wf.readable:
-        stats = inputs.scan_weight_file(wf)
+        stats = scan_weight_file(wf)
         assert set(stats) == set(wf.tensors)
     else:
         assert wf.error and "\n" not in wf.error
@@ -220,7 +223,7 @@ def test_misaligned_data_is_read_correctly(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
 def test_scan_finds_nan_inf_and_zero_across_chunks(tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(inputs, "SCAN_CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(scan, "SCAN_CHUNK_ELEMENTS", 16)
     ok = torch.randn(100).to(dtype)
     nan = torch.randn(100).to(dtype)
     nan[77] = float("nan")
@@ -232,7 +235,7 @@ def test_scan_finds_nan_inf_and_zero_across_chunks(tmp_path, monkeypatch, dtype)
     path = tmp_path / "x.safetensors"
     save_file({"ok": ok, "nan": nan, "inf": inf, "zero": zero, "late": late, "empty": torch.empty(0, dtype=dtype)},
               str(path))
-    stats = inputs.scan_weight_file(inspect_weight_file(path))
+    stats = scan_weight_file(inspect_weight_file(path))
     assert stats["ok"].finite and stats["ok"].nonzero
     assert not stats["nan"].finite and stats["nan"].nan == 1
     assert not stats["inf"].finite
@@ -243,20 +246,20 @@ def test_scan_finds_nan_inf_and_zero_across_chunks(tmp_path, monkeypatch, dtype)
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.float8_e5m2, torch.float8_e4m3fnuz])
 def test_scan_other_float_encodings(tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(inputs, "SCAN_CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(scan, "SCAN_CHUNK_ELEMENTS", 8)
     base = torch.randn(40).to(dtype) if not dtype.is_complex else torch.randn(40, dtype=dtype)
     bad = base.clone()
     bad[33] = float("inf") if dtype != torch.float8_e4m3fnuz else float("nan")
     path = tmp_path / "x.safetensors"
     save_file({"ok": base, "bad": bad, "zero": torch.zeros(40, dtype=dtype)}, str(path))
-    stats = inputs.scan_weight_file(inspect_weight_file(path))
+    stats = scan_weight_file(inspect_weight_file(path))
     assert stats["ok"].finite and stats["ok"].nonzero and stats["ok"].error is None
     assert not stats["bad"].finite and stats["bad"].nan + stats["bad"].inf == 1
     assert stats["zero"].finite and not stats["zero"].nonzero
 
 
 def test_scan_negative_zero_is_zero_and_tiny_values_are_not(tmp_path, monkeypatch):
-    monkeypatch.setattr(inputs, "SCAN_CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(scan, "SCAN_CHUNK_ELEMENTS", 8)
     tensors = {
         "negzero": torch.full((20,), -0.0, dtype=torch.bfloat16),
         "mixedzero": torch.tensor([0.0, -0.0] * 10, dtype=torch.float16),
@@ -268,7 +271,7 @@ def test_scan_negative_zero_is_zero_and_tiny_values_are_not(tmp_path, monkeypatc
     }
     path = tmp_path / "x.safetensors"
     save_file(tensors, str(path))
-    stats = inputs.scan_weight_file(inspect_weight_file(path))
+    stats = scan_weight_file(inspect_weight_file(path))
     assert not stats["negzero"].nonzero and not stats["mixedzero"].nonzero
     assert stats["subnormal"].nonzero and stats["subnormal"].finite
     assert not stats["neg_nan"].finite and stats["neg_nan"].nan == 1
@@ -277,14 +280,14 @@ def test_scan_negative_zero_is_zero_and_tiny_values_are_not(tmp_path, monkeypatc
 
 
 def test_scan_releases_pages_without_losing_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(inputs, "SCAN_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(scan, "SCAN_CHUNK_ELEMENTS", 1000)
     tensors = {"a": torch.randn(3001), "b": torch.randn(70, 90).to(torch.bfloat16)}
     path = tmp_path / "x.safetensors"
     save_file(tensors, str(path))
     wf = inspect_weight_file(path)
     views = dict(wf.iter_tensors())  # live views across the page release
-    first = inputs.scan_weight_file(wf)
-    second = inputs.scan_weight_file(wf)
+    first = scan_weight_file(wf)
+    second = scan_weight_file(wf)
     assert first == second
     assert all(torch.equal(views[k], tensors[k]) for k in tensors)
 
@@ -307,7 +310,7 @@ def test_scan_resident_memory_stays_small(tmp_path):
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     before = status("VmRSS")
-    stats = inputs.scan_weight_file(inspect_weight_file(path))
+    stats = scan_weight_file(inspect_weight_file(path))
     assert all(s.nonzero and s.finite for s in stats.values())
     assert status("VmHWM") - before < 0.5 * size
 

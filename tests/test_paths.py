@@ -19,21 +19,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from peft import get_peft_model
 from peft.tuners.lora import LoraModel
-
-from harness import compat
-from harness.paths import (
-    PATHS,
-    PEFT_NOT_STATE_DICT,
-    diagnose_raw_load,
-    find_unmerged_lora_wrappers,
-    load_base,
-    read_adapter_tensors,
-)
-from harness.probes import make_probe
-from harness.reference import build_reference, judge, pairwise_disagreements, probe_logits
-from harness.synthetic.adapters import save_adapter
-from harness.synthetic.family import TINY, build_model
-
 from test_properties_merge import (  # noqa: E402  (shared scenario machinery, tests/ is on sys.path)
     Scenario,
     doubled_scaling_merge,
@@ -42,6 +27,19 @@ from test_properties_merge import (  # noqa: E402  (shared scenario machinery, t
     prop_settings,
     scenarios,
 )
+
+from fixtures.judging import build_reference, judge
+from harness import compat
+from harness.inputs.adapter_dir import read_adapter_tensors
+from harness.loading.base import load_base
+from harness.loading.paths import PATHS
+from harness.loading.raw_load import PEFT_NOT_STATE_DICT, diagnose_raw_load
+from harness.loading.records import find_unmerged_lora_wrappers
+from harness.numerics.compare import pairwise_disagreements
+from harness.numerics.probes import make_probe
+from harness.numerics.reference import probe_logits
+from harness.synthetic.adapters import save_adapter
+from harness.synthetic.family import TINY, build_model
 
 torch.set_num_threads(1)
 

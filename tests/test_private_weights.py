@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.paths import load_base
-from harness.private_weights import privatize_weights
+from harness.loading.base import load_base
+from harness.loading.private_weights import privatize_weights
 
 
 def test_private_copy_is_bit_identical_and_counts_every_stored_parameter(default_bundle):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from harness.probes import accepts_im_mask, make_probe
-from harness.reference import probe_logits
+from harness.numerics.probes import accepts_im_mask, make_probe
+from harness.numerics.reference import probe_logits
 from harness.synthetic import build_model
 from harness.synthetic.modeling.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
 

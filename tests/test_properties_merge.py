@@ -24,19 +24,12 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from harness.paths import find_unmerged_lora_wrappers
-from harness.probes import ProbeBatch, make_probe
-from harness.reference import (
-    Reference,
-    build_reference_from_model,
-    compare,
-    greedy_tokens,
-    judge,
-    pairwise_disagreements,
-    policy_for,
-    probe_logits,
-    tolerance_for,
-)
+from fixtures.judging import Reference, build_reference_from_model, greedy_tokens, judge
+from harness.loading.records import find_unmerged_lora_wrappers
+from harness.numerics.compare import compare, pairwise_disagreements
+from harness.numerics.probes import ProbeBatch, make_probe
+from harness.numerics.reference import probe_logits
+from harness.numerics.tolerances import policy_for, tolerance_for
 from harness.synthetic.family import TINY, build_model
 from harness.synthetic.modeling.build_mlp import PLoRA
 

@@ -8,23 +8,13 @@ import pytest
 import torch
 from hypothesis import given
 from peft.tuners.lora import LoraLayer
-
-from harness.probes import make_probe
-from harness.reference import (
-    TOLERANCE_TABLE,
-    ModuleDelta,
-    apply_adapter_reference,
-    build_reference,
-    compare,
-    compare_module_deltas,
-    expected_deltas,
-    greedy_tokens,
-    policy_for,
-    probe_logits,
-    tolerance_for,
-)
-
 from test_properties_merge import Scenario, adapter_of, base_model, peft_model, prop_settings, scenarios  # noqa: E402
+
+from fixtures.judging import build_reference, compare_module_deltas, greedy_tokens
+from harness.numerics.compare import compare
+from harness.numerics.probes import make_probe
+from harness.numerics.reference import ModuleDelta, apply_adapter_reference, expected_deltas, probe_logits
+from harness.numerics.tolerances import TOLERANCE_TABLE, policy_for, tolerance_for
 
 torch.set_num_threads(1)
 
@@ -64,7 +54,7 @@ def test_scaling_rules_by_hand() -> None:
 
 
 def test_reference_touches_only_target_weights(default_bundle) -> None:
-    from harness.paths import load_base
+    from harness.loading.base import load_base
 
     reference = build_reference(default_bundle.base_dir, default_bundle.adapter_dir)
     base = load_base(default_bundle.base_dir, dtype=torch.float32)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.compat import DTYPE_KW
-from harness.probes import make_probe
+from harness.numerics.probes import make_probe
 from harness.synthetic import BundleSpec, build_bundle, build_model
 from harness.synthetic.cache import cached_build
 

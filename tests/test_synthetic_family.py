@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harness.probes import make_probe
+from harness.numerics.probes import make_probe
 from harness.synthetic import FULL_7B, TINY, build_model, make_config
 
 VARIANTS = ["ixc2", "ixc2-4khd", "ixc2.5"]

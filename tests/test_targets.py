@@ -5,8 +5,8 @@ import json
 import pytest
 
 from harness import compat
-from harness.base_model import inspect_base, tower_of
-from harness.targets import resolve_targets
+from harness.model.structure import inspect_base, tower_of
+from harness.model.targets import resolve_targets
 
 
 @pytest.fixture(scope="module")

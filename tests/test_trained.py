@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import harness
 from harness import compat
-from harness.paths import load_base
-from harness.probes import make_probe
+from harness.engine.training_audit import base_key, kind_of
+from harness.loading.base import load_base
+from harness.numerics.probes import make_probe
 from harness.synthetic import official_lora_config, save_adapter
-from harness.trained import base_key, kind_of
 
 TRAINED_IDS = ["trained-vs-shipped", "trained-params-saved"]
 

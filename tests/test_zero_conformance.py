@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import harness
-from harness.zero import SKIP_REASON
+from harness.inputs.deepspeed import SKIP_REASON
 
 pytest.importorskip("deepspeed", reason=SKIP_REASON)
 

@@ -1,4 +1,4 @@
-"""harness.zero without real DeepSpeed runs: detection, the pickle safety scan, key mapping, errors.
+"""harness.inputs.deepspeed without real DeepSpeed runs: detection, the pickle safety scan, key mapping, errors.
 
 Every checkpoint here is hand-made with ``torch.save`` in the DeepSpeed file layout, so these
 tests need neither deepspeed nor extra processes (the real ZeRO runs are in test_zero_runs.py).
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import zero
-from harness.zero import (
+from harness.inputs import deepspeed as zero
+from harness.inputs.deepspeed import (
     SKIP_REASON,
     DeepSpeedUnavailable,
     UnsafeCheckpointError,
@@ -26,9 +26,9 @@ from harness.zero import (
     convert_zero_checkpoint,
     detect_zero_checkpoint,
     is_zero_checkpoint,
-    peft_key,
     scan_file,
 )
+from harness.model.peft_keys import peft_key
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["attention.wqkv"]}
@@ -291,12 +291,12 @@ def test_peft_key_agrees_with_peft_on_the_synthetic_model() -> None:
 
 
 def test_library_never_imports_deepspeed_or_pytest_at_import_time() -> None:
-    for rel in ("harness/zero.py", "harness/synthetic/zero_train.py"):
+    for rel in ("harness/inputs/deepspeed.py", "fixtures/zero_train.py"):
         tree = ast.parse((REPO / rel).read_text())
         top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
         top |= {(node.module or "").split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
         assert not top & {"deepspeed", "pytest", "torch"}, (rel, top)
-    code = ("import sys, harness.zero as z; "
+    code = ("import sys, harness.inputs.deepspeed as z; "
             "assert z.detect_zero_checkpoint('.') is None; "
             "assert 'deepspeed' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60,

@@ -20,15 +20,15 @@ import pytest
 import torch
 
 from harness.compat import DTYPE_KW
-from harness.zero import SKIP_REASON
+from harness.inputs.deepspeed import SKIP_REASON
 
 pytest.importorskip("deepspeed", reason=SKIP_REASON)
 
 from safetensors.torch import load_file  # noqa: E402
 
 from fixtures.zero_runs import zero_run_specs  # noqa: E402
-from harness.synthetic.zero_train import ZeroSpec, ZeroTrainError, train_zero  # noqa: E402
-from harness.zero import (  # noqa: E402
+from fixtures.zero_train import ZeroSpec, ZeroTrainError, train_zero  # noqa: E402
+from harness.inputs.deepspeed import (
     OPTIM_STATES_ALLOWED,
     ZeroCheckpointError,
     convert_zero_checkpoint,
@@ -203,7 +203,7 @@ def test_conversion_leaves_the_input_untouched_and_needs_a_config(zero_runs, tmp
 
 def test_deepspeed_loads_really_run_weights_only(zero_runs, tmp_path: Path, monkeypatch) -> None:
     """Second line of defence: with an empty class allowlist, zero_to_fp32's own loads must fail."""
-    import harness.zero as zero
+    import harness.inputs.deepspeed as zero
 
     monkeypatch.setattr(zero, "_allowed_classes", lambda: [])
     with pytest.raises(zero.UnsafeCheckpointError, match="weights_only=True"):

@@ -1,11 +1,11 @@
 """Checks: a registry of stable ids, grouped static / against-base / dynamic / merged."""
 
-from .registry import (
+from harness.checks import static  # noqa: E402,F401  (registers the static checks)
+from harness.checks.context import CheckContext, CheckOptions
+from harness.checks.registry import (
     GROUPS,
     REGISTRY,
     Check,
-    CheckContext,
-    CheckOptions,
     checks,
     failed,
     get_check,
@@ -16,8 +16,7 @@ from .registry import (
     skipped,
     warned,
 )
-from . import static  # noqa: E402,F401  (registers the static checks)
-from .static import run_static
+from harness.checks.static import run_static
 
 __all__ = [
     "GROUPS", "REGISTRY", "Check", "CheckContext", "CheckOptions", "checks", "failed", "get_check", "passed",

@@ -6,9 +6,10 @@ meta-device build and the weight index from the safetensors headers.
 
 from __future__ import annotations
 
-from ..targets import TargetResolution, resolve_targets
-from .registry import CheckContext, failed, passed, register, skipped, warned
-from .static import analyse_keys
+from harness.checks.context import CheckContext
+from harness.checks.registry import failed, passed, register, skipped, warned
+from harness.checks.static import analyse_keys
+from harness.model.targets import TargetResolution, resolve_targets
 
 
 def _needs_base(ctx: CheckContext) -> str | None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..dynamic import MERGED_PATHS, DynamicRun
-from ..paths import PATHS
-from .registry import CheckContext, failed, passed, register, skipped, warned
+from harness.checks.context import CheckContext
+from harness.checks.registry import failed, passed, register, skipped, warned
+from harness.engine.dynamic_run import MERGED_PATHS, DynamicRun
+from harness.loading.paths import PATHS
 
 # A check that needs these to have passed cannot say anything useful when they failed.
 PREREQUISITES = ("config-valid", "weights-readable", "unsafe-pickle", "empty-tensors")

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..lora_math import delta_weight, module_scaling
-from ..inputs import InputError
-from ..model_dir import ModelDir
-from .registry import CheckContext, failed, passed, register, skipped, warned
-from .static import analyse_keys
+from harness.checks.context import CheckContext
+from harness.checks.registry import failed, passed, register, skipped, warned
+from harness.checks.static import analyse_keys
+from harness.inputs.errors import InputError
+from harness.inputs.model_dir import ModelDir
+from harness.model.lora_math import delta_weight, module_scaling
 
 # max |merged - expected| / max |expected| allowed per merged dtype: a few units of rounding
 # of that dtype (merges are computed in the model dtype, so two roundings can stack).

@@ -13,10 +13,10 @@ exception inside a check into a ``fail`` with a one-line message.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from ..report import CheckResult
+from harness.checks.context import CheckContext
+from harness.report import CheckResult
 
 GROUPS = ("deepspeed", "static", "against-base", "dynamic", "merged", "trained")
 
@@ -67,40 +67,6 @@ def checks(group: str | None = None) -> list[Check]:
     _load_builtin_checks(group)
     selected = [c for c in REGISTRY.values() if group is None or c.group == group]
     return sorted(selected, key=lambda c: GROUPS.index(c.group))  # stable: registration order within a group
-
-
-@dataclass
-class CheckOptions:
-    allow_plora_targets: bool = False
-    dtype: str | None = None
-    device: str = "cpu"
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CheckContext:
-    """What checks see. Add fields freely (with defaults): checks read only what they need.
-
-    ``adapter`` is ``harness.inputs.AdapterInputs`` (or None when only a base/merged dir is checked);
-    ``cache`` memoises expensive shared work (the tensor scan, loaded models) across checks.
-    """
-
-    adapter: Any = None
-    options: CheckOptions = field(default_factory=CheckOptions)
-    cache: dict[str, Any] = field(default_factory=dict)
-    base: Any = None
-    merged: Any = None
-    progress: Callable[[str], None] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
-
-    def say(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress(text)
 
 
 # -- result helpers: id (and default fix) are filled in by the runner -----------------------------
@@ -157,7 +123,7 @@ def run_checks(ctx: CheckContext, group: str | None = None, only: list[str] | No
 
 
 # group -> the module of this package that registers its built-in checks
-_GROUP_MODULES = {"deepspeed": "zero_checkpoint", "static": "static", "against-base": "against_base", "dynamic": "dynamic", "merged": "merged",
+_GROUP_MODULES = {"deepspeed": "deepspeed", "static": "static", "against-base": "against_base", "dynamic": "dynamic", "merged": "merged",
                   "trained": "trained"}
 
 

@@ -7,19 +7,19 @@ share one streaming pass over the tensor data (``AdapterInputs.scan``, cached on
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
-from ..compat import PEFT_VERSION, lora_config_fields
-from ..inputs import AdapterInputs, WeightFile
-from .registry import CheckContext, failed, passed, register, skipped, warned
+from harness.checks.context import CheckContext
+from harness.checks.registry import failed, passed, register, skipped, warned
+from harness.compat import PEFT_VERSION, lora_config_fields
+from harness.inputs.adapter_dir import AdapterInputs
+from harness.inputs.weights import WeightFile
+from harness.model.peft_keys import KeyAnalysis, as_list, classify_key
 
-PREFIX = "base_model.model."
 B_KINDS = ("lora_B", "lora_embedding_B")
 REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
 ZERO3_FIX = (
@@ -32,119 +32,9 @@ ZERO3_FIX = (
 # -- shared analysis -------------------------------------------------------------------------------
 
 
-@dataclass
-class KeyInfo:
-    key: str
-    kind: str  # lora | bias | modules_to_save | trainable_tokens | embedding_layer | plora | base_layer | unknown
-    module: str = ""  # module path without the PEFT prefix
-    lora_kind: str | None = None  # lora_A / lora_B / ... for kind == "lora"
-    adapter_name: str | None = None  # a name left in the key (".default.")
-    prefixes: int = 0  # how many times "base_model.model." starts the key
-
-
-@dataclass
-class KeyAnalysis:
-    infos: list[KeyInfo] = field(default_factory=list)
-
-    def of(self, *kinds: str) -> list[KeyInfo]:
-        return [i for i in self.infos if i.kind in kinds]
-
-    @property
-    def lora(self) -> list[KeyInfo]:
-        return self.of("lora")
-
-
 def _config(ctx: CheckContext) -> dict:
     config = ctx.adapter.config if ctx.adapter is not None else None
     return config if isinstance(config, dict) else {}
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, set)):
-        return [v for v in value if isinstance(v, str)]
-    return [value] if isinstance(value, str) else []
-
-
-@functools.cache
-def _embedding_layer_names() -> tuple[str, ...]:
-    try:
-        from peft.utils.other import EMBEDDING_LAYER_NAMES
-    except ImportError:  # pragma: no cover - other PEFT layouts
-        EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
-    return tuple(EMBEDDING_LAYER_NAMES)
-
-
-_LORA_TAILS = {
-    "lora_A": (["weight"], ["bias"]),
-    "lora_B": (["weight"], ["bias"]),
-    "lora_embedding_A": ([],),
-    "lora_embedding_B": ([],),
-    "lora_magnitude_vector": ([], ["weight"]),
-}
-
-
-def classify_key(key: str, config: dict) -> KeyInfo:
-    """Name one saved key by what it is, following PEFT's save format (``get_peft_model_state_dict``).
-
-    Kinds: ``lora`` (lora_A/B, lora_embedding_A/B, lora_magnitude_vector, lora_B.bias), ``bias``
-    (bias="all"/"lora_only"), ``modules_to_save``, ``trainable_tokens``, ``embedding_layer``
-    (save_embedding_layers), ``base_layer`` (base weights: a full PeftModel state dict), ``plora``
-    (the base model's own PLoRA weights) and ``unknown``.
-    """
-    rest, prefixes = key, 0
-    while rest.startswith(PREFIX):
-        rest, prefixes = rest[len(PREFIX) :], prefixes + 1
-    parts = rest.split(".")
-    info = KeyInfo(key=key, kind="unknown", prefixes=prefixes)
-
-    # LoRA tensors first: target_parameters nests wrappers, so ".base_layer.lora_A.weight" is a LoRA key.
-    for index in range(len(parts) - 1, -1, -1):
-        if parts[index] in _LORA_TAILS:
-            info.kind, info.lora_kind = "lora", parts[index]
-            info.module = ".".join(p for p in parts[:index] if p != "base_layer")
-            tail = parts[index + 1 :]
-            if tail not in _LORA_TAILS[parts[index]]:
-                if tail and tail[0] not in ("weight", "bias"):
-                    info.adapter_name = tail[0]
-                else:
-                    info.kind = "unknown"
-            return info
-    # bias="all" / "lora_only": PEFT saves biases too, those of LoRA layers as "<module>.base_layer.bias".
-    if parts[-1] == "bias" and config.get("bias") in ("all", "lora_only"):
-        info.kind = "bias"
-        info.module = ".".join(p for p in parts[:-1] if p != "base_layer")
-        return info
-    if "modules_to_save" in parts:
-        index = parts.index("modules_to_save")
-        info.kind, info.module = "modules_to_save", ".".join(parts[:index])
-        if index + 1 < len(parts) - 1:
-            info.adapter_name = parts[index + 1]
-        return info
-    if "trainable_tokens_delta" in parts or "token_adapter" in parts:
-        info.kind, info.module = "trainable_tokens", rest
-        return info
-    # save_embedding_layers (automatic when embed_tokens/lm_head are targeted): PEFT saves the embedding
-    # weights themselves, as "<embed>.base_layer.weight" when wrapped, and restores them on load.
-    if parts[-1] == "weight" and any(p in _embedding_layer_names() for p in parts[:-1]):
-        info.kind = "embedding_layer"
-        info.module = ".".join(p for p in parts[:-1] if p != "base_layer")
-        return info
-    if "base_layer" in parts or "original_module" in parts:
-        info.kind = "base_layer"
-        return info
-    if any(p in ("Plora_A", "Plora_B") or p.startswith("plora_") for p in parts):
-        info.kind, info.module = "plora", rest
-        return info
-    for entry in _as_list(config.get("modules_to_save")):
-        for index in range(len(parts) - 1):
-            sub = ".".join(parts[: index + 1])
-            if sub == entry or sub.endswith("." + entry):
-                info.kind, info.module = "modules_to_save", sub
-                return info
-    info.module = rest
-    return info
 
 
 def analyse_keys(ctx: CheckContext) -> KeyAnalysis:
@@ -390,7 +280,7 @@ def check_config_valid(ctx: CheckContext):
         )
     return passed(
         f"LoRA config: r={r}, lora_alpha={alpha}, "
-        f"{len(_as_list(targets)) or len(_as_list(params))} target pattern(s)"
+        f"{len(as_list(targets)) or len(as_list(params))} target pattern(s)"
         + (", rank_pattern" if config.get("rank_pattern") else "")
         + (", alpha_pattern" if config.get("alpha_pattern") else "")
         + (", rsLoRA" if config.get("use_rslora") else "")
@@ -652,7 +542,7 @@ def check_key_grammar(ctx: CheckContext):
 
 def expected_rank(config: dict, module: str) -> int | None:
     """The rank PEFT gives ``module`` (path without prefix): rank_pattern first, matched like PEFT does."""
-    from ..lora_math import pattern_key
+    from harness.model.lora_math import pattern_key
 
     r = config.get("r")
     pattern = config.get("rank_pattern") or {}
@@ -850,9 +740,10 @@ def run_static(adapter_dir, options=None, *, progress=None, context: CheckContex
 
     Raises ``harness.inputs.InputError`` when the input cannot be read at all.
     """
-    from .. import inputs as inputs_module
-    from ..report import Report
-    from .registry import CheckOptions, run_checks
+    from harness.checks.context import CheckOptions
+    from harness.checks.registry import run_checks
+    from harness.inputs import adapter_dir as inputs_module
+    from harness.report import Report
 
     adapter = adapter_dir if isinstance(adapter_dir, AdapterInputs) else inputs_module.read_adapter(adapter_dir)
     ctx = context or CheckContext(adapter=adapter, options=options or CheckOptions(), progress=progress)

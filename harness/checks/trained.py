@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..trained import ParamFinding, TrainedAudit, audit_trained
-from .registry import CheckContext, failed, passed, register, skipped, warned
+from harness.checks.context import CheckContext
+from harness.checks.registry import failed, passed, register, skipped, warned
+from harness.engine.training_audit import ParamFinding, TrainedAudit, audit_trained
 
 _KIND_WORDS = {
     "plora": "PLoRA Plora_A/Plora_B",

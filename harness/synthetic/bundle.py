@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import official_lora_config, save_adapter, train_adapter
-from .cache import cached_build
-from .export import export_model
-from .family import TINY, Dims, build_model
+from harness.synthetic.adapters import official_lora_config, save_adapter, train_adapter
+from harness.synthetic.cache import cached_build
+from harness.synthetic.export import export_model
+from harness.synthetic.family import TINY, Dims, build_model
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def build_bundle(spec: BundleSpec = BundleSpec(), cache_root: str | Path | None 
 
 def build_merged_dir(bundle: Bundle, cache_root: str | Path | None = None) -> Path:
     """The official merge script's output for ``bundle`` (merge, save_pretrained, code + tokenizer copied)."""
-    from ..paths import copy_model_extras, load_peft_merged
+    from harness.loading.base import copy_model_extras
+    from harness.loading.paths import load_peft_merged
 
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
 

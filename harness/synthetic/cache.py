@@ -25,7 +25,7 @@ def _source_digest() -> str:
     for path in sorted(_SOURCES.rglob("*.py")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    h.update((_SOURCES.parent / "probes.py").read_bytes())
+    h.update((_SOURCES.parent / "numerics" / "probes.py").read_bytes())
     return h.hexdigest()[:12]
 
 

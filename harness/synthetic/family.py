@@ -12,8 +12,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .modeling.configuration_internlm_xcomposer2 import PLORA_MODULES, VARIANTS, InternLMXcomposer2Config
-from .modeling.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
+from harness.synthetic.modeling.configuration_internlm_xcomposer2 import (
+    PLORA_MODULES,
+    VARIANTS,
+    InternLMXcomposer2Config,
+)
+from harness.synthetic.modeling.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
 
 REAL_HIDDEN = 4096
 

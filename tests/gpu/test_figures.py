@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from harness.gpu.figures import environment, gib, overall_peak, peak_bytes, phase, timed, write_figures
+from fixtures.gpu.figures import environment, gib, overall_peak, peak_bytes, phase, timed, write_figures
 
 
 def test_sections_are_kept_and_replaced_one_at_a_time(tmp_path):

@@ -6,8 +6,8 @@ figures go to $PLORA_HARNESS_FIGURES (section "full_size") when set: scripts/gpu
 
 import pytest
 
-from harness.gpu.figures import write_figures
-from harness.gpu.full_size import FullSizeSpec, run_full_size
+from fixtures.gpu.figures import write_figures
+from fixtures.gpu.full_size import FullSizeSpec, run_full_size
 from harness.synthetic import FULL_7B
 
 pytestmark = pytest.mark.gpu

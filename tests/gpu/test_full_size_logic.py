@@ -8,9 +8,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from harness.gpu.build import attach_lora, build_on_device, estimate_bytes, regenerate_param, restore_buffers
-from harness.gpu.figures import write_figures
-from harness.gpu.full_size import FullSizeRun, FullSizeSpec, run_full_size
+from fixtures.gpu.build import attach_lora, build_on_device, estimate_bytes, regenerate_param, restore_buffers
+from fixtures.gpu.figures import write_figures
+from fixtures.gpu.full_size import FullSizeRun, FullSizeSpec, run_full_size
 from harness.synthetic import FULL_7B, TINY, build_model
 
 TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 
-from harness.gpu.figures import write_figures
-from harness.gpu.quirks import RealModelError
-from harness.gpu.real_model import RealModelRun
+from fixtures.gpu.figures import write_figures
+from fixtures.gpu.real_model import RealModelRun
+from harness.model.remote_code import RealModelError
 
 pytestmark = pytest.mark.gpu
 

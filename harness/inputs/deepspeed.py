@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.model.peft_keys import extract_adapter_tensors
+
 SKIP_REASON = "deepspeed not installed (pip install 'plora-harness[deepspeed]')"
 
 MODEL_STATES_GLOB = "*_model_states.pt"
@@ -51,8 +53,6 @@ OPTIM_STATES_ALLOWED: frozenset[str] = frozenset({
     "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO-1/2 param_slice_mappings
 })
 
-# The LoRA layer attributes that hold adapter tensors (peft.tuners.lora.layer.LoraLayer.adapter_layer_names).
-LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 class ZeroCheckpointError(ValueError):
@@ -378,44 +378,6 @@ def find_adapter_config(ckpt: ZeroCheckpoint, adapter_config=None) -> tuple[dict
 
 
 # --------------------------------------------------------------------------- key mapping
-
-_LORA_KEY = re.compile(
-    rf"^(?P<module>.+)\.(?P<part>{'|'.join(LORA_PARTS)})\.(?P<adapter>[^.]+)(?:\.(?P<leaf>weight|bias))?$"
-)
-_SAVED_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<rest>.+)$")
-_TOKENS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta\.(?P<adapter>[^.]+)$")
-
-
-def peft_key(key: str, adapter_name: str = "default") -> str | None:
-    """The key PEFT's ``get_peft_model_state_dict`` saves for model key ``key``, or ``None`` if not this adapter's.
-
-    ``m.lora_A.default.weight`` → ``m.lora_A.weight``; ``m.lora_embedding_A.default`` → ``m.lora_embedding_A``;
-    DoRA ``m.lora_magnitude_vector.default.weight`` → ``m.lora_magnitude_vector``;
-    ``m.modules_to_save.default.weight`` → ``m.weight``. Matching is by whole path components, so a base
-    model's ``Plora_A`` is never taken for ``lora_A``.
-    """
-    if (m := _LORA_KEY.match(key)) and m["adapter"] == adapter_name:
-        if m["part"] == "lora_magnitude_vector" or m["leaf"] is None:
-            return f"{m['module']}.{m['part']}"
-        return f"{m['module']}.{m['part']}.{m['leaf']}"
-    if (m := _SAVED_KEY.match(key)) and m["adapter"] == adapter_name:
-        return f"{m['module']}.{m['rest']}"
-    if (m := _TOKENS_KEY.match(key)) and m["adapter"] == adapter_name:
-        return f"{m['module']}.token_adapter.trainable_tokens_delta"
-    return None
-
-
-def extract_adapter_tensors(state_dict: dict, adapter_name: str = "default") -> tuple[dict, list[str]]:
-    """``(adapter tensors under PEFT's saved names, model keys left out)``."""
-    tensors, left_out = {}, []
-    for key, value in state_dict.items():
-        new = peft_key(key, adapter_name)
-        if new is None:
-            left_out.append(key)
-        else:
-            tensors[new] = value.detach().contiguous().clone()
-    return tensors, left_out
-
 
 # --------------------------------------------------------------------------- conversion
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .model_dir import ModelDir
-from .paths import PATHS, read_adapter_tensors
-from .probes import ProbeBatch, accepts_im_mask, make_probe
-from .reference import Comparison, compare, probe_logits
-from .zero import peft_key
+from harness.inputs.adapter_dir import read_adapter_tensors
+from harness.inputs.model_dir import ModelDir
+from harness.loading.paths import PATHS
+from harness.model.peft_keys import peft_key
+from harness.numerics.compare import Comparison, compare
+from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
+from harness.numerics.reference import probe_logits
 
 PEFT_PREFIX = "base_model.model."
 # PEFT's own containers, not base parameters: adapter weights, saved copies and the frozen originals.
@@ -83,7 +85,7 @@ def kind_of(name: str) -> str:
         return "plora"
     if re.search(r"(^|\.)plora_(glb|sub)_GN$", name):
         return "plora-separator"
-    from .base_model import PROJECTOR_MARKERS, VISION_MARKERS
+    from harness.model.structure import PROJECTOR_MARKERS, VISION_MARKERS
 
     if any(marker in name for marker in PROJECTOR_MARKERS):
         return "projector"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 
-from .base_model import BaseModelInfo, tower_of
+from harness.model.structure import BaseModelInfo, tower_of
 
 
 @dataclass

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .inputs import InputError, TensorInfo, WeightFile, check_inside, inspect_weight_file
+from harness.inputs.errors import InputError
+from harness.inputs.files import check_inside
+from harness.inputs.weights import TensorInfo, WeightFile, inspect_weight_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -7,7 +7,8 @@ pickle scan); this check reports it: stage, world size, tag, tensors and notes.
 
 from __future__ import annotations
 
-from .registry import CheckContext, failed, passed, register, skipped
+from harness.checks.context import CheckContext
+from harness.checks.registry import failed, passed, register, skipped
 
 
 @register(

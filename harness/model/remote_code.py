@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..compat import FLASH_ATTENTION, flash_attn_installed
+from harness.compat import FLASH_ATTENTION, flash_attn_installed
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIME_PREFIXES = {"image", "text", "application", "audio", "video", "multipart", "font"}

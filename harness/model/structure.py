@@ -78,7 +78,7 @@ def tower_of(module_name: str) -> str:
 
 def read_weight_index(base_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Names, shapes and dtypes of every tensor in the base's weight files (validated headers only)."""
-    from .model_dir import ModelDir
+    from harness.inputs.model_dir import ModelDir
 
     return ModelDir(base_dir).shapes()
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .inputs import InputError
-from .model_dir import ModelDir
+from harness.inputs.errors import InputError
+from harness.inputs.model_dir import ModelDir
 
 
 def privatize_weights(model: torch.nn.Module, model_dir: str | Path) -> int:

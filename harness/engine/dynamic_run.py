@@ -9,8 +9,6 @@ loads); ``peft``, ``peft-merged`` and ``merge-script`` share one load (see ``_ru
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -18,26 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .paths import (
-    PATHS,
-    LoadedModel,
-    LoadRecord,
-    RawLoadDiagnosis,
-    diagnose_raw_load,
-    find_unmerged_lora_wrappers,
-    load_base,
-    merge_loaded,
-    read_adapter_tensors,
-    save_and_reload,
-)
-from .probes import ProbeBatch, accepts_im_mask, make_probe
-from .reference import (
-    Comparison,
-    apply_adapter_reference,
-    compare,
-    probe_logits,
-    tolerance_for,
-)
+from harness.engine.memory import keep_large_frees_returnable, release_memory
+from harness.inputs.adapter_dir import read_adapter_tensors
+from harness.loading.base import load_base
+from harness.loading.paths import PATHS, merge_loaded, save_and_reload
+from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
+from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers
+from harness.numerics.compare import Comparison, compare
+from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
+from harness.numerics.reference import apply_adapter_reference, probe_logits
+from harness.numerics.tolerances import tolerance_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MERGED_PATHS = ("peft-merged", "peft-safe-merged", "merge-script")
@@ -185,7 +173,7 @@ class DynamicRun:
 def _chain_is_builtin() -> bool:
     """The chain stands for the three registered paths only while they are the built-in ones (a test double or a
     user's own path registered under one of these names runs on its own)."""
-    from . import paths
+    from harness.loading import paths
 
     builtin = {"peft": paths.load_peft, "peft-merged": paths.load_peft_merged, "merge-script": paths.load_merge_script}
     return all(PATHS[name] is func for name, func in builtin.items())
@@ -193,36 +181,6 @@ def _chain_is_builtin() -> bool:
 
 def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
-
-
-def _glibc():
-    """glibc, for its allocator controls; None on other C libraries."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def keep_large_frees_returnable() -> None:
-    """Fix glibc's mmap threshold at 1 MiB, so every freed weight-sized buffer goes back to the OS at once.
-
-    Why: glibc raises the threshold to the size of each freed mmapped block (up to 32 MiB), after which
-    weight-sized buffers come from the heap and stay there when freed; PEFT's ``safe_merge`` (clone, add,
-    free the original) then grows the process to 1.5x the model. With the threshold fixed the run stays
-    at one copy. Process-wide and harmless elsewhere (large buffers are mmapped, as by default at first).
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-def release_memory() -> None:
-    """Free a dropped model now: HF/PEFT models hold reference cycles, and glibc keeps freed arenas."""
-    gc.collect()
-    libc = _glibc()
-    if libc is not None:  # not glibc: the collector alone
-        libc.malloc_trim(0)
 
 
 def _is_plora_like(module: torch.nn.Module) -> bool:

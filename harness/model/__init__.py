@@ -1,0 +1,1 @@
+"""Model knowledge: PEFT's key grammar, LoRA arithmetic, base-model structure, targets, remote-code quirks."""

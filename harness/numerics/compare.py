@@ -1,0 +1,90 @@
+"""Output comparison against the reference: max abs / rel error per row class, and where it is worst."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from harness.numerics.probes import ProbeBatch
+from harness.numerics.tolerances import _dtype_name, policy_for, tolerance_for
+
+
+@dataclass
+class Comparison:
+    """How far ``label``'s outputs are from the reference, on image rows and on text rows."""
+
+    label: str
+    dtype: str
+    tolerance: float
+    image_max_abs: float
+    image_max_rel: float
+    text_max_abs: float
+    text_max_rel: float
+    worst_row: tuple[str, int, int]  # (row class, batch, position) of the largest relative error
+    ok: bool
+
+    def summary(self) -> str:
+        row_class, b, t = self.worst_row
+        verdict = "within" if self.ok else "OUTSIDE"
+        return (f"{self.label}: image rows max abs {self.image_max_abs:.2e} (rel {self.image_max_rel:.2e}), "
+                f"text rows max abs {self.text_max_abs:.2e} (rel {self.text_max_rel:.2e}); worst at {row_class} "
+                f"row batch {b} position {t}; {verdict} the {self.dtype} tolerance {self.tolerance:.0e}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *, dtype: torch.dtype,
+            label: str, tolerance: float | None = None) -> Comparison:
+    """Max abs / rel error per row class (padding excluded); rel is relative to the reference's max on those rows.
+
+    A row class passes when max abs <= max(atol, rel·scale); NaN/inf anywhere in real rows fails.
+    """
+    policy = policy_for(dtype)
+    tol = policy.rel if tolerance is None else tolerance
+    diff = (outputs.float() - reference.float()).abs().amax(-1)  # [B, T]
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    stats = {}
+    worst = ("none", -1, -1)
+    worst_rel = -1.0
+    ok = True
+    for row_class, rows in (("image", probe.image_rows.cpu()), ("text", probe.text_rows.cpu())):
+        if not rows.any():
+            stats[row_class] = (0.0, 0.0)
+            continue
+        scale = float(reference.float().abs().amax(-1)[rows].max().clamp_min(1e-12))
+        masked = torch.where(rows, diff, torch.zeros_like(diff))
+        max_abs = float(masked.max())
+        rel = max_abs / scale
+        stats[row_class] = (max_abs, rel)
+        ok = ok and max_abs <= max(policy.atol if tolerance is None else 0.0, tol * scale)
+        if rel > worst_rel:
+            flat = int(masked.argmax())
+            worst_rel, worst = rel, (row_class, flat // diff.shape[1], flat % diff.shape[1])
+    return Comparison(
+        label=label,
+        dtype=_dtype_name(dtype),
+        tolerance=tol,
+        image_max_abs=stats["image"][0],
+        image_max_rel=stats["image"][1],
+        text_max_abs=stats["text"][0],
+        text_max_rel=stats["text"][1],
+        worst_row=worst,
+        ok=ok,
+    )
+
+
+
+
+def pairwise_disagreements(outputs: dict[str, torch.Tensor], probe: ProbeBatch, *, dtype: torch.dtype) -> list[str]:
+    """Every pair of paths compared with each other (twice the dtype tolerance: both carry rounding)."""
+    problems = []
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pair = compare(outputs[a], outputs[b], probe, dtype=dtype, label=f"{a} vs {b}",
+                           tolerance=2 * tolerance_for(dtype))
+            if not pair.ok:
+                problems.append(pair.summary())
+    return problems

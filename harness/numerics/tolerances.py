@@ -1,0 +1,47 @@
+"""The tolerance policy: how far a result may be from the fp32 reference, per dtype (README table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a path may be from the fp32 reference, per row class (image rows, text rows).
+
+    ``rel`` is relative to the output scale: max |out - ref| / max |ref| over that row class.
+    ``atol`` is an absolute floor for row classes whose reference outputs are close to zero.
+    ``weight_eps`` bounds merged-weight rounding: |W'_got - W'_want| <= rel_w·|ΔW| + weight_eps·|W|.
+    """
+
+    rel: float
+    atol: float
+    weight_eps: float
+    why: str
+
+
+# One policy per dtype. fp32 covers summation-order noise (PEFT computes x·Aᵀ·Bᵀ, a merge computes
+# (W + sBA)·x) through a few layers; bf16/fp16 cover running the whole model in that dtype against an
+# fp32 reference, so they are looser, and only scaling errors well above rounding are caught there.
+TOLERANCE_TABLE: dict[torch.dtype, Tolerance] = {
+    torch.float32: Tolerance(1e-4, 1e-5, 2.4e-7, "summation order only; a mis-scaled adapter is >1e-2"),
+    torch.bfloat16: Tolerance(5e-2, 1e-2, 7.9e-3, "8-bit mantissa: ~4e-3 per rounding, compounded over layers"),
+    torch.float16: Tolerance(1e-2, 2e-3, 9.8e-4, "11-bit mantissa: ~5e-4 per rounding, compounded over layers"),
+}
+TOLERANCES: dict[torch.dtype, float] = {dtype: tol.rel for dtype, tol in TOLERANCE_TABLE.items()}
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """The relative output tolerance for ``dtype`` (fp32's for anything unlisted)."""
+    return TOLERANCE_TABLE.get(dtype, TOLERANCE_TABLE[torch.float32]).rel
+
+
+def policy_for(dtype: torch.dtype) -> Tolerance:
+    return TOLERANCE_TABLE.get(dtype, TOLERANCE_TABLE[torch.float32])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
