@@ -13,9 +13,9 @@ from fixtures import ALL_GOOD_VARIANTS, MUTATIONS, both_formats_identical, marke
 from fixtures.mutations import BIN, copy_adapter, edit_config, load_tensors, save_tensors, source_digest
 from harness.checks import CheckContext, CheckOptions, checks, run_static
 from harness.checks.registry import Check, register, run_check
-from harness.checks.static import expected_rank
 from harness.inputs.adapter_dir import read_adapter
 from harness.inputs.errors import InputError
+from harness.model.lora_math import module_rank as expected_rank
 from harness.model.peft_keys import classify_key
 
 STATIC_IDS = [

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from harness import compat
-from harness.model.structure import inspect_base, tower_of
+from harness.model.families import tower_of
+from harness.model.structure import inspect_base
 from harness.model.targets import resolve_targets
 
 

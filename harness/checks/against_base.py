@@ -44,7 +44,7 @@ def check_targets_resolve(ctx: CheckContext):
         return failed("no target pattern matches any module of the base model", **details)
     if result.unmatched_patterns:
         return failed(f"target pattern(s) {result.unmatched_patterns} match no module of the base model", **details)
-    has_language = any(ctx.base.plora_like()) or any(
+    has_language = any(ctx.base.branch_modules()) or any(
         name.startswith(("model.", "language_model")) for name in ctx.base.module_names()
     )
     if has_language and not result.per_tower.get("language"):
@@ -67,7 +67,7 @@ def check_targets_resolve(ctx: CheckContext):
 def check_lora_on_plora(ctx: CheckContext):
     if reason := _needs_base(ctx):
         return skipped(reason)
-    if not ctx.base.plora_like():
+    if not ctx.base.branch_modules():
         return passed("the base model has no PLoRA modules")
     inner = target_resolution(ctx).plora_inner
     if not inner:

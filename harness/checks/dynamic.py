@@ -12,10 +12,10 @@ from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.engine.dynamic_run import MERGED_PATHS, DynamicRun
 from harness.loading.paths import PATHS
+from harness.numerics.tolerances import EFFECT_FLOOR
 
 # A check that needs these to have passed cannot say anything useful when they failed.
 PREREQUISITES = ("config-valid", "weights-readable", "unsafe-pickle", "empty-tensors")
-EFFECT_FLOOR = 1e-4  # max |Δlogits| / max |logits| below this is "no measurable effect" (fp32 reference)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,9 @@ from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.checks.static import analyse_keys
 from harness.inputs.errors import InputError
 from harness.inputs.model_dir import ModelDir
+from harness.model import families
 from harness.model.lora_math import delta_weight, module_scaling
-
-# max |merged - expected| / max |expected| allowed per merged dtype: a few units of rounding
-# of that dtype (merges are computed in the model dtype, so two roundings can stack).
-WEIGHT_RTOL = {"float32": 1e-5, "bfloat16": 1.6e-2, "float16": 2e-3}
+from harness.numerics.tolerances import merged_weight_tolerances, policy_for
 
 
 @dataclass
@@ -59,7 +57,7 @@ def compare_merged(ctx: CheckContext, base: ModelDir, merged: ModelDir) -> Merge
     for key in sorted(base_keys & merged_keys):
         got = merged.get(key)
         found.dtypes.add(str(got.dtype).replace("torch.", ""))
-        rtol = WEIGHT_RTOL.get(str(got.dtype).replace("torch.", ""), 1e-5)
+        rtol = policy_for(got.dtype).merged_rel
         want = base.get(key)
         if key in adapted:
             parts = modules[adapted[key]]
@@ -89,16 +87,17 @@ def compare_merged(ctx: CheckContext, base: ModelDir, merged: ModelDir) -> Merge
 
 
 def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Tensor, rtol: float) -> bool:
-    """Did the merge add the PLoRA branch (Plora_B @ Plora_A · scale) into the base weight too?"""
-    stem = key[: -len(".weight")]
-    a_key, b_key = f"{stem}.Plora_A.weight", f"{stem}.Plora_B.weight"
-    if a_key not in base.keys or b_key not in base.keys:
-        return False
-    plora = base.get(b_key).float() @ base.get(a_key).float()
-    residual = got.float() - expected
-    # any positive scale: the residual is a multiple of Plora_B @ Plora_A
-    scale = float((residual * plora).sum() / (plora * plora).sum().clamp_min(1e-30))
-    return scale > 0 and _rel((residual - scale * plora).abs().max(), expected.abs().max()) <= rtol
+    """Did the merge add the base model's own branch (PLoRA: Plora_B @ Plora_A · scale) into the weight too?"""
+    for a_key, b_key in families.branch_weight_keys(key[: -len(".weight")]):
+        if a_key not in base.keys or b_key not in base.keys:
+            continue
+        branch = base.get(b_key).float() @ base.get(a_key).float()
+        residual = got.float() - expected
+        # any positive scale: the residual is a multiple of the branch's own B @ A
+        scale = float((residual * branch).sum() / (branch * branch).sum().clamp_min(1e-30))
+        if scale > 0 and _rel((residual - scale * branch).abs().max(), expected.abs().max()) <= rtol:
+            return True
+    return False
 
 
 def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) -> list[str]:
@@ -145,7 +144,7 @@ def check_merged_matches(ctx: CheckContext):
     found = compare_merged(ctx, base, merged)
     problems = []
     if found.missing:
-        plora = [k for k in found.missing if "Plora_" in k or "plora_" in k]
+        plora = [k for k in found.missing if families.is_branch_param(k)]
         problems.append(f"{len(found.missing)} base tensor(s) missing from the merged checkpoint (re-initialised "
                         f"on load), e.g. {(plora or found.missing)[0]}")
     if found.plora_folded:
@@ -166,7 +165,7 @@ def check_merged_matches(ctx: CheckContext):
         "missing": found.missing[:10], "unexpected": found.unexpected[:10], "changed": found.changed[:10],
         "wrong_delta": found.wrong_delta[:10], "unmerged": found.unmerged[:10], "plora_folded": found.plora_folded[:10],
         "max_rel_error": found.worst[0], "worst_tensor": found.worst[1], "dtypes": sorted(found.dtypes),
-        "tolerance": WEIGHT_RTOL, "problems": problems,
+        "tolerance": merged_weight_tolerances(), "problems": problems,
     }
     if problems:
         return failed(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),

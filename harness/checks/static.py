@@ -18,6 +18,7 @@ from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.compat import PEFT_VERSION, lora_config_fields
 from harness.inputs.adapter_dir import AdapterInputs
 from harness.inputs.weights import WeightFile
+from harness.model.lora_math import module_rank
 from harness.model.peft_keys import KeyAnalysis, as_list, classify_key
 
 B_KINDS = ("lora_B", "lora_embedding_B")
@@ -540,19 +541,6 @@ def check_key_grammar(ctx: CheckContext):
 # -- shapes ----------------------------------------------------------------------------------------
 
 
-def expected_rank(config: dict, module: str) -> int | None:
-    """The rank PEFT gives ``module`` (path without prefix): rank_pattern first, matched like PEFT does."""
-    from harness.model.lora_math import pattern_key
-
-    r = config.get("r")
-    pattern = config.get("rank_pattern") or {}
-    if isinstance(pattern, dict) and pattern:
-        key = pattern_key(list(pattern), module)
-        if key is not None:
-            r = pattern[key]
-    return r if isinstance(r, int) else None
-
-
 @register(
     id="shapes",
     group="static",
@@ -602,7 +590,7 @@ def check_shapes(ctx: CheckContext):
         if rank_a != rank_b:
             problems.append(f"{module}: {a_name} rank {rank_a} ({list(a)}) != {b_name} rank {rank_b} ({list(b)})")
             continue
-        expected = expected_rank(config, module) if config else None
+        expected = module_rank(config, module) if config else None
         if expected is not None and rank_a != expected:
             source = "rank_pattern" if config.get("rank_pattern") and expected != config.get("r") else "r"
             problems.append(f"{module}: rank {rank_a} {list(a)}/{list(b)} but the config's {source} gives {expected}")

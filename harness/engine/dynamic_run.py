@@ -22,6 +22,7 @@ from harness.loading.base import load_base
 from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
 from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers
+from harness.model import families
 from harness.numerics.compare import Comparison, compare
 from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
 from harness.numerics.reference import apply_adapter_reference, probe_logits
@@ -78,8 +79,8 @@ class DynamicRun:
             self.load_error = _one_line(err)
             return
         self.uses_im_mask = accepts_im_mask(model)
-        self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if _is_plora_like(m)}
-        self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if _is_plora_param(n)}
+        self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
+        self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if families.is_branch_param(n)}
         self.probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[(4, 11)],
                                 left_padding=[0, 3], seed=1234)
         self.text_probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[],
@@ -181,12 +182,3 @@ def _chain_is_builtin() -> bool:
 
 def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
-
-
-def _is_plora_like(module: torch.nn.Module) -> bool:
-    children = dict(module.named_children())
-    return "Plora_A" in children and "Plora_B" in children
-
-
-def _is_plora_param(name: str) -> bool:
-    return ".Plora_A." in name or ".Plora_B." in name or name.split(".")[-1].startswith("plora_")

@@ -14,7 +14,6 @@ to. Two questions, both answered without trusting PEFT's own bookkeeping:
 
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +23,11 @@ import torch
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.inputs.model_dir import ModelDir
 from harness.loading.paths import PATHS
-from harness.model.peft_keys import peft_key
+from harness.model import families
+from harness.model.peft_keys import PREFIX, base_key, peft_key
 from harness.numerics.compare import Comparison, compare
 from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
 from harness.numerics.reference import probe_logits
-
-PEFT_PREFIX = "base_model.model."
-# PEFT's own containers, not base parameters: adapter weights, saved copies and the frozen originals.
-_PEFT_PARTS = re.compile(
-    r"\.(lora_[A-Za-z_]+|modules_to_save|original_module|token_adapter|trainable_tokens_[a-z]+)(\.|$)"
-)
 
 
 @dataclass
@@ -69,29 +63,9 @@ class TrainedAudit:
         return [f for f in self.not_saved if f.trainable]
 
 
-def base_key(param_name: str) -> str | None:
-    """The base checkpoint key of a PEFT model's base parameter (``.base_layer`` removed), or None for
-    PEFT's own parameters (adapter weights, modules_to_save copies)."""
-    name = param_name.removeprefix(PEFT_PREFIX)
-    if _PEFT_PARTS.search(name):
-        return None
-    return name.replace(".base_layer.", ".").replace(".base_layer", "")
-
-
 def kind_of(name: str) -> str:
-    """What a parameter is, in the words the fix needs."""
-    leaf_path = name.split(".")
-    if "Plora_A" in leaf_path or "Plora_B" in leaf_path:
-        return "plora"
-    if re.search(r"(^|\.)plora_(glb|sub)_GN$", name):
-        return "plora-separator"
-    from harness.model.structure import PROJECTOR_MARKERS, VISION_MARKERS
-
-    if any(marker in name for marker in PROJECTOR_MARKERS):
-        return "projector"
-    if any(marker in name for marker in VISION_MARKERS):
-        return "vision"
-    return "language"
+    """What a parameter is, in the words the fix needs: a family's branch kind ("plora", ...), or its tower."""
+    return families.branch_param_kind(name) or families.tower_of(name)
 
 
 def resolve_base_dir(peft_model, adapter_name: str, base_dir: str | Path | None) -> Path | None:
@@ -126,7 +100,7 @@ def audit_parameters(peft_model, saved_dir: Path, base: ModelDir | None, adapter
                 value32, reference32 = value.float().cpu(), reference.float()
                 changed = not torch.equal(value32, reference32)
                 max_abs = float((value32 - reference32).abs().max()) if changed and value.numel() else None
-        if (param.requires_grad or changed) and f"{PEFT_PREFIX}{key}" not in saved and key not in saved:
+        if (param.requires_grad or changed) and f"{PREFIX}{key}" not in saved and key not in saved:
             audit.not_saved.append(ParamFinding(key, bool(param.requires_grad), changed, max_abs, kind_of(key)))
     return audit
 

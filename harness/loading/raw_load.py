@@ -9,6 +9,7 @@ import torch
 
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.loading.base import load_base
+from harness.model import families
 
 
 @dataclass
@@ -57,21 +58,12 @@ def diagnose_raw_load(model_or_base_dir: torch.nn.Module | Path | str, adapter_d
             error_type = type(err).__name__
     if error_type is None:
         return RawLoadDiagnosis(False, "load_state_dict accepted the adapter file: it is a full state dict", [], 0, 0)
-    plora = [k for k in missing if "Plora_" in k or k.rsplit(".", 1)[-1].startswith("plora_")]
+    plora = [k for k in missing if families.is_branch_param(k)]
     message = f"{PEFT_NOT_STATE_DICT} (load_state_dict: {len(missing)} missing keys"
-    message += f", including {len(plora)} PLoRA keys such as {', '.join(_plora_examples(plora))}" if plora else ""
+    message += f", including {len(plora)} PLoRA keys such as {', '.join(families.branch_key_examples(plora))}" if plora else ""
     message += f"; {len(unexpected)} unexpected adapter keys"
     message += f" such as {unexpected[0]})" if unexpected else ")"
     return RawLoadDiagnosis(True, message, plora, len(missing), len(unexpected), unexpected[:5], error_type)
 
-
-def _plora_examples(plora: list[str]) -> list[str]:
-    """One example per kind (Plora_A, Plora_B, each GN separator), so the message names them all."""
-    picks = []
-    for kind in ("Plora_A", "Plora_B", "plora_glb_GN", "plora_sub_GN"):
-        found = next((k for k in plora if kind in k), None)
-        if found:
-            picks.append(found)
-    return picks
 
 

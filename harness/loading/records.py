@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.model.peft_keys import lora_parts
+
 
 @dataclass
 class LoadRecord:
@@ -90,7 +92,7 @@ def _adapter_owned(model, adapter_name: str) -> set[str]:
     owned = set()
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+            for attr in lora_parts():
                 container = getattr(module, attr, None)
                 if container is not None and adapter_name in container:
                     sub = container[adapter_name]

@@ -20,10 +20,13 @@ def pattern_key(patterns: list[str], module: str) -> str | None:
     return None
 
 
-def module_rank(config: dict, module: str) -> int:
+def module_rank(config: dict, module: str) -> int | None:
+    """The rank PEFT gives ``module`` (path without prefix): ``rank_pattern`` first, then ``r``; None when the
+    config does not hold an integer there (config-valid reports it)."""
     pattern = config.get("rank_pattern") or {}
-    key = pattern_key(list(pattern), module)
-    return int(pattern[key]) if key is not None else int(config["r"])
+    key = pattern_key(list(pattern), module) if isinstance(pattern, dict) else None
+    rank = pattern[key] if key is not None else config.get("r")
+    return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
 
 
 def module_alpha(config: dict, module: str) -> float:

@@ -11,11 +11,38 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from harness.model import families
+
 if TYPE_CHECKING:
     import torch
 
 PREFIX = "base_model.model."
-_LORA_KINDS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+@functools.cache
+def lora_parts() -> tuple[str, ...]:
+    """The LoRA layer attributes that hold adapter tensors, as the installed PEFT names them
+    (``LoraLayer.adapter_layer_names``: no ``lora_magnitude_vector`` before DoRA, peft 0.9).
+    Asked on first use, so reading key names does not import PEFT."""
+    from peft.tuners.lora import LoraLayer
+
+    return tuple(LoraLayer.adapter_layer_names)
+
+
+@functools.cache
+def _saved_lora_key() -> re.Pattern:
+    return re.compile(
+        rf"^(?P<module>.+)\.(?P<part>{'|'.join(lora_parts())})\.(?P<adapter>[^.]+)(?:\.(?P<leaf>weight|bias))?$"
+    )
+
+# How each part is saved: Linear-backed parts as ".weight" (".bias" with lora_bias), raw Parameters bare,
+# DoRA's magnitude bare (peft >= 0.12) or as ".weight" (earlier DoRA releases).
+_LEAVES = {"lora_embedding_A": ([],), "lora_embedding_B": ([],), "lora_magnitude_vector": ([], ["weight"])}
+_LINEAR_LEAVES = (["weight"], ["bias"])
+# PEFT's own containers inside a wrapped model: adapter weights, saved copies, the frozen originals.
+_PEFT_CONTAINERS = re.compile(
+    r"\.(lora_[A-Za-z_]+|modules_to_save|original_module|token_adapter|trainable_tokens_[a-z]+)(\.|$)"
+)
 
 @dataclass
 class KeyInfo:
@@ -57,15 +84,6 @@ def _embedding_layer_names() -> tuple[str, ...]:
     return tuple(EMBEDDING_LAYER_NAMES)
 
 
-_LORA_TAILS = {
-    "lora_A": (["weight"], ["bias"]),
-    "lora_B": (["weight"], ["bias"]),
-
-
-    "lora_embedding_A": ([],),
-    "lora_embedding_B": ([],),
-    "lora_magnitude_vector": ([], ["weight"]),
-}
 
 
 def classify_key(key: str, config: dict) -> KeyInfo:
@@ -84,11 +102,11 @@ def classify_key(key: str, config: dict) -> KeyInfo:
 
     # LoRA tensors first: target_parameters nests wrappers, so ".base_layer.lora_A.weight" is a LoRA key.
     for index in range(len(parts) - 1, -1, -1):
-        if parts[index] in _LORA_TAILS:
+        if parts[index] in lora_parts():
             info.kind, info.lora_kind = "lora", parts[index]
             info.module = ".".join(p for p in parts[:index] if p != "base_layer")
             tail = parts[index + 1 :]
-            if tail not in _LORA_TAILS[parts[index]]:
+            if tail not in _LEAVES.get(parts[index], _LINEAR_LEAVES):
                 if tail and tail[0] not in ("weight", "bias"):
                     info.adapter_name = tail[0]
                 else:
@@ -117,7 +135,7 @@ def classify_key(key: str, config: dict) -> KeyInfo:
     if "base_layer" in parts or "original_module" in parts:
         info.kind = "base_layer"
         return info
-    if any(p in ("Plora_A", "Plora_B") or p.startswith("plora_") for p in parts):
+    if families.is_branch_param(rest):
         info.kind, info.module = "plora", rest
         return info
     for entry in as_list(config.get("modules_to_save")):
@@ -136,12 +154,12 @@ def strip_prefix(name: str) -> str:
 
 
 def split_adapter_tensors(tensors: dict[str, torch.Tensor]):
-    """(module -> {lora_A, lora_B, lora_magnitude_vector}, other tensors by base name)."""
+    """(module -> {lora_A, lora_B, ...: tensor}, other tensors by base name)."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
     others: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         name = strip_prefix(key)
-        for kind in _LORA_KINDS:
+        for kind in lora_parts():
             marker = f".{kind}"
             if marker in name:
                 lora.setdefault(name.split(marker)[0], {})[kind] = value
@@ -152,11 +170,6 @@ def split_adapter_tensors(tensors: dict[str, torch.Tensor]):
 
 
 
-# The LoRA layer attributes that hold adapter tensors (peft.tuners.lora.layer.LoraLayer.adapter_layer_names).
-LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_LORA_KEY = re.compile(
-    rf"^(?P<module>.+)\.(?P<part>{'|'.join(LORA_PARTS)})\.(?P<adapter>[^.]+)(?:\.(?P<leaf>weight|bias))?$"
-)
 _SAVED_KEY = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<rest>.+)$")
 _TOKENS_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta\.(?P<adapter>[^.]+)$")
 
@@ -169,7 +182,7 @@ def peft_key(key: str, adapter_name: str = "default") -> str | None:
     ``m.modules_to_save.default.weight`` → ``m.weight``. Matching is by whole path components, so a base
     model's ``Plora_A`` is never taken for ``lora_A``.
     """
-    if (m := _LORA_KEY.match(key)) and m["adapter"] == adapter_name:
+    if (m := _saved_lora_key().match(key)) and m["adapter"] == adapter_name:
         if m["part"] == "lora_magnitude_vector" or m["leaf"] is None:
             return f"{m['module']}.{m['part']}"
         return f"{m['module']}.{m['part']}.{m['leaf']}"
@@ -190,3 +203,12 @@ def extract_adapter_tensors(state_dict: dict, adapter_name: str = "default") -> 
         else:
             tensors[new] = value.detach().contiguous().clone()
     return tensors, left_out
+
+
+def base_key(param_name: str) -> str | None:
+    """The base checkpoint key of a PEFT model's base parameter (``.base_layer`` removed), or None for
+    PEFT's own parameters (adapter weights, modules_to_save copies)."""
+    name = param_name.removeprefix(PREFIX)
+    if _PEFT_CONTAINERS.search(name):
+        return None
+    return name.replace(".base_layer.", ".").replace(".base_layer", "")

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from harness.compat import FLASH_ATTENTION, flash_attn_installed
+from harness.model import families
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MIME_PREFIXES = {"image", "text", "application", "audio", "video", "multipart", "font"}
@@ -298,8 +299,7 @@ def _rotary_buffer_quirks(sources: list[_Source]) -> list[Quirk]:
 
 
 def _plora_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if "Plora_A" in dict(m.named_children()) and "Plora_B" in dict(m.named_children())]
+    return [(n, m) for n, m in model.named_modules() if families.is_branch_module(m)]
 
 
 def code_location(err: BaseException, model_dir: Path) -> str:

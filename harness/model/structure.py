@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-VISION_MARKERS = ("vit.", "vision_tower", "vision_model", "visual.", "image_encoder")
-PROJECTOR_MARKERS = ("vision_proj", "mm_projector", "multi_modal_projector", "merger")
+from harness.model import families
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class ModuleInfo:
     in_features: int | None = None
     out_features: int | None = None
     is_linear: bool = False
-    is_plora_like: bool = False  # has both Plora_A and Plora_B children (structural, not by class name)
+    is_branch: bool = False  # carries the base model's own low-rank branch (PLoRA), by a family's structural test
 
 
 @dataclass
@@ -60,20 +59,11 @@ class BaseModelInfo:
             return shape[1], shape[0]
         return None
 
-    def plora_like(self) -> set[str]:
+    def branch_modules(self) -> set[str]:
+        """Modules that carry the base model's own low-rank branch (XComposer: the PLoRA modules)."""
         if self.modules is not None:
-            return {n for n, m in self.modules.items() if m.is_plora_like}
-        return {k.rsplit(".Plora_A.weight", 1)[0] for k in self.weights if k.endswith(".Plora_A.weight")}
-
-
-def tower_of(module_name: str) -> str:
-    """Which part of a multimodal model a module belongs to: language / vision / projector."""
-    lowered = module_name.lower()
-    if any(m in lowered for m in PROJECTOR_MARKERS):
-        return "projector"
-    if any(lowered.startswith(m) or f".{m}" in lowered for m in VISION_MARKERS):
-        return "vision"
-    return "language"
+            return {n for n, m in self.modules.items() if m.is_branch}
+        return families.branch_modules_from_keys(self.weights)
 
 
 def read_weight_index(base_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -96,7 +86,6 @@ def build_on_meta(base_dir: Path) -> torch.nn.Module:
 def module_tree(model: torch.nn.Module) -> dict[str, ModuleInfo]:
     tree = {}
     for name, module in model.named_modules():
-        children = dict(module.named_children())
         is_linear = isinstance(module, torch.nn.Linear)
         tree[name] = ModuleInfo(
             name=name,
@@ -104,7 +93,7 @@ def module_tree(model: torch.nn.Module) -> dict[str, ModuleInfo]:
             in_features=getattr(module, "in_features", None) if is_linear else None,
             out_features=getattr(module, "out_features", None) if is_linear else None,
             is_linear=is_linear,
-            is_plora_like="Plora_A" in children and "Plora_B" in children,
+            is_branch=families.is_branch_module(module),
         )
     return tree
 

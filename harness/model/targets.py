@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 
-from harness.model.structure import BaseModelInfo, tower_of
+from harness.model import families
+from harness.model.structure import BaseModelInfo
 
 
 @dataclass
@@ -23,7 +24,7 @@ class TargetResolution:
     per_pattern: dict[str, list[str]]
     per_tower: dict[str, int]
     unmatched_patterns: list[str]
-    plora_inner: list[str]  # matched modules that are Plora_A / Plora_B inside a PLoRA module
+    plora_inner: list[str]  # matched modules inside a branch module (PLoRA's Plora_A / Plora_B)
     notes: list[str] = field(default_factory=list)
 
 
@@ -61,12 +62,12 @@ def resolve_targets(adapter_config: dict, base: BaseModelInfo) -> TargetResoluti
     for pattern in patterns:
         one = dataclasses.replace(config, target_modules=pattern if isinstance(targets, str) else {pattern})
         per_pattern[pattern] = [n for n in matched if _is_match(one, n)]
-    plora = base.plora_like()
-    inner = [n for n in matched if n.rsplit(".", 1)[0] in plora and n.rsplit(".", 1)[-1] in ("Plora_A", "Plora_B")]
+    branch_modules = base.branch_modules()
+    inner = [n for n in matched if families.is_branch_inner(n, branch_modules)]
     return TargetResolution(
         matched=matched,
         per_pattern=per_pattern,
-        per_tower=dict(Counter(tower_of(n) for n in matched)),
+        per_tower=dict(Counter(families.tower_of(n) for n in matched)),
         unmatched_patterns=[p for p, hits in per_pattern.items() if not hits],
         plora_inner=inner,
         notes=notes,

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.model import families
+from harness.model.families.xcomposer import MASK_KWARG
+
 
 @dataclass
 class ProbeBatch:
@@ -85,8 +88,8 @@ def accepts_im_mask(model: torch.nn.Module) -> bool:
     wrapper is looked through. Plain causal LMs get no ``im_mask``: they would reject or ignore it."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(inner.forward).parameters
-    if "im_mask" in params:
+    if MASK_KWARG in params:
         return True
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return False
-    return any({"Plora_A", "Plora_B"} <= {name for name, _ in module.named_children()} for module in inner.modules())
+    return any(families.is_branch_module(module) for module in inner.modules())

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from harness.model.families.xcomposer import OFFICIAL_TARGETS  # noqa: E402  (re-exported: synthetic.OFFICIAL_TARGETS)
 from harness.numerics.probes import make_probe
-
-OFFICIAL_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 
 
 def official_lora_config(r: int = 8, lora_alpha: int | None = None, **overrides) -> LoraConfig:

@@ -1,0 +1,67 @@
+"""InternLM-XComposer2 (IXC2, 4KHD, 2.5): PLoRA, its HD separators, ``im_mask`` and the official recipe.
+
+PLoRA ("Partial LoRA") is the base model's own low-rank branch: ``Plora_A``/``Plora_B`` children of
+every ``attention.wqkv``, ``attention.wo``, ``feed_forward.w1/w2/w3``, applied only to image rows
+(``im_mask``), plus the top-level separators ``plora_glb_GN``/``plora_sub_GN`` of the HD variants.
+A PEFT adapter goes beside it, never into it: its weights are not adapter tensors, a merge must not
+change them, and a target inside ``Plora_A``/``Plora_B`` never acts on text tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from harness.model.families import ModelFamily
+
+if TYPE_CHECKING:
+    import torch
+
+BRANCH_CHILDREN = ("Plora_A", "Plora_B")
+SEPARATORS = ("plora_glb_GN", "plora_sub_GN")
+MASK_KWARG = "im_mask"
+# The official fine-tuning recipe's LoRA targets (REFERENCE section 4), by the model's own module names.
+OFFICIAL_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+_SEPARATOR = re.compile(r"(^|\.)plora_[A-Za-z0-9]+_GN$")
+
+
+class XComposer(ModelFamily):
+    name = "xcomposer"
+    branch_label = "PLoRA"
+    mask_kwarg = MASK_KWARG
+
+    def is_branch_module(self, module: torch.nn.Module) -> bool:
+        children = {name for name, _ in module.named_children()}
+        return set(BRANCH_CHILDREN) <= children
+
+    def branch_modules_from_keys(self, keys: Iterable[str]) -> set[str]:
+        suffix = f".{BRANCH_CHILDREN[0]}.weight"
+        return {key[: -len(suffix)] for key in keys if key.endswith(suffix)}
+
+    def is_branch_param(self, name: str) -> bool:
+        return self.branch_param_kind(name) is not None
+
+    def branch_param_kind(self, name: str) -> str | None:
+        parts = name.split(".")
+        if any(part in BRANCH_CHILDREN for part in parts):
+            return "plora"
+        if _SEPARATOR.search(name) or parts[-1].startswith("plora_"):
+            return "plora-separator"
+        return None
+
+    def is_branch_inner(self, module_name: str, branch_modules: set[str]) -> bool:
+        parent, _, leaf = module_name.rpartition(".")
+        return leaf in BRANCH_CHILDREN and parent in branch_modules
+
+    def branch_weight_keys(self, module: str) -> tuple[str, str] | None:
+        return f"{module}.{BRANCH_CHILDREN[0]}.weight", f"{module}.{BRANCH_CHILDREN[1]}.weight"
+
+    def branch_key_examples(self, keys: Iterable[str]) -> list[str]:
+        keys = list(keys)
+        picks = []
+        for kind in (*BRANCH_CHILDREN, *SEPARATORS):
+            found = next((k for k in keys if kind in k), None)
+            if found:
+                picks.append(found)
+        return picks
