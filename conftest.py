@@ -67,3 +67,15 @@ def zero_runs(synthetic_cache: Path) -> dict:
     from fixtures.zero_train import build_zero_many
 
     return build_zero_many(zero_run_specs(), synthetic_cache)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """gpu-marked tests skip with the reason on a machine without CUDA (torch only imported when there are some)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))

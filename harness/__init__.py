@@ -1,13 +1,24 @@
-"""plora-harness: conformance checks for LoRA adapters of XComposer (PLoRA) and HF causal LMs."""
+"""plora-harness: conformance checks for LoRA adapters of XComposer (PLoRA) and HF causal LMs.
 
-__version__ = "0.1.0"
+``check`` (one adapter) and ``check_adapters`` (several against one base) run the checks, model code in a
+child process; ``check_trained`` is the end-of-training gate. Importing the package imports no torch.
+"""
+
+__version__ = "0.2.0"
 
 
 def check(*args, **kwargs):
-    """Run the conformance checks; see ``harness.api.check`` (imported lazily: torch is heavy)."""
+    """Run the conformance checks on one adapter; see ``harness.api.check``."""
     from harness.api import check as _check
 
     return _check(*args, **kwargs)
+
+
+def check_adapters(*args, **kwargs):
+    """Run the conformance checks on several adapters against one base; see ``harness.api.check_adapters``."""
+    from harness.api import check_adapters as _check_adapters
+
+    return _check_adapters(*args, **kwargs)
 
 
 def check_trained(*args, **kwargs):

@@ -11,28 +11,49 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from importlib import metadata
 
-import peft
-import torch
-import transformers
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-TORCH_VERSION = Version(torch.__version__.split("+")[0])
-TRANSFORMERS_VERSION = Version(transformers.__version__)
-PEFT_VERSION = Version(peft.__version__)
+DISTRIBUTION = "plora-harness"
+_CHECKED = ("torch", "transformers", "peft")
+
+
+def _installed_version(name: str) -> Version | None:
+    """The installed version from package metadata: no import, so asking costs nothing."""
+    try:
+        return Version(metadata.version(name).split("+")[0])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _supported_ranges() -> dict[str, SpecifierSet]:
+    """The tested ranges, read from this package's own requirements (pyproject.toml is the one place)."""
+    try:
+        requirements = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return {}
+    ranges = {}
+    for text in requirements:
+        requirement = Requirement(text)
+        if requirement.name in _CHECKED and requirement.marker is None:
+            ranges[requirement.name] = requirement.specifier
+    return ranges
+
 
 # The tested range: CI runs the oldest and the newest end of it (README, "Supported versions").
-SUPPORTED: dict[str, tuple[str, str]] = {
-    "torch": ("2.1", "3"),
-    "transformers": ("4.33", "6"),
-    "peft": ("0.8", "1"),
-}
-_INSTALLED = {"torch": TORCH_VERSION, "transformers": TRANSFORMERS_VERSION, "peft": PEFT_VERSION}
+SUPPORTED: dict[str, SpecifierSet] = _supported_ranges()
+_INSTALLED: dict[str, Version | None] = {name: _installed_version(name) for name in _CHECKED}
+TORCH_VERSION = _INSTALLED["torch"]
+TRANSFORMERS_VERSION = _INSTALLED["transformers"]
+PEFT_VERSION = _INSTALLED["peft"]
 
 # ``from_pretrained(dtype=...)`` since transformers 4.56; ``torch_dtype=`` before (and deprecated after).
-DTYPE_KW = "dtype" if TRANSFORMERS_VERSION >= Version("4.56") else "torch_dtype"
+DTYPE_KW = "dtype" if TRANSFORMERS_VERSION and TRANSFORMERS_VERSION >= Version("4.56") else "torch_dtype"
 # ``from_pretrained(attn_implementation=...)`` since transformers 4.36.
-ATTN_IMPLEMENTATION_KWARG = TRANSFORMERS_VERSION >= Version("4.36")
+ATTN_IMPLEMENTATION_KWARG = bool(TRANSFORMERS_VERSION and TRANSFORMERS_VERSION >= Version("4.36"))
 # What XComposer2.5's config asks for by default, and what needs the flash_attn package.
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
@@ -50,18 +71,26 @@ class UnsupportedStack(RuntimeError):
 def unsupported() -> list[str]:
     """One phrase per installed library outside ``SUPPORTED`` (empty when all are inside)."""
     problems = []
-    for name, (low, high) in SUPPORTED.items():
-        found = _INSTALLED[name]
-        if not (Version(low) <= found < Version(high)):
-            problems.append(f"{name} {found} (supported: >={low},<{high})")
+    for name, specifier in SUPPORTED.items():
+        found = _INSTALLED.get(name)
+        if found is None:
+            problems.append(f"{name} not installed (supported: {_ordered(specifier)})")
+        elif not specifier.contains(found, prereleases=True):
+            problems.append(f"{name} {found} (supported: {_ordered(specifier)})")
     return problems
+
+
+def _ordered(specifier: SpecifierSet) -> str:
+    """">=0.8,<1": lower bounds first, rather than SpecifierSet's own order."""
+    rank = {">=": 0, ">": 1, "~=": 2, "==": 3, "===": 3, "<=": 4, "<": 5, "!=": 6}
+    return ",".join(str(s) for s in sorted(specifier, key=lambda s: (rank.get(s.operator, 7), s.version)))
 
 
 def require_supported() -> None:
     """Refuse to run on an untested stack instead of failing oddly deep inside a check."""
     problems = unsupported()
     if problems:
-        pins = " ".join(f"'{name}>={low},<{high}'" for name, (low, high) in SUPPORTED.items())
+        pins = " ".join(f"'{name}{_ordered(specifier)}'" for name, specifier in SUPPORTED.items())
         raise UnsupportedStack(
             f"plora-harness does not support {'; '.join(problems)}; install a supported stack, e.g. pip install {pins}."
         )
@@ -96,16 +125,22 @@ def peft_drops_unknown_config_fields() -> bool:
     return True
 
 
-class _PloraProbe(torch.nn.Module):
-    """A target linear ``q`` next to a base linear named like PLoRA's ``Plora_A``."""
+def _plora_probe():
+    """A target linear ``q`` next to a base linear named like PLoRA's ``Plora_A`` (the name PEFT trips on)."""
+    import torch
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = torch.nn.Linear(2, 2, bias=False)
-        self.Plora_A = torch.nn.Linear(2, 2, bias=False)
+    from harness.model.families.xcomposer import BRANCH_CHILDREN
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.Plora_A(self.q(x))
+    class PloraProbe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(2, 2, bias=False)
+            setattr(self, BRANCH_CHILDREN[0], torch.nn.Linear(2, 2, bias=False))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return getattr(self, BRANCH_CHILDREN[0])(self.q(x))
+
+    return PloraProbe()
 
 
 @functools.cache
@@ -119,7 +154,7 @@ def peft_leaves_lora_named_params_trainable() -> bool:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(_PloraProbe(), LoraConfig(r=1, lora_alpha=1, target_modules=["q"]))
+        model = get_peft_model(_plora_probe(), LoraConfig(r=1, lora_alpha=1, target_modules=["q"]))
     return any(p.requires_grad for n, p in model.named_parameters() if "Plora_A" in n)
 
 
@@ -136,7 +171,7 @@ def merge_skips_lora_named_modules() -> bool:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(_PloraProbe(), LoraConfig(r=1, lora_alpha=1, target_modules=["Plora_A"]))
+        model = get_peft_model(_plora_probe(), LoraConfig(r=1, lora_alpha=1, target_modules=["Plora_A"]))
         merged = model.merge_and_unload()
     return any(isinstance(module, LoraLayer) for module in merged.modules())
 

@@ -1,8 +1,13 @@
-"""pytest plugin (entry point ``pytest11``): options, markers, skips and conformance items.
+"""pytest plugin (entry point ``pytest11``): ``--plora-*`` options and one item per adapter × check id.
 
-Wiring only: ``--adapter`` turns every check id of ``harness.check`` into a test item
-(so JUnit and CI list them by name); the engine runs once per session and knows
-nothing of pytest. Import-light: torch loads only when it is needed.
+Wiring only, the way pytest's own plugins do it: every option carries the ``--plora-`` prefix in its
+own group, so nothing clashes with a repository's ``--device`` or ``--adapter``; without
+``--plora-adapter`` (or ``PLORA_HARNESS_ADAPTER``) the plugin adds nothing and imports nothing
+heavy. The engine runs once per adapter per test run (under pytest-xdist too: the first worker to
+need an adapter's report computes it under a file lock, the others read it), in a child process.
+
+Item outcome: a check that passed passes; one that warned passes with a ``ConformanceWarning``; one
+that failed fails with its one-line message and fix; one that does not apply is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -13,51 +18,69 @@ from pathlib import Path
 
 import pytest
 
-MARKERS = {
-    "gpu": "needs a CUDA device (skipped with the reason otherwise); select with -m gpu",
-    "slow": "long-running; deselect with -m 'not slow'",
-    "distributed": "spawns several processes (DeepSpeed / torch.distributed on gloo)",
-    "conformance": "a plora-harness conformance check item (one per check id)",
-}
 OPTION_ENV = {
-    "adapter": "PLORA_HARNESS_ADAPTER",
-    "base_model": "PLORA_HARNESS_BASE_MODEL",
-    "merged": "PLORA_HARNESS_MERGED",
+    "plora_adapter": "PLORA_HARNESS_ADAPTER",  # several adapters: separated by os.pathsep
+    "plora_base_model": "PLORA_HARNESS_BASE_MODEL",
+    "plora_merged": "PLORA_HARNESS_MERGED",
 }
+COLLECTOR_NAME = "plora-conformance"
+
+
+class ConformanceWarning(UserWarning):
+    """A conformance check warned: the item passes, and the warning says what to look at."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("plora-harness", "LoRA adapter conformance (plora-harness)")
-    group.addoption("--adapter", type=Path, help="adapter directory to check (env PLORA_HARNESS_ADAPTER)")
-    group.addoption("--base-model", type=Path, help="base model directory (env PLORA_HARNESS_BASE_MODEL)")
-    group.addoption("--merged", type=Path, help="merged checkpoint directory (env PLORA_HARNESS_MERGED)")
-    group.addoption("--conformance-report", type=Path, help="write the JSON conformance report here")
-    group.addoption("--device", choices=["cpu", "cuda"], default=None, help="device for dynamic checks")
-    group.addoption("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="dtype for dynamic checks (default float32 on CPU, bfloat16 on CUDA)")
-    group.addoption("--allow-plora-targets", action="store_true", help="lora-on-plora warns instead of failing")
+    group.addoption("--plora-adapter", action="append", type=Path, metavar="DIR",
+                    help="adapter directory to check (repeatable; env PLORA_HARNESS_ADAPTER, os.pathsep-separated)")
+    group.addoption("--plora-base-model", type=Path, metavar="DIR",
+                    help="base model directory: adds loading and numerical checks (env PLORA_HARNESS_BASE_MODEL)")
+    group.addoption("--plora-merged", type=Path, metavar="DIR",
+                    help="merged checkpoint directory to verify (env PLORA_HARNESS_MERGED)")
+    group.addoption("--plora-trust-remote-code", action="store_true",
+                    help="allow the base/merged directory's own Python code to run (in a child process)")
+    group.addoption("--plora-report", type=Path, metavar="PATH", help="write the JSON conformance report here")
+    group.addoption("--plora-device", choices=["cpu", "cuda"], default=None, help="device for the dynamic checks")
+    group.addoption("--plora-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="dtype for the dynamic checks (default float32 on CPU, bfloat16 on CUDA)")
+    group.addoption("--plora-only", action="append", default=[], metavar="ID", help="run only this check id")
+    group.addoption("--plora-skip", action="append", default=[], metavar="ID", help="do not run this check id")
+    group.addoption("--plora-timeout", type=float, default=None, metavar="SECONDS",
+                    help="limit per adapter for the engine process")
+    group.addoption("--plora-allow-plora-targets", action="store_true", help="lora-on-plora warns instead of failing")
 
 
 def option(config: pytest.Config, name: str):
-    """A plugin option, falling back to its environment variable."""
+    """A plugin option (``plora_base_model`` ...), falling back to its environment variable."""
     value = config.getoption(name)
     if value is None and name in OPTION_ENV and os.environ.get(OPTION_ENV[name]):
-        value = Path(os.environ[OPTION_ENV[name]])
+        raw = os.environ[OPTION_ENV[name]]
+        value = [Path(p) for p in raw.split(os.pathsep) if p] if name == "plora_adapter" else Path(raw)
     return value
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for name, text in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {text}")
+    config.addinivalue_line("markers", "plora_conformance: a plora-harness conformance check item")
 
 
-class ConformanceRun:
-    """Runs ``harness.check`` once per session, on first use, and keeps the report."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Collect the conformance items like any other collector (reported, counted, selectable with -k/-m)."""
+    adapters = option(config, "plora_adapter")
+    if not adapters:
+        return
+    root = ConformanceRoot.from_parent(session, name=COLLECTOR_NAME, nodeid=COLLECTOR_NAME, adapters=adapters)
+    items.extend(session.genitems(root))
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self._report = None
+
+class AdapterRun:
+    """One adapter's report, computed once per test run (across xdist workers), on first use."""
+
+    def __init__(self, config: pytest.Config, adapter: Path, label: str) -> None:
+        self.config, self.adapter, self.label = config, adapter, label
         self.error: str | None = None
+        self._report = None
 
     @property
     def report(self):
@@ -71,36 +94,154 @@ class ConformanceRun:
         return self._report
 
     def _options(self) -> dict:
-        return {
-            "adapter": option(self.config, "adapter"),
-            "base_model": option(self.config, "base_model"),
-            "merged": option(self.config, "merged"),
-            "dtype": self.config.getoption("dtype"),
-            "device": self.config.getoption("device") or "cpu",
-            "allow_plora_targets": self.config.getoption("allow_plora_targets"),
+        config = self.config
+        options = {
+            "base_model": option(config, "plora_base_model"), "merged": option(config, "plora_merged"),
+            "dtype": config.getoption("plora_dtype"), "device": config.getoption("plora_device") or "cpu",
+            "allow_plora_targets": config.getoption("plora_allow_plora_targets"),
+            "trust_remote_code": config.getoption("plora_trust_remote_code"),
+            "only": tuple(config.getoption("plora_only")), "skip": tuple(config.getoption("plora_skip")),
         }
+        if config.getoption("plora_timeout") is not None:
+            options["timeout"] = config.getoption("plora_timeout")
+        return options
 
     def _key(self) -> str:
         import hashlib
 
-        return hashlib.sha256(repr(sorted(self._options().items())).encode()).hexdigest()[:16]
+        text = repr((str(self.adapter), sorted((k, str(v)) for k, v in self._options().items())))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _run(self) -> dict:
         from harness.api import check
         from harness.compat import UnsupportedStack
         from harness.inputs.errors import InputError
 
-        options = self._options()
         try:
-            report = check(options.pop("adapter"), **options)
+            report = check(self.adapter, **self._options())
         except InputError as err:
-            return {"error": f"input cannot be read: {err}"}
+            return {"error": f"input cannot be used: {err}"}
         except UnsupportedStack as err:
             return {"error": str(err)}
-        path = self.config.getoption("conformance_report")
-        if path:  # written once, by the process that ran the engine
-            Path(path).write_text(report.to_json())
         return {"report": report.to_dict()}
+
+
+class ConformanceRoot(pytest.Collector):
+    """``plora-conformance``: one child per adapter."""
+
+    def __init__(self, *, adapters: list[Path], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.adapters = adapters
+
+    def collect(self):
+        labels = _labels(self.adapters)
+        for adapter, label in zip(self.adapters, labels):
+            run = AdapterRun(self.config, adapter, label)
+            yield AdapterCollector.from_parent(self, name=label, run=run)
+
+
+class AdapterCollector(pytest.Collector):
+    """``plora-conformance::<adapter>``: one item per planned check id."""
+
+    def __init__(self, *, run: AdapterRun, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run = run
+
+    def collect(self):
+        for check_id in _planned_ids(self.config, self.run.adapter):
+            yield ConformanceItem.from_parent(self, name=check_id, check_id=check_id, run=self.run)
+
+
+class ConformanceItem(pytest.Item):
+    def __init__(self, *, check_id: str, run: AdapterRun, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.check_id = check_id
+        self.run = run
+        self.add_marker(pytest.mark.plora_conformance)
+
+    def runtest(self) -> None:
+        report = self.run.report
+        if report is None:
+            raise ConformanceFailure(self.run.error or "no report")
+        _write_report(self.config, self.run, report)
+        result = report.get(self.check_id)
+        if result is None:
+            raise ConformanceFailure(f"{self.check_id}: the engine did not report this check")
+        outcome_of(result)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ConformanceFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.run.adapter, None, f"{COLLECTOR_NAME}::{self.run.label}::{self.check_id}"
+
+
+def outcome_of(result) -> None:
+    """A check result as a pytest outcome: pass passes, warn passes with a warning, fail fails, skip skips."""
+    from harness.report import printable
+
+    if result.status == "skip":
+        pytest.skip(printable(result.message))
+    if result.status == "warn":
+        warnings.warn(ConformanceWarning(f"{result.id}: {printable(result.message)}"), stacklevel=2)
+    elif result.status == "fail":
+        fix = f"\nfix: {printable(result.fix)}" if result.fix else ""
+        raise ConformanceFailure(f"{result.id}: {printable(result.message)}{fix}")
+    elif result.status != "pass":
+        raise ConformanceFailure(f"{result.id}: unknown status {result.status!r}")
+
+
+class ConformanceFailure(Exception):
+    """A failed conformance check: reported as its one-line message and fix, no traceback."""
+
+
+def _planned_ids(config: pytest.Config, adapter: Path) -> list[str]:
+    from harness.engine.plan import Plan, absolute
+
+    plan = Plan(adapters=(absolute(adapter),), base_model=absolute(option(config, "plora_base_model")),
+                merged=absolute(option(config, "plora_merged")), only=tuple(config.getoption("plora_only")),
+                skip=tuple(config.getoption("plora_skip")))
+    return plan.planned_ids(plan.adapters[0])
+
+
+def _labels(adapters: list[Path]) -> list[str]:
+    """A short, unique, stable name per adapter: its directory name (with the parent's when two collide)."""
+    names = [Path(a).name or str(a) for a in adapters]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{Path(a).parent.name}/{Path(a).name}" if names.count(n) > 1 else n for a, n in zip(adapters, names)]
+
+
+def _write_report(config: pytest.Config, run: AdapterRun, report) -> None:
+    """``--plora-report``: the JSON report (of several adapters, a run report), written once per adapter."""
+    path = config.getoption("plora_report")
+    if not path or getattr(run, "_written", False):
+        return
+    run._written = True
+    from harness.run_once import computed_once
+
+    computed_once(_shared_dir(config), f"report-{run._key()}", lambda: _merge_report(Path(path), report))
+
+
+def _merge_report(path: Path, report) -> dict:
+    """Add one adapter's report to the JSON file (a file lock serialises writers)."""
+    import json
+
+    from filelock import FileLock
+
+    from harness.report import Report, RunReport
+
+    with FileLock(str(path) + ".lock"):
+        reports = []
+        if path.is_file():
+            data = json.loads(path.read_text())
+            reports = [Report.from_dict(r) for r in data["reports"]] if "reports" in data else [Report.from_dict(data)]
+        reports = [r for r in reports if r.inputs.get("adapter") != report.inputs.get("adapter")] + [report]
+        out = reports[0] if len(reports) == 1 else RunReport(reports=reports)
+        path.write_text(out.to_json())
+    return {"written": str(path)}
 
 
 def _shared_dir(config: pytest.Config) -> Path | None:
@@ -110,76 +251,3 @@ def _shared_dir(config: pytest.Config) -> Path | None:
         return None
     factory = getattr(config, "_tmp_path_factory", None) or pytest.TempPathFactory.from_config(config, _ispytest=True)
     return factory.getbasetemp().parent / "plora-harness-conformance"
-
-
-class ConformanceItem(pytest.Item):
-    def __init__(self, *, check_id: str, run: ConformanceRun, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.check_id = check_id
-        self.run = run
-        self.add_marker(pytest.mark.conformance)
-
-    def runtest(self) -> None:
-        report = self.run.report
-        if report is None:
-            raise ConformanceFailure(self.run.error or "no report")
-        result = report.get(self.check_id)
-        if result is None or result.status == "skip":
-            pytest.skip(result.message if result else "not run for these inputs")
-        if result.status == "warn":
-            warnings.warn(f"{self.check_id}: {result.message}", UserWarning, stacklevel=1)
-        if result.status == "fail":
-            fix = f"\nfix: {result.fix}" if result.fix else ""
-            raise ConformanceFailure(f"{self.check_id}: {result.message}{fix}")
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, ConformanceFailure):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo)
-
-    def reportinfo(self):
-        return self.path, None, f"plora-harness::{self.check_id}"
-
-
-class ConformanceFailure(Exception):
-    """A failed conformance check: reported as its one-line message and fix, no traceback."""
-
-
-class ConformanceCollector(pytest.Collector):
-    def __init__(self, *, run: ConformanceRun, check_ids: list[str], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.run = run
-        self.check_ids = check_ids
-
-    def collect(self):
-        for check_id in self.check_ids:
-            yield ConformanceItem.from_parent(self, name=check_id, check_id=check_id, run=self.run)
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    if option(config, "adapter") is not None:
-        from harness.api import planned_check_ids
-        from harness.inputs.deepspeed import is_zero_checkpoint
-
-        ids = planned_check_ids(
-            base_model=option(config, "base_model") is not None,
-            merged=option(config, "merged") is not None,
-            zero=is_zero_checkpoint(option(config, "adapter")),
-        )
-        collector = ConformanceCollector.from_parent(
-            session, name="plora-conformance", path=config.rootpath, run=ConformanceRun(config), check_ids=ids
-        )
-        items.extend(collector.collect())
-    _skip_gpu_without_cuda(items)
-
-
-def _skip_gpu_without_cuda(items: list[pytest.Item]) -> None:
-    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
-    if not gpu_items:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="no CUDA device")
-        for item in gpu_items:
-            item.add_marker(skip)

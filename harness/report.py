@@ -1,14 +1,39 @@
-"""Check results and the report: plain-text table, JSON, JUnit XML, exit code."""
+"""Check results and the report: terminal table, JSON, JUnit XML, exit code.
+
+Everything here is plain Python (no torch), so the process that owns the verdict can render a
+report that another process computed. Text taken from inputs (tensor names, file names, error
+messages) is untrusted: terminal and JUnit output show control characters escaped and cut very
+long text short; the JSON report keeps every name whole.
+"""
 
 from __future__ import annotations
 
 import json
+import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 STATUSES = ("pass", "fail", "warn", "skip")
 _SUMMARY_KEYS = {"pass": "passed", "fail": "failed", "warn": "warned", "skip": "skipped"}
+TERMINAL_LINE_LIMIT = 400  # characters of one message on the terminal (the JSON keeps it whole)
+JUNIT_TEXT_LIMIT = 4000
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, bidi overrides, separators
+
+
+def printable(text: str, limit: int | None = TERMINAL_LINE_LIMIT) -> str:
+    """``text`` safe to print: control and invisible characters shown as escapes, then cut to ``limit``."""
+    text = str(text)
+    if not text.isascii() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        text = "".join(_escape(c) if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
+    if limit is not None and len(text) > limit:
+        text = f"{text[: limit - 1]}… ({len(text) - limit + 1} more characters)"
+    return text
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 @dataclass
@@ -20,6 +45,7 @@ class CheckResult:
     message: str
     details: dict = field(default_factory=dict)
     fix: str | None = None
+    duration_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -30,7 +56,15 @@ class CheckResult:
         details = dict(self.details)
         if self.fix is not None:
             details["fix"] = self.fix
-        return {"id": self.id, "status": self.status, "message": self.message, "details": _jsonable(details)}
+        return {"id": self.id, "status": self.status, "message": self.message, "duration_s": self.duration_s,
+                "details": _jsonable(details)}
+
+    @classmethod
+    def from_dict(cls, item: dict) -> CheckResult:
+        details = dict(item.get("details") or {})
+        fix = details.pop("fix", None)
+        return cls(id=item["id"], status=item["status"], message=item["message"], details=details, fix=fix,
+                   duration_s=item.get("duration_s"))
 
 
 def environment() -> dict:
@@ -57,19 +91,28 @@ def _harness_version() -> str:
     return __version__
 
 
+def _summary(results: list[CheckResult]) -> dict:
+    counts = {key: 0 for key in _SUMMARY_KEYS.values()}
+    for result in results:
+        counts[_SUMMARY_KEYS[result.status]] += 1
+    return counts
+
+
 @dataclass
 class Report:
+    """One adapter's report: what was given, what every planned check found, and what the harness adjusted."""
+
     inputs: dict = field(default_factory=dict)
     environment: dict = field(default_factory=environment)
     checks: list[CheckResult] = field(default_factory=list)
     harness_version: str = field(default_factory=_harness_version)
+    notes: list[str] = field(default_factory=list)  # adjustments made (eager attention, dtype, untying ...)
+    not_checked: list[str] = field(default_factory=list)  # what this run could not cover, and why
+    code: list[dict] = field(default_factory=list)  # model code files run: {"file", "sha256", "executed"}
 
     @property
     def summary(self) -> dict:
-        counts = {key: 0 for key in _SUMMARY_KEYS.values()}
-        for result in self.checks:
-            counts[_SUMMARY_KEYS[result.status]] += 1
-        return counts
+        return _summary(self.checks)
 
     @property
     def exit_code(self) -> int:
@@ -98,8 +141,12 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "harness_version": self.harness_version,
+            "exit_code": self.exit_code,
             "inputs": _jsonable(self.inputs),
             "environment": _jsonable(self.environment),
+            "notes": list(self.notes),
+            "not_checked": list(self.not_checked),
+            "code": _jsonable(self.code),
             "checks": [result.to_dict() for result in self.checks],
             "summary": self.summary,
         }
@@ -110,80 +157,136 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict) -> Report:
         """The inverse of ``to_dict`` (a report read back from its JSON, e.g. by another pytest worker)."""
-        checks = []
-        for item in data.get("checks", []):
-            details = dict(item.get("details") or {})
-            fix = details.pop("fix", None)
-            checks.append(CheckResult(id=item["id"], status=item["status"], message=item["message"],
-                                      details=details, fix=fix))
         return cls(inputs=dict(data.get("inputs") or {}), environment=dict(data.get("environment") or {}),
-                   checks=checks, harness_version=data.get("harness_version", _harness_version()))
+                   checks=[CheckResult.from_dict(item) for item in data.get("checks", [])],
+                   harness_version=data.get("harness_version", _harness_version()),
+                   notes=list(data.get("notes") or []), not_checked=list(data.get("not_checked") or []),
+                   code=list(data.get("code") or []))
 
-    def render(self) -> str:
+    def render(self, *, verbose: bool = False) -> str:
         """A table (id, status, message), then details and the fix of each failure and warning."""
         lines = []
-        if self.inputs:
-            for key, value in self.inputs.items():
-                if value is not None and not isinstance(value, (list, dict)):
-                    lines.append(f"{key}: {value}")
+        for key, value in self.inputs.items():
+            if value is not None and not isinstance(value, (list, dict)):
+                lines.append(f"{key}: {printable(value)}")
+        if lines:
             lines.append("")
         width = max([len("check")] + [len(r.id) for r in self.checks])
-        lines.append(f"{'check':<{width}}  {'status':<6}  message")
-        lines.append(f"{'-' * width}  {'-' * 6}  {'-' * 7}")
+        lines.append(f"{'check':<{width}}  {'status':<6}  {'time':>6}  message")
+        lines.append(f"{'-' * width}  {'-' * 6}  {'-' * 6}  {'-' * 7}")
         for result in self.checks:
-            lines.append(f"{result.id:<{width}}  {result.status.upper():<6}  {result.message}")
-        problems = [r for r in self.checks if r.status in ("fail", "warn")]
+            took = f"{result.duration_s:5.1f}s" if result.duration_s is not None else ""
+            lines.append(f"{result.id:<{width}}  {result.status.upper():<6}  {took:>6}  {printable(result.message)}")
+        problems = [r for r in self.checks if r.status in ("fail", "warn") or (verbose and r.details)]
         if problems:
-            lines.append("")
-            lines.append("Details")
+            lines += ["", "Details"]
             for result in problems:
-                lines.append("")
-                lines.append(f"[{result.status.upper()}] {result.id}: {result.message}")
+                lines += ["", f"[{result.status.upper()}] {result.id}: {printable(result.message)}"]
                 for key, value in result.details.items():
-                    lines.append(f"    {key}: {_short(value)}")
-                if result.fix:
-                    lines.append(f"    fix: {result.fix}")
+                    lines.append(f"    {printable(key, 80)}: {printable(_short(value), None)}")
+                if result.fix and result.status in ("fail", "warn"):
+                    lines.append(f"    fix: {printable(result.fix)}")
+        if self.notes:
+            lines += ["", "Notes"] + [f"- {printable(note)}" for note in self.notes]
+        if self.code:
+            lines += ["", "Model code (trusted with --trust-remote-code)"]
+            ran = {True: "ran", False: "not run", None: "may have run"}
+            lines += [f"- {printable(c.get('file'))} sha256 {c.get('sha256')} ({ran.get(c.get('executed'), 'ran')})"
+                      for c in self.code]
         summary = self.summary
-        lines.append("")
-        lines.append(
-            f"{summary['passed']} passed, {summary['failed']} failed, "
-            f"{summary['warned']} warnings, {summary['skipped']} skipped"
-        )
+        lines += ["", f"{summary['passed']} passed, {summary['failed']} failed, "
+                      f"{summary['warned']} warnings, {summary['skipped']} skipped"]
+        lines += [f"not checked: {printable(text)}" for text in self.not_checked]
         return "\n".join(lines)
 
-    def to_junit(self, path: str | Path) -> Path:
-        """One ``testcase`` per check id; fail -> ``failure``, skip -> ``skipped``, warn -> system-out."""
+    def junit_suite(self, name: str = "plora-harness") -> ET.Element:
+        """One ``testsuite``: a ``testcase`` per check; fail -> ``failure``, skip -> ``skipped``, warn -> system-out."""
         summary = self.summary
-        suite = ET.Element(
-            "testsuite",
-            name="plora-harness",
-            tests=str(len(self.checks)),
-            failures=str(summary["failed"]),
-            errors="0",
-            skipped=str(summary["skipped"]),
-        )
+        total = sum(r.duration_s or 0.0 for r in self.checks)
+        suite = ET.Element("testsuite", name=_xml_text(name, 500), tests=str(len(self.checks)),
+                           failures=str(summary["failed"]), errors="0", skipped=str(summary["skipped"]),
+                           time=f"{total:.3f}")
         properties = ET.SubElement(suite, "properties")
         ET.SubElement(properties, "property", name="harness_version", value=str(self.harness_version))
+        ET.SubElement(properties, "property", name="exit_code", value=str(self.exit_code))
         for key, value in {**self.environment, **{f"input.{k}": v for k, v in self.inputs.items()}}.items():
             if not isinstance(value, (list, dict)):
-                ET.SubElement(properties, "property", name=str(key), value=str(value))
+                ET.SubElement(properties, "property", name=_xml_text(key, 200), value=_xml_text(value))
+        for index, note in enumerate(self.notes):
+            ET.SubElement(properties, "property", name=f"note.{index}", value=_xml_text(note))
         for result in self.checks:
-            case = ET.SubElement(suite, "testcase", classname="plora-harness", name=result.id)
-            body = json.dumps(result.to_dict()["details"], indent=2)
+            case = ET.SubElement(suite, "testcase", classname=_xml_text(name, 500), name=result.id,
+                                 time=f"{result.duration_s or 0.0:.3f}")
+            body = json.dumps(result.to_dict()["details"], indent=2)  # ASCII: json escapes every control char
             if result.status == "fail":
-                element = ET.SubElement(case, "failure", message=result.message, type="fail")
+                element = ET.SubElement(case, "failure", message=_xml_text(result.message), type="fail")
                 element.text = body
             elif result.status == "skip":
-                ET.SubElement(case, "skipped", message=result.message)
+                ET.SubElement(case, "skipped", message=_xml_text(result.message))
             elif result.status == "warn":
                 out = ET.SubElement(case, "system-out")
-                out.text = f"WARNING: {result.message}\n{body}"
-        path = Path(path)
-        root = ET.Element("testsuites")
-        root.append(suite)
-        ET.indent(root)
-        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
-        return path
+                out.text = f"WARNING: {_xml_text(result.message)}\n{body}"
+        return suite
+
+    def to_junit(self, path: str | Path) -> Path:
+        return write_junit([self.junit_suite()], path)
+
+
+@dataclass
+class RunReport:
+    """Several adapters checked in one run against one base: a report each, one exit code."""
+
+    reports: list[Report] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return max((report.exit_code for report in self.reports), default=0)
+
+    @property
+    def summary(self) -> dict:
+        return _summary([result for report in self.reports for result in report.checks])
+
+    def to_dict(self) -> dict:
+        first = self.reports[0] if self.reports else Report()
+        return {"harness_version": first.harness_version, "exit_code": self.exit_code,
+                "environment": _jsonable(first.environment), "notes": list(self.notes),
+                "reports": [report.to_dict() for report in self.reports], "summary": self.summary}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
+
+    def render(self, *, verbose: bool = False) -> str:
+        parts = []
+        for index, report in enumerate(self.reports, 1):
+            label = report.inputs.get("adapter", f"adapter {index}")
+            parts.append(f"== adapter {index} of {len(self.reports)}: {printable(label)} ==\n"
+                         f"{report.render(verbose=verbose)}")
+        summary = self.summary
+        failed = [r.inputs.get("adapter") for r in self.reports if r.exit_code]
+        verdict = f"{len(failed)} of {len(self.reports)} adapters failed" if failed else \
+            f"all {len(self.reports)} adapters passed"
+        parts.append(f"== overall: {verdict}; {summary['passed']} passed, {summary['failed']} failed, "
+                     f"{summary['warned']} warnings, {summary['skipped']} skipped ==")
+        return "\n\n".join(parts)
+
+    def to_junit(self, path: str | Path) -> Path:
+        return write_junit([r.junit_suite(f"plora-harness::{r.inputs.get('adapter', i)}")
+                            for i, r in enumerate(self.reports)], path)
+
+
+def write_junit(suites: list[ET.Element], path: str | Path) -> Path:
+    path = Path(path)
+    root = ET.Element("testsuites")
+    root.extend(suites)
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    return path
+
+
+def _xml_text(value, limit: int | None = JUNIT_TEXT_LIMIT) -> str:
+    """Text XML 1.0 can hold: characters it forbids (even escaped) shown as escapes, very long text cut."""
+    return printable(str(value), limit) if value is not None else ""
 
 
 def _short(value, limit: int = 300) -> str:

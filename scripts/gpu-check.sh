@@ -16,7 +16,7 @@
 #   PLORA_HARNESS_TORCH_SPEC   what to install when no CUDA build of torch is importable (default: torch==2.13.0,
 #                              PyPI's Linux wheel, which is the CUDA build)
 #   PLORA_HARNESS_GPU_TIMEOUT  seconds before pytest is stopped (default 900; the suite itself needs < 300)
-#   PLORA_HARNESS_GPU_PYTEST   extra pytest arguments, e.g. "--dtype float16"
+#   PLORA_HARNESS_GPU_PYTEST   extra pytest arguments, e.g. "--plora-dtype float16"
 # Exit status: pytest's; 2 usage; 3 no CUDA device; 4 the stack could not be set up.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -7,7 +7,7 @@ from harness.synthetic import TINY
 
 
 def run(adapter_dir, base_dir, **kwargs):
-    report = harness.check(adapter_dir, base_model=base_dir, **kwargs)
+    report = harness.check(adapter_dir, base_model=base_dir, trust_remote_code=True, isolated=False, **kwargs)
     return {r.id: r for r in report.checks}
 
 
@@ -64,5 +64,5 @@ def test_adapter_with_modules_the_base_lacks(make_bundle, default_bundle):
 
 
 def test_without_base_the_against_base_checks_are_not_run(default_bundle):
-    ids = {r.id for r in harness.check(default_bundle.adapter_dir).checks}
+    ids = {r.id for r in harness.check(default_bundle.adapter_dir, isolated=False).checks}
     assert "targets-resolve" not in ids and "base-match" not in ids

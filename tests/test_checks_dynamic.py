@@ -20,7 +20,8 @@ DYNAMIC = [c.id for c in checks("dynamic")]
 
 
 def results(adapter_dir, base_dir, **kwargs):
-    return {r.id: r for r in harness.check(adapter_dir, base_model=base_dir, **kwargs).checks}
+    return {r.id: r for r in harness.check(adapter_dir, base_model=base_dir, trust_remote_code=True, isolated=False,
+                                           **kwargs).checks}
 
 
 def test_good_adapter_passes_every_dynamic_check(default_bundle):
@@ -181,7 +182,7 @@ def llama_bundle(tmp_path_factory):
 
 def test_plain_llama_passes_every_check(llama_bundle):
     base, adapter = llama_bundle
-    report = harness.check(adapter, base_model=base)
+    report = harness.check(adapter, base_model=base, trust_remote_code=True, isolated=False)
     bad = {r.id: r.message for r in report.checks if r.status == "fail"}
     assert bad == {}
     assert report.get("plora-preserved").status == "skip"

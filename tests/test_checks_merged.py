@@ -50,7 +50,8 @@ def edit_config(directory: Path, change) -> None:
 
 
 def result(bundle, merged):
-    return harness.check(bundle.adapter_dir, base_model=bundle.base_dir, merged=merged).get("merged-matches")
+    return harness.check(bundle.adapter_dir, base_model=bundle.base_dir, merged=merged, trust_remote_code=True,
+                         only=["merged-matches"], isolated=False).get("merged-matches")
 
 
 def test_official_merge_passes(default_bundle, merged_dir):

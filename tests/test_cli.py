@@ -21,13 +21,18 @@ def test_good_adapter_exits_0_with_a_table(default_bundle, capsys, tmp_path):
     assert code == 0
     assert "check" in out and "status" in out and "empty-tensors     PASS" in out
     data = json.loads((tmp_path / "r.json").read_text())
-    assert set(data) == {"harness_version", "inputs", "environment", "checks", "summary"}
+    assert set(data) == {"harness_version", "exit_code", "inputs", "environment", "notes", "not_checked", "code",
+                         "checks", "summary"}
+    assert data["exit_code"] == 0 and data["code"] == []
+    assert data["not_checked"] and "no --base-model" in data["not_checked"][0]
     assert set(data["environment"]) >= {"torch", "transformers", "peft"}
     assert [c["id"] for c in data["checks"]] == planned_check_ids(base_model=False, merged=False)
-    assert all(set(c) == {"id", "status", "message", "details"} for c in data["checks"])
+    assert all(set(c) == {"id", "status", "message", "duration_s", "details"} for c in data["checks"])
+    assert all(c["duration_s"] >= 0 for c in data["checks"])
     assert data["summary"]["failed"] == 0
-    cases = ET.parse(tmp_path / "r.xml").getroot().iter("testcase")
+    cases = list(ET.parse(tmp_path / "r.xml").getroot().iter("testcase"))
     assert {case.get("name") for case in cases} == {c["id"] for c in data["checks"]}
+    assert all(float(case.get("time")) >= 0 for case in cases)
 
 
 def test_broken_adapter_exits_1_naming_the_check(default_bundle, capsys, tmp_path):
@@ -54,17 +59,21 @@ def test_console_script_is_installed():
 
 def test_plugin_makes_one_item_per_check_id(pytester, default_bundle, tmp_path):
     report = tmp_path / "conformance.json"
-    result = pytester.runpytest("--adapter", str(default_bundle.adapter_dir), "--conformance-report", str(report),
-                                "-v", "-p", "no:cacheprovider")
+    result = pytester.runpytest("--plora-adapter", str(default_bundle.adapter_dir), "--plora-report", str(report),
+                                "-v", "-p", "no:cacheprovider", "--rootdir", str(pytester.path))
     result.assert_outcomes(passed=len(planned_check_ids(base_model=False, merged=False)) - 1, skipped=1)
-    result.stdout.fnmatch_lines(["*plora-conformance::empty-tensors PASSED*", "*plora-conformance::finite PASSED*"])
+    name = default_bundle.adapter_dir.name
+    result.stdout.fnmatch_lines([f"*collected {len(planned_check_ids(base_model=False, merged=False))} items",
+                                 f"plora-conformance::{name}::empty-tensors PASSED*",
+                                 f"plora-conformance::{name}::finite PASSED*"])
+    assert not [line for line in result.stdout.lines if "plora-conformance" in line and "../" in line]
     assert json.loads(report.read_text())["summary"]["failed"] == 0
 
 
 def test_plugin_fails_the_broken_check_by_name(pytester, default_bundle, tmp_path):
     broken = MUTATIONS["empty-tensors"].apply(default_bundle.adapter_dir, tmp_path / "broken")
-    result = pytester.runpytest("--adapter", str(broken), "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["*FAILED*plora-conformance::empty-tensors*"])
+    result = pytester.runpytest("--plora-adapter", str(broken), "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(["*FAILED*plora-conformance::broken::empty-tensors*"])
     result.stdout.fnmatch_lines(["*fix:*GatheredParameters*"])
     assert result.ret == 1
 
@@ -83,8 +92,8 @@ def test_plugin_under_xdist_runs_the_engine_once(default_bundle, tmp_path):
     )
     report = tmp_path / "conformance.json"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", "--adapter",
-         str(default_bundle.adapter_dir), "--conformance-report", str(report), str(tmp_path)],
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", "--plora-adapter",
+         str(default_bundle.adapter_dir), "--plora-report", str(report), str(tmp_path)],
         capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
     )
     expected = len(planned_check_ids(base_model=False, merged=False))
@@ -98,7 +107,7 @@ def test_report_round_trips_through_its_json(default_bundle):
     import harness
     from harness.report import Report
 
-    original = harness.check(default_bundle.adapter_dir)
+    original = harness.check(default_bundle.adapter_dir, isolated=False)
     again = Report.from_dict(json.loads(original.to_json()))
     assert again.to_dict() == original.to_dict()
     assert [(c.id, c.status, c.fix) for c in again.checks] == [(c.id, c.status, c.fix) for c in original.checks]
@@ -135,3 +144,73 @@ def test_every_broken_fixture_exits_with_the_right_code_and_id(name, default_bun
     else:
         assert any(line.startswith(mutation.check) and mutation.status.upper() in line
                    for line in captured.out.splitlines())
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_version_and_list():
+    import harness
+    from harness.checks.registry import checks
+
+    run = _cli("--version")
+    assert run.returncode == 0 and run.stdout.strip() == f"plora-harness {harness.__version__}"
+    listed = _cli("list")
+    assert listed.returncode == 0 and listed.stderr == ""
+    lines = listed.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [c.id for c in checks()]
+    assert all(line.split()[1] in ("deepspeed", "static", "against-base", "dynamic", "merged", "trained")
+               for line in lines)
+
+
+def test_json_to_stdout_leaves_nothing_else_on_stdout(default_bundle):
+    run = _cli("check", "--adapter", str(default_bundle.adapter_dir), "--json", "-")
+    assert run.returncode == 0
+    data = json.loads(run.stdout)  # the whole of stdout is the JSON report
+    assert data["exit_code"] == 0 and [c["id"] for c in data["checks"]][0] == "config-valid"
+    assert "empty-tensors" in run.stderr  # the table went to stderr
+    assert not (default_bundle.adapter_dir.parent / "-").exists()
+
+
+def test_only_and_skip_select_checks_and_the_report_says_so(default_bundle, capsys):
+    assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet", "--only", "finite",
+                 "--only", "noop"]) == 0
+    out = capsys.readouterr().out
+    ids = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in
+           planned_check_ids(base_model=False, merged=False)]
+    assert ids == ["finite", "noop"] and "not checked: every check but finite, noop (--only)" in out
+    assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet", "--skip", "finite"]) == 0
+    out = capsys.readouterr().out
+    assert "\nfinite " not in out and "\nnoop " in out and "finite (--skip)" in out
+    assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet", "--only", "no-such-check"]) == 2
+    assert "unknown check id(s) 'no-such-check'" in capsys.readouterr().err
+
+
+def test_static_only_run_says_what_was_not_checked(default_bundle, capsys):
+    assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "not checked: loading and numerics: no --base-model" in out
+
+
+def test_several_adapters_one_base_one_exit_code(default_bundle, tmp_path, capsys):
+    broken = MUTATIONS["empty-tensors"].apply(default_bundle.adapter_dir, tmp_path / "broken")
+    report = tmp_path / "r.json"
+    code = main(["check", "--adapter", str(default_bundle.adapter_dir), "--adapter", str(broken),
+                 "--base-model", str(default_bundle.base_dir), "--trust-remote-code", "--quiet",
+                 "--only", "empty-tensors", "--only", "key-coverage", "--json", str(report)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "== adapter 1 of 2:" in out and "== adapter 2 of 2:" in out and "1 of 2 adapters failed" in out
+    data = json.loads(report.read_text())
+    assert data["exit_code"] == 1 and [r["exit_code"] for r in data["reports"]] == [0, 1]
+    first, second = ({c["id"]: c["status"] for c in r["checks"]} for r in data["reports"])
+    assert first == {"empty-tensors": "pass", "key-coverage": "pass"}
+    assert second == {"empty-tensors": "fail", "key-coverage": "skip"}  # blocked: the adapter cannot load
+
+
+def test_an_unwritable_report_path_is_refused_before_the_run(default_bundle, tmp_path, capsys):
+    code = main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet",
+                 "--junit", str(tmp_path / "no" / "such" / "dir" / "r.xml")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def test_unsupported_stack_fails_plugin_items_with_the_message(default_bundle, t
         "compat._INSTALLED['peft'] = Version('0.7.1')\n"
     )
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--adapter", str(default_bundle.adapter_dir),
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--plora-adapter", str(default_bundle.adapter_dir),
          str(tmp_path)],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )

@@ -79,13 +79,15 @@ def test_apply_adapter_reference_skips_modules_the_base_lacks() -> None:
 
 
 def test_tolerance_table_is_documented_and_ordered() -> None:
-    assert set(TOLERANCE_TABLE) == {torch.float32, torch.bfloat16, torch.float16}
-    for dtype, policy in TOLERANCE_TABLE.items():
+    assert set(TOLERANCE_TABLE) == {"float32", "bfloat16", "float16"}
+    for name, policy in TOLERANCE_TABLE.items():
+        dtype = getattr(torch, name)
         assert policy.why and policy.atol > 0 and policy.weight_eps >= torch.finfo(dtype).eps
-        assert tolerance_for(dtype) == policy.rel
+        assert tolerance_for(dtype) == tolerance_for(name) == policy.rel
+        assert policy.merged_rel >= torch.finfo(dtype).eps  # merged weights: a few roundings of the dtype
         assert policy.rel < 0.1  # a doubled scaling moves logits by O(0.1-1): always caught at fp32, visible above
     assert tolerance_for(torch.float32) < tolerance_for(torch.float16) < tolerance_for(torch.bfloat16)
-    assert policy_for(torch.float64) == TOLERANCE_TABLE[torch.float32]
+    assert policy_for(torch.float64) == TOLERANCE_TABLE["float32"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,11 +46,12 @@ def test_check_result_validates_status_and_keeps_one_line():
 
 def test_json_has_exactly_the_documented_shape():
     data = json.loads(_report().to_json())
-    assert list(data) == ["harness_version", "inputs", "environment", "checks", "summary"]
-    assert data["harness_version"] == "9.9.9"
+    assert list(data) == ["harness_version", "exit_code", "inputs", "environment", "notes", "not_checked", "code",
+                          "checks", "summary"]
+    assert data["harness_version"] == "9.9.9" and data["exit_code"] == 1
     assert set(data["environment"]) == {"torch", "transformers", "peft"}
     for check in data["checks"]:
-        assert list(check) == ["id", "status", "message", "details"]
+        assert list(check) == ["id", "status", "message", "duration_s", "details"]
     finite = next(c for c in data["checks"] if c["id"] == "finite")
     assert finite["details"] == {"count": 2, "path": "/x", "value": "nan", "fix": "retrain"}
     assert data["summary"] == {"passed": 1, "failed": 1, "warned": 1, "skipped": 1}
@@ -89,3 +90,47 @@ def test_junit_one_testcase_per_check(tmp_path):
     assert failure.get("message") == "2 tensor(s) contain NaN/Inf" and "retrain" in failure.text
     assert cases["unsafe-pickle"].find("skipped") is not None
     assert cases["config-valid"].find("failure") is None and cases["noop"].find("failure") is None
+
+
+HOSTILE_NAME = "base_model.model.x\x1b[2J\x1b[31mred\x07\x00\u202etxt.lora_A.weight"
+
+
+def _hostile_report() -> Report:
+    return Report(inputs={"adapter": "/x/\x1b]0;title\x07"},
+                  checks=[CheckResult("key-grammar", "fail", f"1 key(s) are not LoRA tensors (e.g. {HOSTILE_NAME})",
+                                      {"examples": [HOSTILE_NAME, "y" * 10_000_000]}, fix="remove them"),
+                          CheckResult("shapes", "pass", "z" * 5000, duration_s=0.25)],
+                  notes=[f"note about {HOSTILE_NAME}"])
+
+
+def test_terminal_output_escapes_control_characters_and_cuts_long_text():
+    text = _hostile_report().render()
+    assert not any(c in text for c in "\x1b\x07\x00\u202e")
+    assert "\\x1b[2J" in text and "\\x07" in text and "\\u202e" in text
+    assert max(len(line) for line in text.splitlines()) < 1000  # a 10 MB name does not make a 10 MB line
+    assert "more characters" in text
+
+
+def test_json_keeps_names_whole_and_junit_is_valid_xml(tmp_path):
+    report = _hostile_report()
+    data = json.loads(report.to_json())
+    assert data["checks"][0]["details"]["examples"][0] == HOSTILE_NAME  # full name, escaped by JSON itself
+    root = ET.parse(report.to_junit(tmp_path / "r.xml")).getroot()  # parses: no raw control characters
+    case = next(c for c in root.iter("testcase") if c.get("name") == "key-grammar")
+    assert "\\x1b" in case.find("failure").get("message")
+    assert next(c for c in root.iter("testcase") if c.get("name") == "shapes").get("time") == "0.250"
+
+
+def test_run_report_has_one_exit_code_and_a_section_per_adapter(tmp_path):
+    from harness.report import RunReport
+
+    good = Report(inputs={"adapter": "/a"}, checks=[CheckResult("finite", "pass", "ok")])
+    run = RunReport(reports=[good, _report()])
+    assert run.exit_code == 1 and run.summary["failed"] == 1 and run.summary["passed"] == 2
+    data = json.loads(run.to_json())
+    assert list(data) == ["harness_version", "exit_code", "environment", "notes", "reports", "summary"]
+    assert [r["inputs"]["adapter"] for r in data["reports"]] == ["/a", "/x/adapter"]
+    text = run.render()
+    assert "== adapter 1 of 2: /a ==" in text and "1 of 2 adapters failed" in text
+    suites = ET.parse(run.to_junit(tmp_path / "r.xml")).getroot().findall("testsuite")
+    assert [s.get("name") for s in suites] == ["plora-harness::/a", "plora-harness::/x/adapter"]

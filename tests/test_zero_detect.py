@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import compat
 from harness.inputs import deepspeed as zero
 from harness.inputs.deepspeed import (
     SKIP_REASON,
@@ -266,6 +267,8 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     ],
 )
 def test_peft_key_matches_get_peft_model_state_dict(key: str, saved: str | None) -> None:
+    if "lora_magnitude_vector" in key and not compat.peft_supports("use_dora"):
+        saved = None  # the part names come from the installed PEFT, and one without DoRA has no magnitudes
     assert peft_key(key, "default") == saved
 
 

@@ -6,10 +6,14 @@ meta-device build and the weight index from the safetensors headers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.checks.static import analyse_keys
-from harness.model.targets import TargetResolution, resolve_targets
+
+if TYPE_CHECKING:
+    from harness.model.targets import TargetResolution
 
 
 def _needs_base(ctx: CheckContext) -> str | None:
@@ -21,6 +25,8 @@ def _needs_base(ctx: CheckContext) -> str | None:
 
 
 def target_resolution(ctx: CheckContext) -> TargetResolution:
+    from harness.model.targets import resolve_targets
+
     return ctx.cached("base.targets", lambda: resolve_targets(ctx.adapter.config, ctx.base))
 
 

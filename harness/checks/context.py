@@ -1,37 +1,68 @@
-"""What a check sees: the inputs, the options, and the shared expensive work (cached per run)."""
+"""What a check sees: the inputs, the options, and the shared expensive work of one run.
+
+Every field has one type. Expensive work shared by several checks (the tensor scan, the key
+analysis, the dynamic run) is memoised with ``cached``; whatever needs closing is registered on
+``cleanup`` where it is created, and the engine closes the stack when the adapter's run ends.
+Importing this module imports no torch: the types below are for readers and type checkers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.inputs.adapter_dir import AdapterInputs
+    from harness.inputs.deepspeed import ZeroConversion
+    from harness.model.structure import BaseModelInfo
+
+T = TypeVar("T")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckOptions:
+    """What the user asked for (CLI flags, API keywords, plugin options)."""
+
     allow_plora_targets: bool = False
-    dtype: str | None = None
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"
-    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainedInputs:
+    """``check_trained``'s inputs: the in-memory trained PEFT model and the directory it was saved to."""
+
+    model: torch.nn.Module
+    saved_dir: Path
+    base_dir: Path | None
+    adapter_name: str
+    dtype: torch.dtype
 
 
 @dataclass
 class CheckContext:
-    """What checks see. Add fields freely (with defaults): checks read only what they need.
+    """The inputs of one adapter's run and what the checks share."""
 
-    ``adapter`` is ``harness.inputs.AdapterInputs`` (or None when only a base/merged dir is checked);
-    ``cache`` memoises expensive shared work (the tensor scan, loaded models) across checks.
-    """
-
-    adapter: Any = None
+    adapter: AdapterInputs | None = None
     options: CheckOptions = field(default_factory=CheckOptions)
-    cache: dict[str, Any] = field(default_factory=dict)
-    base: Any = None
-    merged: Any = None
+    base: BaseModelInfo | None = None  # --base-model, inspected (weight index + module tree on meta)
+    merged: Path | None = None  # --merged
+    deepspeed: ZeroConversion | None = None  # the adapter came from this DeepSpeed checkpoint conversion
+    deepspeed_error: str | None = None  # or the conversion was refused / failed (one line)
+    failed_prerequisites: list[str] = field(default_factory=list)  # static/against-base ids that failed
+    trained: TrainedInputs | None = None
     progress: Callable[[str], None] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # adjustments the harness made (eager attention, ...)
+    cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    cache: dict[str, Any] = field(default_factory=dict)
 
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+    def cached(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per run under ``key`` ("<group>.<what>"), shared by every check."""
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
@@ -39,3 +70,8 @@ class CheckContext:
     def say(self, text: str) -> None:
         if self.progress is not None:
             self.progress(text)
+
+    def note(self, text: str) -> None:
+        """Record an adjustment the report must state (once)."""
+        if text not in self.notes:
+            self.notes.append(text)

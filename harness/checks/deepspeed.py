@@ -1,6 +1,6 @@
 """``zero-checkpoint``: what converting a DeepSpeed ZeRO checkpoint into an adapter found.
 
-The conversion itself happens before any check runs (``harness.api`` turns the checkpoint
+The conversion itself happens before any check runs (``harness.engine.run`` turns the checkpoint
 into a temporary PEFT adapter directory with DeepSpeed's own ``zero_to_fp32``, after a
 pickle scan); this check reports it: stage, world size, tag, tensors and notes.
 """
@@ -22,11 +22,11 @@ from harness.checks.registry import failed, passed, register, skipped
     "adapter_config.json beside it; or save the adapter with GatheredParameters on all ranks",
 )
 def check_zero_checkpoint(ctx: CheckContext):
-    zero = ctx.extras.get("zero")
+    if ctx.deepspeed_error is not None:
+        return failed(ctx.deepspeed_error)
+    zero = ctx.deepspeed
     if zero is None:
         return skipped("the adapter is not a DeepSpeed checkpoint")
-    if isinstance(zero, str):
-        return failed(zero)
     details = zero.to_dict()
     details.pop("log", None)
     if zero.n_tensors == 0:

@@ -7,12 +7,14 @@ these functions only judge its outcomes, so each check is a few lines to read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
-from harness.engine.dynamic_run import MERGED_PATHS, DynamicRun
-from harness.loading.paths import PATHS
 from harness.numerics.tolerances import EFFECT_FLOOR
+
+if TYPE_CHECKING:
+    from harness.engine.dynamic_run import DynamicRun
 
 # A check that needs these to have passed cannot say anything useful when they failed.
 PREREQUISITES = ("config-valid", "weights-readable", "unsafe-pickle", "empty-tensors")
@@ -30,13 +32,19 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
     """The shared run, or why none can be made."""
     if ctx.base is None:
         return Unavailable("no --base-model given")
-    blocked = [c for c in ctx.extras.get("failed_static", []) if c in PREREQUISITES]
+    blocked = [c for c in ctx.failed_prerequisites if c in PREREQUISITES]
     if blocked:
         return Unavailable(f"the adapter cannot be loaded until {', '.join(blocked)} pass(es)")
 
     def start() -> DynamicRun:
-        return DynamicRun(ctx.base.base_dir, ctx.adapter.root, dtype=ctx.options.dtype, device=ctx.options.device,
-                          progress=ctx.say)
+        from harness.engine.dynamic_run import DynamicRun
+
+        run = DynamicRun(ctx.base.base_dir, ctx.adapter.root, dtype=ctx.options.dtype, device=ctx.options.device,
+                         progress=ctx.say)
+        ctx.cleanup.callback(run.close)
+        for note in run.notes:
+            ctx.note(note)
+        return run
 
     run = ctx.cached("dynamic.run", start)
     if run.load_error:
@@ -210,6 +218,8 @@ def check_plora_preserved(ctx: CheckContext):
         return _unavailable(run)
     if not run.base_plora:
         return skipped("the base model has no PLoRA weights")
+    from harness.engine.dynamic_run import MERGED_PATHS
+
     outcomes = [run.outcome(name) for name in MERGED_PATHS]
     changed = sorted({p for o in outcomes for p in o.plora_changed})
     classes = sorted({c for o in outcomes for c in o.class_changes})
@@ -239,6 +249,8 @@ def check_path_agreement(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
         return _unavailable(run)
+    from harness.loading.paths import PATHS
+
     problems, table = [], {}
     for name in PATHS:
         outcome = run.outcome(name)

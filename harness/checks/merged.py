@@ -9,17 +9,20 @@ the merged dtype. Tolerances are relative to the tensor's magnitude, per dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.checks.static import analyse_keys
 from harness.inputs.errors import InputError
-from harness.inputs.model_dir import ModelDir
 from harness.model import families
 from harness.model.lora_math import delta_weight, module_scaling
 from harness.numerics.tolerances import merged_weight_tolerances, policy_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.inputs.model_dir import ModelDir
 
 
 @dataclass
@@ -47,6 +50,8 @@ def _rel(err: torch.Tensor, scale: torch.Tensor) -> float:
 
 
 def compare_merged(ctx: CheckContext, base: ModelDir, merged: ModelDir) -> MergedFindings:
+    import torch
+
     config = ctx.adapter.config or {}
     modules = _modules(ctx)
     found = MergedFindings()
@@ -136,6 +141,8 @@ def check_merged_matches(ctx: CheckContext):
         return skipped("--merged needs --base-model to compare against")
     if ctx.adapter is None or ctx.adapter.primary is None or not isinstance(ctx.adapter.config, dict):
         return skipped("the adapter's tensors or config are unreadable (see the static checks)")
+    from harness.inputs.model_dir import ModelDir
+
     try:
         base, merged = ModelDir(ctx.base.base_dir), ModelDir(ctx.merged)
     except InputError as err:  # unreadable, corrupt or escaping files: say which, never a traceback

@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 import re
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
-from harness.compat import PEFT_VERSION, lora_config_fields
-from harness.inputs.adapter_dir import AdapterInputs
-from harness.inputs.weights import WeightFile
 from harness.model.lora_math import module_rank
 from harness.model.peft_keys import KeyAnalysis, as_list, classify_key
+
+if TYPE_CHECKING:
+    from harness.inputs.adapter_dir import AdapterInputs
+    from harness.inputs.weights import WeightFile
 
 B_KINDS = ("lora_B", "lora_embedding_B")
 REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
@@ -225,6 +225,8 @@ def check_config_valid(ctx: CheckContext):
     if problems:
         return failed(f"adapter_config.json: {problems[0]}{_more(len(problems), 1)}", problems=problems)
 
+    from harness.compat import PEFT_VERSION, lora_config_fields
+
     known = lora_config_fields()
     unknown = {k: v for k, v in config.items() if k not in known}
     writer = config.get("peft_version")
@@ -296,6 +298,8 @@ def check_config_valid(ctx: CheckContext):
 
 def _compare_files(first: WeightFile, second: WeightFile) -> list[str]:
     """Differences between two readable weights files (keys, shapes, dtypes, then bytes)."""
+    import torch
+
     diffs: list[str] = []
     a_keys, b_keys = set(first.tensors), set(second.tensors)
     if a_keys - b_keys:
@@ -718,25 +722,3 @@ def check_full_checkpoint(ctx: CheckContext):
     if reason:
         return failed(reason)
     return passed(f"an adapter: {len(analyse_keys(ctx).lora)} LoRA tensors")
-
-
-# -- convenience -----------------------------------------------------------------------------------
-
-
-def run_static(adapter_dir, options=None, *, progress=None, context: CheckContext | None = None):
-    """Read ``adapter_dir`` and run every static check: a ``Report``.
-
-    Raises ``harness.inputs.InputError`` when the input cannot be read at all.
-    """
-    from harness.checks.context import CheckOptions
-    from harness.checks.registry import run_checks
-    from harness.inputs import adapter_dir as inputs_module
-    from harness.report import Report
-
-    adapter = adapter_dir if isinstance(adapter_dir, AdapterInputs) else inputs_module.read_adapter(adapter_dir)
-    ctx = context or CheckContext(adapter=adapter, options=options or CheckOptions(), progress=progress)
-    if ctx.adapter is None:
-        ctx.adapter = adapter
-    report = Report(inputs=adapter.describe())
-    report.extend(run_checks(ctx, "static"))
-    return report

@@ -2,16 +2,19 @@
 
 ``trained-vs-shipped`` reloads base + saved adapter and compares outputs with the in-memory trained
 model; ``trained-params-saved`` names every parameter that training could change or did change but
-that the adapter file does not carry. Both read ``harness.trained.audit_trained`` (computed once).
+that the adapter file does not carry. Both read ``harness.engine.training_audit.audit_trained`` (computed once).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
-from harness.engine.training_audit import ParamFinding, TrainedAudit, audit_trained
+
+if TYPE_CHECKING:
+    from harness.engine.training_audit import ParamFinding, TrainedAudit
 
 _KIND_WORDS = {
     "plora": "PLoRA Plora_A/Plora_B",
@@ -29,10 +32,12 @@ _SAVE_FIX = ("add the module to LoraConfig(modules_to_save=[...]) so save_pretra
 
 
 def _audit(ctx: CheckContext) -> TrainedAudit:
-    trained = ctx.extras["trained"]
+    from harness.engine.training_audit import audit_trained
+
+    trained = ctx.trained
     return ctx.cached("trained.audit", lambda: audit_trained(
-        trained["model"], trained["saved_dir"], trained.get("base_dir"), adapter_name=trained["adapter_name"],
-        dtype=trained["dtype"], device=ctx.options.device))
+        trained.model, trained.saved_dir, trained.base_dir, adapter_name=trained.adapter_name,
+        dtype=trained.dtype, device=ctx.options.device))
 
 
 def _by_kind(findings: list[ParamFinding]) -> str:

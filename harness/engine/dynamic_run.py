@@ -55,6 +55,7 @@ class DynamicRun:
         self._workdir = tempfile.TemporaryDirectory(prefix="plora-harness-")
         self.workdir = Path(self._workdir.name)
         self.outcomes: dict[str, PathOutcome] = {}
+        self.notes: list[str] = []  # adjustments made while loading (eager attention, ...), for the report
         self.load_error: str | None = None
         self.probe: ProbeBatch | None = None
         self.uses_im_mask = False

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def pattern_key(patterns: list[str], module: str) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from harness.synthetic.adapters import official_lora_config, save_adapter, train_adapter
-from harness.synthetic.cache import cached_build
+from harness.synthetic.cache import cache_path, cached_build
 from harness.synthetic.export import export_model
 from harness.synthetic.family import TINY, Dims, build_model
 
@@ -47,8 +47,25 @@ class Bundle:
     spec: BundleSpec
 
 
+def _base_params(spec: BundleSpec) -> dict:
+    return {"variant": spec.variant, "dims": asdict(spec.dims), "seed": spec.seed}
+
+
+def _merged_params(bundle: Bundle) -> dict:
+    return {"spec": bundle.spec.params(), "base": str(bundle.base_dir), "adapter": str(bundle.adapter_dir)}
+
+
+def is_built(spec: BundleSpec = BundleSpec(), cache_root: str | Path | None = None) -> bool:
+    """Whether base, adapter and merged model of ``spec`` are already in the cache (nothing to build)."""
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    bundle = Bundle(cache_path(root, f"base-{spec.variant}", _base_params(spec)),
+                    cache_path(root, f"adapter-{spec.variant}", spec.params()), spec)
+    merged = cache_path(root, f"merged-{spec.variant}", _merged_params(bundle))
+    return all(path.is_dir() for path in (bundle.base_dir, bundle.adapter_dir, merged))
+
+
 def build_base_dir(spec: BundleSpec, cache_root: str | Path) -> Path:
-    params = {"variant": spec.variant, "dims": asdict(spec.dims), "seed": spec.seed}
+    params = _base_params(spec)
 
     def build(out: Path) -> None:
         export_model(build_model(spec.variant, spec.dims, seed=spec.seed), out)
@@ -91,8 +108,7 @@ def build_merged_dir(bundle: Bundle, cache_root: str | Path | None = None) -> Pa
             loaded.model.save_pretrained(out, safe_serialization=True)
         copy_model_extras(bundle.base_dir, out)
 
-    params = {"spec": bundle.spec.params(), "base": str(bundle.base_dir), "adapter": str(bundle.adapter_dir)}
-    return cached_build(cache_root, f"merged-{bundle.spec.variant}", params, build)
+    return cached_build(cache_root, f"merged-{bundle.spec.variant}", _merged_params(bundle), build)
 
 
 def default_cache_root() -> Path:

@@ -42,6 +42,11 @@ def cache_key(params: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cache_path(root: str | Path, name: str, params: dict) -> Path:
+    """Where ``cached_build`` keeps (or will keep) the artefact ``name`` built with ``params``."""
+    return Path(root) / f"{name.replace('.', 'd')}-{cache_key(params)}"
+
+
 def cached_build(root: str | Path, name: str, params: dict, build: Callable[[Path], None]) -> Path:
     """Return ``root/<name>-<key>``, calling ``build(tmp_dir)`` once if it does not exist yet.
 
@@ -50,7 +55,7 @@ def cached_build(root: str | Path, name: str, params: dict, build: Callable[[Pat
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{name.replace('.', 'd')}-{cache_key(params)}"
+    target = cache_path(root, name, params)
     if target.is_dir():
         return target
     with FileLock(str(target) + ".lock"):

@@ -1,4 +1,4 @@
-"""The real InternLM-XComposer2 / 4KHD / 2.5 model from --base-model (and --adapter, or a deterministic
+"""The real InternLM-XComposer2 / 4KHD / 2.5 model from --plora-base-model (and --plora-adapter, or a deterministic
 r=64 official-recipe adapter when none is given), on CUDA in bf16 by default.
 
 One run (module fixture) loads, adapts, merges, generates, saves and reloads; each test reads one

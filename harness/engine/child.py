@@ -1,0 +1,81 @@
+"""The engine process: ``python -m harness.engine.child PLAN_FILE EVENTS_FD``.
+
+It runs the plan (model code included) and writes one JSON event per line to ``EVENTS_FD``; its
+stdout and stderr belong to a log, never to the report. It ignores SIGINT (a real Ctrl-C is the
+supervisor's to handle), so an interrupt, an exit or a crash here always comes from the code it
+runs, and is reported as such: ``sys.exit``/``KeyboardInterrupt`` raised by model code become a
+``fatal`` event, a call to ``os._exit`` is recorded with its file and line before the process
+ends, and faulthandler writes the stack of a segfault (or, on SIGUSR1, of a hung run) to a file
+the supervisor reads.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+FAULT_LOG_ENV = "PLORA_HARNESS_FAULT_LOG"
+_real_exit = os._exit
+
+
+def main(argv: list[str]) -> int:
+    plan_file, events_fd = argv[0], int(argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fault_log = open(os.environ.get(FAULT_LOG_ENV, os.devnull), "w")  # noqa: SIM115 - lives as long as the process
+    faulthandler.enable(file=fault_log, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=fault_log, all_threads=True)
+    events = os.fdopen(events_fd, "w", buffering=1, encoding="utf-8")
+    lock = threading.Lock()
+
+    def emit(event: dict) -> None:
+        with lock:
+            events.write(json.dumps(event, allow_nan=False, default=str) + "\n")
+            events.flush()
+
+    from harness.engine import guards
+
+    def recorded_exit(code: int) -> None:  # model code ending the process: say where, then do it
+        emit({"type": "exit_called", "code": code, "where": guards.model_code_frame(sys._getframe(1))})
+        _real_exit(code)
+
+    os._exit = recorded_exit
+    from harness.engine.plan import Plan
+
+    plan = Plan.from_json(Path(plan_file).read_text())
+    from harness.compat import UnsupportedStack, require_supported
+
+    try:
+        require_supported()
+    except UnsupportedStack as err:
+        emit({"type": "input_error", "message": str(err)})
+        return 0
+    _quiet_libraries()
+    from harness.engine.run import execute
+
+    try:
+        execute(plan, emit)
+    except BaseException as err:  # noqa: BLE001 - KeyboardInterrupt etc. can only come from the code run here
+        where = guards.model_code_frame(err.__traceback__)
+        emit({"type": "fatal", "message": f"model code raised {type(err).__name__}"
+              + (f"({err})" if str(err) else "") + (f" at {where}" if where else "")})
+        return 3
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and info logs of transformers would bury the log; the checks record warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    _real_exit(code)  # no interpreter teardown: model code's atexit hooks and threads cannot change the outcome

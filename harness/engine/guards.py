@@ -1,0 +1,134 @@
+"""Guards around model code: where in the model's own files something happened, and no network.
+
+Model code from a directory runs from transformers' dynamic-module cache (``.../transformers_modules/
+<dir>/<file>.py``) or from the directory itself. ``model_code_frame`` finds the innermost frame in such
+a file, so a failure can name ``modeling_x.py:12`` instead of a line deep in transformers.
+
+``network_blocked`` refuses every outgoing connection while a run is in progress (a local directory
+must never turn into a hub download or a URL fetch) and records who asked; a load that then fails
+because the model code needed the network is an unusable input, said in one line with file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+
+_MODULES_MARKER = f"{os.sep}transformers_modules{os.sep}"
+_code_dirs: list[Path] = []  # model directories whose *.py the user trusted for this run
+
+
+def trust_code_dirs(dirs: list[Path]) -> None:
+    """Remember the model directories whose code runs, so frames in them count as model code."""
+    for directory in dirs:
+        resolved = Path(directory).resolve()
+        if resolved not in _code_dirs:
+            _code_dirs.append(resolved)
+
+
+def is_model_code(filename: str) -> bool:
+    if _MODULES_MARKER in filename:
+        return True
+    try:
+        path = Path(filename).resolve()
+    except (OSError, RuntimeError):
+        return False
+    return path.suffix == ".py" and any(path.parent == d for d in _code_dirs)
+
+
+def _describe(filename: str, lineno: int) -> str:
+    """``<code dir>/<file>.py:<line>`` for a frame in model code (the copy in the module cache is named by
+    the directory it came from, when that directory is known)."""
+    name = Path(filename).name
+    for directory in _code_dirs:
+        if (directory / name).is_file():
+            return f"{directory / name}:{lineno}"
+    return f"{filename}:{lineno}"
+
+
+def model_code_frame(where: TracebackType | FrameType | None) -> str | None:
+    """The innermost frame of a traceback (or stack) that is in model code, as ``file:line``; else None."""
+    if isinstance(where, TracebackType):
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(where)]
+    elif where is not None:
+        frames = [(f.filename, f.lineno) for f in traceback.extract_stack(where)]
+    else:
+        return None
+    for filename, lineno in reversed(frames):
+        if is_model_code(filename):
+            return _describe(filename, lineno or 0)
+    return None
+
+
+def model_code_frame_in_text(text: str) -> str | None:
+    """The innermost model-code frame in a Python or faulthandler traceback printed as text."""
+    found = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith('File "'):
+            continue
+        filename = line[len('File "'):].split('"', 1)[0]
+        rest = line.split('", line ', 1)[1] if '", line ' in line else ""
+        digits = "".join(c for c in rest.split(" ", 1)[0].rstrip(",") if c.isdigit())
+        if is_model_code(filename):
+            # faulthandler lists the innermost frame first, Python tracebacks last
+            spot = _describe(filename, int(digits or 0))
+            if "Current thread" in text or "Thread 0x" in text:
+                return found or spot
+            found = spot
+    return found
+
+
+class NetworkBlocked(ConnectionError):
+    """Raised instead of any network connection during a run (a ConnectionError, so libraries that fall back
+    to their local cache when offline still do)."""
+
+
+@dataclass
+class NetworkAttempt:
+    target: str
+    where: str | None  # the model-code frame that asked, if any
+
+
+_attempts: list[NetworkAttempt] = []
+
+
+def network_attempts(since: int = 0) -> list[NetworkAttempt]:
+    return list(_attempts[since:])
+
+
+def _blocked(target) -> None:
+    frame = sys._getframe(2)
+    _attempts.append(NetworkAttempt(str(target)[:200], model_code_frame(frame)))
+    raise NetworkBlocked(f"network access is disabled while plora-harness checks a model (asked for {target})")
+
+
+@contextlib.contextmanager
+def network_blocked():
+    """Refuse every outgoing connection (and DNS lookup) until the block exits; record who asked."""
+    originals = (socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo)
+
+    def connect(self, address, *args, **kwargs):
+        if self.family == getattr(socket, "AF_UNIX", None):
+            return originals[0](self, address, *args, **kwargs)  # local sockets: not the network
+        _blocked(address)
+
+    def connect_ex(self, address, *args, **kwargs):
+        if self.family == getattr(socket, "AF_UNIX", None):
+            return originals[1](self, address, *args, **kwargs)
+        _blocked(address)
+
+    socket.socket.connect = connect
+    socket.socket.connect_ex = connect_ex
+    socket.create_connection = lambda address, *a, **k: _blocked(address)
+    socket.getaddrinfo = lambda host, *a, **k: _blocked(host)
+    try:
+        yield
+    finally:
+        socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo = originals

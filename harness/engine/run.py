@@ -1,0 +1,159 @@
+"""The engine: every planned check of every adapter, in order, reported as events.
+
+Per adapter: a DeepSpeed checkpoint is converted first (vetted pickles, DeepSpeed's own
+zero_to_fp32), the adapter is read, then the groups run in order: static, against-base (the base
+inspected once for all adapters), dynamic (one shared ``DynamicRun``), merged. Static and
+against-base checks are cheap and gate the dynamic ones, so they always run; only the selected
+ones are reported. Whatever a run opens is closed by the adapter's ``CheckContext.cleanup``.
+
+This runs model code when a base model is given: the shells run it in a child process
+(``harness.engine.supervisor``); ``execute`` itself is the same code, in the calling process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.checks.context import CheckContext
+from harness.checks.registry import Check, checks, get_check, run_check
+from harness.engine.plan import Plan
+from harness.inputs.errors import InputError
+from harness.report import CheckResult
+
+Emit = Callable[[dict], None]
+GATING_GROUPS = ("deepspeed", "static", "against-base")  # cheap, and what the dynamic group waits for
+
+
+class UnusableInput(InputError):
+    """An input turned out unusable while running (e.g. its model code needs the network): the run stops
+    and the shells answer with this one line (exit 2), as for any unreadable input."""
+
+
+class ModelCodeExit(BaseException):
+    """Model code ended the engine (``sys.exit``, ``KeyboardInterrupt``...) while a check ran."""
+
+
+def execute(plan: Plan, emit: Emit) -> None:
+    """Run ``plan``; every outcome goes to ``emit``. Raises nothing for a check's failure."""
+    from harness.engine import guards
+
+    base_info = None
+    dirs = [Path(plan.base_model)] if plan.base_model is not None else []
+    guards.trust_code_dirs(dirs)
+    with guards.network_blocked():
+        try:
+            for index, adapter in enumerate(plan.adapters):
+                base_info = _run_adapter(plan, index, adapter, base_info, emit)
+        except InputError as err:
+            emit({"type": "input_error", "message": str(err)})
+            return
+        except SystemExit as err:  # model code called sys.exit(): the run cannot go on in this process
+            where = guards.model_code_frame(err.__traceback__)
+            emit({"type": "fatal", "message": f"model code raised SystemExit({err.code!r})"
+                  + (f" at {where}" if where else "")})
+            return
+    emit({"type": "code", "files": executed_code(dirs)})
+    emit({"type": "done"})
+
+
+def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
+    planned = plan.planned_ids(adapter)
+    emit({"type": "start", "adapter": index, "planned": planned})
+    ctx = CheckContext(options=plan.options,
+                       progress=lambda text: emit({"type": "progress", "adapter": index, "text": text}))
+    with ctx.cleanup:
+        _read_inputs(ctx, Path(adapter), emit, index)
+        groups = _groups(ctx, plan, adapter)
+        for group in groups:
+            if group == "against-base" and ctx.adapter is not None:
+                if base_info is None:
+                    from harness.model.structure import inspect_base
+
+                    ctx.say(f"inspecting base model {plan.base_model} on the meta device")
+                    base_info = inspect_base(plan.base_model)
+                ctx.base = base_info
+            if group == "merged":
+                ctx.merged = Path(plan.merged)
+            for check in checks(group):
+                if plan.selected(check.id) or group in GATING_GROUPS:
+                    _run_one(ctx, check, report=plan.selected(check.id), emit=emit, index=index)
+        if ctx.deepspeed_error is not None:  # every planned check is reported, those that cannot run as skipped
+            reason = "the DeepSpeed checkpoint could not be converted into an adapter (see zero-checkpoint)"
+            for check_id in planned:
+                if get_check(check_id).group not in groups:
+                    emit({"type": "result", "adapter": index,
+                          "result": CheckResult(check_id, "skip", reason).to_dict()})
+        emit({"type": "notes", "adapter": index, "notes": list(ctx.notes)})
+    return base_info
+
+
+def _groups(ctx: CheckContext, plan: Plan, adapter: str) -> list[str]:
+    if ctx.deepspeed_error is not None:  # a refused or failed conversion: nothing else can be checked
+        return ["deepspeed"]
+    return plan.groups(adapter)
+
+
+def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int) -> None:
+    from harness.inputs import deepspeed
+    from harness.inputs.adapter_dir import read_adapter
+
+    inputs: dict = {"adapter": str(adapter)}
+    if deepspeed.is_zero_checkpoint(adapter):
+        ctx.say(f"converting DeepSpeed checkpoint {adapter} with zero_to_fp32")
+        inputs["deepspeed_checkpoint"] = str(adapter)
+        try:
+            ctx.deepspeed = ctx.cleanup.enter_context(deepspeed.converted_zero_checkpoint(adapter))
+        except deepspeed.DeepSpeedUnavailable as err:
+            raise InputError(f"{adapter}: is a DeepSpeed checkpoint and {err}") from None
+        except deepspeed.ZeroCheckpointError as err:
+            ctx.deepspeed_error = str(err).splitlines()[0]
+            emit({"type": "inputs", "adapter": index, "inputs": inputs})
+            return
+        adapter = ctx.deepspeed.output_dir
+    ctx.say(f"reading adapter {adapter}")
+    ctx.adapter = read_adapter(adapter)
+    ctx.cleanup.callback(ctx.adapter.close)
+    emit({"type": "inputs", "adapter": index, "inputs": {**ctx.adapter.describe(), **inputs}})
+
+
+def _run_one(ctx: CheckContext, check: Check, *, report: bool, emit: Emit, index: int) -> None:
+    ctx.say(f"check {check.id}")
+    started = time.perf_counter()
+    result = run_check(check, ctx)
+    result.duration_s = round(time.perf_counter() - started, 3)
+    if result.status == "fail" and check.group in GATING_GROUPS:
+        ctx.failed_prerequisites.append(check.id)
+    if report:
+        emit({"type": "result", "adapter": index, "result": result.to_dict()})
+
+
+def executed_code(dirs: list[Path]) -> list[dict]:
+    """Every code file of the trusted directories with its sha256, and whether this process imported it."""
+    import sys
+
+    from harness.inputs.code import remote_code_files, sha256_of
+
+    # transformers runs a copy of each file from its module cache (named differently in every version):
+    # a file ran when a module was imported from a copy with the same content.
+    loaded = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if "transformers_modules" in name and path:
+            with contextlib.suppress(OSError):
+                loaded.add((Path(path).name, sha256_of(Path(path))))
+    files = []
+    for directory in dirs:
+        with contextlib.suppress(InputError, OSError):
+            for code in remote_code_files(directory):
+                files.append({**code.to_dict(), "executed": (code.path.name, code.sha256) in loaded})
+    return files
+
+
+def collect(plan: Plan) -> list[dict]:
+    """``execute`` into a list (the in-process mode)."""
+    events: list[dict] = []
+    execute(plan, events.append)
+    return events
