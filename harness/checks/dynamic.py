@@ -40,23 +40,21 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
         from harness.engine.dynamic_run import DynamicRun
 
         run = DynamicRun(ctx.base.base_dir, ctx.adapter.root, dtype=ctx.options.dtype, device=ctx.options.device,
-                         progress=ctx.say)
+                         progress=ctx.say, init_buffers=ctx.base.init_buffers)
         ctx.cleanup.callback(run.close)
-        for note in run.notes:
-            ctx.note(note)
         return run
 
     run = ctx.cached("dynamic.run", start)
     if run.load_error:
-        return Unavailable("the base model does not load with AutoModelForCausalLM(trust_remote_code=True): "
-                           f"{run.load_error}", is_failure=True)
+        return Unavailable(f"the base model cannot be checked: {run.load_error}", is_failure=True)
     return run
 
 
 def _unavailable(why: Unavailable):
     if why.is_failure:
-        return failed(why.reason, fix="make the base directory load on its own first (see the error); for the "
-                      "real XComposer: attn_implementation='eager' and a local CLIP tower")
+        return failed(why.reason, fix="make the base directory load on its own first: the message names the file "
+                      "and line in its code; AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) shows "
+                      "the full traceback")
     return skipped(why.reason)
 
 

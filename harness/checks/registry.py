@@ -90,10 +90,14 @@ def skipped(message: str, **details) -> CheckResult:
 
 def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     """Run one check; an exception or a wrong return value becomes a ``fail``, never a crash."""
+    from harness.inputs.errors import UnusableInput
+
     try:
         result = check.func(ctx)
         if not isinstance(result, CheckResult):
             raise TypeError(f"check returned {type(result).__name__}, not CheckResult")
+    except UnusableInput:
+        raise  # the input cannot be used at all: the whole run answers with its one line (exit 2)
     except Exception as err:  # noqa: BLE001 - a broken check must not take the report down
         text = str(err).strip().splitlines()
         reason = text[0][:300] if text else ""

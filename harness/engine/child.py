@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
             events.write(json.dumps(event, allow_nan=False, default=str) + "\n")
             events.flush()
 
-    from harness.engine import guards
+    from harness.loading import model_code as guards
 
     def recorded_exit(code: int) -> None:  # model code ending the process: say where, then do it
         emit({"type": "exit_called", "code": code, "where": guards.model_code_frame(sys._getframe(1))})

@@ -18,6 +18,7 @@ import torch
 
 from harness.engine.memory import keep_large_frees_returnable, release_memory
 from harness.inputs.adapter_dir import read_adapter_tensors
+from harness.inputs.errors import UnusableInput
 from harness.loading.base import load_base
 from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
@@ -48,14 +49,14 @@ class PathOutcome:
 class DynamicRun:
     """Reference, probe and per-path outcomes for one (base, adapter, dtype, device)."""
 
-    def __init__(self, base_dir: Path, adapter_dir: Path, *, dtype: str | None, device: str, progress=None) -> None:
+    def __init__(self, base_dir: Path, adapter_dir: Path, *, dtype: str | None, device: str, progress=None,
+                 init_buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.base_dir, self.adapter_dir, self.device = Path(base_dir), Path(adapter_dir), device
         self.dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
         self.progress = progress or (lambda text: None)
         self._workdir = tempfile.TemporaryDirectory(prefix="plora-harness-")
         self.workdir = Path(self._workdir.name)
         self.outcomes: dict[str, PathOutcome] = {}
-        self.notes: list[str] = []  # adjustments made while loading (eager attention, ...), for the report
         self.load_error: str | None = None
         self.probe: ProbeBatch | None = None
         self.uses_im_mask = False
@@ -65,6 +66,7 @@ class DynamicRun:
         self.raw_load: RawLoadDiagnosis | None = None
         self.base_plora: dict[str, torch.Tensor] = {}
         self.base_classes: dict[str, str] = {}
+        self.init_buffers = init_buffers or {}  # what the model's own constructor computes (BaseModelInfo)
         self._prepare()
 
     @property
@@ -76,8 +78,15 @@ class DynamicRun:
         self.progress("loading the base model in fp32 for the reference")
         try:
             model = load_base(self.base_dir, dtype=torch.float32, device=self.device, private=True)  # ΔW in place
-        except Exception as err:  # remote code that downloads or crashes: one line, not a traceback
-            self.load_error = _one_line(err)
+        except UnusableInput:
+            raise  # the model code needs the network: the run stops with its one line
+        except Exception as err:  # remote code that crashes: one line, not a traceback, naming file and line
+            from harness.model.remote_code import explain_load_error
+
+            self.load_error = explain_load_error(err, self.base_dir)
+            return
+        self.load_error = uninitialised_buffers(model, self.init_buffers, self.base_dir)
+        if self.load_error:
             return
         self.uses_im_mask = accepts_im_mask(model)
         self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
@@ -170,6 +179,27 @@ class DynamicRun:
 
     def close(self) -> None:
         self._workdir.cleanup()
+
+
+def uninitialised_buffers(model: torch.nn.Module, expected: dict[str, torch.Tensor], base_dir: Path) -> str | None:
+    """Why the loaded ``model`` cannot be trusted when buffers outside its checkpoint (non-persistent, e.g. RoPE
+    tables) differ from what its own constructor computes: transformers 5 leaves such buffers uninitialised
+    when it loads, and every output is then meaningless (NaN, or garbage that differs from load to load)."""
+    import transformers
+
+    buffers = dict(model.named_buffers())
+    wrong = [name for name, want in expected.items() if name in buffers and (
+        buffers[name].shape != want.shape or not torch.allclose(buffers[name].detach().float().cpu(), want,
+                                                                 rtol=1e-5, atol=1e-6, equal_nan=False))]
+    if not wrong:
+        return None
+    from harness.model.remote_code import buffer_definition
+
+    where = buffer_definition(base_dir, wrong[0].rsplit(".", 1)[-1])
+    return (f"the base model loads with {len(wrong)} buffer(s) not in its checkpoint left different from what its own "
+            f"code computes (e.g. {wrong[0]}{f', registered at {where}' if where else ''}): transformers "
+            f"{transformers.__version__} does not initialise non-persistent buffers on load, so every output is "
+            "meaningless; load this model with transformers 4.x, or make those buffers persistent")
 
 
 def _chain_is_builtin() -> bool:

@@ -27,18 +27,9 @@ Emit = Callable[[dict], None]
 GATING_GROUPS = ("deepspeed", "static", "against-base")  # cheap, and what the dynamic group waits for
 
 
-class UnusableInput(InputError):
-    """An input turned out unusable while running (e.g. its model code needs the network): the run stops
-    and the shells answer with this one line (exit 2), as for any unreadable input."""
-
-
-class ModelCodeExit(BaseException):
-    """Model code ended the engine (``sys.exit``, ``KeyboardInterrupt``...) while a check ran."""
-
-
 def execute(plan: Plan, emit: Emit) -> None:
     """Run ``plan``; every outcome goes to ``emit``. Raises nothing for a check's failure."""
-    from harness.engine import guards
+    from harness.loading import model_code as guards
 
     base_info = None
     dirs = [Path(plan.base_model)] if plan.base_model is not None else []
@@ -120,9 +111,12 @@ def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int) -> No
 
 
 def _run_one(ctx: CheckContext, check: Check, *, report: bool, emit: Emit, index: int) -> None:
+    from harness.loading.base import recording_adjustments
+
     ctx.say(f"check {check.id}")
     started = time.perf_counter()
-    result = run_check(check, ctx)
+    with recording_adjustments(ctx.notes):
+        result = run_check(check, ctx)
     result.duration_s = round(time.perf_counter() - started, 3)
     if result.status == "fail" and check.group in GATING_GROUPS:
         ctx.failed_prerequisites.append(check.id)

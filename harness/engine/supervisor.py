@@ -38,7 +38,7 @@ class EngineInputError(InputError):
 def run_isolated(plan: Plan, *, progress: Progress | None = None, verbose: bool = False,
                  code_files: list[dict] | None = None) -> RunReport:
     """Run ``plan`` in a child process; the report, complete whatever the child did."""
-    from harness.engine.guards import trust_code_dirs
+    from harness.loading.model_code import trust_code_dirs
 
     recorder = Recorder(plan)
     trust_code_dirs([Path(d) for d in (plan.base_model, plan.merged) if d is not None])
@@ -170,7 +170,7 @@ def _kill(child: subprocess.Popen) -> None:
 
 
 def _fault_frame(fault_path: Path) -> str | None:
-    from harness.engine.guards import model_code_frame_in_text
+    from harness.loading.model_code import model_code_frame_in_text
 
     try:
         text = fault_path.read_text(errors="replace")[-200_000:]

@@ -17,3 +17,8 @@ class InputError(Exception):
 class WeightsError(ValueError):
     """A weights file is corrupt, truncated or hostile (recorded, reported by ``weights-readable``)."""
 
+
+
+class UnusableInput(InputError):
+    """An input turned out unusable while running (its model code needs the network, say): the run stops and
+    the shells answer with this one line (exit 2), as for any unreadable input."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import shutil
 from pathlib import Path
 
@@ -9,36 +11,91 @@ import torch
 import transformers
 
 from harness.compat import ATTN_IMPLEMENTATION_KWARG, DTYPE_KW, FLASH_ATTENTION, flash_attn_installed
+from harness.loading.model_code import building_model
 from harness.loading.private_weights import privatize_weights
 from harness.loading.records import capture_warnings
+
+_adjustments: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("plora_adjustments", default=None)
+
+
+@contextlib.contextmanager
+def recording_adjustments(into: list[str]):
+    """Collect the adjustments made while loading (eager instead of flash attention, ...) into ``into``, for the
+    report: the harness never changes how a model runs without saying so."""
+    token = _adjustments.set(into)
+    try:
+        yield into
+    finally:
+        _adjustments.reset(token)
+
+
+def note_adjustment(text: str) -> None:
+    sink = _adjustments.get()
+    if sink is not None and text not in sink:
+        sink.append(text)
+
+
+def model_config(model_dir: Path):
+    """The config object ``from_pretrained`` will build for ``model_dir`` (the model's own config class when it
+    ships one), with flash attention replaced by eager where flash_attn is missing. Decisions are taken on this
+    object, never on config.json's text: config classes rewrite fields (the real XComposer one turns a missing
+    or None ``attn_implementation`` into flash_attention_2, and transformers 4.57+ passes None on every load)."""
+    from transformers import AutoConfig
+
+    with building_model(model_dir):
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    asked = _attention_asked(config)
+    if asked in FLASH_ATTENTION and not flash_attn_installed():
+        _set_attention(config, "eager")
+        note_adjustment(f"{model_dir}: the model's config class asks for attn_implementation={asked!r} and flash_attn "
+                        "is not installed: loaded with attn_implementation='eager' (outputs agree within the dtype "
+                        "tolerance; pass it to from_pretrained yourself outside the harness)")
+    return config
+
+
+def _attention_asked(config) -> str | None:
+    own = getattr(config, "attn_implementation", None)  # the remote code's own switch (XComposer reads this one)
+    internal = getattr(config, "_attn_implementation", None)  # transformers' (4.36+)
+    return own if own in FLASH_ATTENTION else internal if internal in FLASH_ATTENTION else own or internal
+
+
+def _set_attention(config, value: str) -> None:
+    config.attn_implementation = value
+    with contextlib.suppress(AttributeError, ValueError, TypeError):
+        config._attn_implementation = value
 
 
 def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnings_into: list[str] | None = None,
               private: bool = False, **kwargs) -> torch.nn.Module:
-    """AutoModelForCausalLM with trust_remote_code and an explicit dtype (never "auto").
+    """AutoModelForCausalLM with trust_remote_code, an explicit dtype (never "auto") and the config object
+    decided by ``model_config`` (so what was inspected is what runs).
 
-    ``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before; warnings and transformers log
-    records go to ``warnings_into`` when given. ``output_loading_info=True`` returns (model, info).
-    ``private=True`` (for a model about to be merged in place on the CPU) re-reads the weights into
-    private memory (``harness.private_weights``): same values, no copy-on-write faults, one copy in RSS.
+    This runs the directory's own code: callers outside the engine's child process must have the user's
+    consent (``--trust-remote-code``). ``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before; warnings
+    and transformers log records go to ``warnings_into`` when given. ``output_loading_info=True`` returns
+    (model, info). ``private=True`` (for a model about to be merged in place on the CPU) re-reads the weights
+    into private memory (``harness.loading.private_weights``): same values, no copy-on-write faults.
     """
     from transformers import AutoModelForCausalLM
 
+    base_dir = Path(base_dir)
     sink: list[str] = [] if warnings_into is None else warnings_into
-    if "config" not in kwargs:
-        kwargs.update(_attention_override(Path(base_dir), sink))
-    with capture_warnings(sink):
+    with capture_warnings(sink), building_model(base_dir):
         try:
+            if "config" not in kwargs:
+                kwargs["config"] = model_config(base_dir)
+            if ATTN_IMPLEMENTATION_KWARG and _attention_asked(kwargs["config"]) == "eager":
+                kwargs.setdefault("attn_implementation", "eager")  # or transformers passes None, mapped to flash
             model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{DTYPE_KW: dtype},
                                                          **kwargs)
         except ModuleNotFoundError as err:
-            if "transformers_modules" in str(err) and "." in Path(base_dir).name:
+            if "transformers_modules" in str(err) and "." in base_dir.name:
                 from harness.inputs.errors import InputError
 
                 raise InputError(
                     f"{base_dir}: transformers {transformers.__version__} cannot import remote code from a folder "
                     f"whose name contains '.'; load it from a copy or symlink named without dots "
-                    f"(e.g. {Path(base_dir).name.replace('.', '_')}) or upgrade transformers."
+                    f"(e.g. {base_dir.name.replace('.', '_')}) or upgrade transformers."
                 ) from None
             raise
     loaded, info = model if isinstance(model, tuple) else (model, None)  # output_loading_info=True gives both
@@ -46,36 +103,6 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
         privatize_weights(loaded, base_dir)
     loaded = loaded.to(device).eval()
     return (loaded, info) if info is not None else loaded
-
-
-def _attention_override(base_dir: Path, notes: list[str]) -> dict:
-    """Eager attention for a config that asks for flash attention on a machine without flash_attn.
-
-    The real InternLM-XComposer2 configs default to ``attn_implementation: "flash_attention_2"`` (the
-    remote code's own switch), which fails to load on CPU-only and most CI machines. Outputs are the same
-    up to the dtype tolerance; the override is recorded in ``notes`` so the report says it happened.
-    """
-    import json
-
-    try:
-        declared = json.loads((base_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    asked = declared.get("attn_implementation") or declared.get("_attn_implementation")
-    if asked not in FLASH_ATTENTION or flash_attn_installed():
-        return {}
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=True)
-    config.attn_implementation = "eager"  # the remote code reads this field
-    kwargs: dict = {"config": config}
-    if ATTN_IMPLEMENTATION_KWARG:
-        kwargs["attn_implementation"] = "eager"  # and transformers its own
-    notes.append(f"{base_dir / 'config.json'} asks for {asked} and flash_attn is not installed: loaded with "
-                 "attn_implementation='eager' (pass it to from_pretrained yourself outside the harness)")
-    return kwargs
-
-
 
 
 def copy_model_extras(base_dir: Path, out_dir: Path) -> list[str]:

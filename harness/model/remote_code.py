@@ -298,6 +298,16 @@ def _rotary_buffer_quirks(sources: list[_Source]) -> list[Quirk]:
 # Behavioural: a few tokens through the loaded model
 
 
+def buffer_definition(model_dir: str | Path, name: str) -> str | None:
+    """``file:line`` of the ``register_buffer("<name>", ...)`` call in the model's code, if there is one."""
+    pattern = re.compile(rf"register_buffer\(\s*['\"]{re.escape(name)}['\"]")
+    for source in _parse_sources(Path(model_dir)):
+        match = pattern.search(source.text)
+        if match:
+            return f"{source.path}:{source.text[:match.start()].count(chr(10)) + 1}"
+    return None
+
+
 def _plora_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if families.is_branch_module(m)]
 
@@ -369,6 +379,12 @@ def diagnose_loaded(model: torch.nn.Module, model_dir: str | Path) -> list[Quirk
 # Load failures, explained
 
 
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
 def explain_load_error(err: BaseException, model_dir: str | Path) -> str:
     """One sentence (file, problem, fix) for an exception raised while loading the real model."""
     model_dir = Path(model_dir)
@@ -391,6 +407,11 @@ def explain_load_error(err: BaseException, model_dir: str | Path) -> str:
                      f"while it was built and could not ({first})",
                      f"run `huggingface-cli download {repo}` on a machine with access, or point the code at a "
                      "local copy").sentence()
+    if "meta device context manager" in text or "set_default_device('meta')" in text:
+        return Quirk("from-pretrained-in-init", "error", where, "the model code calls from_pretrained inside its "
+                     f"__init__, which transformers {transformers_version()} refuses while it builds a model",
+                     "load this model with transformers 4.x (its code was written for 4.33), or build that part "
+                     "from a config in __init__").sentence()
     if isinstance(err, KeyError) and "type" in str(err):
         return Quirk("rope-scaling", "error", where, f"the remote code cannot read rope_scaling ({first}); "
                      "transformers 5.x turns rope_scaling=None into a dict without 'type'",

@@ -9,6 +9,7 @@ meta, and then the weight index alone still answers the structural questions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from harness.inputs.errors import UnusableInput
 from harness.model import families
 
 
@@ -38,6 +40,9 @@ class BaseModelInfo:
     meta_build_error: str | None = None
     output_head: str | None = None  # the LM head's module name; PEFT's "all-linear" skips it
     notes: list[str] = field(default_factory=list)
+    # floating buffers the checkpoint does not hold (non-persistent), as the model's own constructor computes
+    # them: a loader that leaves them uninitialised (transformers 5 does) is caught by comparing with these
+    init_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def module_names(self) -> list[str]:
         if self.modules is not None:
@@ -74,13 +79,44 @@ def read_weight_index(base_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def build_on_meta(base_dir: Path) -> torch.nn.Module:
-    """Instantiate the model class on the meta device from its config (no weights, no RAM)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Instantiate the model class from its config with every parameter on the meta device (no weights, no
+    RAM) and its buffers computed for real by its own constructor (they are small: RoPE tables, masks)."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=True)
-    with warnings.catch_warnings(), torch.device("meta"):
+    from harness.loading.base import model_config
+    from harness.loading.model_code import building_model
+
+    config = model_config(base_dir)
+    with warnings.catch_warnings(), _parameters_on_meta(), building_model(base_dir):
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered meanwhile moves to the meta device as it is registered (before any
+    initialiser touches it); buffers stay where the constructor made them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def constructor_buffers(model: torch.nn.Module, limit: int = 1 << 24) -> dict[str, torch.Tensor]:
+    """The floating, non-persistent buffers the constructor computed (not in the checkpoint), up to ``limit``
+    elements each."""
+    persistent = set(model.state_dict())
+    return {name: buffer.detach().float().clone() for name, buffer in model.named_buffers()
+            if name not in persistent and buffer.is_floating_point() and buffer.device.type != "meta"
+            and buffer.numel() <= limit}
 
 
 def module_tree(model: torch.nn.Module) -> dict[str, ModuleInfo]:
@@ -107,8 +143,11 @@ def inspect_base(base_dir: str | Path, *, build_tree: bool = True) -> BaseModelI
         try:
             model = build_on_meta(base_dir)
             info.modules = module_tree(model)
+            info.init_buffers = constructor_buffers(model)
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             info.output_head = next((n for n, m in model.named_modules() if m is head), None)
+        except UnusableInput:
+            raise  # the model code needs the network: no check can use this base
         except Exception as exc:  # remote code may download or crash in __init__
             info.meta_build_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             info.notes.append("module tree unavailable (meta build failed); used the weight index instead")

@@ -27,6 +27,7 @@ class BundleSpec:
     safe_serialization: bool = True
     target_modules: tuple[str, ...] | str | None = None  # None: the official XComposer targets
     lora_overrides: tuple[tuple[str, object], ...] = ()  # extra LoraConfig fields, e.g. (("use_rslora", True),)
+    quirks: tuple[str, ...] = ()  # the real remote code's behaviours the base reproduces (modeling QUIRKS)
 
     def params(self) -> dict:
         return asdict(self)
@@ -48,7 +49,8 @@ class Bundle:
 
 
 def _base_params(spec: BundleSpec) -> dict:
-    return {"variant": spec.variant, "dims": asdict(spec.dims), "seed": spec.seed}
+    params = {"variant": spec.variant, "dims": asdict(spec.dims), "seed": spec.seed}
+    return {**params, "quirks": list(spec.quirks)} if spec.quirks else params
 
 
 def _merged_params(bundle: Bundle) -> dict:
@@ -68,9 +70,25 @@ def build_base_dir(spec: BundleSpec, cache_root: str | Path) -> Path:
     params = _base_params(spec)
 
     def build(out: Path) -> None:
-        export_model(build_model(spec.variant, spec.dims, seed=spec.seed), out)
+        model = build_model(spec.variant, spec.dims, seed=spec.seed)  # built without quirks: they act on load
+        if spec.quirks:
+            apply_quirks(model, spec.quirks, out)
+        export_model(model, out)
 
-    return cached_build(cache_root, f"base-{spec.variant}", params, build)
+    name = f"base-{spec.variant}" + ("-quirks" if spec.quirks else "")
+    return cached_build(cache_root, name, params, build)
+
+
+def apply_quirks(model, quirks: tuple[str, ...], out: Path) -> None:
+    """Make the exported config reproduce the real code's ``quirks`` when the directory is loaded. The CLIP
+    tower of ``relative-vision-tower`` is written to ``out/<vision_tower_path>``: the path is relative to the
+    current directory, so the model loads when run from ``out`` (as the real one does from the repo root)."""
+    config = model.config
+    config.quirks = list(quirks)
+    if "flash-default" in quirks:
+        config.attn_implementation = "flash_attention_2"  # what the real config.json says
+    if "relative-vision-tower" in quirks:
+        model.vit._clip.save_pretrained(out / config.vision_tower_path, safe_serialization=True)
 
 
 def build_bundle(spec: BundleSpec = BundleSpec(), cache_root: str | Path | None = None) -> Bundle:

@@ -52,6 +52,9 @@ def export_model(
     if dtype is not None:
         model = model.to(dtype)
     model.config.auto_map = dict(AUTO_MAP)
+    if "im-mask-kwargs" in getattr(model.config, "quirks", []):
+        kwargs_class = "modeling_internlm_xcomposer2.InternLMXComposer2KwargsForCausalLM"
+        model.config.auto_map.update(AutoModel=kwargs_class, AutoModelForCausalLM=kwargs_class)
     model.save_pretrained(out, safe_serialization=True)
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(MODELING_DIR / name, out / name)

@@ -6,6 +6,8 @@ on image rows only (``im_mask`` True), so PEFT wraps it like any Linear and pass
 ``im_mask`` through to it.
 """
 
+import urllib.request
+
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -73,13 +75,22 @@ class PLoRA(nn.Linear):
         return res.reshape(*shape[:-1], self.out_features)
 
 
-class CLIPVisionTower(nn.Module):
-    """The ``vit`` wrapper: a CLIPVisionModel built from a config (never downloaded)."""
+def get_asset(url: str) -> bytes:
+    """What the real ``ixc_utils.get_font()`` does in ``__init__``: read a file over the network."""
+    return urllib.request.urlopen(url, timeout=10).read()
 
-    def __init__(self, vision_config: dict, select_layer: int = -1) -> None:
+
+class CLIPVisionTower(nn.Module):
+    """The ``vit`` wrapper: a CLIPVisionModel built from a config, or (quirk ``relative-vision-tower``, as the
+    real code does) loaded with ``from_pretrained`` from a path relative to the current directory."""
+
+    def __init__(self, vision_config: dict, select_layer: int = -1, pretrained_path: str | None = None) -> None:
         super().__init__()
         self.select_layer = select_layer
-        clip = CLIPVisionModel(CLIPVisionConfig(**vision_config))
+        if pretrained_path is not None:
+            clip = CLIPVisionModel.from_pretrained(pretrained_path)
+        else:
+            clip = CLIPVisionModel(CLIPVisionConfig(**vision_config))
         if hasattr(clip, "vision_model"):  # transformers 4.x: keys vision_tower.vision_model.*, as in real checkpoints
             self.vision_tower = clip
         else:  # transformers 5 flattened CLIPVisionModel; keep the real checkpoints' vision_model level

@@ -9,6 +9,14 @@ from transformers import PretrainedConfig
 
 VARIANTS = ("ixc2", "ixc2-4khd", "ixc2.5")
 PLORA_MODULES = ("wqkv", "wo", "w1", "w2", "w3")
+# The real remote code's behaviours that trip a harness, each reproducible on its own (all off by default):
+#   flash-default          attn_implementation defaults to flash_attention_2, and None becomes it (as the real
+#                          config class does), and the flash path needs the flash_attn package
+#   im-mask-kwargs         the top-level forward takes im_mask only through **kwargs
+#   relative-vision-tower  __init__ loads the CLIP tower with from_pretrained(<path relative to the CWD>)
+#   url-fetch              __init__ reads a file with urllib's urlopen (the real get_font() fetches SimHei.ttf)
+#   rotary-buffers         RoPE tables kept as non-persistent buffers (transformers 5 leaves them uninitialised)
+QUIRKS = ("flash-default", "im-mask-kwargs", "relative-vision-tower", "url-fetch", "rotary-buffers")
 
 
 class InternLMXcomposer2Config(PretrainedConfig):
@@ -47,6 +55,10 @@ class InternLMXcomposer2Config(PretrainedConfig):
         plora_dropout: float = 0.05,
         vision_config: dict | None = None,
         legacy_none_mask_crash: bool = False,
+        quirks: list | None = None,
+        attn_implementation: str | None = None,
+        vision_tower_path: str = "clip-vision-tower",
+        asset_url: str = "https://example.invalid/SimHei.ttf",
         **kwargs,
     ):
         if variant not in VARIANTS:
@@ -73,6 +85,15 @@ class InternLMXcomposer2Config(PretrainedConfig):
         self.vision_config = dict(vision_config or {})
         # Reproduces the old HD-form bug where ``im_mask=None`` crashes (tests only).
         self.legacy_none_mask_crash = legacy_none_mask_crash
+        self.quirks = list(quirks or [])
+        unknown = sorted(set(self.quirks) - set(QUIRKS))
+        if unknown:
+            raise ValueError(f"unknown quirks {unknown}; choose from {QUIRKS}")
+        if "flash-default" in self.quirks and attn_implementation is None:
+            attn_implementation = "flash_attention_2"  # the real config class: None means flash attention
+        self.attn_implementation = attn_implementation or "eager"
+        self.vision_tower_path = vision_tower_path
+        self.asset_url = asset_url
         kwargs.setdefault("architectures", ["InternLMXComposer2ForCausalLM"])
         super().__init__(
             pad_token_id=pad_token_id,

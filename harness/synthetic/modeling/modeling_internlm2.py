@@ -37,6 +37,30 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class RotaryBuffers(nn.Module):
+    """Quirk ``rotary-buffers``: RoPE tables precomputed into non-persistent buffers, as the real code keeps
+    ``inv_freq``/``cos_cached``/``sin_cached``; transformers 5 leaves such buffers uninitialised on load."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        emb = torch.cat([torch.outer(torch.arange(max_positions).float(), inv_freq)] * 2, dim=-1)
+        self.register_buffer("cos_cached", emb.cos(), persistent=False)
+        self.register_buffer("sin_cached", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        return self.cos_cached[position_ids].to(dtype), self.sin_cached[position_ids].to(dtype)
+
+
+def _import_flash_attn():
+    """As the real code: the flash attention path imports flash_attn when it runs."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        raise ImportError("flash_attn is not installed.") from None
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
@@ -85,8 +109,14 @@ class InternLM2Attention(nn.Module):
         qkv_out = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
         self.wqkv = _plora(config, config.hidden_size, qkv_out, "wqkv")
         self.wo = _plora(config, self.num_heads * self.head_dim, config.hidden_size, "wo")
+        quirks = getattr(config, "quirks", [])
+        self.attn_implementation = getattr(config, "attn_implementation", "eager")
+        self.rotary = (RotaryBuffers(self.head_dim, self.rope_theta, config.max_position_embeddings)
+                       if "rotary-buffers" in quirks else None)
 
     def forward(self, hidden_states, attention_bias, position_ids, past_key_value, im_mask):
+        if self.attn_implementation == "flash_attention_2":
+            _import_flash_attn()
         bsz, q_len, _ = hidden_states.shape
         gs = self.num_key_value_groups
         qkv = self.wqkv(hidden_states, im_mask)
@@ -94,7 +124,10 @@ class InternLM2Attention(nn.Module):
         q = qkv[..., :gs, :].reshape(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = qkv[..., -2, :].transpose(1, 2)
         v = qkv[..., -1, :].transpose(1, 2)
-        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
+        if self.rotary is not None:
+            cos, sin = self.rotary(position_ids, q.dtype)
+        else:
+            cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
         q, k = apply_rotary(q, k, cos, sin)
         if past_key_value is not None:
             k, v = past_key_value.update(k, v, self.layer_idx)

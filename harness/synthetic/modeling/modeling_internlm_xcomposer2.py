@@ -38,7 +38,7 @@ except ImportError:  # the XComposer-era stack (transformers 4.33): no Cache cla
         def get_seq_length(self) -> int:
             return self.key_cache[0].shape[-2] if self.key_cache else 0
 
-from .build_mlp import CLIPVisionTower, build_vision_projector
+from .build_mlp import CLIPVisionTower, build_vision_projector, get_asset
 from .configuration_internlm_xcomposer2 import InternLMXcomposer2Config
 from .modeling_internlm2 import InternLM2Model
 
@@ -69,7 +69,11 @@ class InternLMXComposer2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         self.model = InternLM2Model(config)
         self.vocab_size = config.vocab_size
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.vit = CLIPVisionTower(config.vision_config)
+        quirks = getattr(config, "quirks", [])
+        if "url-fetch" in quirks:
+            self.asset = get_asset(config.asset_url)
+        relative = config.vision_tower_path if "relative-vision-tower" in quirks else None
+        self.vit = CLIPVisionTower(config.vision_config, pretrained_path=relative)
         vit_dim = self.vit.hidden_size * (4 if config.hd else 1)  # HD merges 2x2 patches
         self.vision_proj = build_vision_projector(vit_dim, config.hidden_size)
         if config.hd:
@@ -156,3 +160,14 @@ class InternLMXComposer2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
             model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask,
                                 use_cache=kwargs.get("use_cache"))
             return model_inputs
+
+
+class InternLMXComposer2KwargsForCausalLM(InternLMXComposer2ForCausalLM):
+    """Quirk ``im-mask-kwargs``: the real code's top-level forward, which reads im_mask from ``**kwargs``."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, return_dict=None, **kwargs):
+        im_mask = kwargs.pop("im_mask", None)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                               use_cache=use_cache, im_mask=im_mask, return_dict=return_dict, **kwargs)

@@ -1,4 +1,4 @@
-"""Guards around model code: where in the model's own files something happened, and no network.
+"""Running a model's own code: where in its files something happened, no network, and failures explained.
 
 Model code from a directory runs from transformers' dynamic-module cache (``.../transformers_modules/
 <dir>/<file>.py``) or from the directory itself. ``model_code_frame`` finds the innermost frame in such
@@ -105,6 +105,8 @@ def network_attempts(since: int = 0) -> list[NetworkAttempt]:
 
 def _blocked(target) -> None:
     frame = sys._getframe(2)
+    if isinstance(target, tuple) and len(target) >= 2:
+        target = f"{target[0]}:{target[1]}"
     _attempts.append(NetworkAttempt(str(target)[:200], model_code_frame(frame)))
     raise NetworkBlocked(f"network access is disabled while plora-harness checks a model (asked for {target})")
 
@@ -132,3 +134,73 @@ def network_blocked():
         yield
     finally:
         socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo = originals
+
+
+_HUB_WORDS = ("offlinemodeisenabled", "localentrynotfound", "couldn't connect", "could not connect", "hf_hub_offline",
+              "offline mode", "cannot reach https://huggingface.co", "is not a local folder and is not a valid model")
+
+
+def explain_build_failure(err: BaseException, model_dir: Path, since: int = 0):
+    """An ``UnusableInput`` when ``err`` (raised while building the model from ``model_dir``) comes from the
+    model's own code reaching the network or the hub, which a harness run cannot allow; else None."""
+    from harness.inputs.errors import UnusableInput
+
+    attempts = [a for a in network_attempts(since) if a.where]
+    if attempts:
+        first = attempts[0]
+        return UnusableInput(
+            f"{first.where}: the model code reaches the network ({first.target}) while the model is built, and "
+            "plora-harness checks offline; ship that file inside the model directory and read it from there")
+    chain, text = err, ""
+    while chain is not None:
+        text += f" {type(chain).__name__}: {chain}"
+        chain = chain.__cause__ or chain.__context__
+    if not any(word in text.lower() for word in _HUB_WORDS):
+        return None
+    where = model_code_frame(err.__traceback__)
+    if where is None:
+        return None
+    repo = _requested_name(err)
+    local = ""
+    if repo is not None and not Path(repo).is_absolute():
+        local = (f"; '{repo}' is not a directory relative to the current directory {Path.cwd()} either (run from the "
+                 "directory the code expects, or make the path absolute)")
+    what = f"'{repo}'" if repo else "a file"
+    return UnusableInput(
+        f"{where}: the model code downloads {what} from the Hugging Face hub while the model is built, and "
+        f"plora-harness checks offline{local}; download it into the local hub cache first "
+        "(`huggingface-cli download <repo>`) or point the code at a local copy")
+
+
+_NAME_LOCALS = ("pretrained_model_name_or_path", "path_or_repo_id", "repo_id")
+
+
+def _requested_name(err: BaseException) -> str | None:
+    """What the model code asked to load: the repo id / path the library was called with, read from the
+    first library frame below the model code's frame (robust to every version's wording)."""
+    tb, seen_model_code = err.__traceback__, False
+    while tb is not None:
+        frame = tb.tb_frame
+        if is_model_code(frame.f_code.co_filename):
+            seen_model_code = True
+        elif seen_model_code:
+            for name in _NAME_LOCALS:
+                value = frame.f_locals.get(name)
+                if isinstance(value, (str, Path)):
+                    return str(value)
+        tb = tb.tb_next
+    return None
+
+
+@contextlib.contextmanager
+def building_model(model_dir: Path):
+    """Around code that builds a model from ``model_dir``: a failure caused by the model code needing the
+    network becomes an ``UnusableInput`` (one line, file and line, the fix)."""
+    since = len(_attempts)
+    try:
+        yield
+    except Exception as err:
+        unusable = explain_build_failure(err, Path(model_dir), since)
+        if unusable is not None:
+            raise unusable from None
+        raise
