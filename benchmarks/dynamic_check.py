@@ -4,7 +4,8 @@ Builds a synthetic XComposer base of about 1.5 GB of fp32 weights (``--hidden``/
 resize) and a random r=16 adapter, then measures in fresh worker processes, interleaved:
   floor   - load base + adapter, two forward passes (unmerged, merged) and one merge: the minimum;
   naive   - load base, PeftModel.from_pretrained, deep-copy, merge_and_unload, compare outputs;
-  harness - harness.check(adapter, base_model=base) (every check, every loading path).
+  harness - harness.check(adapter, base_model=base) (every check, every loading path; the engine runs in a
+            child process, so memory is measured over the whole process tree, sampled every 20 ms).
 Prints medians of wall time and peak RSS above the worker's baseline, against the base's bytes.
 
     python benchmarks/dynamic_check.py [--hidden 1024] [--layers 24] [--repeats 3] [--json out.json]
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, peak_rss_mb, reset_peak_rss, run_worker  # noqa: E402
+from _common import TreePeak, machine, median, run_worker  # noqa: E402
 
 
 def build(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -57,21 +58,22 @@ def worker(method: str, base: Path, adapter: Path) -> dict:
 
     import harness
 
-    baseline = reset_peak_rss()
-    start = time.perf_counter()
-    if method == "harness":
-        report = harness.check(adapter, base_model=base)
-        assert report.exit_code == 0, report.render()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True, dtype=torch.float32).eval()
-        peft_model = PeftModel.from_pretrained(model, adapter).eval()
-        probe = _probe(model)
-        with torch.no_grad():
-            unmerged = peft_model(**probe.model_kwargs()).logits
-            merged_model = (copy.deepcopy(peft_model) if method == "naive" else peft_model).merge_and_unload()
-            merged = merged_model(**probe.model_kwargs()).logits
-        assert torch.allclose(unmerged, merged, atol=1e-3, rtol=1e-3)
-    return {"seconds": time.perf_counter() - start, "rss_mb": peak_rss_mb() - baseline}
+    with TreePeak() as tree:
+        start = time.perf_counter()
+        if method == "harness":
+            report = harness.check(adapter, base_model=base, trust_remote_code=True)
+            assert report.exit_code == 0, report.render()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True, dtype=torch.float32).eval()
+            peft_model = PeftModel.from_pretrained(model, adapter).eval()
+            probe = _probe(model)
+            with torch.no_grad():
+                unmerged = peft_model(**probe.model_kwargs()).logits
+                merged_model = (copy.deepcopy(peft_model) if method == "naive" else peft_model).merge_and_unload()
+                merged = merged_model(**probe.model_kwargs()).logits
+            assert torch.allclose(unmerged, merged, atol=1e-3, rtol=1e-3)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rss_mb": tree.above_baseline_mb}
 
 
 def main() -> None:
