@@ -163,7 +163,7 @@ def merge_skips_lora_named_modules() -> bool:
     """Whether ``merge_and_unload`` leaves modules whose name contains ``lora_`` unmerged, still wrapped.
 
     PEFT up to 0.20 filters modules by that substring, so a LoRA placed on PLoRA's ``Plora_A``/``Plora_B``
-    survives the merge as a wrapper and is dropped on save; 0.21 merges it into them (REFERENCE.md 5.4).
+    survives the merge as a wrapper and is dropped on save; 0.21 merges it into them.
     Probed on a two-parameter module, not looked up by version.
     """
     from peft import LoraConfig, get_peft_model

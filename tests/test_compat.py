@@ -71,7 +71,7 @@ def test_unknown_config_field_probe_matches_the_installed_peft():
 
 
 def test_lora_named_module_merge_probe_matches_the_documented_change():
-    # REFERENCE.md 5.4: merge_and_unload's "lora_" prefix filter was replaced by structural matching in 0.21.
+    # merge_and_unload's "lora_" prefix filter was replaced by structural matching in 0.21.
     assert compat.merge_skips_lora_named_modules() is (compat.PEFT_VERSION < Version("0.21"))
 
 

@@ -1,4 +1,4 @@
-"""The synthetic family has the real names, shapes and semantics (REFERENCE.md sections 1-3)."""
+"""The synthetic family has the real names, shapes and semantics (names, shapes, forward forms of IXC2/4KHD/2.5)."""
 
 import math
 

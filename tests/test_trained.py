@@ -178,7 +178,7 @@ def test_base_key_and_kind(name, key, kind):
 
 
 def test_official_recipe_loses_the_hd_separators_on_old_peft(default_bundle, tmp_path):
-    """REFERENCE 4: the official recipe freezes everything under model.model (and the ViT) before
+    """The official recipe (finetune/finetune.py) freezes everything under model.model (and the ViT) before
     get_peft_model. plora_glb_GN / plora_sub_GN are top-level and named "lora_": PEFT <= 0.20 leaves them
     trainable, training moves them (images pass through them), and save_pretrained drops them."""
     model = load_base(default_bundle.base_dir, dtype=torch.float32)

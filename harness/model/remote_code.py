@@ -1,7 +1,7 @@
 """Known quirks of the real InternLM-XComposer2 remote code, detected and explained, never patched.
 
 The real model directories (IXC2, 4KHD, 2.5) run their own ``*.py`` with ``trust_remote_code``,
-written for transformers 4.33 (REFERENCE.md sections 1-3 and 7). What breaks, and how it shows:
+written for transformers 4.33 (README: The real XComposer remote code). What breaks, and how it shows:
 
 - ``attn_implementation`` defaults to ``flash_attention_2``: the load fails without flash-attn
   (and flash attention does not run on CPU). The harness asks for ``eager`` and says so.

@@ -1,6 +1,6 @@
 """Deterministic trained PEFT LoRA adapters for the synthetic family.
 
-The official XComposer recipe (REFERENCE.md section 4): LoRA on
+The official XComposer recipe (the repository's finetune/finetune.py): LoRA on
 ``attention.wqkv, attention.wo, feed_forward.w1, feed_forward.w2, feed_forward.w3``,
 alpha = r, dropout 0.05, CAUSAL_LM, scaled down. A few AdamW steps on image+text
 batches make every ``lora_B`` non-zero; seeds make the files reproducible bit for bit.

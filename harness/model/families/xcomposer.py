@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 BRANCH_CHILDREN = ("Plora_A", "Plora_B")
 SEPARATORS = ("plora_glb_GN", "plora_sub_GN")
 MASK_KWARG = "im_mask"
-# The official fine-tuning recipe's LoRA targets (REFERENCE section 4), by the model's own module names.
+# The official fine-tuning recipe's LoRA targets (finetune/finetune.py), by the model's own module names.
 OFFICIAL_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
 _SEPARATOR = re.compile(r"(^|\.)plora_[A-Za-z0-9]+_GN$")
 
