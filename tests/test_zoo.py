@@ -34,7 +34,7 @@ def _arch_param(name: str, *rest, id_suffix: str = ""):
 @functools.lru_cache(maxsize=None)
 def _check(adapter: Path, base: Path, merged: Path | None = None):
     """One report per (adapter, base, merged) per worker: several tests read the same run."""
-    return harness.check(adapter, base_model=base, merged=merged)
+    return harness.check(adapter, base_model=base, merged=merged, isolated=False)
 
 
 def run(adapter: Path, base: Path, merged: Path | None = None):

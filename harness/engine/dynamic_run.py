@@ -23,9 +23,10 @@ from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
 from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers
 from harness.model import families
-from harness.numerics.compare import Comparison, compare
+from harness.model.structure import tied_parameters
+from harness.numerics.compare import Comparison, compare, finite_rows
 from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
-from harness.numerics.reference import apply_adapter_reference, probe_logits
+from harness.numerics.reference import apply_adapter_reference, first_non_finite_module, probe_logits
 from harness.numerics.tolerances import tolerance_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +41,7 @@ class PathOutcome:
     comparison: Comparison | None = None
     logits: torch.Tensor | None = None
     error: str | None = None
+    non_finite: str | None = None  # where this path's NaN/Inf outputs come from
     unmerged_wrappers: list[str] = field(default_factory=list)
     plora_changed: list[str] = field(default_factory=list)
     class_changes: list[str] = field(default_factory=list)
@@ -63,6 +65,8 @@ class DynamicRun:
         self.text_probe: ProbeBatch | None = None  # the same tokens with no image rows at all
         self.text_base_logits = self.text_reference_logits = None
         self.raw_load: RawLoadDiagnosis | None = None
+        self.non_finite: str | None = None  # NaN/Inf in the base's or the reference's outputs: where they come from
+        self.untied: dict[str, str] = {}  # parameter the adapter changes -> the tied partner PEFT leaves at the base
         self.base_plora: dict[str, torch.Tensor] = {}
         self.base_classes: dict[str, str] = {}
         self._prepare()
@@ -82,19 +86,41 @@ class DynamicRun:
         self.uses_im_mask = accepts_im_mask(model)
         self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
         self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if families.is_branch_param(n)}
-        self.probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[(4, 11)],
-                                left_padding=[0, 3], seed=1234)
-        self.text_probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[],
-                                     left_padding=[0, 3], seed=1234)
+        self._make_probes(model)
         self.base_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
         self.text_base_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits, "the base model itself")
         config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
-        apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        tied_before = {name: params[name] for pair in tied_parameters(model).items() for name in pair}
+        del params
+        apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir), notes=self.notes)
+        self.untied = _untied_by_adapter(tied_parameters(model), tied_before, dict(model.named_parameters(
+            remove_duplicate=False)))
         self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
         self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        self.non_finite = self.non_finite or self._locate_non_finite(
+            model, self.reference_logits, self.text_reference_logits, "the fp32 reference (base + adapter)")
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
         del model
         release_memory()
+
+    def _make_probes(self, model: torch.nn.Module) -> None:
+        """A mixed probe (image rows, text rows embedded by each model under test, left padding) and a text-only
+        probe fed as token ids, so an adapted input embedding acts in both."""
+        embedding = model.get_input_embeddings()
+        self.probe = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[(4, 11)], left_padding=[0, 3],
+                                seed=1234, feed="model-embeds")
+        self.text_probe = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[], left_padding=[0, 3],
+                                     seed=1234, feed="input_ids")
+
+    def _locate_non_finite(self, model, logits: torch.Tensor, text_logits: torch.Tensor, what: str) -> str | None:
+        """None when both probes' outputs are finite; else the message naming the first module producing NaN/Inf."""
+        for probe, out in ((self.probe, logits), (self.text_probe, text_logits)):
+            if not finite_rows(out, probe):
+                module = first_non_finite_module(model, probe, im_mask=self.uses_im_mask)
+                return f"non-finite outputs (NaN/Inf) from {what}, " + _first_produced_by(module)
+        return None
 
     def outcome(self, name: str) -> PathOutcome:
         """Run loading path ``name`` once; later calls return the stored outcome.
@@ -125,8 +151,12 @@ class DynamicRun:
     def _measure(self, loaded: LoadedModel, outcome: PathOutcome) -> None:
         outcome.record = loaded.record
         outcome.logits = probe_logits(loaded.model, self.probe, im_mask=self.uses_im_mask)
+        if not finite_rows(outcome.logits, self.probe):
+            outcome.non_finite = _first_produced_by(first_non_finite_module(loaded.model, self.probe,
+                                                                            im_mask=self.uses_im_mask))
         outcome.comparison = compare(outcome.logits, self.reference_logits, self.probe, dtype=self.dtype,
-                                     label=outcome.name)
+                                     label=outcome.name, non_finite=outcome.non_finite,
+                                     cause=self._tie_cause(loaded.model, outcome.name))
         if outcome.name in MERGED_PATHS:
             self._inspect_merged(loaded.model, outcome)
 
@@ -168,8 +198,42 @@ class DynamicRun:
                 got = type(modules[name]).__name__ if name in modules else "missing"
                 outcome.class_changes.append(f"{name}: {got} instead of {class_name}")
 
+    def _tie_cause(self, model: torch.nn.Module, path: str) -> str | None:
+        """Why a path differs when the adapter changes one side of a tied pair that is still tied in ``model``."""
+        if not self.untied:
+            return None
+        from harness.model.peft_keys import strip_prefix
+
+        tied = {strip_prefix(alias): strip_prefix(holder) for alias, holder in tied_parameters(model).items()}
+        for changed, partner in self.untied.items():
+            if tied.get(changed, changed) == tied.get(partner, partner):
+                how = ("the reloaded merged checkpoint ties them (tie_word_embeddings is true)" if path == "merge-script"
+                       else "merging into the shared weight changes both")
+                return (f"{changed} is tied to {partner} (tied embeddings) and the adapter changes only {changed} "
+                        f"(unmerged, PEFT leaves {partner} at the base), but {how}; untie them before merging "
+                        "(tie_word_embeddings: false and a separate weight for each)")
+        return None
+
     def close(self) -> None:
         self._workdir.cleanup()
+
+
+def _untied_by_adapter(tied_after: dict[str, str], before: dict[str, torch.nn.Parameter],
+                       after: dict[str, torch.nn.Parameter]) -> dict[str, str]:
+    """Tied pairs the reference had to split: the parameter the adapter changed -> its partner left at the base."""
+    split = {}
+    holders = {name: tied_after.get(name, name) for name in before}
+    for name in before:
+        if after.get(name) is not before[name]:  # the reference gave this one its own weight
+            partners = [other for other in before if other != name and after.get(other) is before[other]
+                        and before[other] is before[name]]
+            if partners and holders[name] != holders[partners[0]]:
+                split[name] = partners[0]
+    return split
+
+
+def _first_produced_by(module: str | None) -> str:
+    return f"first produced by {module}" if module else "the module that first produces them was not located"
 
 
 def _chain_is_builtin() -> bool:

@@ -3,6 +3,13 @@
 Image rows are deterministic random vectors scaled to the RMS of the model's own
 token embeddings, so the probe needs no vision tower and works on models the
 harness has never seen; ``im_mask`` marks them, as the real XComposer does.
+
+How a probe reaches the model (``feed``) decides which adapted modules it can see:
+``"embeds"`` feeds the stored ``inputs_embeds`` (embedded once by the base: an adapted
+input embedding never acts); ``"model-embeds"`` embeds the text rows with the input
+embedding of the model under test and keeps the image rows, as XComposer does with
+its vision features (embedding LoRA and a trained embedding act); ``"input_ids"``
+feeds token ids only (a text-only probe; the model embeds them itself).
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from harness.model import families
 from harness.model.families.xcomposer import MASK_KWARG
 
 
+FEEDS = ("embeds", "model-embeds", "input_ids")
+
+
 @dataclass
 class ProbeBatch:
     input_ids: torch.Tensor  # [B, T] token ids (image rows hold a placeholder id)
@@ -23,6 +33,7 @@ class ProbeBatch:
     im_mask: torch.Tensor  # [B, T] bool, True on image rows
     attention_mask: torch.Tensor  # [B, T] long, 0 on padding
     description: str = field(default="")
+    feed: str = "embeds"  # "embeds" | "model-embeds" | "input_ids" (module docstring)
 
     @property
     def text_rows(self) -> torch.Tensor:
@@ -49,12 +60,18 @@ def make_probe(
     left_padding: list[int] | None = None,
     seed: int = 0,
     vocab_low: int = 4,
+    feed: str = "embeds",
 ) -> ProbeBatch:
     """Build a probe batch from ``embedding`` (the model's input embedding module).
 
     ``image_spans`` are ``(start, end)`` positions marked as image rows in every
     sequence (default: the middle third); ``left_padding[b]`` pads sequence b on the left.
+    ``feed``: how the probe reaches the model (see the module docstring); ``"input_ids"`` takes no image rows.
     """
+    if feed not in FEEDS:
+        raise ValueError(f"feed must be one of {FEEDS}, not {feed!r}")
+    if feed == "input_ids" and image_spans:
+        raise ValueError("an input_ids probe has no image rows: pass image_spans=[]")
     weight = embedding.weight
     vocab = weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -78,7 +95,8 @@ def make_probe(
         inputs_embeds=embeds.to(device=weight.device, dtype=weight.dtype),
         im_mask=im_mask.to(weight.device),
         attention_mask=attention_mask.to(weight.device),
-        description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding}",
+        description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding} feed={feed}",
+        feed=feed,
     )
 
 
