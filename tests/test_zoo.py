@@ -13,6 +13,8 @@ transformers lacks (4.33 has gpt2, llama, gpt_neox, falcon, gptj, opt, bloom) ar
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -31,14 +33,55 @@ def _arch_param(name: str, *rest, id_suffix: str = ""):
     return pytest.param(name, *rest, id=f"{name}{id_suffix}", marks=marks)
 
 
-@functools.lru_cache(maxsize=None)
-def _check(adapter: Path, base: Path, merged: Path | None = None):
-    """One report per (adapter, base, merged) per worker: several tests read the same run."""
-    return harness.check(adapter, base_model=base, merged=merged, isolated=False)
+@pytest.fixture(scope="module", autouse=True)
+def quiet_process():
+    """Each harness.check loads ~10 tiny models: at these sizes the time goes to intra-op thread hand-offs (two
+    xdist workers on two shared cores) and to the engine's ``gc.collect()`` walking every object the imports made.
+    One torch thread per worker, and the objects alive before the first check frozen out of the collector (they
+    are module-level state; freed garbage still goes by refcount), make a check ~5x cheaper. Restored afterwards."""
+    import gc
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+    torch.set_num_threads(threads)
 
 
-def run(adapter: Path, base: Path, merged: Path | None = None):
-    return _check(Path(adapter), Path(base), Path(merged) if merged is not None else None)
+@functools.lru_cache(maxsize=1)
+def _harness_digest() -> str:
+    """The harness's own sources: a stored report is reused only by the code that wrote it."""
+    root = Path(harness.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def run(synthetic_cache):
+    """``run(adapter, base, merged=None, only=())`` → the Report of one ``harness.check`` (in-process), computed once
+    per test session and shared by every test and xdist worker that asks for the same inputs (stored as JSON next to
+    the zoo builds, keyed by the inputs and the harness sources)."""
+    from harness.report import Report
+    from harness.synthetic.cache import cached_build
+
+    def check(adapter: Path, base: Path, merged: Path | None = None, only: tuple[str, ...] = ()):
+        params = {"adapter": str(adapter), "base": str(base), "merged": str(merged) if merged else None,
+                  "only": list(only), "harness": _harness_digest()}
+
+        def build(out: Path) -> None:
+            report = harness.check(adapter, base_model=base, merged=merged, only=only, isolated=False)
+            (out / "report.json").write_text(json.dumps(report.to_dict()))
+
+        stored = cached_build(synthetic_cache, "zoo-report", params, build)
+        return Report.from_dict(json.loads((stored / "report.json").read_text()))
+
+    return check
 
 
 def failing(report) -> str:
@@ -88,7 +131,7 @@ GOOD_CASES = [_arch_param(name, kind, id_suffix=f"-{kind}") for name in zoo.ARCH
 
 
 @pytest.mark.parametrize(("arch", "kind"), GOOD_CASES)
-def test_good_adapter_and_official_merge_pass(zoo_arch, arch, kind):
+def test_good_adapter_and_official_merge_pass(run, zoo_arch, arch, kind):
     built = zoo_arch(arch)
     if built.tied and kind == "modules_to_save" and not _recipe_unties(built):
         pytest.skip("this stack's merge keeps tie_word_embeddings on, so the trained head is lost on reload: "
@@ -115,10 +158,10 @@ def _expected_in_message(built: zoo.ZooArch, broken: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("arch", "broken"), BROKEN_CASES)
-def test_broken_merge_fails_merged_matches(zoo_arch, arch, broken):
+def test_broken_merge_fails_merged_matches(run, zoo_arch, arch, broken):
     built = zoo_arch(arch)
     spec = zoo.BROKEN_MERGES[broken]
-    report = run(built.adapter(spec.adapter), built.base, built.broken(broken))
+    report = run(built.adapter(spec.adapter), built.base, built.broken(broken), only=("merged-matches",))
     status, message = verdict(report, "merged-matches")
     assert status == "fail", f"{arch}/{broken} ({spec.what}): merged-matches {status}: {message}"
     wanted = _expected_in_message(built, broken)
@@ -131,14 +174,14 @@ def test_broken_merge_fails_merged_matches(zoo_arch, arch, broken):
 # Focused tests, one per known wrong verdict
 
 
-def test_conv1d_base_match_reads_weights_as_in_out(zoo_arch):
+def test_conv1d_base_match_reads_weights_as_in_out(run, zoo_arch):
     """GPT-2's Conv1D stores weight [in, out]: every adapted module exists with matching dimensions."""
     built = zoo_arch("gpt2")
     status, message = verdict(run(built.adapter("plain"), built.base, built.merged("plain")), "base-match")
     assert status == "pass", message
 
 
-def test_conv1d_config_fan_in_fan_out_false_is_corrected_like_peft(derived):
+def test_conv1d_config_fan_in_fan_out_false_is_corrected_like_peft(run, derived):
     """fan_in_fan_out=false on Conv1D: PEFT warns and uses True, so every path is right; the harness must agree
     (nothing fails) and warn, saying what PEFT does."""
     built, adapter = derived("conv1d-fan-in-fan-out-false")
@@ -153,7 +196,7 @@ def test_conv1d_config_fan_in_fan_out_false_is_corrected_like_peft(derived):
 
 
 @pytest.mark.parametrize("arch", [_arch_param("llama"), _arch_param("gpt_neox")])
-def test_modules_to_save_head_is_part_of_the_merge(zoo_arch, arch):
+def test_modules_to_save_head_is_part_of_the_merge(run, zoo_arch, arch):
     """A trained head (modules_to_save) is part of the merge: the correct merge passes, one without it fails."""
     built = zoo_arch(arch)
     heads = head_names(built)
@@ -162,15 +205,15 @@ def test_modules_to_save_head_is_part_of_the_merge(zoo_arch, arch):
                               "merged-matches")
     if status != "pass":
         problems.append(f"the correct merge: merged-matches {status}: {message}")
-    status, message = verdict(run(built.adapter("modules_to_save"), built.base, built.broken("modules-to-save-dropped")),
-                              "merged-matches")
+    status, message = verdict(run(built.adapter("modules_to_save"), built.base, built.broken("modules-to-save-dropped"),
+                                  only=("merged-matches",)), "merged-matches")
     if status != "fail" or not any(h in message for h in heads):
         problems.append(f"a merge without the trained {' / '.join(sorted(heads))}: merged-matches {status}: {message}")
     expect(problems)
 
 
 @pytest.mark.parametrize("arch", [_arch_param("llama"), _arch_param("gptj")])
-def test_embedding_lora_has_a_measurable_effect(zoo_arch, arch):
+def test_embedding_lora_has_a_measurable_effect(run, zoo_arch, arch):
     """LoRA on the input embedding acts on token ids: probes fed as inputs_embeds from the base never see it."""
     built = zoo_arch(arch)
     report = run(built.adapter("embedding"), built.base, built.merged("embedding"))
@@ -180,7 +223,7 @@ def test_embedding_lora_has_a_measurable_effect(zoo_arch, arch):
 
 
 @pytest.mark.parametrize("arch", [_arch_param("opt"), _arch_param("gemma2")])
-def test_tied_embeddings_modules_to_save_untie_on_merge_passes(zoo_arch, arch):
+def test_tied_embeddings_modules_to_save_untie_on_merge_passes(run, zoo_arch, arch):
     """Tied embeddings + modules_to_save=[lm_head]: the merge unties (config and a separate lm_head.weight)."""
     built = zoo_arch(arch)
     if not _recipe_unties(built):
@@ -192,7 +235,7 @@ def test_tied_embeddings_modules_to_save_untie_on_merge_passes(zoo_arch, arch):
 
 
 @pytest.mark.parametrize("arch", [_arch_param("opt"), _arch_param("bloom")])
-def test_tied_head_recipe_that_keeps_tying_fails(zoo_arch, arch):
+def test_tied_head_recipe_that_keeps_tying_fails(run, zoo_arch, arch):
     """peft 0.8.2 (transformers 4.33) merges a trained tied head but leaves tie_word_embeddings on: the saved
     lm_head.weight is re-tied to the embedding on reload and the trained head is silently lost."""
     built = zoo_arch(arch)
@@ -211,7 +254,7 @@ def test_tied_head_recipe_that_keeps_tying_fails(zoo_arch, arch):
 
 
 @pytest.mark.parametrize("arch", [_arch_param("gpt2"), _arch_param("opt"), _arch_param("gemma2")])
-def test_tied_embedding_lora_merge_is_reported(zoo_arch, arch):
+def test_tied_embedding_lora_merge_is_reported(run, zoo_arch, arch):
     """LoRA on a tied input embedding: unmerged, only the input side sees ΔE; merged into the shared weight, the
     LM head changes too. Merged and unmerged outputs differ, and the report must say why (the tie)."""
     built = zoo_arch(arch)
@@ -220,7 +263,7 @@ def test_tied_embedding_lora_merge_is_reported(zoo_arch, arch):
     assert status == "fail" and "tie" in message.lower(), f"merge-equivalence {status}: {message}"
 
 
-def test_nan_in_one_lora_tensor_is_loaded_and_non_finite(derived):
+def test_nan_in_one_lora_tensor_is_loaded_and_non_finite(run, derived):
     """A NaN in one lora_B: the key loads (it is not 'not loaded'); outputs are non-finite and the checks say so,
     naming the first module that produces them."""
     built, adapter = derived("nan-in-lora-b")
@@ -237,7 +280,7 @@ def test_nan_in_one_lora_tensor_is_loaded_and_non_finite(derived):
     expect(problems)
 
 
-def test_tensors_for_untargeted_modules_have_no_effect(derived):
+def test_tensors_for_untargeted_modules_have_no_effect(run, derived):
     """Tensors for v_proj in an adapter whose target_modules names only q_proj: PEFT drops them all (q_proj gets a
     zero-initialised LoRA), so the adapter does nothing and effect must not pass."""
     built, adapter = derived("untargeted-tensors")
