@@ -27,8 +27,10 @@ OK = ("pass", "warn", "skip")
 PLACEHOLDER = re.compile(r"\b(?:none row|batch -1|position -1)\b")
 
 
-def _arch_param(name: str, *rest, id_suffix: str = ""):
-    reason = zoo.arch_unavailable(name)
+def _arch_param(name: str, *rest, id_suffix: str = "", kind: str | None = None):
+    """A parameter that skips with the reason when this stack lacks the architecture or the adapter kind's
+    PEFT feature (lora_bias, DoRA)."""
+    reason = zoo.arch_unavailable(name) or (zoo.feature_unavailable(kind) if kind else None)
     marks = [pytest.mark.skip(reason=reason)] if reason else []
     return pytest.param(name, *rest, id=f"{name}{id_suffix}", marks=marks)
 
@@ -126,7 +128,8 @@ def _recipe_unties(built: zoo.ZooArch) -> bool:
 
 
 # Embedding LoRA on tied embeddings cannot be merged faithfully: test_tied_embedding_lora_merge_is_reported.
-GOOD_CASES = [_arch_param(name, kind, id_suffix=f"-{kind}") for name in zoo.ARCHS for kind in zoo.suite_kinds(name)
+GOOD_CASES = [_arch_param(name, kind, id_suffix=f"-{kind}", kind=kind)
+              for name in zoo.ARCHS for kind in zoo.suite_kinds(name)
               if not (kind == "embedding" and zoo.ARCHS[name].tied)]
 
 
@@ -145,7 +148,7 @@ def test_good_adapter_and_official_merge_pass(run, zoo_arch, arch, kind):
 # Broken merges: merged-matches fails and names the problem
 
 
-BROKEN_CASES = [_arch_param(name, broken, id_suffix=f"-{broken}")
+BROKEN_CASES = [_arch_param(name, broken, id_suffix=f"-{broken}", kind=zoo.BROKEN_MERGES[broken].adapter)
                 for broken, names in zoo.BROKEN_ARCHS.items() for name in names]
 
 
