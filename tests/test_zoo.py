@@ -171,6 +171,16 @@ def test_broken_merge_fails_merged_matches(run, zoo_arch, arch, broken):
     assert any(w in message for w in wanted), f"merged-matches does not name {' / '.join(wanted)}: {message}"
     if broken == "layer-skipped":
         assert "not merged" in message, message
+    details = report.get("merged-matches").details
+    field = BROKEN_DETAIL[broken]
+    touched = built.info["broken"][broken]
+    named = " ".join(details[field])
+    assert details[field] and (broken == "mis-scaled" or any(key in named for key in touched)), (field, details)
+
+
+# The structured field of merged-matches' details that must list each broken merge's tensors.
+BROKEN_DETAIL = {"mis-scaled": "wrong_delta", "layer-skipped": "unmerged", "modules-to-save-dropped": "copies_dropped",
+                 "embedding-delta-dropped": "unmerged", "lora-bias-dropped": "unmerged"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +190,19 @@ def test_broken_merge_fails_merged_matches(run, zoo_arch, arch, broken):
 def test_conv1d_base_match_reads_weights_as_in_out(run, zoo_arch):
     """GPT-2's Conv1D stores weight [in, out]: every adapted module exists with matching dimensions."""
     built = zoo_arch("gpt2")
-    status, message = verdict(run(built.adapter("plain"), built.base, built.merged("plain")), "base-match")
+    report = run(built.adapter("plain"), built.base, built.merged("plain"))
+    status, message = verdict(report, "base-match")
     assert status == "pass", message
+    assert report.get("base-match").details["layer_kinds"] == {"conv1d": sum(map(len, built.info["targets"].values()))}
+
+
+def test_conv1d_adapter_read_as_linear_fails_base_match(run, derived):
+    """The broken case: an adapter whose c_attn LoRA was made for a [out, in] reading of the Conv1D weight."""
+    built, adapter = derived("conv1d-read-as-linear")
+    result = run(adapter, built.base, only=("base-match",)).get("base-match")
+    assert result.status == "fail", result.message
+    assert any(m.startswith(f"{zoo.SWAPPED_MODULE}: base transformers Conv1D in/out 32/96")
+               for m in result.details["mismatched"]), result.details
 
 
 def test_conv1d_config_fan_in_fan_out_false_is_corrected_like_peft(run, derived):
@@ -195,6 +216,9 @@ def test_conv1d_config_fan_in_fan_out_false_is_corrected_like_peft(run, derived)
         problems.append("no warning names fan_in_fan_out")
     elif not any("true" in m.lower() for m in warnings):
         problems.append(f"the fan_in_fan_out warning does not say PEFT sets it to True: {warnings}")
+    corrected = report.get("base-match").details.get("fan_in_fan_out_corrected") or {}
+    if sum(len(modules) for modules in corrected.values()) == 0:
+        problems.append(f"base-match details list no corrected module: {corrected}")
     expect(problems)
 
 
@@ -253,6 +277,8 @@ def test_tied_head_recipe_that_keeps_tying_fails(run, zoo_arch, arch):
     status, message = verdict(report, "merged-matches")
     if status != "fail" or not any(h in message for h in heads) or "tie" not in message.lower():
         problems.append(f"merged-matches must fail naming {' / '.join(sorted(heads))} and the tie: {status}: {message}")
+    if not report.get("merged-matches").details.get("ties"):
+        problems.append("merged-matches details list no tie problem")
     expect(problems)
 
 
@@ -261,9 +287,12 @@ def test_tied_embedding_lora_merge_is_reported(run, zoo_arch, arch):
     """LoRA on a tied input embedding: unmerged, only the input side sees ΔE; merged into the shared weight, the
     LM head changes too. Merged and unmerged outputs differ, and the report must say why (the tie)."""
     built = zoo_arch(arch)
-    status, message = verdict(run(built.adapter("embedding"), built.base, built.merged("embedding")),
-                              "merge-equivalence")
+    report = run(built.adapter("embedding"), built.base, built.merged("embedding"))
+    status, message = verdict(report, "merge-equivalence")
     assert status == "fail" and "tie" in message.lower(), f"merge-equivalence {status}: {message}"
+    assert "tied" in (report.get("merge-equivalence").details["peft-merged"]["cause"] or "")
+    assert report.get("merge-equivalence").details["peft"]["ok"]  # unmerged PEFT agrees with the reference
+    assert report.get("merged-matches").status == "fail" and report.get("merged-matches").details["ties"]
 
 
 def test_nan_in_one_lora_tensor_is_loaded_and_non_finite(run, derived):
@@ -273,8 +302,10 @@ def test_nan_in_one_lora_tensor_is_loaded_and_non_finite(run, derived):
     report = run(adapter, built.base)
     problems = []
     status, message = verdict(report, "key-coverage")
-    if status not in OK or "not loaded" in message:
+    if status not in OK or "not loaded" in message or report.get("key-coverage").details.get("not_loaded"):
         problems.append(f"key-coverage {status}: {message}")
+    if zoo.NAN_MODULE not in (report.get("effect").details.get("non_finite") or ""):
+        problems.append(f"effect details do not name {zoo.NAN_MODULE}: {report.get('effect').details}")
     for check_id in ("effect", "merge-equivalence", "path-agreement"):
         status, message = verdict(report, check_id)
         if status != "fail" or "non-finite" not in message or zoo.NAN_MODULE not in message:
@@ -287,5 +318,7 @@ def test_tensors_for_untargeted_modules_have_no_effect(run, derived):
     """Tensors for v_proj in an adapter whose target_modules names only q_proj: PEFT drops them all (q_proj gets a
     zero-initialised LoRA), so the adapter does nothing and effect must not pass."""
     built, adapter = derived("untargeted-tensors")
-    status, message = verdict(run(adapter, built.base), "effect")
+    report = run(adapter, built.base)
+    status, message = verdict(report, "effect")
     assert status == "fail", f"effect {status}: {message}"
+    assert report.get("effect").details["relative_effect"] == {"image": 0.0, "text": 0.0}
