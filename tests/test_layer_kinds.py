@@ -69,8 +69,8 @@ def peft_tiny(targets: list[str], **config) -> tuple[torch.nn.Module, torch.nn.M
 
 IDS = torch.tensor([[1, 4, 7, 10, 2]])
 VARIANTS = [pytest.param({}, id="lora")]
-VARIANTS.append(pytest.param({"use_dora": True}, id="dora",
-                             marks=[] if HAS_DORA else [pytest.mark.skip(reason="this PEFT has no DoRA (peft >= 0.9)")]))
+NO_DORA = [] if HAS_DORA else [pytest.mark.skip(reason="this PEFT has no DoRA (peft >= 0.9)")]
+VARIANTS.append(pytest.param({"use_dora": True}, id="dora", marks=NO_DORA))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

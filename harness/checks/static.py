@@ -545,7 +545,8 @@ def check_key_grammar(ctx: CheckContext):
 # -- shapes ----------------------------------------------------------------------------------------
 
 
-def _module_shape_problem(config: dict, module: str, parts: dict[str, tuple[int, ...]]) -> tuple[str | None, int | None]:
+def _module_shape_problem(config: dict, module: str,
+                          parts: dict[str, tuple[int, ...]]) -> tuple[str | None, int | None]:
     """(what is inconsistent in one module's saved parts, its rank). The parts and the shape rule come from the
     layer-kind table; without the base, Linear and Conv1D are alike here ([r, in] / [out, r])."""
     from harness.model.layer_kinds import Dims, kind_of_parts

@@ -25,7 +25,7 @@ from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_
 from harness.model import families
 from harness.model.structure import tied_parameters
 from harness.numerics.compare import Comparison, compare, finite_rows
-from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
+from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe, reached_modules
 from harness.numerics.reference import apply_adapter_reference, first_non_finite_module, probe_logits
 from harness.numerics.tolerances import tolerance_for
 
@@ -66,6 +66,7 @@ class DynamicRun:
         self.text_base_logits = self.text_reference_logits = None
         self.raw_load: RawLoadDiagnosis | None = None
         self.non_finite: str | None = None  # NaN/Inf in the base's or the reference's outputs: where they come from
+        self.unreached: list[str] = []  # adapted modules no probe runs through
         self.untied: dict[str, str] = {}  # parameter the adapter changes -> the tied partner PEFT leaves at the base
         self.base_plora: dict[str, torch.Tensor] = {}
         self.base_classes: dict[str, str] = {}
@@ -89,16 +90,23 @@ class DynamicRun:
         self._make_probes(model)
         self.base_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
         self.text_base_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
-        self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits, "the base model itself")
+        self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits,
+                                                  "the base model itself")
         config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
-        params = dict(model.named_parameters(remove_duplicate=False))
-        tied_before = {name: params[name] for pair in tied_parameters(model).items() for name in pair}
-        del params
-        apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir), notes=self.notes)
-        self.untied = _untied_by_adapter(tied_parameters(model), tied_before, dict(model.named_parameters(
-            remove_duplicate=False)))
-        self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
-        self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        tied_before = _tied_params(model)
+        changed = apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir), notes=self.notes)
+        self.untied = _untied_by_adapter(model, tied_before)
+        modules = dict(model.named_modules())
+        adapted = sorted({name if name in modules else name.rsplit(".", 1)[0] for name in changed})  # params -> module
+        del modules
+        with reached_modules(model, adapted) as reached:
+            self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+            self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        self.unreached = [name for name in adapted if name not in reached]
+        if self.unreached:
+            self.notes.append(f"probes: {len(self.unreached)} adapted module(s) never run on the probes (e.g. "
+                              f"{self.unreached[0]}): their effect is not measured (probes feed token ids and "
+                              "embeddings, not images through a vision tower)")
         self.non_finite = self.non_finite or self._locate_non_finite(
             model, self.reference_logits, self.text_reference_logits, "the fp32 reference (base + adapter)")
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
@@ -207,8 +215,8 @@ class DynamicRun:
         tied = {strip_prefix(alias): strip_prefix(holder) for alias, holder in tied_parameters(model).items()}
         for changed, partner in self.untied.items():
             if tied.get(changed, changed) == tied.get(partner, partner):
-                how = ("the reloaded merged checkpoint ties them (tie_word_embeddings is true)" if path == "merge-script"
-                       else "merging into the shared weight changes both")
+                how = ("the reloaded merged checkpoint ties them (tie_word_embeddings is true)"
+                       if path == "merge-script" else "merging into the shared weight changes both")
                 return (f"{changed} is tied to {partner} (tied embeddings) and the adapter changes only {changed} "
                         f"(unmerged, PEFT leaves {partner} at the base), but {how}; untie them before merging "
                         "(tie_word_embeddings: false and a separate weight for each)")
@@ -218,17 +226,22 @@ class DynamicRun:
         self._workdir.cleanup()
 
 
-def _untied_by_adapter(tied_after: dict[str, str], before: dict[str, torch.nn.Parameter],
-                       after: dict[str, torch.nn.Parameter]) -> dict[str, str]:
-    """Tied pairs the reference had to split: the parameter the adapter changed -> its partner left at the base."""
+def _tied_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every tied parameter name -> its (shared) Parameter."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: params[name] for pair in tied_parameters(model).items() for name in pair}
+
+
+def _untied_by_adapter(model: torch.nn.Module, before: dict[str, torch.nn.Parameter]) -> dict[str, str]:
+    """Tied pairs the reference split: the parameter the adapter changed (it got its own weight) -> the partner
+    that kept the shared base weight, as in PEFT's unmerged model."""
+    after = dict(model.named_parameters(remove_duplicate=False))
+    kept = sorted(name for name in before if after.get(name) is before[name])
     split = {}
-    holders = {name: tied_after.get(name, name) for name in before}
-    for name in before:
-        if after.get(name) is not before[name]:  # the reference gave this one its own weight
-            partners = [other for other in before if other != name and after.get(other) is before[other]
-                        and before[other] is before[name]]
-            if partners and holders[name] != holders[partners[0]]:
-                split[name] = partners[0]
+    for name, shared in before.items():
+        partner = next((other for other in kept if before[other] is shared), None)
+        if name not in kept and partner is not None:
+            split[name] = partner
     return split
 
 

@@ -2,11 +2,11 @@
 
 PEFT picks a LoRA layer by the *type* of the module it wraps, and so does this table:
 
-| kind      | base module                          | weight stored  | saved parts                           |
-|-----------|--------------------------------------|----------------|---------------------------------------|
-| linear    | ``nn.Linear`` (PLoRA included)       | [out, in]      | ``lora_A`` [r, in], ``lora_B`` [out, r] (+ ``lora_B.bias`` [out]) |
-| conv1d    | transformers' ``pytorch_utils.Conv1D`` | [in, out]    | ``lora_A`` [r, in], ``lora_B`` [out, r] (+ ``lora_B.bias`` [out]) |
-| embedding | ``nn.Embedding``                     | [vocab, hidden] | ``lora_embedding_A`` [r, vocab], ``lora_embedding_B`` [hidden, r] (no ``.weight``) |
+- ``linear``: ``nn.Linear`` (PLoRA included), weight [out, in]; saved ``lora_A`` [r, in], ``lora_B`` [out, r]
+  (+ ``lora_B.bias`` [out]);
+- ``conv1d``: transformers' ``pytorch_utils.Conv1D``, weight [in, out]; the same saved parts and shapes;
+- ``embedding``: ``nn.Embedding``, weight [vocab, hidden]; saved ``lora_embedding_A`` [r, vocab],
+  ``lora_embedding_B`` [hidden, r], without ``.weight``.
 
 In PEFT's own [out, in] view every kind adds ΔW = s·B@A; a kind whose weight is stored [in, out] (Conv1D, and an
 embedding read as [vocab = in, hidden = out]) receives ΔWᵀ. That orientation comes from the module's type, never from
@@ -20,8 +20,8 @@ what PEFT's unmerged forward computes: W·x + s·B·A·x for linear kinds, a loo
 whose weight is shared with another (tied input embedding and LM head) is untied first: PEFT's LoRA and
 ``modules_to_save`` act on the wrapped module only.
 
-Everything that needs one of these rules (``shapes``, ``base-match``, the reference, ``merged-matches``, the probes)
-asks this table; nothing else knows a layer kind's orientation or part names.
+Everything that needs one of these rules (``shapes``, ``base-match``, the reference and through it the probes'
+reach check, ``merged-matches``) asks this table; nothing else knows a layer kind's orientation or part names.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ feeds token ids only (a text-only probe; the model embeds them itself).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +100,21 @@ def make_probe(
         description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding} feed={feed}",
         feed=feed,
     )
+
+
+@contextmanager
+def reached_modules(model: torch.nn.Module, names: list[str]) -> Iterator[set[str]]:
+    """The modules among ``names`` that run while the block runs (forward hooks): an adapted module the probes
+    never reach (a vision-tower LoRA when probes feed embeddings) has an effect no probe can measure."""
+    modules = dict(model.named_modules())
+    reached: set[str] = set()
+    handles = [modules[name].register_forward_hook(lambda *_, name=name: reached.add(name))
+               for name in names if name in modules]
+    try:
+        yield reached
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def accepts_im_mask(model: torch.nn.Module) -> bool:
