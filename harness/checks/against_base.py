@@ -170,9 +170,7 @@ def _fan_in_fan_out_corrections(ctx: CheckContext, modules) -> dict[str, list[st
 @register(
     id="base-match",
     group="against-base",
-    summary="adapted modules missing from the base model, or with other in/out dimensions (by the base module's "
-    "layer kind: Linear [out, in], Conv1D [in, out], Embedding [vocab, hidden]); a fan_in_fan_out that PEFT "
-    "corrects per module",
+    summary="adapted modules missing from the base model, or with other in/out dimensions",
     why="an adapter trained for another base fails loudly when shapes differ and silently when they match",
     fix="check base_model_name_or_path in adapter_config.json and load the adapter on the model it was trained on",
 )
