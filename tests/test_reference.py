@@ -280,3 +280,17 @@ def test_compare_names_no_placeholder_position(probe) -> None:
     got[0, 2, 0] = float("inf")
     auto = compare(got, torch.zeros(2, 6, 5), probe, dtype=torch.float32, label="y")
     assert not auto.ok and auto.non_finite == "source not located" and "non-finite outputs" in auto.summary()
+
+
+def test_reference_modules_to_save_on_a_tied_embedding_keeps_the_head() -> None:
+    """modules_to_save=[wte] on tied embeddings: PEFT trains a copy of the embedding; the head keeps the base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt2", n_embd=8, n_layer=1, n_head=2, n_positions=16, vocab_size=20)).eval()
+    base = model.transformer.wte.weight.detach().clone()
+    trained = base + 0.5
+    changed = apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "modules_to_save": ["wte"]},
+                                      {"base_model.model.transformer.wte.weight": trained})
+    assert changed == ["transformer.wte.weight"]
+    assert torch.equal(model.transformer.wte.weight, trained) and torch.equal(model.lm_head.weight, base)
