@@ -41,3 +41,32 @@ def test_plain_causal_lm_gets_no_im_mask():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     assert not accepts_im_mask(LlamaForCausalLM(config))  # **kwargs, but no PLoRA modules
+
+
+def test_reached_modules_names_what_the_probes_never_run():
+    """Probes feed embeddings, not images: a LoRA on the vision tower is never reached, and the run says so."""
+    from harness.numerics.probes import reached_modules
+
+    model = build_model("ixc2.5")
+    vision = next(n for n, m in model.named_modules() if "vit" in n and isinstance(m, torch.nn.Linear))
+    language = next(n for n, _ in model.named_modules() if n.endswith("attention.wqkv"))
+    for feed in ("model-embeds", "input_ids"):
+        probe = make_probe(model.get_input_embeddings(), image_spans=[] if feed == "input_ids" else None, feed=feed)
+        with reached_modules(model, [vision, language]) as reached:
+            probe_logits(model, probe)
+        assert reached == {language}, feed
+
+
+def test_model_embeds_probe_embeds_text_rows_with_the_model_under_test():
+    """``model-embeds``: an adapted input embedding changes text rows, image rows stay the probe's own vectors."""
+    model = build_model("ixc2.5")
+    probe = make_probe(model.get_input_embeddings(), image_spans=[(2, 5)], feed="model-embeds")
+    from harness.numerics.reference import probe_inputs
+
+    before = probe_inputs(model, probe)["inputs_embeds"].clone()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
+    after = probe_inputs(model, probe)["inputs_embeds"]
+    assert torch.equal(after[probe.im_mask], before[probe.im_mask])
+    assert torch.allclose(after[~probe.im_mask], before[~probe.im_mask] + 1.0)
+    assert torch.equal(before, probe.inputs_embeds)  # the base model embeds exactly as the stored probe

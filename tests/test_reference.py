@@ -178,3 +178,119 @@ def test_greedy_tokens_shape_and_determinism() -> None:
     assert first.shape == (2, 3) and first.dtype == torch.long
     assert torch.equal(first, greedy_tokens(model, probe, max_new_tokens=3))
     assert torch.equal(first[:, 0], probe_logits(model, probe)[:, -1].argmax(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# What PEFT will apply (harness.numerics.applied): the reference and merged-matches read adapters through it
+
+
+def _plan(config: dict, tensors: dict, **where):
+    from harness.numerics.applied import plan_adapter
+
+    return plan_adapter(config, tensors, lambda key: tensors[key].shape, **where)
+
+
+def test_plan_applies_only_what_peft_loads() -> None:
+    from harness.model.layer_kinds import EMBEDDING, LINEAR
+
+    p = "base_model.model."
+    tensors = {f"{p}m.q.lora_A.weight": torch.ones(2, 4), f"{p}m.q.lora_B.weight": torch.ones(3, 2),
+               f"{p}m.v.lora_A.weight": torch.ones(2, 4), f"{p}m.v.lora_B.weight": torch.ones(3, 2),
+               f"{p}m.emb.lora_A.weight": torch.ones(2, 4), f"{p}m.emb.lora_B.weight": torch.ones(3, 2),
+               f"{p}lm_head.weight": torch.ones(5, 4), f"{p}score.weight": torch.ones(2, 4),
+               f"{p}m.k.lora_A.default.weight": torch.ones(2, 4)}
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["q", "emb"], "modules_to_save": ["lm_head"]}
+    kinds = {"m.q": LINEAR, "m.v": LINEAR, "m.k": LINEAR, "m.emb": EMBEDDING, "lm_head": LINEAR, "score": LINEAR}
+    plan = _plan(config, tensors, kinds=kinds, targets={"m.q", "m.emb"})
+    assert [(m.module, m.kind, m.rank, m.scaling) for m in plan.lora] == [("m.q", LINEAR, 2, 2.0)]
+    assert [(c.param, c.role) for c in plan.copies] == [("lm_head.weight", "modules_to_save")]
+    why = plan.ignored
+    assert "target_modules does not name" in why[f"{p}m.v.lora_A.weight"]
+    assert "saved as lora_embedding_A/lora_embedding_B" in why[f"{p}m.emb.lora_A.weight"]
+    assert "modules_to_save" in why[f"{p}score.weight"] or "not applied" in why[f"{p}score.weight"]
+    assert "adapter name 'default'" in why[f"{p}m.k.lora_A.default.weight"]
+    assert any("target_modules does not name" in line for line in plan.notes(limit=10))
+
+
+def test_reference_ignores_tensors_of_untargeted_modules() -> None:
+    model = base_model(Scenario())
+    name = next(n for n, m in model.named_modules() if n.endswith("attention.wo"))
+    weight = dict(model.named_modules())[name].weight
+    tensors = {f"base_model.model.{name}.lora_A.weight": torch.ones(2, weight.shape[1]),
+               f"base_model.model.{name}.lora_B.weight": torch.ones(weight.shape[0], 2)}
+    notes: list[str] = []
+    assert apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "target_modules": ["wqkv"]}, tensors,
+                                   notes=notes) == []
+    assert notes and "target_modules does not name" in notes[0]
+    assert apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "target_modules": ["wo"]}, tensors) == [name]
+
+
+def test_reference_unties_a_tied_embedding_it_changes() -> None:
+    """LoRA on a tied input embedding: PEFT's unmerged model changes the input side only, so must the reference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt2", n_embd=8, n_layer=1, n_head=2, n_positions=16, vocab_size=20)).eval()
+    head_before = model.lm_head.weight.detach().clone()
+    tensors = {"base_model.model.transformer.wte.lora_embedding_A": torch.ones(2, 20),
+               "base_model.model.transformer.wte.lora_embedding_B": torch.ones(8, 2)}
+    changed = apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "target_modules": ["wte"]}, tensors)
+    assert changed == ["transformer.wte"]
+    assert torch.equal(model.lm_head.weight, head_before)
+    assert torch.equal(model.transformer.wte.weight, head_before + 2.0)  # ΔE = s·(B@A)ᵀ: r=2 ones, s=1
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values: loaded NaN is loaded, NaN outputs are named by module, no placeholder positions
+
+
+def test_a_loaded_nan_is_loaded() -> None:
+    from harness.loading.records import same_values
+
+    a = torch.tensor([1.0, float("nan"), 3.0])
+    assert same_values(a, a.clone()) and not torch.equal(a, a.clone())
+    assert not same_values(a, torch.tensor([1.0, 2.0, 3.0]))
+    assert not same_values(a, torch.tensor([1.0, float("nan")]))
+
+
+def test_first_non_finite_module_is_named(probe) -> None:
+    from harness.numerics.reference import first_non_finite_module
+
+    sc = Scenario(layers=2)
+    model = base_model(sc)
+    probe_ = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=6, image_spans=[(2, 4)], seed=0)
+    assert first_non_finite_module(model, probe_) is None
+    with torch.no_grad():
+        model.model.layers[1].feed_forward.w3.weight[0, 0] = float("nan")
+    assert first_non_finite_module(model, probe_) == "model.layers.1.feed_forward.w3"
+    logits = probe_logits(model, probe_)
+    result = compare(logits, logits.nan_to_num(), probe_, dtype=torch.float32, label="p",
+                     non_finite="first produced by model.layers.1.feed_forward.w3")
+    assert not result.ok and result.summary().startswith("p: non-finite outputs")
+    assert "model.layers.1.feed_forward.w3" in result.summary()
+
+
+def test_compare_names_no_placeholder_position(probe) -> None:
+    """A NaN reference (no finite scale) still gives a position, or none at all: never 'none row batch -1'."""
+    ref = torch.full((2, 6, 5), float("nan"))
+    result = compare(torch.zeros(2, 6, 5), ref, probe, dtype=torch.float32, label="x")
+    assert not result.ok
+    assert "-1" not in result.summary() and "none" not in result.summary()
+    got = torch.zeros(2, 6, 5)
+    got[0, 2, 0] = float("inf")
+    auto = compare(got, torch.zeros(2, 6, 5), probe, dtype=torch.float32, label="y")
+    assert not auto.ok and auto.non_finite == "source not located" and "non-finite outputs" in auto.summary()
+
+
+def test_reference_modules_to_save_on_a_tied_embedding_keeps_the_head() -> None:
+    """modules_to_save=[wte] on tied embeddings: PEFT trains a copy of the embedding; the head keeps the base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt2", n_embd=8, n_layer=1, n_head=2, n_positions=16, vocab_size=20)).eval()
+    base = model.transformer.wte.weight.detach().clone()
+    trained = base + 0.5
+    changed = apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "modules_to_save": ["wte"]},
+                                      {"base_model.model.transformer.wte.weight": trained})
+    assert changed == ["transformer.wte.weight"]
+    assert torch.equal(model.transformer.wte.weight, trained) and torch.equal(model.lm_head.weight, base)

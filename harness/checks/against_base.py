@@ -6,6 +6,7 @@ meta-device build and the weight index from the safetensors headers.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
@@ -13,6 +14,7 @@ from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.checks.static import analyse_keys
 
 if TYPE_CHECKING:
+    from harness.model.structure import BaseModelInfo
     from harness.model.targets import TargetResolution
 
 
@@ -85,6 +87,86 @@ def check_lora_on_plora(ctx: CheckContext):
     return failed(message, **details)
 
 
+def _lora_shapes(ctx: CheckContext) -> dict[str, dict[str, tuple[int, ...]]]:
+    """module -> saved part ("lora_A", "lora_B.bias", "lora_embedding_A", ...) -> shape."""
+    tensors = ctx.adapter.tensors
+    by_module: dict[str, dict[str, tuple[int, ...]]] = {}
+    for info in analyse_keys(ctx).lora:
+        part = info.lora_kind + (".bias" if info.key.endswith(".bias") else "")
+        by_module.setdefault(info.module, {})[part] = tuple(tensors[info.key].shape)
+    return by_module
+
+
+def _layer_problem(base: BaseModelInfo, module: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the saved parts do not fit the base module (its layer kind's shape rule), or None."""
+    from harness.model.layer_kinds import LINEAR, kind_of_parts
+
+    layer = base.layer(module)
+    if layer is None:  # no module tree (or a kind not modelled): the weight index alone, either orientation
+        kind = kind_of_parts(shapes)
+        shape = base.weights.get(base.checkpoint_key(f"{module}.weight"), ((),))[0]
+        options = [kind.dims_from_weight(shape)] + ([LINEAR.dims_from_weight(shape[::-1])] if kind is LINEAR else [])
+        fits = [dims for dims in options if dims is not None and _misfits(kind, dims, shapes) == []]
+        if not options[0] or fits:
+            return None
+        kind, dims = kind, options[0]
+    else:
+        kind, dims = layer
+        if not set(shapes) & set(kind.parts):
+            return (f"{module}: a {kind.module_type} takes {'/'.join(kind.parts)}, the adapter has "
+                    f"{'/'.join(sorted(shapes))}")
+    bad = _misfits(kind, dims, shapes)
+    if not bad:
+        return None
+    return (f"{module}: base {kind.module_type} in/out {dims.in_features}/{dims.out_features}, adapter "
+            + ", ".join(bad))
+
+
+def _misfits(kind, dims, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    down, up = kind.parts
+    rank = kind.rank_of(shapes) or (shapes[up][-1] if len(shapes.get(up, ())) == 2 else None)
+    if rank is None:
+        return []
+    want = kind.lora_shapes(dims, rank)
+    bad = []
+    for part, shape in sorted(shapes.items()):
+        if part not in want:
+            continue
+        # the matrices exactly; a magnitude / bias vector by size (DoRA once saved it with extra unit dims)
+        wrong = tuple(shape) != want[part] if part in (down, up) else math.prod(shape) != math.prod(want[part])
+        if wrong:
+            bad.append(f"{part} {list(shape)} (want {list(want[part])})")
+    return bad
+
+
+def _copy_problems(ctx: CheckContext) -> list[str]:
+    """modules_to_save tensors whose shape differs from the base parameter they replace."""
+    from harness.model.peft_keys import strip_prefix
+
+    problems = []
+    for info in analyse_keys(ctx).of("modules_to_save"):
+        param = strip_prefix(info.key).replace(f".modules_to_save.{info.adapter_name}.", ".")
+        held = ctx.base.weights.get(ctx.base.checkpoint_key(param))
+        saved = tuple(ctx.adapter.tensors[info.key].shape)
+        if held is not None and tuple(held[0]) != saved:
+            problems.append(f"{param}: modules_to_save copy {list(saved)}, base {list(held[0])}")
+    return problems
+
+
+def _fan_in_fan_out_corrections(ctx: CheckContext, modules) -> dict[str, list[str]]:
+    """What PEFT corrects per module when the config's fan_in_fan_out contradicts the module type -> modules."""
+    from harness.model.layer_kinds import fan_in_fan_out_correction
+
+    configured = bool((ctx.adapter.config or {}).get("fan_in_fan_out"))
+    found: dict[str, list[str]] = {}
+    for module in modules:
+        layer = ctx.base.layer(module)
+        note = fan_in_fan_out_correction(layer[0], configured) if layer else None
+        if note:
+            found.setdefault(note, []).append(module)
+    return found
+
+
 @register(
     id="base-match",
     group="against-base",
@@ -95,29 +177,20 @@ def check_lora_on_plora(ctx: CheckContext):
 def check_base_match(ctx: CheckContext):
     if ctx.base is None:
         return skipped("no --base-model given")
-    keys = analyse_keys(ctx)
-    tensors = ctx.adapter.tensors
-    by_module: dict[str, dict[str, tuple]] = {}
-    for info in keys.lora:
-        by_module.setdefault(info.module, {})[info.lora_kind] = tensors[info.key].shape
+    by_module = _lora_shapes(ctx)
     if not by_module:
         return skipped("the adapter has no LoRA tensors to compare (see key-grammar)")
     names = set(ctx.base.module_names())
     missing = sorted(m for m in by_module if m not in names)
-    mismatched = []
-    for module, shapes in sorted(by_module.items()):
-        if module in missing:
-            continue
-        dims = ctx.base.linear_dims(module)
-        if dims is None:
-            continue
-        fan_in, fan_out = dims
-        a, b = shapes.get("lora_A"), shapes.get("lora_B")
-        if (a and len(a) == 2 and a[1] != fan_in) or (b and len(b) == 2 and b[0] != fan_out):
-            mismatched.append(f"{module}: base in/out {fan_in}/{fan_out}, adapter A {a} B {b}")
+    mismatched = [p for m, shapes in sorted(by_module.items()) if m not in missing
+                  and (p := _layer_problem(ctx.base, m, shapes))]
+    mismatched += _copy_problems(ctx)
     declared = (ctx.adapter.config or {}).get("base_model_name_or_path")
+    corrections = _fan_in_fan_out_corrections(ctx, [m for m in by_module if m not in missing])
     details = {"modules": len(by_module), "missing": missing[:10], "mismatched": mismatched[:10],
-               "adapter_base_model_name_or_path": declared}
+               "adapter_base_model_name_or_path": declared,
+               "fan_in_fan_out_corrected": {note: mods[:10] for note, mods in corrections.items()},
+               "layer_kinds": _kind_counts(ctx.base, by_module)}
     if missing or mismatched:
         share = (len(missing) + len(mismatched)) / len(by_module)
         kind = "a different base model" if share > 0.5 else "a base model with other modules"
@@ -127,4 +200,19 @@ def check_base_match(ctx: CheckContext):
             f"other dimensions (first: {first})",
             **details,
         )
+    if corrections:
+        note, modules = next(iter(corrections.items()))
+        return warned(f"{note} ({len(modules)} module(s), e.g. {modules[0]}); the adapter loads and merges right, "
+                      "but tools that read the config literally would not",
+                      fix="set fan_in_fan_out in adapter_config.json to match the modules (true for Conv1D, false "
+                      "for nn.Linear)", **details)
     return passed(f"all {len(by_module)} adapted modules exist in the base with matching dimensions", **details)
+
+
+def _kind_counts(base: BaseModelInfo, by_module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for module in by_module:
+        layer = base.layer(module)
+        name = layer[0].name if layer else "unknown"
+        counts[name] = counts.get(name, 0) + 1
+    return counts

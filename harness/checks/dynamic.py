@@ -97,6 +97,10 @@ def check_effect(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
         return _unavailable(run)
+    if run.non_finite:  # an effect of NaN is no effect to measure: say where the NaN/Inf come from
+        return failed(run.non_finite, fix="see finite for NaN/Inf adapter tensors; retrain or take an earlier "
+                      "checkpoint", non_finite=run.non_finite)
+
     def relative_effect(base, adapted, rows) -> float:
         if not rows.any():
             return 0.0

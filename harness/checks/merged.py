@@ -1,9 +1,15 @@
 """``merged-matches``: a merged checkpoint equals base + adapter, tensor by tensor, and ships whole.
 
 Streams every tensor once (base, merged and adapter are mmapped views), so memory
-stays at a few tensors whatever the model size. Expected adapted weights are
-W + s·B·A computed in fp32; everything else must equal the base after the cast to
-the merged dtype. Tolerances are relative to the tensor's magnitude, per dtype.
+stays at a few tensors whatever the model size. What the merge must contain is what
+PEFT applies (``harness.numerics.applied``) by the base module's layer kind
+(``harness.model.layer_kinds``): adapted weights W + s·B·A computed in fp32 in the
+module's stored layout (DoRA renormalised, lora_B.bias added to the bias),
+``modules_to_save`` tensors replaced by the trained copies, everything else equal to
+the base after the cast to the merged dtype. Parameters map to checkpoint keys through
+the base model (``BaseModelInfo.checkpoint_key``), and a tied pair the adapter changes
+on one side only must come out untied. Tolerances are relative to the tensor's
+magnitude, per dtype.
 """
 
 from __future__ import annotations
@@ -13,16 +19,17 @@ from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
-from harness.checks.static import analyse_keys
 from harness.inputs.errors import InputError
 from harness.model import families
-from harness.model.lora_math import delta_weight, module_scaling
+from harness.model.layer_kinds import CONV1D
+from harness.numerics.applied import AdapterPlan, LoraModule, SavedCopy, plan_adapter
 from harness.numerics.tolerances import merged_weight_tolerances, policy_for
 
 if TYPE_CHECKING:
     import torch
 
     from harness.inputs.model_dir import ModelDir
+    from harness.model.structure import BaseModelInfo
 
 
 @dataclass
@@ -34,61 +41,200 @@ class MergedFindings:
     plora_folded: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)  # tensors that should equal the base but do not
     unresolved: list[str] = field(default_factory=list)  # ΔW below the dtype's resolution
+    copies_dropped: list[str] = field(default_factory=list)  # modules_to_save tensors left at the base value
+    copies_wrong: list[str] = field(default_factory=list)  # modules_to_save tensors that are neither
+    ties: list[str] = field(default_factory=list)  # tied pairs the adapter changes on one side, merged tied
+    untie_expected: bool = False  # the adapter changes one side of a tie: tie_word_embeddings false is right
+    ignored: list[str] = field(default_factory=list)  # saved tensors PEFT does not apply (why)
     dtypes: set = field(default_factory=set)
     worst: tuple[float, str] = (0.0, "")
 
 
-def _modules(ctx: CheckContext) -> dict[str, dict[str, str]]:
-    found: dict[str, dict[str, str]] = {}
-    for info in analyse_keys(ctx).lora:
-        found.setdefault(info.module, {})[info.lora_kind] = info.key
-    return found
+@dataclass
+class _Expected:
+    """What one merged checkpoint key must hold."""
+
+    what: str  # "lora" | "lora_bias" | "copy"
+    lora: LoraModule | None = None
+    copy: SavedCopy | None = None
 
 
 def _rel(err: torch.Tensor, scale: torch.Tensor) -> float:
     return float(err) / max(float(scale), 1e-12)
 
 
-def compare_merged(ctx: CheckContext, base: ModelDir, merged: ModelDir) -> MergedFindings:
-    import torch
+def _targets(ctx: CheckContext) -> set[str] | None:
+    """The modules PEFT wraps (target_modules resolved on the base); None: every module with tensors."""
+    if not (ctx.adapter.config or {}).get("target_modules"):
+        return None
+    from harness.checks.against_base import target_resolution
 
-    config = ctx.adapter.config or {}
-    modules = _modules(ctx)
-    found = MergedFindings()
-    base_keys, merged_keys = set(base.keys), set(merged.keys)
-    found.missing = sorted(base_keys - merged_keys)
-    found.unexpected = sorted(merged_keys - base_keys)
-    adapted = {f"{m}.weight": m for m, parts in modules.items() if {"lora_A", "lora_B"} <= set(parts)}
-    for key in sorted(base_keys & merged_keys):
-        got = merged.get(key)
-        found.dtypes.add(str(got.dtype).replace("torch.", ""))
-        rtol = policy_for(got.dtype).merged_rel
-        want = base.get(key)
-        if key in adapted:
-            parts = modules[adapted[key]]
-            lora_a = ctx.adapter.primary.get_tensor(parts["lora_A"])
-            lora_b = ctx.adapter.primary.get_tensor(parts["lora_B"])
-            scaling = module_scaling(config, adapted[key], rank=lora_a.shape[0])
-            delta = delta_weight(lora_a, lora_b, scaling, fan_in_fan_out=bool(config.get("fan_in_fan_out")))
-            expected = want.float() + delta
-            err = _rel((got.float() - expected).abs().max(), expected.abs().max())
-            resolution = _rel(delta.abs().max(), expected.abs().max())
-            if err > found.worst[0]:
-                found.worst = (err, key)
-            if resolution <= rtol:
-                found.unresolved.append(key)
-            elif err > rtol:
-                if _rel((got.float() - want.float()).abs().max(), expected.abs().max()) <= rtol:
-                    found.unmerged.append(key)
-                elif _folds_plora(base, key, got, expected, rtol):
-                    found.plora_folded.append(key)
-                else:
-                    found.wrong_delta.append(f"{key} (error {err:.2e} of max|W|, ΔW is {resolution:.2e})")
-        elif got.shape != want.shape or not torch.equal(got, want.to(got.dtype)):
-            same = got.shape == want.shape and _rel((got.float() - want.float()).abs().max(), want.abs().max()) <= rtol
-            if not same:
-                found.changed.append(key)
-    return found
+    try:
+        return set(target_resolution(ctx).matched)
+    except Exception:  # noqa: BLE001 - config-valid / targets-resolve report an unusable config
+        return None
+
+
+def adapter_plan(ctx: CheckContext) -> AdapterPlan:
+    tensors = ctx.adapter.tensors
+    return ctx.cached("merged.plan", lambda: plan_adapter(
+        ctx.adapter.config or {}, list(tensors), lambda key: tuple(tensors[key].shape),
+        kinds=ctx.base.layer_kinds(), targets=_targets(ctx)))
+
+
+class _Merge:
+    """The expected content of the merged checkpoint, key by key, and the comparison."""
+
+    def __init__(self, ctx: CheckContext, base: ModelDir, merged: ModelDir) -> None:
+        self.info: BaseModelInfo = ctx.base
+        self.base, self.merged, self.get = base, merged, ctx.adapter.primary.get_tensor
+        self.plan = adapter_plan(ctx)
+        self.found = MergedFindings(ignored=self.plan.notes())
+        self.expected: dict[str, _Expected] = {}
+        self.base_override: dict[str, str] = {}  # base key -> saved key whose value PEFT loads as the base
+        self.alias_base: dict[str, str] = {}  # untied key of a tied parameter -> base key holding its value
+        for alias, holder in self.info.tied.items():
+            self.alias_base[self.info.own_key(alias)] = self.info.checkpoint_key(holder)
+        for copy in self.plan.copies:
+            if copy.role == "modules_to_save":
+                self.expected[self._key_of(copy.param)] = _Expected("copy", copy=copy)
+            else:
+                self.base_override[self.info.checkpoint_key(copy.param)] = copy.key
+        for lora in self.plan.lora:
+            self.expected[self._key_of(lora.weight)] = _Expected("lora", lora=lora)
+            if f"{lora.kind.parts[1]}.bias" in lora.keys:
+                self.expected[self._key_of(lora.bias)] = _Expected("lora_bias", lora=lora)
+
+    def _key_of(self, param: str) -> str:
+        """Where the merged checkpoint keeps ``param``'s merged value: its own key when it is tied to a partner the
+        adapter leaves alone (the merge must untie them), else the key the base keeps it under."""
+        return self.info.own_key(param) if self._changes_one_side(param) else self.info.checkpoint_key(param)
+
+    def _changed_params(self) -> set[str]:
+        return {lora.weight for lora in self.plan.lora} | {c.param for c in self.plan.copies
+                                                            if c.role == "modules_to_save"}
+
+    def _changes_one_side(self, param: str) -> bool:
+        partners = self.info.tied_partners(param)
+        return bool(partners) and any(p not in self._changed_params() for p in partners)
+
+    def base_value(self, key: str) -> torch.Tensor | None:
+        if key in self.base_override:
+            return self.get(self.base_override[key])
+        if key in self.base.keys:
+            return self.base.get(key)
+        if key in self.alias_base:
+            return self.base.get(self.alias_base[key])
+        return None
+
+    def run(self) -> MergedFindings:
+        found = self.found
+        base_keys, merged_keys = set(self.base.keys), set(self.merged.keys)
+        found.missing = sorted(base_keys - merged_keys)
+        for key in sorted(merged_keys):
+            want = self.base_value(key)
+            if want is None:
+                found.unexpected.append(key)
+                continue
+            got = self.merged.get(key)
+            found.dtypes.add(str(got.dtype).replace("torch.", ""))
+            rtol = policy_for(got.dtype).merged_rel
+            expected = self.expected.get(key)
+            if expected is None:
+                self._same_as_base(key, got, want, rtol)
+            elif expected.what == "copy":
+                self._copy(key, got, want, self.get(expected.copy.key), rtol, expected.copy)
+            else:
+                self._lora(key, got, want, expected, rtol)
+        self._ties(merged_keys)
+        return found
+
+    def _same_as_base(self, key: str, got, want, rtol: float) -> None:
+        import torch
+
+        if got.shape == want.shape and torch.equal(got, want.to(got.dtype)):
+            return
+        if not (got.shape == want.shape and _rel((got.float() - want.float()).abs().max(), want.abs().max()) <= rtol):
+            self.found.changed.append(key)
+
+    def _copy(self, key: str, got, base, trained, rtol: float, copy: SavedCopy) -> None:
+        """A modules_to_save tensor: the trained copy, not the base."""
+        if got.shape != trained.shape:
+            self.found.copies_wrong.append(f"{key} (shape {list(got.shape)}, the trained {copy.param} is "
+                                           f"{list(trained.shape)})")
+            return
+        scale = trained.float().abs().max()
+        err = _rel((got.float() - trained.float()).abs().max(), scale)
+        if err > self.found.worst[0]:
+            self.found.worst = (err, key)
+        if err <= rtol:
+            return
+        if base.shape == got.shape and _rel((got.float() - base.float()).abs().max(), scale) <= rtol:
+            self.found.copies_dropped.append(f"{key} (modules_to_save {copy.module}: the base value, not the "
+                                             "trained copy)")
+        else:
+            self.found.copies_wrong.append(f"{key} (modules_to_save {copy.module}: error {err:.2e} of max|W|)")
+
+    def _lora(self, key: str, got, base, expected: _Expected, rtol: float) -> None:
+        """An adapted weight (or a lora_bias bias): base + ΔW by the module's layer kind."""
+        lora = expected.lora
+        if expected.what == "lora_bias":
+            want = base.float() + lora.bias_delta(self.get).to(base.device)
+        else:
+            delta = lora.delta(self.get)
+            kind = lora.kind
+            if not lora.kind_from_base and delta.shape != base.shape and delta.T.shape == base.shape:
+                kind, delta = CONV1D, delta.T  # no module tree: only the weight's shape tells a Conv1D apart
+            if delta.shape != base.shape:
+                self.found.wrong_delta.append(f"{key} (ΔW {list(delta.shape)} does not fit the base weight "
+                                              f"{list(base.shape)}, see base-match)")
+                return
+            want = kind.merged_weight(base, delta, lora.magnitude(self.get))
+        if got.shape != want.shape:
+            self.found.wrong_delta.append(f"{key} (shape {list(got.shape)}, expected {list(want.shape)})")
+            return
+        scale = want.abs().max()
+        err = _rel((got.float() - want).abs().max(), scale)
+        resolution = _rel((want - base.float()).abs().max(), scale)
+        if err > self.found.worst[0]:
+            self.found.worst = (err, key)
+        if resolution <= rtol:
+            self.found.unresolved.append(key)
+        elif err > rtol:
+            if _rel((got.float() - base.float()).abs().max(), scale) <= rtol:
+                self.found.unmerged.append(key)
+            elif _folds_plora(self.base, key, got, want, rtol):
+                self.found.plora_folded.append(key)
+            else:
+                self.found.wrong_delta.append(f"{key} (error {err:.2e} of max|W|, ΔW is {resolution:.2e})")
+
+    def _ties(self, merged_keys: set[str]) -> None:
+        """A tied pair the adapter changes on one side must come out as two tensors, and stay untied on reload."""
+        tie = self.merged.config.get("tie_word_embeddings",
+                                     self.base.config.get("tie_word_embeddings", bool(self.info.tied)))
+        for param in sorted(self._changed_params()):
+            if not self._changes_one_side(param):
+                continue
+            self.found.untie_expected = True
+            partners = [p for p in self.info.tied_partners(param) if p not in self._changed_params()]
+            module, partner = param.rsplit(".", 1)[0], partners[0].rsplit(".", 1)[0]
+            separate = [self.info.own_key(p) for p in (param, *partners)]
+            if not all(key in merged_keys for key in separate):
+                self.found.ties.append(
+                    f"{module} is tied to {partner} (tie_word_embeddings) and the adapter changes only {module}, but "
+                    f"the merged checkpoint keeps one shared tensor ({self.info.checkpoint_key(param)}), so it cannot "
+                    f"hold both the adapter's {module} and the base {partner} as the unmerged adapter does; save them "
+                    f"untied (tie_word_embeddings: false, separate {' and '.join(separate)})")
+            elif tie:
+                default = " (the default)" if "tie_word_embeddings" not in self.merged.config else ""
+                self.found.ties.append(
+                    f"{self.info.own_key(param)} holds the adapter's {module} but config.json keeps "
+                    f"tie_word_embeddings true{default}: on reload transformers re-ties {module} to {partner} and "
+                    f"the adapter's {module} is lost; set tie_word_embeddings: false")
+
+
+def compare_merged(ctx: CheckContext, base: ModelDir, merged: ModelDir) -> MergedFindings:
+    return _Merge(ctx, base, merged).run()
 
 
 def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Tensor, rtol: float) -> bool:
@@ -108,6 +254,8 @@ def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Te
 def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) -> list[str]:
     problems = []
     for field_name in ("architectures", "auto_map", "model_type", "tie_word_embeddings"):
+        if field_name == "tie_word_embeddings" and found.untie_expected and merged.config.get(field_name) is False:
+            continue  # the adapter changes one side of the tie: untying is the correct merge
         if base.config.get(field_name) != merged.config.get(field_name):
             problems.append(f"config {field_name} is {merged.config.get(field_name)!r}, base has "
                             f"{base.config.get(field_name)!r}")
@@ -162,6 +310,13 @@ def check_merged_matches(ctx: CheckContext):
                         f"{found.unmerged[0]}")
     if found.wrong_delta:
         problems.append(f"{len(found.wrong_delta)} adapted weight(s) differ from W + s·B·A, e.g. {found.wrong_delta[0]}")
+    if found.copies_dropped:
+        problems.append(f"{len(found.copies_dropped)} trained modules_to_save tensor(s) not merged, e.g. "
+                        f"{found.copies_dropped[0]}")
+    if found.copies_wrong:
+        problems.append(f"{len(found.copies_wrong)} modules_to_save tensor(s) differ from the trained copy, e.g. "
+                        f"{found.copies_wrong[0]}")
+    problems += found.ties
     if found.changed:
         problems.append(f"{len(found.changed)} tensor(s) that the adapter does not touch changed, e.g. "
                         f"{found.changed[0]}")
@@ -171,14 +326,16 @@ def check_merged_matches(ctx: CheckContext):
     details = {
         "missing": found.missing[:10], "unexpected": found.unexpected[:10], "changed": found.changed[:10],
         "wrong_delta": found.wrong_delta[:10], "unmerged": found.unmerged[:10], "plora_folded": found.plora_folded[:10],
+        "copies_dropped": found.copies_dropped[:10], "copies_wrong": found.copies_wrong[:10], "ties": found.ties,
+        "untie_expected": found.untie_expected, "ignored_adapter_tensors": found.ignored,
         "max_rel_error": found.worst[0], "worst_tensor": found.worst[1], "dtypes": sorted(found.dtypes),
         "tolerance": merged_weight_tolerances(), "problems": problems,
     }
     if problems:
         return failed(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),
                       **details)
-    if found.unresolved and len(found.unresolved) == sum(1 for k in base.keys if k.endswith(".weight")
-                                                          and k[: -len('.weight')] in _modules(ctx)):
+    plan = adapter_plan(ctx)
+    if found.unresolved and not plan.copies and len(found.unresolved) >= len(plan.lora):
         return warned(f"ΔW is below the {sorted(found.dtypes)} resolution in every adapted weight; the merge cannot "
                       "be verified from weights alone", **details)
     return passed(f"{len(merged.keys)} tensors match base + adapter (max rel error {found.worst[0]:.1e}); config, "

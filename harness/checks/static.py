@@ -545,6 +545,41 @@ def check_key_grammar(ctx: CheckContext):
 # -- shapes ----------------------------------------------------------------------------------------
 
 
+def _module_shape_problem(config: dict, module: str,
+                          parts: dict[str, tuple[int, ...]]) -> tuple[str | None, int | None]:
+    """(what is inconsistent in one module's saved parts, its rank). The parts and the shape rule come from the
+    layer-kind table; without the base, Linear and Conv1D are alike here ([r, in] / [out, r])."""
+    from harness.model.layer_kinds import Dims, kind_of_parts
+
+    kind = kind_of_parts(parts)
+    a_name, b_name = kind.parts
+    a, b = parts.get(a_name), parts.get(b_name)
+    if a is None and b is None:
+        return None, None
+    if a is None or b is None:
+        return (f"{module}: {a_name if a is not None else b_name} without "
+                f"{b_name if a is not None else a_name}"), None
+    if len(a) != 2 or len(b) != 2:
+        return f"{module}: {a_name}{list(a)} / {b_name}{list(b)} are not matrices", None
+    rank_a, rank_b = a[0], b[1]
+    if rank_a != rank_b:
+        return f"{module}: {a_name} rank {rank_a} ({list(a)}) != {b_name} rank {rank_b} ({list(b)})", None
+    expected = module_rank(config, module) if config else None
+    if expected is not None and rank_a != expected:
+        source = "rank_pattern" if config.get("rank_pattern") and expected != config.get("r") else "r"
+        return f"{module}: rank {rank_a} {list(a)}/{list(b)} but the config's {source} gives {expected}", None
+    # from the saved parts alone: in = A's second dim, out = B's first (the table's rule, inverted)
+    want = kind.lora_shapes(Dims(a[1], b[0]), rank_a)
+    magnitude = parts.get("lora_magnitude_vector")
+    if magnitude is not None and math.prod(magnitude) != b[0]:  # [out] (Linear), [1, out, 1, 1] (Conv)
+        return f"{module}: lora_magnitude_vector {list(magnitude)} does not match {b_name} out {b[0]}", None
+    bias = parts.get(f"{b_name}.bias")
+    if bias is not None and tuple(bias) != want.get(f"{b_name}.bias"):
+        why = "" if kind.lora_bias else f" (PEFT has no lora_bias for a {kind.module_type})"
+        return f"{module}: {b_name}.bias {list(bias)} does not match {b_name} out {b[0]}{why}", None
+    return None, rank_a
+
+
 @register(
     id="shapes",
     group="static",
@@ -575,39 +610,11 @@ def check_shapes(ctx: CheckContext):
     problems: list[str] = []
     ranks: dict[int, int] = {}
     for module, parts in modules.items():
-        if "lora_A" in parts or "lora_B" in parts:
-            a, b = parts.get("lora_A"), parts.get("lora_B")
-            a_name, b_name = "lora_A", "lora_B"
-        elif "lora_embedding_A" in parts or "lora_embedding_B" in parts:
-            a, b = parts.get("lora_embedding_A"), parts.get("lora_embedding_B")
-            a_name, b_name = "lora_embedding_A", "lora_embedding_B"
-        else:
-            continue
-        if a is None or b is None:
-            problems.append(f"{module}: {a_name if a is not None else b_name} without "
-                            f"{b_name if a is not None else a_name}")
-            continue
-        if len(a) < 2 or len(b) < 2:
-            problems.append(f"{module}: {a_name}{list(a)} / {b_name}{list(b)} are not matrices")
-            continue
-        rank_a, rank_b = a[0], b[1]
-        if rank_a != rank_b:
-            problems.append(f"{module}: {a_name} rank {rank_a} ({list(a)}) != {b_name} rank {rank_b} ({list(b)})")
-            continue
-        expected = module_rank(config, module) if config else None
-        if expected is not None and rank_a != expected:
-            source = "rank_pattern" if config.get("rank_pattern") and expected != config.get("r") else "r"
-            problems.append(f"{module}: rank {rank_a} {list(a)}/{list(b)} but the config's {source} gives {expected}")
-            continue
-        magnitude = parts.get("lora_magnitude_vector")
-        if magnitude is not None and math.prod(magnitude) != b[0]:  # [out] (Linear), [1, out, 1, 1] (Conv)
-            problems.append(f"{module}: lora_magnitude_vector {list(magnitude)} does not match {b_name} out {b[0]}")
-            continue
-        bias = parts.get("lora_B.bias")
-        if bias is not None and list(bias) != [b[0]]:
-            problems.append(f"{module}: lora_B.bias {list(bias)} does not match lora_B out {b[0]}")
-            continue
-        ranks[rank_a] = ranks.get(rank_a, 0) + 1
+        problem, rank = _module_shape_problem(config, module, parts)
+        if problem:
+            problems.append(problem)
+        elif rank is not None:
+            ranks[rank] = ranks.get(rank, 0) + 1
     if problems:
         return failed(
             f"{len(problems)} LoRA module(s) with inconsistent shapes: {problems[0]}",

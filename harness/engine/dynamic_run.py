@@ -24,9 +24,10 @@ from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
 from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers
 from harness.model import families
-from harness.numerics.compare import Comparison, compare
-from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
-from harness.numerics.reference import apply_adapter_reference, probe_logits
+from harness.model.structure import tied_parameters
+from harness.numerics.compare import Comparison, compare, finite_rows
+from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe, reached_modules
+from harness.numerics.reference import apply_adapter_reference, first_non_finite_module, probe_logits
 from harness.numerics.tolerances import tolerance_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +42,7 @@ class PathOutcome:
     comparison: Comparison | None = None
     logits: torch.Tensor | None = None
     error: str | None = None
+    non_finite: str | None = None  # where this path's NaN/Inf outputs come from
     unmerged_wrappers: list[str] = field(default_factory=list)
     plora_changed: list[str] = field(default_factory=list)
     class_changes: list[str] = field(default_factory=list)
@@ -64,6 +66,9 @@ class DynamicRun:
         self.text_probe: ProbeBatch | None = None  # the same tokens with no image rows at all
         self.text_base_logits = self.text_reference_logits = None
         self.raw_load: RawLoadDiagnosis | None = None
+        self.non_finite: str | None = None  # NaN/Inf in the base's or the reference's outputs: where they come from
+        self.unreached: list[str] = []  # adapted modules no probe runs through
+        self.untied: dict[str, str] = {}  # parameter the adapter changes -> the tied partner PEFT leaves at the base
         self.base_plora: dict[str, torch.Tensor] = {}
         self.base_classes: dict[str, str] = {}
         self.init_buffers = init_buffers or {}  # what the model's own constructor computes (BaseModelInfo)
@@ -91,19 +96,48 @@ class DynamicRun:
         self.uses_im_mask = accepts_im_mask(model)
         self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
         self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if families.is_branch_param(n)}
-        self.probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[(4, 11)],
-                                left_padding=[0, 3], seed=1234)
-        self.text_probe = make_probe(model.get_input_embeddings(), batch_size=2, seq_len=16, image_spans=[],
-                                     left_padding=[0, 3], seed=1234)
+        self._make_probes(model)
         self.base_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
         self.text_base_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits,
+                                                  "the base model itself")
         config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
-        apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir))
-        self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
-        self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        tied_before = _tied_params(model)
+        changed = apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir), notes=self.notes)
+        self.untied = _untied_by_adapter(model, tied_before)
+        modules = dict(model.named_modules())
+        adapted = sorted({name if name in modules else name.rsplit(".", 1)[0] for name in changed})  # params -> module
+        del modules
+        with reached_modules(model, adapted) as reached:
+            self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+            self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        self.unreached = [name for name in adapted if name not in reached]
+        if self.unreached:
+            self.notes.append(f"probes: {len(self.unreached)} adapted module(s) never run on the probes (e.g. "
+                              f"{self.unreached[0]}): their effect is not measured (probes feed token ids and "
+                              "embeddings, not images through a vision tower)")
+        self.non_finite = self.non_finite or self._locate_non_finite(
+            model, self.reference_logits, self.text_reference_logits, "the fp32 reference (base + adapter)")
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
         del model
         release_memory()
+
+    def _make_probes(self, model: torch.nn.Module) -> None:
+        """A mixed probe (image rows, text rows embedded by each model under test, left padding) and a text-only
+        probe fed as token ids, so an adapted input embedding acts in both."""
+        embedding = model.get_input_embeddings()
+        self.probe = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[(4, 11)], left_padding=[0, 3],
+                                seed=1234, feed="model-embeds")
+        self.text_probe = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[], left_padding=[0, 3],
+                                     seed=1234, feed="input_ids")
+
+    def _locate_non_finite(self, model, logits: torch.Tensor, text_logits: torch.Tensor, what: str) -> str | None:
+        """None when both probes' outputs are finite; else the message naming the first module producing NaN/Inf."""
+        for probe, out in ((self.probe, logits), (self.text_probe, text_logits)):
+            if not finite_rows(out, probe):
+                module = first_non_finite_module(model, probe, im_mask=self.uses_im_mask)
+                return f"non-finite outputs (NaN/Inf) from {what}, " + _first_produced_by(module)
+        return None
 
     def outcome(self, name: str) -> PathOutcome:
         """Run loading path ``name`` once; later calls return the stored outcome.
@@ -134,8 +168,12 @@ class DynamicRun:
     def _measure(self, loaded: LoadedModel, outcome: PathOutcome) -> None:
         outcome.record = loaded.record
         outcome.logits = probe_logits(loaded.model, self.probe, im_mask=self.uses_im_mask)
+        if not finite_rows(outcome.logits, self.probe):
+            outcome.non_finite = _first_produced_by(first_non_finite_module(loaded.model, self.probe,
+                                                                            im_mask=self.uses_im_mask))
         outcome.comparison = compare(outcome.logits, self.reference_logits, self.probe, dtype=self.dtype,
-                                     label=outcome.name)
+                                     label=outcome.name, non_finite=outcome.non_finite,
+                                     cause=self._tie_cause(loaded.model, outcome.name))
         if outcome.name in MERGED_PATHS:
             self._inspect_merged(loaded.model, outcome)
 
@@ -177,6 +215,22 @@ class DynamicRun:
                 got = type(modules[name]).__name__ if name in modules else "missing"
                 outcome.class_changes.append(f"{name}: {got} instead of {class_name}")
 
+    def _tie_cause(self, model: torch.nn.Module, path: str) -> str | None:
+        """Why a path differs when the adapter changes one side of a tied pair that is still tied in ``model``."""
+        if not self.untied:
+            return None
+        from harness.model.peft_keys import strip_prefix
+
+        tied = {strip_prefix(alias): strip_prefix(holder) for alias, holder in tied_parameters(model).items()}
+        for changed, partner in self.untied.items():
+            if tied.get(changed, changed) == tied.get(partner, partner):
+                how = ("the reloaded merged checkpoint ties them (tie_word_embeddings is true)"
+                       if path == "merge-script" else "merging into the shared weight changes both")
+                return (f"{changed} is tied to {partner} (tied embeddings) and the adapter changes only {changed} "
+                        f"(unmerged, PEFT leaves {partner} at the base), but {how}; untie them before merging "
+                        "(tie_word_embeddings: false and a separate weight for each)")
+        return None
+
     def close(self) -> None:
         self._workdir.cleanup()
 
@@ -200,6 +254,29 @@ def uninitialised_buffers(model: torch.nn.Module, expected: dict[str, torch.Tens
             f"code computes (e.g. {wrong[0]}{f', registered at {where}' if where else ''}): transformers "
             f"{transformers.__version__} does not initialise non-persistent buffers on load, so every output is "
             "meaningless; load this model with transformers 4.x, or make those buffers persistent")
+
+
+def _tied_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every tied parameter name -> its (shared) Parameter."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: params[name] for pair in tied_parameters(model).items() for name in pair}
+
+
+def _untied_by_adapter(model: torch.nn.Module, before: dict[str, torch.nn.Parameter]) -> dict[str, str]:
+    """Tied pairs the reference split: the parameter the adapter changed (it got its own weight) -> the partner
+    that kept the shared base weight, as in PEFT's unmerged model."""
+    after = dict(model.named_parameters(remove_duplicate=False))
+    kept = sorted(name for name in before if after.get(name) is before[name])
+    split = {}
+    for name, shared in before.items():
+        partner = next((other for other in kept if before[other] is shared), None)
+        if name not in kept and partner is not None:
+            split[name] = partner
+    return split
+
+
+def _first_produced_by(module: str | None) -> str:
+    return f"first produced by {module}" if module else "the module that first produces them was not located"
 
 
 def _chain_is_builtin() -> bool:

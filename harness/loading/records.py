@@ -75,10 +75,22 @@ def _record_coverage(record: LoadRecord, model, saved: dict[str, torch.Tensor], 
         value, want = held[key].detach().cpu(), saved[key]
         # Loaded means equal to the file's value, or to it rounded to the dtype the model holds it in
         # (PEFT before ~0.12 casts adapter weights to a bf16/fp16 base's dtype; later ones keep them fp32).
-        if value.shape != want.shape or not (
-            torch.equal(value.float(), want.float()) or torch.equal(value, want.to(value.dtype))
-        ):
+        if value.shape != want.shape or not (same_values(value.float(), want.float())
+                                              or same_values(value, want.to(value.dtype))):
             record.not_loaded.append(key)
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element by element, NaN equal to NaN: a loaded NaN is loaded (``finite`` reports it), and
+    ``torch.equal`` would call it "not loaded"."""
+    if a.shape != b.shape:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    return bool(((a == b) | both_nan).all())
 
 
 def _adapter_owned(model, adapter_name: str) -> set[str]:

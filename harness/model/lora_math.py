@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from harness.model.layer_kinds import LayerKind
+
 
 def pattern_key(patterns: list[str], module: str) -> str | None:
     """PEFT's ``get_pattern_key``: the first pattern that matches ``module`` as a dotted suffix."""
@@ -44,7 +46,11 @@ def module_scaling(config: dict, module: str, rank: int | None = None) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, fan_in_fan_out: bool = False):
-    """ΔW = scaling · B @ A in fp32 (transposed for Conv1D-style ``fan_in_fan_out`` layers)."""
-    delta = (lora_b.float() @ lora_a.float()).mul_(scaling)  # in place: one weight-sized buffer, not two
-    return delta.T if fan_in_fan_out else delta
+def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, kind: LayerKind | None = None,
+                 fan_in_fan_out: bool = False) -> torch.Tensor:
+    """ΔW = scaling · B @ A in fp32, in the stored layout of ``kind`` (``harness.model.layer_kinds``; the rule lives
+    there). Without a kind, ``fan_in_fan_out`` picks Conv1D's [in, out] layout: callers that know the base module
+    pass its kind, which is what PEFT goes by."""
+    from harness.model.layer_kinds import CONV1D, LINEAR
+
+    return (kind or (CONV1D if fan_in_fan_out else LINEAR)).delta(lora_a, lora_b, scaling)

@@ -5,6 +5,11 @@ safetensors headers) and the module tree, instantiated on the meta device from
 the directory's own config and remote code. The tree is optional: code that
 downloads things in ``__init__`` (the real XComposer fetches CLIP) may fail on
 meta, and then the weight index alone still answers the structural questions.
+
+The tree records each module's layer kind and dims (``harness.model.layer_kinds``: a Conv1D stores [in, out]),
+which parameters are tied, and the checkpoint key each parameter is saved under: module names and checkpoint keys
+can differ (transformers 5 names GPT-NeoX's head ``lm_head`` and saves it as ``embed_out.weight``), so code that
+reads checkpoints maps names through the model, never by string.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 from harness.inputs.errors import UnusableInput
 from harness.model import families
+from harness.model.layer_kinds import Dims, LayerKind, dims_of_module, kind_named, kind_of_module
 
 
 @dataclass(frozen=True)
@@ -27,8 +33,9 @@ class ModuleInfo:
     type_name: str
     in_features: int | None = None
     out_features: int | None = None
-    is_linear: bool = False
+    is_linear: bool = False  # a linear layer in PEFT's sense ("all-linear"): nn.Linear or transformers' Conv1D
     is_branch: bool = False  # carries the base model's own low-rank branch (PLoRA), by a family's structural test
+    kind: str | None = None  # layer kind name (harness.model.layer_kinds) for the kinds PEFT's LoRA wraps
 
 
 @dataclass
@@ -39,6 +46,9 @@ class BaseModelInfo:
     modules: dict[str, ModuleInfo] | None = None  # None when the meta build failed
     meta_build_error: str | None = None
     output_head: str | None = None  # the LM head's module name; PEFT's "all-linear" skips it
+    input_embedding: str | None = None  # the input embedding's module name
+    checkpoint_keys: dict[str, str] = field(default_factory=dict)  # parameter -> the key a save writes it under
+    tied: dict[str, str] = field(default_factory=dict)  # tied parameter -> the one whose value the checkpoint holds
     notes: list[str] = field(default_factory=list)
     # floating buffers the checkpoint does not hold (non-persistent), as the model's own constructor computes
     # them: a loader that leaves them uninitialised (transformers 5 does) is caught by comparing with these
@@ -54,15 +64,33 @@ class BaseModelInfo:
                 names.add(".".join(parts[:i]))
         return sorted(names)
 
-    def linear_dims(self, module: str) -> tuple[int, int] | None:
-        """(in_features, out_features) of a linear-like module, from the tree or its weight."""
-        if self.modules is not None and module in self.modules and self.modules[module].is_linear:
-            info = self.modules[module]
-            return info.in_features, info.out_features
-        shape = self.weights.get(f"{module}.weight", (None,))[0]
-        if shape and len(shape) == 2:
-            return shape[1], shape[0]
-        return None
+    def layer(self, module: str) -> tuple[LayerKind, Dims] | None:
+        """(layer kind, dims) of a module PEFT's LoRA can wrap, from the module tree; None when unknown."""
+        info = (self.modules or {}).get(module)
+        kind = kind_named(info.kind) if info else None
+        if kind is None or info.in_features is None or info.out_features is None:
+            return None
+        return kind, Dims(info.in_features, info.out_features)
+
+    def layer_kinds(self) -> dict[str, LayerKind | None] | None:
+        """Every module's layer kind (None: not a kind LoRA wraps here); None without a module tree."""
+        if self.modules is None:
+            return None
+        return {name: kind_named(info.kind) for name, info in self.modules.items() if name}
+
+    def own_key(self, param: str) -> str:
+        """The checkpoint key ``param`` is saved under when it is its own tensor (untied)."""
+        return self.checkpoint_keys.get(param, param)
+
+    def checkpoint_key(self, param: str) -> str:
+        """The base checkpoint key that holds ``param``'s value (a tied parameter: its partner's key)."""
+        return self.own_key(self.tied.get(param, param))
+
+    def tied_partners(self, param: str) -> list[str]:
+        """The other parameters that share ``param``'s storage (tied input embedding and LM head)."""
+        holder = self.tied.get(param, param)
+        group = {holder} | {alias for alias, h in self.tied.items() if h == holder}
+        return sorted(group - {param}) if len(group) > 1 else []
 
     def branch_modules(self) -> set[str]:
         """Modules that carry the base model's own low-rank branch (XComposer: the PLoRA modules)."""
@@ -122,30 +150,98 @@ def constructor_buffers(model: torch.nn.Module, limit: int = 1 << 24) -> dict[st
 def module_tree(model: torch.nn.Module) -> dict[str, ModuleInfo]:
     tree = {}
     for name, module in model.named_modules():
-        is_linear = isinstance(module, torch.nn.Linear)
+        kind = kind_of_module(module)
+        dims = dims_of_module(module, kind) if kind is not None else None
         tree[name] = ModuleInfo(
             name=name,
             type_name=type(module).__name__,
-            in_features=getattr(module, "in_features", None) if is_linear else None,
-            out_features=getattr(module, "out_features", None) if is_linear else None,
-            is_linear=is_linear,
+            in_features=dims.in_features if dims else None,
+            out_features=dims.out_features if dims else None,
+            is_linear=kind is not None and kind.name in ("linear", "conv1d"),
             is_branch=families.is_branch_module(module),
+            kind=kind.name if kind is not None else None,
         )
     return tree
+
+
+def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
+    """Parameter name -> the key ``save_pretrained`` writes it under, by the model's own save-time renaming.
+
+    transformers 5: ``core_model_loading.revert_weight_conversion`` (renamings are followed by tensor identity; a
+    parameter a converter merges with others keeps its own name). transformers 4.4x-4.5x: the reverse of
+    ``_checkpoint_conversion_mapping``, as ``save_pretrained`` applies it. Older: the names themselves.
+    """
+    import re
+
+    # one view per name, tied names included, so that each is followed by identity through the renaming
+    params = {name: param.view_as(param) for name, param in model.named_parameters(remove_duplicate=False)}
+    names = {name: name for name in params}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        revert_weight_conversion = None
+    if revert_weight_conversion is not None:
+        by_id = {id(p): n for n, p in params.items()}
+        try:
+            saved = revert_weight_conversion(model, params)
+        except Exception:  # noqa: BLE001 - a converter that cannot run on meta tensors: keep the names
+            saved = {}
+        for key, tensor in saved.items():
+            if id(tensor) in by_id:
+                names[by_id[id(tensor)]] = key
+        return names
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    for name in names:
+        for pattern, replacement in {v: k for k, v in mapping.items()}.items():
+            replacement = re.sub(r"\(.*\)", "", replacement.lstrip("^"))
+            renamed, count = re.subn(pattern, replacement, name)
+            if count:
+                names[name] = renamed
+                break
+    return names
+
+
+def tied_parameters(model: torch.nn.Module, saved: set[str] | None = None) -> dict[str, str]:
+    """Tied parameter -> the name whose value the checkpoint holds (the first name, or the one in ``saved``)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    tied = {}
+    for names in groups.values():
+        if len(names) > 1:
+            holder = next((n for n in names if saved and n in saved), names[0])
+            tied.update({n: holder for n in names if n != holder})
+    return tied
+
+
+def describe_model(model: torch.nn.Module, base_dir: Path | None = None,
+                   weights: dict[str, tuple[tuple[int, ...], str]] | None = None) -> BaseModelInfo:
+    """A ``BaseModelInfo`` from an instantiated model (meta or real): module tree, kinds, ties, checkpoint keys."""
+    config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    info = BaseModelInfo(base_dir=Path(base_dir or "."), config=config, weights=dict(weights or {}))
+    info.modules = module_tree(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    info.output_head = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    info.input_embedding = next((n for n, m in model.named_modules() if embedding is not None and m is embedding), None)
+    info.checkpoint_keys = checkpoint_names(model)
+    saved = {p for p, key in info.checkpoint_keys.items() if key in info.weights} if info.weights else None
+    info.tied = tied_parameters(model, saved)
+    return info
 
 
 def inspect_base(base_dir: str | Path, *, build_tree: bool = True) -> BaseModelInfo:
     base_dir = Path(base_dir)
     config_path = base_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    info = BaseModelInfo(base_dir=base_dir, config=config, weights=read_weight_index(base_dir))
+    weights = read_weight_index(base_dir)
+    info = BaseModelInfo(base_dir=base_dir, config=config, weights=weights)
     if build_tree:
         try:
             model = build_on_meta(base_dir)
-            info.modules = module_tree(model)
+            info = describe_model(model, base_dir, weights)
+            info.config = config
             info.init_buffers = constructor_buffers(model)
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            info.output_head = next((n for n, m in model.named_modules() if m is head), None)
         except UnusableInput:
             raise  # the model code needs the network: no check can use this base
         except Exception as exc:  # remote code may download or crash in __init__

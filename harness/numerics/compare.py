@@ -21,32 +21,43 @@ class Comparison:
     image_max_rel: float
     text_max_abs: float
     text_max_rel: float
-    worst_row: tuple[str, int, int]  # (row class, batch, position) of the largest relative error
+    worst_row: tuple[str, int, int]  # (row class, batch, position) of the largest error; ("", -1, -1): none
     ok: bool
+    non_finite: str | None = None  # where NaN/Inf outputs come from ("first produced by <module>"), when they occur
+    cause: str | None = None  # a diagnosis of the difference, when the run found one (e.g. a re-tied LM head)
 
     def summary(self) -> str:
-        row_class, b, t = self.worst_row
         verdict = "within" if self.ok else "OUTSIDE"
-        return (f"{self.label}: image rows max abs {self.image_max_abs:.2e} (rel {self.image_max_rel:.2e}), "
-                f"text rows max abs {self.text_max_abs:.2e} (rel {self.text_max_rel:.2e}); worst at {row_class} "
-                f"row batch {b} position {t}; {verdict} the {self.dtype} tolerance {self.tolerance:.0e}")
+        if self.non_finite:
+            text = f"{self.label}: non-finite outputs (NaN/Inf) in real rows, {self.non_finite}"
+        else:
+            row_class, b, t = self.worst_row
+            where = f"; worst at {row_class} row batch {b} position {t}" if row_class else ""
+            text = (f"{self.label}: image rows max abs {self.image_max_abs:.2e} (rel {self.image_max_rel:.2e}), "
+                    f"text rows max abs {self.text_max_abs:.2e} (rel {self.text_max_rel:.2e}){where}; {verdict} the "
+                    f"{self.dtype} tolerance {self.tolerance:.0e}")
+        return text + (f"; {self.cause}" if self.cause and not self.ok else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *, dtype: torch.dtype,
-            label: str, tolerance: float | None = None) -> Comparison:
+            label: str, tolerance: float | None = None, non_finite: str | None = None,
+            cause: str | None = None) -> Comparison:
     """Max abs / rel error per row class (padding excluded); rel is relative to the reference's max on those rows.
 
-    A row class passes when max abs <= max(atol, rel·scale); NaN/inf anywhere in real rows fails.
+    A row class passes when max abs <= max(atol, rel·scale); NaN/inf anywhere in real rows fails (``non_finite``:
+    where they come from, for the message; ``cause``: a diagnosis the message adds when the comparison fails).
     """
     policy = policy_for(dtype)
     tol = policy.rel if tolerance is None else tolerance
+    if non_finite is None and not finite_rows(outputs, probe):
+        non_finite = "source not located"
     diff = (outputs.float() - reference.float()).abs().amax(-1)  # [B, T]
     diff = torch.nan_to_num(diff, nan=float("inf"))
     stats = {}
-    worst = ("none", -1, -1)
+    worst = ("", -1, -1)
     worst_rel = -1.0
     ok = True
     for row_class, rows in (("image", probe.image_rows.cpu()), ("text", probe.text_rows.cpu())):
@@ -59,6 +70,7 @@ def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *
         rel = max_abs / scale
         stats[row_class] = (max_abs, rel)
         ok = ok and max_abs <= max(policy.atol if tolerance is None else 0.0, tol * scale)
+        rel = rel if rel == rel else float("inf")  # a non-finite reference: still name where it is worst
         if rel > worst_rel:
             flat = int(masked.argmax())
             worst_rel, worst = rel, (row_class, flat // diff.shape[1], flat % diff.shape[1])
@@ -71,10 +83,18 @@ def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *
         text_max_abs=stats["text"][0],
         text_max_rel=stats["text"][1],
         worst_row=worst,
-        ok=ok,
+        ok=ok and non_finite is None,
+        non_finite=non_finite,
+        cause=cause,
     )
 
 
+
+
+def finite_rows(outputs: torch.Tensor, probe: ProbeBatch) -> bool:
+    """No NaN/Inf at real (non-padding) positions of ``outputs`` [B, T, ...]."""
+    real = probe.attention_mask.bool().cpu()
+    return bool(torch.isfinite(outputs.float()[real]).all())
 
 
 def pairwise_disagreements(outputs: dict[str, torch.Tensor], probe: ProbeBatch, *, dtype: torch.dtype) -> list[str]:

@@ -3,17 +3,28 @@
 Image rows are deterministic random vectors scaled to the RMS of the model's own
 token embeddings, so the probe needs no vision tower and works on models the
 harness has never seen; ``im_mask`` marks them, as the real XComposer does.
+
+How a probe reaches the model (``feed``) decides which adapted modules it can see:
+``"embeds"`` feeds the stored ``inputs_embeds`` (embedded once by the base: an adapted
+input embedding never acts); ``"model-embeds"`` embeds the text rows with the input
+embedding of the model under test and keeps the image rows, as XComposer does with
+its vision features (embedding LoRA and a trained embedding act); ``"input_ids"``
+feeds token ids only (a text-only probe; the model embeds them itself).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from harness.model import families
 from harness.model.families.xcomposer import MASK_KWARG
+
+FEEDS = ("embeds", "model-embeds", "input_ids")
 
 
 @dataclass
@@ -23,6 +34,7 @@ class ProbeBatch:
     im_mask: torch.Tensor  # [B, T] bool, True on image rows
     attention_mask: torch.Tensor  # [B, T] long, 0 on padding
     description: str = field(default="")
+    feed: str = "embeds"  # "embeds" | "model-embeds" | "input_ids" (module docstring)
 
     @property
     def text_rows(self) -> torch.Tensor:
@@ -49,12 +61,18 @@ def make_probe(
     left_padding: list[int] | None = None,
     seed: int = 0,
     vocab_low: int = 4,
+    feed: str = "embeds",
 ) -> ProbeBatch:
     """Build a probe batch from ``embedding`` (the model's input embedding module).
 
     ``image_spans`` are ``(start, end)`` positions marked as image rows in every
     sequence (default: the middle third); ``left_padding[b]`` pads sequence b on the left.
+    ``feed``: how the probe reaches the model (see the module docstring); ``"input_ids"`` takes no image rows.
     """
+    if feed not in FEEDS:
+        raise ValueError(f"feed must be one of {FEEDS}, not {feed!r}")
+    if feed == "input_ids" and image_spans:
+        raise ValueError("an input_ids probe has no image rows: pass image_spans=[]")
     weight = embedding.weight
     vocab = weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -78,8 +96,24 @@ def make_probe(
         inputs_embeds=embeds.to(device=weight.device, dtype=weight.dtype),
         im_mask=im_mask.to(weight.device),
         attention_mask=attention_mask.to(weight.device),
-        description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding}",
+        description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding} feed={feed}",
+        feed=feed,
     )
+
+
+@contextmanager
+def reached_modules(model: torch.nn.Module, names: list[str]) -> Iterator[set[str]]:
+    """The modules among ``names`` that run while the block runs (forward hooks): an adapted module the probes
+    never reach (a vision-tower LoRA when probes feed embeddings) has an effect no probe can measure."""
+    modules = dict(model.named_modules())
+    reached: set[str] = set()
+    handles = [modules[name].register_forward_hook(lambda *_, name=name: reached.add(name))
+               for name in names if name in modules]
+    try:
+        yield reached
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def accepts_im_mask(model: torch.nn.Module) -> bool:

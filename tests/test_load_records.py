@@ -1,0 +1,80 @@
+"""Every loading path keeps its own record of what PEFT did with the saved keys, key by key.
+
+PEFT loads with ``strict=False``: a key it cannot place is dropped without an error, and the module it
+belonged to keeps its initialisation. The records are what ``key-coverage`` and ``path-agreement``
+judge, so each path must name exactly the keys that went astray: no more, no fewer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fixtures.mutations import copy_adapter
+from harness.loading.paths import PATHS
+
+RENAMED_MODULE = "model.layers.0.attention.wqkv"
+NOWHERE = "model.layers.0.attention.wqkv_nowhere"
+# Paths whose record describes the adapter load itself; merge-script's describes the reload of the saved
+# merged model (it holds no adapter keys), and the merged paths carry the record of the load they merged.
+ADAPTER_RECORD_PATHS = ["peft", "peft-merged", "peft-safe-merged", "load-adapter", "state-dict", "bin", "safetensors"]
+
+
+@pytest.fixture(scope="module")
+def renamed_adapter(default_bundle, tmp_path_factory):
+    """The good adapter with layer 0's wqkv lora_A saved under a module name the model does not have."""
+    adapter = copy_adapter(default_bundle.adapter_dir, tmp_path_factory.mktemp("renamed") / "adapter")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    old = f"base_model.model.{RENAMED_MODULE}.lora_A.weight"
+    new = f"base_model.model.{NOWHERE}.lora_A.weight"
+    tensors[new] = tensors.pop(old)
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    return adapter, old, new
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_a_good_adapter_loads_with_a_clean_record(name, default_bundle, tmp_path):
+    loaded = PATHS[name](default_bundle.base_dir, default_bundle.adapter_dir, dtype=torch.float32, device="cpu",
+                         workdir=tmp_path)
+    record = loaded.record
+    assert (record.path, record.missing_keys, record.unexpected_keys, record.not_loaded) == (name, [], [], [])
+    assert record.clean
+
+
+@pytest.mark.parametrize("name", ADAPTER_RECORD_PATHS)
+def test_a_renamed_key_is_named_missing_and_unexpected_by_every_path(name, default_bundle, renamed_adapter, tmp_path):
+    adapter, old, new = renamed_adapter
+    record = PATHS[name](default_bundle.base_dir, adapter, dtype=torch.float32, device="cpu", workdir=tmp_path).record
+    assert record.unexpected_keys == [new], record
+    assert record.missing_keys == [old], record
+    assert record.not_loaded == [] and not record.clean
+
+
+def test_the_merge_script_record_names_what_the_reload_lacks(default_bundle, tmp_path, monkeypatch):
+    """merge-script's record is the fresh reload's: a tensor the merged save lost is missing on reload."""
+    from harness.loading import paths
+
+    save = paths.save_and_reload
+
+    def losing_save(merged, base_dir, **kw):
+        state = merged.model.state_dict()
+        dropped = next(k for k in state if k.endswith("Plora_A.weight"))
+        original = merged.model.save_pretrained
+
+        def save_without(out, **kwargs):
+            kwargs["state_dict"] = {k: v for k, v in state.items() if k != dropped}
+            return original(out, **kwargs)
+
+        merged.model.save_pretrained = save_without
+        losing_save.dropped = dropped
+        return save(merged, base_dir, **kw)
+
+    monkeypatch.setattr(paths, "save_and_reload", losing_save)
+    record = paths.load_merge_script(default_bundle.base_dir, default_bundle.adapter_dir, dtype=torch.float32,
+                                     device="cpu", workdir=tmp_path).record
+    assert record.missing_keys == [losing_save.dropped] and record.unexpected_keys == []
+    config = json.loads((default_bundle.adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"  # the input was only read
