@@ -19,7 +19,7 @@ import torch
 from harness.engine.memory import keep_large_frees_returnable, release_memory
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.inputs.errors import UnusableInput
-from harness.loading.base import load_base
+from harness.loading.base import load_base, note_adjustment
 from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
 from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers
@@ -72,7 +72,10 @@ class DynamicRun:
         self.base_plora: dict[str, torch.Tensor] = {}
         self.base_classes: dict[str, str] = {}
         self.init_buffers = init_buffers or {}  # what the model's own constructor computes (BaseModelInfo)
+        self.notes: list[str] = []  # what the reference could not apply or the probes could not reach
         self._prepare()
+        for note in self.notes:  # into the report of the check that started this run
+            note_adjustment(note)
 
     @property
     def tolerance(self) -> float:

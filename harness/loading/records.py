@@ -115,9 +115,12 @@ def _adapter_owned(model, adapter_name: str) -> set[str]:
 
 def _note_load_result(record: LoadRecord, model, result, adapter_name: str) -> None:
     """PEFT's own load result, reduced to adapter keys (it loads with strict=False and does not raise)."""
+    from harness.model.peft_keys import peft_key
+
     owned = _adapter_owned(model, adapter_name)
-    missing = sorted(k for k in getattr(result, "missing_keys", []) or [] if k in owned)
-    unexpected = sorted(getattr(result, "unexpected_keys", []) or [])
+    # PEFT names keys as the model holds them (".lora_A.<adapter>.weight"); the record names them as saved.
+    missing = sorted(peft_key(k, adapter_name) or k for k in getattr(result, "missing_keys", []) or [] if k in owned)
+    unexpected = sorted(peft_key(k, adapter_name) or k for k in getattr(result, "unexpected_keys", []) or [])
     noise = [k for k in getattr(result, "missing_keys", []) or [] if k not in owned and "lora_" in k]
     record.notes.append(f"load_result: {len(missing)} missing adapter keys, {len(unexpected)} unexpected keys")
     if noise:
@@ -125,7 +128,6 @@ def _note_load_result(record: LoadRecord, model, result, adapter_name: str) -> N
                             f"(e.g. {noise[0]}): PLoRA names, ignored")
     record.missing_keys = sorted(set(record.missing_keys) | set(missing))
     record.unexpected_keys = sorted(set(record.unexpected_keys) | set(unexpected))
-
 
 
 def find_unmerged_lora_wrappers(model: torch.nn.Module) -> list[str]:
