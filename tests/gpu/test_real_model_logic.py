@@ -319,6 +319,6 @@ def test_a_url_download_in_the_remote_code_names_file_and_line(copy_of, monkeypa
 
 def test_urls_in_code_that_fetches_nothing_are_left_alone(copy_of):
     model_dir = copy_of()
-    code = model_dir / "build_mlp.py"
+    code = model_dir / "configuration_internlm_xcomposer2.py"
     code.write_text(code.read_text() + "\nHOMEPAGE = 'https://github.com/InternLM/InternLM-XComposer'\n")
     assert diagnose_dir(model_dir) == []
