@@ -9,7 +9,6 @@ meta, and then the weight index alone still answers the structural questions.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +99,9 @@ def module_tree(model: torch.nn.Module) -> dict[str, ModuleInfo]:
 
 def inspect_base(base_dir: str | Path, *, build_tree: bool = True) -> BaseModelInfo:
     base_dir = Path(base_dir)
-    config_path = base_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    from harness.inputs.files import read_model_config
+
+    config = read_model_config(base_dir)  # untrusted: regular file, bounded JSON, InputError (exit 2) otherwise
     info = BaseModelInfo(base_dir=base_dir, config=config, weights=read_weight_index(base_dir))
     if build_tree:
         try:
