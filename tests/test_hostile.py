@@ -263,183 +263,8 @@ def check_expectation(outcome: Outcome, expect: Expect, built: Built) -> None:
         assert not built.marker.exists(), f"the payload ran: {built.marker} exists"
 
 
-# -- the catalogue ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def hostile_sources(default_bundle, synthetic_cache) -> Sources:
-    from harness.synthetic.bundle import build_merged_dir
-
-    return Sources(adapter=default_bundle.adapter_dir, base=default_bundle.base_dir,
-                   merged_factory=lambda: build_merged_dir(default_bundle, synthetic_cache))
-
-
-# One case per class runs unmarked (about a minute with -n 2 on a busy 2-core machine); every other case and
-# the hypothesis test are marked slow: each is a fresh interpreter importing torch, transformers and PEFT
-# (5-12 s), and the --base-model cases load a model as well.
-SMOKE = {"config-fifo", "config-alpha-nan", "header-deep", "tensor-name-control-chars", "bin-random-bytes",
-         "rank-pattern-bad-regex"}
-
-
-def _marks(case: Case):
-    return [] if case.name in SMOKE else [pytest.mark.slow]
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, id=name, marks=_marks(c)) for name, c in CASES.items()
-                                  if not c.covered_by])
-def test_hostile_case(case: Case, hostile_sources: Sources, tmp_path: Path):
-    sources_before = {p: tree_digest(p) for p in (hostile_sources.adapter, hostile_sources.base)}
-    built = case.build(hostile_sources, tmp_path / "in")
-    before = {p: tree_digest(p) for p in built.input_dirs()}
-    run = run_cli(built, trust=case.trust, out_dir=tmp_path / "out")
-    outcome = check_invariants(run, allow_ok=case.expect.allow_ok, inputs_before=before)
-    check_expectation(outcome, case.expect, built)
-    assert {p: tree_digest(p) for p in sources_before} == sources_before, "a source directory was modified"
-
-
-def test_catalogue_is_well_formed():
-    assert len(CASES) >= 30 and SMOKE <= set(CASES)
-    for name, case in CASES.items():
-        expect = case.expect
-        assert expect.exit2 or expect.fails or expect.full_report or expect.allow_ok, name
-        assert case.corrupts, name
-        assert not (case.covered_by and name in SMOKE), name
-        if case.covered_by:  # the test that runs it instead exists
-            file, test = case.covered_by.split("::")
-            assert re.search(rf"^def {re.escape(test)}\(", (ROOT / file).read_text(), re.M), case.covered_by
-
-
-# -- in process: config-valid's answers and the regex deadline (milliseconds each, no subprocess) -----------------
-
-
-def _config_valid(adapter: Path, edit=None):
-    """config-valid on ``adapter`` with ``edit(config)`` applied to the parsed config (values JSON cannot hold,
-    such as NaN, reach the check this way: a config built in memory, e.g. by check_trained's callers)."""
-    from harness.checks import CheckContext, CheckOptions
-    from harness.checks.registry import get_check, run_check
-    from harness.inputs.adapter_dir import read_adapter
-
-    ctx = CheckContext(adapter=read_adapter(adapter), options=CheckOptions())
-    if edit is not None:
-        edit(ctx.adapter.config)
-    try:
-        return run_check(get_check("config-valid"), ctx)
-    finally:
-        ctx.adapter.close()
-
-
-@pytest.mark.parametrize(
-    ("field_name", "value", "fragment"),
-    [
-        ("r", 0, "r must be a positive integer"),
-        ("r", -4, "r must be a positive integer"),
-        ("r", True, "r must be a positive integer, not True"),
-        ("r", 8.0, "r must be a positive integer"),
-        ("r", 10**30, "over 65,536"),
-        ("lora_alpha", float("nan"), "lora_alpha is nan, not a finite number"),
-        ("lora_alpha", float("inf"), "lora_alpha is inf, not a finite number"),
-        ("lora_alpha", float("-inf"), "not a finite number"),
-        ("lora_alpha", 0, "lora_alpha is 0"),
-        ("lora_alpha", -16, "lora_alpha is negative"),
-        ("lora_alpha", False, "lora_alpha must be a number, not False"),
-        ("lora_alpha", 1e300, "over 1,000,000"),
-        ("rank_pattern", {"wqkv": 0}, "rank_pattern['wqkv'] must be a positive integer"),
-        ("alpha_pattern", {"wqkv": float("nan")}, "alpha_pattern['wqkv'] is nan"),
-    ],
-)
-def test_config_valid_bounds_rank_and_alpha(default_bundle, field_name, value, fragment):
-    result = _config_valid(default_bundle.adapter_dir, lambda c: c.update({field_name: value}))
-    assert result.id == "config-valid" and result.status == "fail", result.message
-    assert fragment in result.message and result.details["fields"] == [field_name], result.details
-    assert fragment in result.details["problems"][0]
-
-
-@pytest.mark.parametrize(
-    ("changes", "field_name", "fragment"),
-    [
-        ({"target_modules": "(unclosed"}, "target_modules", "not a valid regular expression"),
-        ({"rank_pattern": {"(": 4}}, "rank_pattern", "rank_pattern key '(' is not a valid regular expression"),
-        ({"alpha_pattern": {"[": 2}}, "alpha_pattern", "alpha_pattern key '[' is not a valid regular expression"),
-        ({"layers_pattern": "(", "layers_to_transform": [0]}, "layers_pattern", "not a valid regular expression"),
-        ({"target_modules": "(" * 5000 + ")" * 5000}, "target_modules", "not a valid regular expression"),
-        ({"target_modules": REDOS}, "target_modules", "too costly to match"),
-        ({"rank_pattern": {REDOS: 4}}, "rank_pattern", "too costly to match"),
-        ({"alpha_pattern": {REDOS: 2}}, "alpha_pattern", "too costly to match"),
-    ],
-)
-def test_config_valid_compiles_and_times_every_regex(default_bundle, changes, field_name, fragment):
-    started = time.monotonic()
-    result = _config_valid(default_bundle.adapter_dir, lambda c: c.update(changes))
-    assert time.monotonic() - started < 20
-    assert result.status == "fail" and fragment in result.message, result.message
-    assert field_name in result.details["fields"] and "regex" in result.fix
-
-
-def test_the_regex_deadline_holds_outside_the_main_thread(default_bundle):
-    """No timer can interrupt re there: the match runs in a child interpreter, killed at the deadline."""
-    import threading
-
-    from harness.inputs import patterns
-
-    box = {}
-    pattern = patterns.ConfigPattern("target_modules", REDOS + "x", REDOS + "x", "fullmatch")  # not cached yet
-    thread = threading.Thread(target=lambda: box.update(answer=_catch(patterns.bounded_matches, pattern,
-                                                                      ["model.layers.0.attention.wqkv"])))
-    started = time.monotonic()
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive() and time.monotonic() - started < 20
-    assert isinstance(box["answer"], patterns.PatternTooCostly) and "too costly" in str(box["answer"])
-    benign = patterns.ConfigPattern("target_modules", r".*wqkv", r".*wqkv", "fullmatch")
-    thread = threading.Thread(target=lambda: box.update(answer=patterns.bounded_matches(benign, ["a.wqkv", "a.wo"])))
-    thread.start()
-    thread.join(30)
-    assert box["answer"] == ["a.wqkv"]
-
-
-def _catch(func, *args):
-    try:
-        return func(*args)
-    except Exception as err:  # noqa: BLE001 - returned for the assertion
-        return err
-
-
-def test_pattern_key_splices_keys_as_the_installed_peft_does():
-    """Against PEFT's own get_pattern_key where it has one (0.14+); PEFT 0.8-0.13 match rf".*\\.{key}$" inline."""
-    from harness.model.lora_math import pattern_key
-
-    names = ["model.layers.0.attention.wqkv", "lm_head", "model.layers.1.feed_forward.w1", "x.wqkvz"]
-    keys = ["wqkv", "lm_head", r"layers\.1\..*", "w1|w2"]
-    try:
-        from peft.utils.other import get_pattern_key
-    except ImportError:
-        def get_pattern_key(pattern_keys, key_to_match):
-            return next(filter(lambda key: re.match(rf".*\.{key}$", key_to_match), pattern_keys), key_to_match)
-    for name in names:
-        expected = get_pattern_key(keys, name)
-        assert (pattern_key(keys, name) or name) == expected, name
-    started = time.monotonic()
-    assert pattern_key([REDOS, "wqkv"], "model.layers.0.attention.wqkv") == "wqkv"  # the costly key matches nothing
-    assert time.monotonic() - started < 10
-
-
-def test_targets_are_unresolved_not_hung_on_a_costly_pattern():
-    from harness.model.structure import BaseModelInfo
-    from harness.model.targets import resolve_targets
-
-    base = BaseModelInfo(base_dir=ROOT, config={}, weights={"model.layers.0.attention.wqkv.weight": ((8, 8), "float32")})
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": REDOS}
-    started = time.monotonic()
-    result = resolve_targets(config, base)
-    assert time.monotonic() - started < 20
-    assert result.error and "too costly" in result.error and result.matched == []
-    result = resolve_targets({**config, "target_modules": "(unclosed"}, base)
-    assert "not a valid regular expression" in result.error
-    result = resolve_targets({**config, "target_modules": r".*\.wqkv"}, base)
-    assert result.error is None and result.matched == ["model.layers.0.attention.wqkv"]
-
-
 # -- hypothesis: corruptions of a real adapter ------------------------------------------------------------------
+# (first in the file: its minute of subprocesses then starts first on one xdist worker, not last and alone)
 
 # The oracle. An adapter is *broken* when any of these refuses it (then exit 0 is forbidden); otherwise
 # it is *valid* and every exit code is allowed (the harness may still fail a check, e.g. shapes when r
@@ -674,3 +499,179 @@ def test_corrupted_adapter_keeps_the_invariants(corruptions, default_bundle, tmp
         check_invariants(run, allow_ok=problem is None, inputs_before=before)
     except AssertionError as err:
         raise AssertionError(f"oracle: {problem or 'valid adapter'}\n{err}") from None
+
+
+# -- the catalogue ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def hostile_sources(default_bundle, synthetic_cache) -> Sources:
+    from harness.synthetic.bundle import build_merged_dir
+
+    return Sources(adapter=default_bundle.adapter_dir, base=default_bundle.base_dir,
+                   merged_factory=lambda: build_merged_dir(default_bundle, synthetic_cache))
+
+
+# One case per class runs unmarked (about a minute with -n 2 on a busy 2-core machine); every other case and
+# the hypothesis test are marked slow: each is a fresh interpreter importing torch, transformers and PEFT
+# (5-12 s), and the --base-model cases load a model as well.
+SMOKE = {"config-fifo", "config-alpha-nan", "header-deep", "tensor-name-control-chars", "bin-random-bytes",
+         "rank-pattern-bad-regex"}
+
+
+def _marks(case: Case):
+    return [] if case.name in SMOKE else [pytest.mark.slow]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=name, marks=_marks(c)) for name, c in CASES.items()
+                                  if not c.covered_by])
+def test_hostile_case(case: Case, hostile_sources: Sources, tmp_path: Path):
+    sources_before = {p: tree_digest(p) for p in (hostile_sources.adapter, hostile_sources.base)}
+    built = case.build(hostile_sources, tmp_path / "in")
+    before = {p: tree_digest(p) for p in built.input_dirs()}
+    run = run_cli(built, trust=case.trust, out_dir=tmp_path / "out")
+    outcome = check_invariants(run, allow_ok=case.expect.allow_ok, inputs_before=before)
+    check_expectation(outcome, case.expect, built)
+    assert {p: tree_digest(p) for p in sources_before} == sources_before, "a source directory was modified"
+
+
+def test_catalogue_is_well_formed():
+    assert len(CASES) >= 30 and SMOKE <= set(CASES)
+    for name, case in CASES.items():
+        expect = case.expect
+        assert expect.exit2 or expect.fails or expect.full_report or expect.allow_ok, name
+        assert case.corrupts, name
+        assert not (case.covered_by and name in SMOKE), name
+        if case.covered_by:  # the test that runs it instead exists
+            file, test = case.covered_by.split("::")
+            assert re.search(rf"^def {re.escape(test)}\(", (ROOT / file).read_text(), re.M), case.covered_by
+
+
+# -- in process: config-valid's answers and the regex deadline (milliseconds each, no subprocess) -----------------
+
+
+def _config_valid(adapter: Path, edit=None):
+    """config-valid on ``adapter`` with ``edit(config)`` applied to the parsed config (values JSON cannot hold,
+    such as NaN, reach the check this way: a config built in memory, e.g. by check_trained's callers)."""
+    from harness.checks import CheckContext, CheckOptions
+    from harness.checks.registry import get_check, run_check
+    from harness.inputs.adapter_dir import read_adapter
+
+    ctx = CheckContext(adapter=read_adapter(adapter), options=CheckOptions())
+    if edit is not None:
+        edit(ctx.adapter.config)
+    try:
+        return run_check(get_check("config-valid"), ctx)
+    finally:
+        ctx.adapter.close()
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value", "fragment"),
+    [
+        ("r", 0, "r must be a positive integer"),
+        ("r", -4, "r must be a positive integer"),
+        ("r", True, "r must be a positive integer, not True"),
+        ("r", 8.0, "r must be a positive integer"),
+        ("r", 10**30, "over 65,536"),
+        ("lora_alpha", float("nan"), "lora_alpha is nan, not a finite number"),
+        ("lora_alpha", float("inf"), "lora_alpha is inf, not a finite number"),
+        ("lora_alpha", float("-inf"), "not a finite number"),
+        ("lora_alpha", 0, "lora_alpha is 0"),
+        ("lora_alpha", -16, "lora_alpha is negative"),
+        ("lora_alpha", False, "lora_alpha must be a number, not False"),
+        ("lora_alpha", 1e300, "over 1,000,000"),
+        ("rank_pattern", {"wqkv": 0}, "rank_pattern['wqkv'] must be a positive integer"),
+        ("alpha_pattern", {"wqkv": float("nan")}, "alpha_pattern['wqkv'] is nan"),
+    ],
+)
+def test_config_valid_bounds_rank_and_alpha(default_bundle, field_name, value, fragment):
+    result = _config_valid(default_bundle.adapter_dir, lambda c: c.update({field_name: value}))
+    assert result.id == "config-valid" and result.status == "fail", result.message
+    assert fragment in result.message and result.details["fields"] == [field_name], result.details
+    assert fragment in result.details["problems"][0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field_name", "fragment"),
+    [
+        ({"target_modules": "(unclosed"}, "target_modules", "not a valid regular expression"),
+        ({"rank_pattern": {"(": 4}}, "rank_pattern", "rank_pattern key '(' is not a valid regular expression"),
+        ({"alpha_pattern": {"[": 2}}, "alpha_pattern", "alpha_pattern key '[' is not a valid regular expression"),
+        ({"layers_pattern": "(", "layers_to_transform": [0]}, "layers_pattern", "not a valid regular expression"),
+        ({"target_modules": "(" * 5000 + ")" * 5000}, "target_modules", "not a valid regular expression"),
+        ({"target_modules": REDOS}, "target_modules", "too costly to match"),
+        ({"rank_pattern": {REDOS: 4}}, "rank_pattern", "too costly to match"),
+        ({"alpha_pattern": {REDOS: 2}}, "alpha_pattern", "too costly to match"),
+    ],
+)
+def test_config_valid_compiles_and_times_every_regex(default_bundle, changes, field_name, fragment):
+    started = time.monotonic()
+    result = _config_valid(default_bundle.adapter_dir, lambda c: c.update(changes))
+    assert time.monotonic() - started < 20
+    assert result.status == "fail" and fragment in result.message, result.message
+    assert field_name in result.details["fields"] and "regex" in result.fix
+
+
+def test_the_regex_deadline_holds_outside_the_main_thread(default_bundle):
+    """No timer can interrupt re there: the match runs in a child interpreter, killed at the deadline."""
+    import threading
+
+    from harness.inputs import patterns
+
+    box = {}
+    pattern = patterns.ConfigPattern("target_modules", REDOS + "x", REDOS + "x", "fullmatch")  # not cached yet
+    thread = threading.Thread(target=lambda: box.update(answer=_catch(patterns.bounded_matches, pattern,
+                                                                      ["model.layers.0.attention.wqkv"])))
+    started = time.monotonic()
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - started < 20
+    assert isinstance(box["answer"], patterns.PatternTooCostly) and "too costly" in str(box["answer"])
+    benign = patterns.ConfigPattern("target_modules", r".*wqkv", r".*wqkv", "fullmatch")
+    thread = threading.Thread(target=lambda: box.update(answer=patterns.bounded_matches(benign, ["a.wqkv", "a.wo"])))
+    thread.start()
+    thread.join(30)
+    assert box["answer"] == ["a.wqkv"]
+
+
+def _catch(func, *args):
+    try:
+        return func(*args)
+    except Exception as err:  # noqa: BLE001 - returned for the assertion
+        return err
+
+
+def test_pattern_key_splices_keys_as_the_installed_peft_does():
+    """Against PEFT's own get_pattern_key where it has one (0.14+); PEFT 0.8-0.13 match rf".*\\.{key}$" inline."""
+    from harness.model.lora_math import pattern_key
+
+    names = ["model.layers.0.attention.wqkv", "lm_head", "model.layers.1.feed_forward.w1", "x.wqkvz"]
+    keys = ["wqkv", "lm_head", r"layers\.1\..*", "w1|w2"]
+    try:
+        from peft.utils.other import get_pattern_key
+    except ImportError:
+        def get_pattern_key(pattern_keys, key_to_match):
+            return next(filter(lambda key: re.match(rf".*\.{key}$", key_to_match), pattern_keys), key_to_match)
+    for name in names:
+        expected = get_pattern_key(keys, name)
+        assert (pattern_key(keys, name) or name) == expected, name
+    started = time.monotonic()
+    assert pattern_key([REDOS, "wqkv"], "model.layers.0.attention.wqkv") == "wqkv"  # the costly key matches nothing
+    assert time.monotonic() - started < 10
+
+
+def test_targets_are_unresolved_not_hung_on_a_costly_pattern():
+    from harness.model.structure import BaseModelInfo
+    from harness.model.targets import resolve_targets
+
+    base = BaseModelInfo(base_dir=ROOT, config={}, weights={"model.layers.0.attention.wqkv.weight": ((8, 8), "float32")})
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": REDOS}
+    started = time.monotonic()
+    result = resolve_targets(config, base)
+    assert time.monotonic() - started < 20
+    assert result.error and "too costly" in result.error and result.matched == []
+    result = resolve_targets({**config, "target_modules": "(unclosed"}, base)
+    assert "not a valid regular expression" in result.error
+    result = resolve_targets({**config, "target_modules": r".*\.wqkv"}, base)
+    assert result.error is None and result.matched == ["model.layers.0.attention.wqkv"]

@@ -579,3 +579,16 @@ def test_pickle_scan_resolves_memoised_stack_globals(tmp_path):
     assert b"\x94" in data  # MEMOIZE
     (tmp_path / "p.bin").write_bytes(data)
     assert pickle_globals(tmp_path / "p.bin") == ["builtins.print", "posix.getcwd", "posix.system"]
+
+
+def test_model_directories_with_a_fifo_anywhere_are_refused(tmp_path):
+    from harness.inputs.code import require_trust
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "sub").mkdir()
+    assert require_trust({"base model": base}, trusted=False) == []
+    os.mkfifo(base / "tokenizer.model")
+    with pytest.raises(InputError, match=r"tokenizer\.model: a FIFO \(named pipe\) in the base model directory"):
+        require_trust({"base model": base}, trusted=True)

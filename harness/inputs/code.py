@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.inputs.errors import InputError
-from harness.inputs.files import check_inside, open_regular, read_model_config, regular_file_problem
+from harness.inputs.files import (
+    check_inside,
+    open_regular,
+    read_model_config,
+    refuse_special_files,
+    regular_file_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -76,9 +82,11 @@ def _code_paths(model_dir: Path) -> list[Path]:
 
 def require_trust(model_dirs: dict[str, Path], trusted: bool, *, flag: str = "--trust-remote-code") -> list[CodeFile]:
     """The code files of every directory (``{"base model": dir, ...}``); raise ``UntrustedCode`` naming them
-    and the flag when there are some and the user did not opt in."""
+    and the flag when there are some and the user did not opt in. Runs before anything loads a directory,
+    so a FIFO, socket or device in one is refused here too (``InputError``, exit 2)."""
     found: list[CodeFile] = []
     for what, directory in model_dirs.items():
+        refuse_special_files(Path(directory), what)  # transformers would open them, and block there
         files = remote_code_files(directory)
         if files and not trusted:
             names = ", ".join(f.path.name for f in files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")

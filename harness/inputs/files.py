@@ -213,6 +213,28 @@ def read_model_config(directory: str | Path) -> dict:
     return read_json_object(config_path)
 
 
+def refuse_special_files(directory: Path, what: str) -> None:
+    """``InputError`` naming the first FIFO, socket or device among ``directory``'s entries (symlinks followed).
+
+    A model directory is read by the libraries too (transformers opens config.json, generation_config.json,
+    tokenizer files and *.py; safetensors the shards): one such entry would block or never end there, where
+    the harness's own guards do not reach, so it is refused before anything loads the directory.
+    """
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError as err:
+        raise InputError(f"{directory}: cannot list the {what} directory ({err.strerror}); check its permissions") \
+            from None
+    for entry in entries:
+        try:
+            mode = entry.stat().st_mode  # follows symlinks
+        except OSError:
+            continue  # a broken symlink: the reader that needs the file says so
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise InputError(f"{entry.path}: {kind_of(mode)} in the {what} directory, where only files belong; "
+                             "remove it or copy the real file in its place")
+
+
 def looks_like_weights(path: Path) -> bool:
     """A weights file by name, and a regular file (so a FIFO named ``model.bin`` is never opened)."""
     if path.name in _NOT_WEIGHTS or path.name.startswith("rng_state"):
