@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 MATCH_BUDGET_S = 1.0  # one pattern against every module name of a model: microseconds each when sane
 MAX_PATTERN_CHARS = 10_000
-_COSTLY: dict[tuple[str, str], str] = {}  # (source, mode) -> why, for every pattern found too costly
+_COSTLY: dict[tuple[str, str], tuple[int, float]] = {}  # (source, mode) found too costly -> (names, budget)
 
 
 class PatternTooCostly(ValueError):
@@ -125,30 +125,28 @@ def compile_problem(pattern: ConfigPattern) -> str | None:
 
 
 def bounded_matches(pattern: ConfigPattern, names: Iterable[str], budget_s: float = MATCH_BUDGET_S) -> list[str]:
-    """The ``names`` this pattern matches as PEFT matches it; ``PatternTooCostly`` past ``budget_s`` in all."""
+    """The ``names`` this pattern matches as PEFT matches it; ``PatternTooCostly`` past ``budget_s`` in all
+    (remembered: the same regex is not tried again in this process). ``re.error`` when it does not compile."""
     names = list(names)
-    why = _COSTLY.get((pattern.source, pattern.mode))
-    if why is not None:
-        raise PatternTooCostly(why)
+    if len(pattern.source) > MAX_PATTERN_CHARS:  # compile_problem says so; never compiled here
+        raise re.error(f"over {MAX_PATTERN_CHARS} characters")
+    compiled = re.compile(pattern.source)
     try:
+        if (pattern.source, pattern.mode) in _COSTLY:
+            raise Expired
         if _can_interrupt():
-            compiled = re.compile(pattern.source)
             test = compiled.fullmatch if pattern.mode == "fullmatch" else compiled.match
             with deadline(budget_s):
                 hits = [n for n in names if test(n)]
         else:
             hits = _match_in_child(pattern, names, budget_s)
     except Expired:
-        why = (f"{pattern.describe()} is too costly to match: {len(names)} module name(s) took over {budget_s:g} s "
-               "(catastrophic backtracking; PEFT's re would hang on it)")
-        _COSTLY[(pattern.source, pattern.mode)] = why
-        raise PatternTooCostly(why) from None
+        tried = _COSTLY.setdefault((pattern.source, pattern.mode), (len(names), budget_s))
+        raise PatternTooCostly(
+            f"{pattern.describe()} is too costly to match: {tried[0]} module name(s) took over {tried[1]:g} s "
+            "(catastrophic backtracking; PEFT's re would hang on it)"
+        ) from None
     return hits
-
-
-def costly_patterns() -> list[str]:
-    """Why each pattern met so far in this process was too costly to match."""
-    return list(_COSTLY.values())
 
 
 def _can_interrupt() -> bool:

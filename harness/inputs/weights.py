@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from harness.inputs.errors import InputError, WeightsError
-from harness.inputs.files import JsonError, human_bytes, json_type, one_line, open_regular, parse_json, regular_file_problem
+from harness.inputs.files import (
+    JsonError,
+    human_bytes,
+    json_type,
+    one_line,
+    open_regular,
+    parse_json,
+    regular_file_problem,
+)
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's MAX_HEADER_SIZE (bytes, not MiB)
 U64_MAX = 2**64 - 1  # safetensors reads dims and offsets as usize
