@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -159,7 +159,10 @@ def test_hostile_headers_are_refused_with_a_reason(tmp_path, header, data, fragm
 def test_header_length_bounds(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", 200 * 1024 * 1024) + b"{}")
-    with pytest.raises(WeightsError, match="over the 100.0 MB limit"):
+    with pytest.raises(WeightsError, match="over the safetensors limit of 100,000,000 bytes"):
+        parse_safetensors_header(path)
+    path.write_bytes(struct.pack("<Q", 100_000_001) + b"{}")  # the library's limit is decimal, not 100 MiB
+    with pytest.raises(WeightsError, match="100,000,000"):
         parse_safetensors_header(path)
     path.write_bytes(struct.pack("<Q", 4096) + b"{}")
     with pytest.raises(WeightsError, match="header claims 4096 bytes"):
@@ -364,3 +367,228 @@ def test_bin_that_is_not_a_state_dict(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / BIN)
     wf = inspect_weight_file(tmp_path / BIN)
     assert not wf.readable and "not a state dict" in wf.error
+
+
+# -- hostile files: kinds, strict bounded JSON, the safetensors library's own header rules, pickles ----------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "socket"])
+def test_non_regular_config_is_refused_before_opening(good, tmp_path, kind):
+    import socket
+
+    adapter_dir = copy_adapter(good, tmp_path / "a")
+    (adapter_dir / CONFIG).unlink()
+    if kind == "fifo":
+        os.mkfifo(adapter_dir / CONFIG)  # opening it would block for ever: the test itself would hang
+    elif kind == "directory":
+        (adapter_dir / CONFIG).mkdir()
+    else:
+        short = tmp_path / "s"
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(short))
+        os.rename(short, adapter_dir / CONFIG)
+    with pytest.raises(InputError, match="not a regular file") as info:
+        read_adapter(adapter_dir)
+    assert str(info.value).startswith(str(adapter_dir / CONFIG)) and "save_pretrained" in str(info.value)
+
+
+def test_non_regular_weights_and_optional_config_are_recorded(good, tmp_path):
+    adapter_dir = copy_adapter(good, tmp_path / "a")
+    (adapter_dir / SAFETENSORS).unlink()
+    os.mkfifo(adapter_dir / SAFETENSORS)
+    os.mkfifo(adapter_dir / "config.json")
+    adapter = read_adapter(adapter_dir)
+    (wf,) = adapter.weight_files
+    assert not wf.readable and "FIFO" in wf.error and adapter.primary is None
+    assert adapter.model_config == {} and "FIFO" in adapter.model_config_error
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"r": NaN}', "NaN is not a JSON number"),
+        ('{"r": -Infinity}', "-Infinity is not a JSON number"),
+        ('{"r": 1e309}', "overflows a 64-bit float"),
+        ('{"r": ' + "9" * 5000 + "}", "5000-digit integer"),
+        ('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64"),
+        ('{"r": ' + "[" * 65 + "]" * 65 + "}", "nested deeper than 64"),
+        ('{"r\\ud800": 1}', "lone surrogate \\ud800"),
+        ('{"r": "\\udfff"}', "lone surrogate \\udfff"),
+        ('{"r": 1, "r": 2}', "'r' appears twice"),
+        ("\ufeff{}", "not valid JSON"),
+        (b'{"r": "\xff"}', "not UTF-8 JSON"),
+    ],
+)
+def test_strict_json_refuses_what_other_parsers_refuse(text, fragment):
+    from harness.inputs.files import JsonError, parse_json
+
+    with pytest.raises(JsonError) as info:
+        parse_json(text)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_strict_json_keeps_ordinary_values():
+    from harness.inputs.files import parse_json
+
+    text = '{"a": [1, -2.5e-3, "\\ud83d\\ude00", null, true], "b": {"c": ' + "[" * 60 + "]" * 60 + "}}"
+    assert parse_json(text)["a"] == [1, -0.0025, "\U0001f600", None, True]
+
+
+def test_config_reader_bounds_size_and_names_the_file(tmp_path):
+    from harness.inputs.files import read_json_object
+
+    path = tmp_path / "config.json"
+    path.write_text('{"x": "' + "a" * 2000 + '"}')
+    with pytest.raises(InputError, match=r"config\.json: .*over the 1000 B limit"):
+        read_json_object(path, limit=1000)
+    path.write_text('{"max_position_embeddings": ' + "9" * 5000 + "}")
+    with pytest.raises(InputError, match=r"config\.json: a 5000-digit integer; regenerate it"):
+        read_json_object(path)
+
+
+def test_input_error_text_is_one_escaped_line():
+    text = str(InputError("/tmp/a\x1b[2J\x07b\nc: broken; fix it" + "x" * 5000))
+    assert "\x1b" not in text and "\x07" not in text and "\n" not in text and "\\x1b" in text
+    assert len(text) < 1100 and "more characters" in text
+
+
+def _header_file(path, header_text: str, body: bytes):
+    raw = header_text.encode("utf-8", "surrogatepass")
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        ('{"__metadata__": {"format": 1}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+         "__metadata__ must map strings to strings"),
+        ('{"a": {"dtype": {"F32": 1}, "shape": [2], "data_offsets": [0, 8]}}', "unknown dtype"),
+        ('{"a": {"dtype": "F32", "shape": [0, 1180591620717411303424], "data_offsets": [0, 0]},'
+         ' "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "invalid shape"),
+        ('{"a": {"dtype": "F32", "shape": [1099511627776, 1099511627776, 0], "data_offsets": [0, 0]},'
+         ' "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "overflows 64 bits"),
+        ('{"a": {"dtype": "F32", "shape": [0, 18446744073709551615], "data_offsets": [0, 0]},'
+         ' "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "over 2**63-1"),
+        ('{"a\\ud800": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "lone surrogate"),
+        ('{"a": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "appears twice"),
+        ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}}', "invalid data_offsets"),
+        ('{"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}', "byte boundary"),
+    ],
+)
+def test_header_rules_are_the_safetensors_librarys(tmp_path, header, fragment):
+    from safetensors import safe_open
+
+    path = _header_file(tmp_path / "x.safetensors", header, b"\0" * 8)
+    with pytest.raises(WeightsError, match=re_escape(fragment)) as info:
+        parse_safetensors_header(path)
+    assert "corrupt" in str(info.value) and "ZeRO" not in str(info.value)
+    with pytest.raises(Exception):  # noqa: B017 - the library refuses it too (header or tensor)
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_tensor(key)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+_DTYPES = ["F32", "F16", "BF16", "F64", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL", "F8_E4M3",
+           "F8_E5M2", "C64", "F6_E2M3", "f32", "", "F99"]
+_DIMS = st.one_of(st.integers(0, 4), st.sampled_from([2**31, 2**32, 2**40, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**70]),
+                  st.integers(-2, -1), st.floats(0, 4), st.booleans())
+_ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from(_DTYPES) | st.integers(0, 3) | st.none(),
+                                "shape": st.lists(_DIMS, max_size=3) | st.none()})
+_NAMES = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=6) | st.just("a\ud800")
+_METADATA = st.none() | st.dictionaries(st.text(max_size=3), st.text(max_size=3) | st.integers(0, 3), max_size=2) \
+    | st.just([]) | st.just("x")
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.dictionaries(_NAMES, _ENTRY, min_size=1, max_size=3), metadata=_METADATA,
+       skew=st.sampled_from([0, 0, 0, 1, -1]), lead=st.sampled_from(["", " ", "\n"]), tail=st.binary(max_size=2))
+def test_header_agrees_with_the_safetensors_library(tmp_path_factory, entries, metadata, skew, lead, tail):
+    """The oracle is the library itself: whenever safe_open + get_tensor refuses a file, the harness refuses it
+    (its header, or reading a tensor); whenever the harness accepts a file, so does the library."""
+    from safetensors import safe_open
+
+    from harness.inputs.weights import SAFETENSORS_DTYPES
+
+    header, offset = {}, 0
+    for name, entry in entries.items():
+        bits = SAFETENSORS_DTYPES.get(entry["dtype"], (8, None))[0] if isinstance(entry["dtype"], str) else 8
+        numel = 1
+        for dim in entry["shape"] or []:
+            numel *= dim if isinstance(dim, int) and not isinstance(dim, bool) and 0 <= dim < 64 else 1
+        size = max(0, numel * bits // 8 + skew)
+        header[name] = {**entry, "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    text = lead + json.dumps(header, ensure_ascii=True)
+    path = _header_file(tmp_path_factory.mktemp("h") / "x.safetensors", text, b"\1" * offset + tail)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_tensor(key)
+        library_ok = True
+    except Exception:  # noqa: BLE001 - any refusal
+        library_ok = False
+    wf = inspect_weight_file(path)
+    harness_ok = wf.readable and not any(s.error for s in scan_weight_file(wf).values())
+    exotic = any(e.get("dtype") in ("F4", "F6_E2M3", "F6_E3M2") for e in header.values() if isinstance(e, dict))
+    if not library_ok:
+        assert not harness_ok, f"the library refuses, the harness accepts: {text[:300]!r}"
+    elif not exotic:  # sub-byte floats torch has no dtype for: the harness cannot read them, knowingly
+        assert harness_ok, f"the library accepts, the harness refuses ({wf.error}): {text[:300]!r}"
+
+
+def test_random_bytes_named_bin_are_corrupt_not_a_pickle(tmp_path):
+    import random
+
+    (tmp_path / BIN).write_bytes(random.Random(1).randbytes(4096))
+    wf = inspect_weight_file(tmp_path / BIN)
+    assert not wf.readable and "corrupt" in wf.error and not wf.unsafe_globals
+
+
+@pytest.mark.parametrize("layout", ["legacy", "raw-protocol-2", "raw-protocol-5"])
+def test_legacy_and_raw_pickles_name_the_global_they_need(tmp_path, layout):
+    import pickle
+
+    from fixtures.hostile import SystemCall
+
+    marker = tmp_path / "RAN"
+    payload = {"w": torch.zeros(2), "x": SystemCall(f"touch {marker}")}
+    if layout == "legacy":
+        torch.save(payload, tmp_path / BIN, _use_new_zipfile_serialization=False)
+    else:
+        (tmp_path / BIN).write_bytes(pickle.dumps({"x": payload["x"]}, protocol=int(layout[-1])))
+    wf = inspect_weight_file(tmp_path / BIN)
+    assert not wf.readable and wf.unsafe_globals == ["posix.system"] and "refused, not executed" in wf.error
+    assert not marker.exists()
+
+
+def test_pickle_scan_resolves_memoised_stack_globals(tmp_path):
+    import pickle
+
+    from harness.inputs.weights import pickle_globals
+
+    data = pickle.dumps([os.system, os.getcwd, print], protocol=4)  # "posix" pushed once, then fetched from the memo
+    assert b"\x94" in data  # MEMOIZE
+    (tmp_path / "p.bin").write_bytes(data)
+    assert pickle_globals(tmp_path / "p.bin") == ["builtins.print", "posix.getcwd", "posix.system"]
+
+
+def test_model_directories_with_a_fifo_anywhere_are_refused(tmp_path):
+    from harness.inputs.code import require_trust
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "sub").mkdir()
+    assert require_trust({"base model": base}, trusted=False) == []
+    os.mkfifo(base / "tokenizer.model")
+    with pytest.raises(InputError, match=r"tokenizer\.model: a FIFO \(named pipe\) in the base model directory"):
+        require_trust({"base model": base}, trusted=True)

@@ -8,7 +8,6 @@ share one streaming pass over the tensor data (``AdapterInputs.scan``, cached on
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import TYPE_CHECKING
 
@@ -138,6 +137,101 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+MAX_RANK = 65_536  # no LoRA rank is larger (the widest hidden sizes are about 16k)
+MAX_ALPHA = 1_000_000.0  # alpha / r beyond this swamps any base weight
+# Module names to time config regexes on when the adapter's own tensors cannot be read: typical of the towers.
+PROBE_NAMES = ("model.layers.0.attention.wqkv", "model.layers.0.self_attn.q_proj", "model.layers.31.mlp.down_proj",
+               "vit.vision_tower.vision_model.encoder.layers.0.self_attn.k_proj", "lm_head")
+
+
+def _rank_problem(name: str, value) -> str | None:
+    """Why ``value`` cannot be a LoRA rank (``r`` or a rank_pattern value), or None."""
+    if type(value) is not int or value <= 0:
+        return f"{name} must be a positive integer, not {_shown(value)}"
+    if value > MAX_RANK:
+        return f"{name} is {_shown(value)}, over {MAX_RANK:,}: no LoRA rank is that large"
+    return None
+
+
+def _alpha_problem(name: str, value) -> str | None:
+    """Why ``value`` cannot be a LoRA alpha (``lora_alpha`` or an alpha_pattern value), or None."""
+    if not _is_number(value):
+        return f"{name} must be a number, not {_shown(value)}"
+    if not math.isfinite(value):
+        return f"{name} is {value}, not a finite number"
+    if value == 0:
+        return f"{name} is 0: the LoRA scaling is zero, the adapter does nothing"
+    if value < 0:
+        return f"{name} is negative ({_shown(value)}): the LoRA scaling alpha/r must be positive"
+    if value > MAX_ALPHA:
+        return f"{name} is {_shown(value)}, over {MAX_ALPHA:,.0f}: the scaling alpha/r would swamp the base weights"
+    return None
+
+
+def _scalar_problems(config: dict) -> list[tuple[str, str]]:
+    """r, lora_alpha, target_modules, bias, rank_pattern and alpha_pattern: types and ranges."""
+    found = [("r", _rank_problem("r", config.get("r"))), ("lora_alpha", _alpha_problem("lora_alpha", config.get("lora_alpha")))]
+    targets = config.get("target_modules")
+    if targets is not None and not (
+        (isinstance(targets, str) and targets) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        found.append(("target_modules",
+                      f"target_modules must be a non-empty list of names or a regex string, not {_shown(targets)}"))
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        found.append(("bias", f"bias must be 'none', 'all' or 'lora_only', not {_shown(config.get('bias'))}"))
+    for name, judge in (("rank_pattern", _rank_problem), ("alpha_pattern", _alpha_problem)):
+        table = config.get(name)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            found.append((name, f"{name} must map module patterns to numbers, not {_shown(table)}"))
+            continue
+        found += [(name, judge(f"{name}[{_shown(key)}]", value)) for key, value in table.items()]
+    return [(name, text) for name, text in found if text]
+
+
+def _pattern_problems(config: dict, names: list[str]) -> list[tuple[str, str]]:
+    """Every regex PEFT would build from the config, compiled as PEFT splices it, then timed on ``names``."""
+    from harness.inputs.patterns import PatternTooCostly, bounded_matches, compile_problem, config_patterns
+
+    found = []
+    for pattern in config_patterns(config):
+        problem = compile_problem(pattern)
+        if problem is None:
+            try:
+                bounded_matches(pattern, names)
+            except PatternTooCostly as err:
+                problem = str(err)
+        if problem is not None:
+            found.append((pattern.field, problem))
+    return found
+
+
+def _module_names(ctx: CheckContext) -> list[str]:
+    """The adapter's LoRA module names (what PEFT matches the config's regexes against), plus typical names."""
+    names = list(PROBE_NAMES)
+    if ctx.adapter is not None and ctx.adapter.primary is not None:
+        names += sorted({info.module for info in analyse_keys(ctx).lora if info.module})
+    return names
+
+
+def _config_fix(problems: list[tuple[str, str]]) -> str:
+    if any("regular expression" in text or "too costly" in text or "to compile" in text for _, text in problems):
+        return ("write target_modules as a list of module names, or a simple regex PEFT can match (no nested "
+                "quantifiers such as (a+)+); rank_pattern / alpha_pattern keys are regexes too")
+    return "regenerate adapter_config.json with save_pretrained, with r a positive integer and lora_alpha a " \
+           "positive finite number"
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A config value in a message: its repr, cut (a 10,000-digit number or a 1 MB string stays short)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too large for repr
+        return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
 @register(
     id="config-valid",
     group="static",
@@ -167,7 +261,7 @@ def check_config_valid(ctx: CheckContext):
         )
 
     config = adapter.config
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (field, what is wrong)
     missing = [name for name in REQUIRED_FIELDS if config.get(name) is None]
     targets, params = config.get("target_modules"), config.get("target_parameters")
     if not targets and not params:
@@ -181,49 +275,27 @@ def check_config_valid(ctx: CheckContext):
     peft_type = config.get("peft_type")
     if isinstance(peft_type, str) and peft_type.upper() == "LORA" and peft_type != "LORA":
         return failed(
-            f"peft_type is {peft_type!r}, not exactly 'LORA': PeftConfig.from_pretrained cannot find its config class",
+            f"peft_type is {_shown(peft_type)}, not exactly 'LORA': PeftConfig.from_pretrained cannot find its config "
+            "class",
             fix='write "peft_type": "LORA" (upper case) in adapter_config.json',
             peft_type=peft_type,
         )
     if peft_type != "LORA":  # PEFT looks the type up by exact value
         return failed(
-            f"peft_type is {peft_type!r}: this harness checks LoRA adapters (peft_type LORA)",
+            f"peft_type is {_shown(peft_type)}: this harness checks LoRA adapters (peft_type LORA)",
             fix="use a LoRA adapter, or a tool made for this PEFT method",
             peft_type=peft_type,
         )
 
     r, alpha = config.get("r"), config.get("lora_alpha")
-    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        problems.append(f"r must be a positive integer, not {r!r}")
-    if not _is_number(alpha):
-        problems.append(f"lora_alpha must be a number, not {alpha!r}")
-    elif alpha == 0:
-        problems.append("lora_alpha is 0: the LoRA scaling is zero, the adapter does nothing")
-    if targets is not None and not (
-        (isinstance(targets, str) and targets) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
-    ):
-        problems.append(f"target_modules must be a non-empty list of names or a regex string, not {targets!r}")
-    if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        problems.append(f"bias must be 'none', 'all' or 'lora_only', not {config.get('bias')!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(name)
-        if pattern is None:
-            continue
-        if not isinstance(pattern, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in pattern.items()):
-            problems.append(f"{name} must map module patterns to numbers, not {pattern!r}")
-        elif name == "rank_pattern" and not all(isinstance(v, int) and v > 0 for v in pattern.values()):
-            problems.append(f"rank_pattern ranks must be positive integers: {pattern!r}")
-        else:
-            bad = []
-            for key in pattern:
-                try:
-                    re.compile(rf"(.*\.)?({key})$")
-                except re.error:
-                    bad.append(key)
-            if bad:
-                problems.append(f"{name} keys are not valid patterns: {bad}")
+    problems += _scalar_problems(config) + _pattern_problems(config, _module_names(ctx))
     if problems:
-        return failed(f"adapter_config.json: {problems[0]}{_more(len(problems), 1)}", problems=problems)
+        return failed(
+            f"adapter_config.json: {problems[0][1]}{_more(len(problems), 1)}",
+            fix=_config_fix(problems),
+            problems=[text for _, text in problems],
+            fields=sorted({name for name, _ in problems}),
+        )
 
     from harness.compat import PEFT_VERSION, lora_config_fields
 

@@ -7,7 +7,8 @@ Two kinds of trouble, on purpose kept apart:
     * a file the harness would read is a symlink that resolves outside the directory
       (a Hugging Face hub snapshot, whose files link into the repo's own ``blobs/`` folder, is fine);
     * the directory holds neither an ``adapter_config.json`` nor any weights file;
-    * ``adapter_config.json`` is not valid UTF-8 JSON, is not a JSON object, or is absurdly large.
+    * ``adapter_config.json`` is not a regular file (a FIFO, socket, device or directory), is not strict
+      JSON (UTF-8, no NaN/Infinity, bounded depth and number size), is not a JSON object, or is absurdly large.
 
 Recorded problems (a check reports them as ``fail``; the rest of the report still runs):
     * no ``adapter_config.json`` next to the weights (``config-valid``);
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from harness.inputs.errors import InputError
-from harness.inputs.files import check_inside, looks_like_weights, read_json_object
+from harness.inputs.files import check_inside, looks_like_weights, read_json_object, regular_file_problem
 from harness.inputs.scan import TensorStats, scan_weight_file
 from harness.inputs.weights import TensorInfo, WeightFile, inspect_weight_file
 
@@ -50,7 +51,8 @@ class AdapterInputs:
     config_path: Path | None = None
     config_error: str | None = None
     weight_files: list[WeightFile] = field(default_factory=list)
-    model_config: dict | None = None  # config.json when present (a full-model directory)
+    model_config: dict | None = None  # config.json when present (a full-model directory); {} when unreadable
+    model_config_error: str | None = None  # why config.json could not be read (it is optional: recorded only)
     files: list[str] = field(default_factory=list)  # names of every entry in the directory
     _scan: dict[str, TensorStats] | None = field(default=None, repr=False)
 
@@ -174,8 +176,8 @@ def read_adapter(path: str | os.PathLike, *, strict_config: bool = True) -> Adap
         check_inside(model_config, root)
         try:
             inputs.model_config = read_json_object(model_config)
-        except InputError:
-            inputs.model_config = {}
+        except InputError as err:  # a FIFO, deep or non-strict JSON: never read further, never fatal
+            inputs.model_config, inputs.model_config_error = {}, str(err)
 
     # weights
     if single_file is not None:
@@ -209,7 +211,10 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """The saved adapter tensors: safetensors first, ``.bin`` only with ``weights_only=True``."""
     from safetensors.torch import load_file
 
-    if (adapter_dir / SAFETENSORS_NAME).is_file():
+    if regular_file_problem(adapter_dir / SAFETENSORS_NAME) is None:
         return load_file(str(adapter_dir / SAFETENSORS_NAME))
+    problem = regular_file_problem(adapter_dir / BIN_NAME)
+    if problem is not None:  # never open a FIFO or a device in place of the weights
+        raise InputError(f"{adapter_dir / BIN_NAME}: {problem}; save the adapter with save_pretrained")
     return torch.load(adapter_dir / BIN_NAME, map_location="cpu", weights_only=True)
 

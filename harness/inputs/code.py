@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.inputs.errors import InputError
-from harness.inputs.files import read_json_object
+from harness.inputs.files import (
+    check_inside,
+    open_regular,
+    read_model_config,
+    refuse_special_files,
+    regular_file_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class UntrustedCode(InputError):
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -44,9 +50,7 @@ def remote_code_files(model_dir: str | Path) -> list[CodeFile]:
     (transformers then uses its own classes and imports nothing from the directory)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        return []
-    config = read_json_object(config_path)
+    config = read_model_config(model_dir)  # a FIFO, a symlink out, deep or non-strict JSON: InputError, exit 2
     auto_map = config.get("auto_map")
     if not auto_map:
         return []
@@ -61,14 +65,28 @@ def remote_code_files(model_dir: str | Path) -> list[CodeFile]:
                     "would download and run; copy that code into the directory and name it without the 'repo--' "
                     "prefix"
                 )
-    return [CodeFile(path, sha256_of(path)) for path in sorted(model_dir.glob("*.py")) if path.is_file()]
+    return [CodeFile(path, sha256_of(path)) for path in _code_paths(model_dir)]
+
+
+def _code_paths(model_dir: Path) -> list[Path]:
+    """The directory's ``*.py`` files; one that is not a regular file inside the directory is refused."""
+    root = model_dir.resolve()
+    paths = sorted(model_dir.glob("*.py"))
+    for path in paths:
+        check_inside(path, root)
+        problem = regular_file_problem(path)
+        if problem is not None:
+            raise InputError(f"{path}: {problem}; the model's code files must be regular files, re-download them")
+    return paths
 
 
 def require_trust(model_dirs: dict[str, Path], trusted: bool, *, flag: str = "--trust-remote-code") -> list[CodeFile]:
     """The code files of every directory (``{"base model": dir, ...}``); raise ``UntrustedCode`` naming them
-    and the flag when there are some and the user did not opt in."""
+    and the flag when there are some and the user did not opt in. Runs before anything loads a directory,
+    so a FIFO, socket or device in one is refused here too (``InputError``, exit 2)."""
     found: list[CodeFile] = []
     for what, directory in model_dirs.items():
+        refuse_special_files(Path(directory), what)  # transformers would open them, and block there
         files = remote_code_files(directory)
         if files and not trusted:
             names = ", ".join(f.path.name for f in files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")

@@ -37,10 +37,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.inputs.files import NotRegularFile, check_inside, read_bounded, read_json_object, regular_file_problem
 from harness.model.peft_keys import extract_adapter_tensors
 
 SKIP_REASON = "deepspeed not installed (pip install 'plora-harness[deepspeed]')"
 
+MAX_LATEST_BYTES = 4096  # the 'latest' file holds one tag name
 MODEL_STATES_GLOB = "*_model_states.pt"
 OPTIM_STATES_GLOB = "*_optim_states.pt"
 
@@ -111,7 +113,14 @@ def _has_state_files(directory: Path) -> bool:
 
 
 def _read_latest(path: Path) -> str:
-    raw = path.read_bytes()[:4096]
+    try:
+        raw = read_bounded(path, MAX_LATEST_BYTES)
+    except NotRegularFile as err:
+        raise ZeroCheckpointError(f"{path}: the 'latest' file is {err}; write the checkpoint tag into a regular "
+                                  "file (e.g. global_step500) or pass tag=") from None
+    except ValueError as err:
+        raise ZeroCheckpointError(f"{path}: the 'latest' file is {err}; it should hold only the checkpoint tag "
+                                  "(e.g. global_step500)") from None
     try:
         tag = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -171,6 +180,7 @@ def detect_zero_checkpoint(path: str | Path, *, tag: str | None = None) -> ZeroC
                                       f"{MODEL_STATES_GLOB}; copy the whole checkpoint or pass the right tag=")
     model_files = _state_files(tag_dir, MODEL_STATES_GLOB)
     optim_files = _state_files(tag_dir, OPTIM_STATES_GLOB)
+    _check_state_files(root, model_files + optim_files)
     if not model_files:
         raise ZeroCheckpointError(f"{tag_dir}: optimizer shards but no {MODEL_STATES_GLOB} (they hold the parameter "
                                   "names and shapes); copy the whole tag folder")
@@ -187,6 +197,22 @@ def detect_zero_checkpoint(path: str | Path, *, tag: str | None = None) -> ZeroC
         stage_hint, world_size = "0", 1
     return ZeroCheckpoint(root=root, tag=tag, tag_dir=tag_dir, model_files=model_files, optim_files=optim_files,
                           stage_hint=stage_hint, world_size=world_size, notes=tuple(notes))
+
+
+def _check_state_files(root: Path, files: tuple[Path, ...]) -> None:
+    """Every shard DeepSpeed would open is a regular file inside the checkpoint (a FIFO would block the
+    pickle scan for ever, a symlink out would read a file the user did not pass)."""
+    from harness.inputs.errors import InputError
+
+    resolved = root.resolve()
+    for file in files:
+        try:
+            check_inside(file, resolved)
+        except InputError as err:
+            raise ZeroCheckpointError(str(err)) from None
+        problem = regular_file_problem(file)
+        if problem is not None:
+            raise ZeroCheckpointError(f"{file}: {problem}; copy the real checkpoint shard into the directory")
 
 
 def is_zero_checkpoint(path: str | Path) -> bool:
@@ -340,17 +366,15 @@ def _config_from(value, what: str) -> tuple[dict, str]:
     path = Path(value)
     if path.is_dir():
         path = path / "adapter_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise ZeroCheckpointError(f"{path}: no such adapter_config.json; pass the file written by "
-                                  "save_pretrained (or its directory)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ZeroCheckpointError(f"{path}: not valid JSON ({err}); pass the adapter_config.json written by "
-                                  "save_pretrained") from None
-    if not isinstance(config, dict):
-        raise ZeroCheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object; pass the "
-                                  "adapter_config.json written by save_pretrained")
+                                  "save_pretrained (or its directory)")
+    from harness.inputs.errors import InputError
+
+    try:
+        config = read_json_object(path)  # regular file, strict and bounded JSON, an object
+    except InputError as err:
+        raise ZeroCheckpointError(str(err)) from None
     return config, str(path)
 
 
@@ -361,7 +385,7 @@ def find_adapter_config(ckpt: ZeroCheckpoint, adapter_config=None) -> tuple[dict
         config, source = _config_from(adapter_config, "adapter_config argument")
     else:
         for candidate in (ckpt.tag_dir, ckpt.root, ckpt.root.parent):
-            if (candidate / "adapter_config.json").is_file():
+            if os.path.lexists(candidate / "adapter_config.json"):
                 config, source = _config_from(candidate / "adapter_config.json", "")
                 break
         else:

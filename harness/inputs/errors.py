@@ -7,16 +7,25 @@ reported by ``weights-readable`` while the rest of the report still runs.
 
 from __future__ import annotations
 
+MAX_INPUT_ERROR_CHARS = 1000  # the exit-2 line: a file name, what is wrong, the fix
+
 
 class InputError(Exception):
-    """The input cannot be read at all. ``str(err)`` is one line: the file, what is wrong, the fix."""
+    """The input cannot be read at all. ``str(err)`` is one line: the file, what is wrong, the fix.
 
+    The text is made safe to print where it is made: file and tensor names come from the input, so
+    control characters (ESC, NUL, BEL, newlines) are shown as escapes (one line) and the line is cut, whichever
+    shell (CLI, plugin, a user's script) prints it.
+    """
 
+    def __init__(self, message: object = "") -> None:
+        from harness.report import printable
+
+        super().__init__(printable(str(message), MAX_INPUT_ERROR_CHARS))
 
 
 class WeightsError(ValueError):
     """A weights file is corrupt, truncated or hostile (recorded, reported by ``weights-readable``)."""
-
 
 
 class UnusableInput(InputError):

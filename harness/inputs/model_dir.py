@@ -7,13 +7,12 @@ and read through a private mmap; ``.bin`` files only after the pickle scan, with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from harness.inputs.errors import InputError
-from harness.inputs.files import check_inside
+from harness.inputs.files import check_inside, read_model_config
 from harness.inputs.weights import TensorInfo, WeightFile, inspect_weight_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -26,15 +25,7 @@ class ModelDir:
         if not self.path.is_dir():
             raise InputError(f"{self.path}: not a directory; pass the model directory written by save_pretrained")
         root = self.path.resolve()
-        config_path = self.path / "config.json"
-        if config_path.is_symlink():
-            check_inside(config_path, root)
-        try:
-            self.config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        except (OSError, ValueError) as err:
-            raise InputError(f"{config_path}: not valid JSON ({err}); re-save the model with save_pretrained") from None
-        if not isinstance(self.config, dict):
-            raise InputError(f"{config_path}: not a JSON object; re-save the model with save_pretrained")
+        self.config: dict = read_model_config(self.path)
         files = sorted(p for p in self.path.glob("*.safetensors") if p.name not in ADAPTER_FILES)
         if not files:
             files = sorted(p for p in self.path.glob("*.bin") if p.name not in ADAPTER_FILES)

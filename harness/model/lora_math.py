@@ -17,10 +17,18 @@ if TYPE_CHECKING:
 
 
 def pattern_key(patterns: list[str], module: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern that matches ``module`` as a dotted suffix."""
+    """PEFT's ``get_pattern_key``: the first pattern that matches ``module`` as a dotted suffix, spliced as the
+    installed PEFT splices it. Matching is bounded in time: a key that does not compile, or is too costly to
+    match (PEFT would hang on it), counts as matching nothing here; ``config-valid`` fails on it."""
+    from harness.inputs.patterns import ConfigPattern, PatternTooCostly, bounded_matches, pattern_key_source
+
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return pattern
+        candidate = ConfigPattern("rank_pattern", pattern, pattern_key_source(pattern), "match")
+        try:
+            if bounded_matches(candidate, [module]):
+                return pattern
+        except (PatternTooCostly, re.error, RecursionError, OverflowError):
+            continue
     return None
 
 

@@ -15,7 +15,6 @@ reads checkpoints maps names through the model, never by string.
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +231,9 @@ def describe_model(model: torch.nn.Module, base_dir: Path | None = None,
 
 def inspect_base(base_dir: str | Path, *, build_tree: bool = True) -> BaseModelInfo:
     base_dir = Path(base_dir)
-    config_path = base_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    from harness.inputs.files import read_model_config
+
+    config = read_model_config(base_dir)  # untrusted: regular file, bounded JSON, InputError (exit 2) otherwise
     weights = read_weight_index(base_dir)
     info = BaseModelInfo(base_dir=base_dir, config=config, weights=weights)
     if build_tree:
