@@ -99,7 +99,9 @@ def _check(args: argparse.Namespace) -> int:
                                  only=args.only, skip=args.skip, timeout=args.timeout, progress=progress,
                                  verbose=args.verbose)
     except (InputError, UnsupportedStack) as err:
-        print(f"plora-harness: {' '.join(str(err).split())}", file=sys.stderr)
+        from harness.report import printable
+
+        print(f"plora-harness: {printable(' '.join(str(err).split()), 1000)}", file=sys.stderr)
         return EXIT_UNUSABLE
     except KeyboardInterrupt:
         print("plora-harness: interrupted; no report", file=sys.stderr)

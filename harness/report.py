@@ -24,11 +24,14 @@ _UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, bid
 def printable(text: str, limit: int | None = TERMINAL_LINE_LIMIT) -> str:
     """``text`` safe to print: control and invisible characters shown as escapes, then cut to ``limit``."""
     text = str(text)
+    more = ""
+    if limit is not None and len(text) > limit:  # cut first: a 10 MB name is not escaped character by character
+        more, text = f"… ({len(text) - limit + 1} more characters)", text[: limit - 1]
     if not text.isascii() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
         text = "".join(_escape(c) if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
-    if limit is not None and len(text) > limit:
-        text = f"{text[: limit - 1]}… ({len(text) - limit + 1} more characters)"
-    return text
+    if limit is not None and len(text) > limit:  # escapes lengthened it
+        more, text = more or "…", text[: limit - 1]
+    return text + more
 
 
 def _escape(char: str) -> str:

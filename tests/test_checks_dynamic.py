@@ -141,7 +141,7 @@ def test_folded_plora_fails_plora_preserved(default_bundle, monkeypatch):
 
 
 def test_base_that_cannot_load_gives_one_line(default_bundle, tmp_path):
-    base = tmp_path / "base"
+    base = tmp_path / "base_that_cannot_load"  # a name of its own: transformers caches remote code by folder name
     shutil.copytree(default_bundle.base_dir, base)
     code = base / "modeling_internlm_xcomposer2.py"
     code.write_text(code.read_text().replace("        self.post_init()",

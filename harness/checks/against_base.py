@@ -48,6 +48,9 @@ def check_targets_resolve(ctx: CheckContext):
         "per_pattern": {p: len(hits) for p, hits in result.per_pattern.items()},
         "notes": result.notes,
     }
+    if result.error:
+        return failed(f"target_modules cannot be resolved: {result.error}",
+                      fix="write target_modules as module names or a simple regex PEFT can match quickly", **details)
     if not result.matched:
         return failed("no target pattern matches any module of the base model", **details)
     if result.unmatched_patterns:

@@ -25,6 +25,7 @@ _real_exit = os._exit
 
 def main(argv: list[str]) -> int:
     plan_file, events_fd = argv[0], int(argv[1])
+    _die_with_parent(int(argv[2]) if len(argv) > 2 else None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fault_log = open(os.environ.get(FAULT_LOG_ENV, os.devnull), "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.enable(file=fault_log, all_threads=True)
@@ -65,6 +66,19 @@ def main(argv: list[str]) -> int:
               + (f"({err})" if str(err) else "") + (f" at {where}" if where else "")})
         return 3
     return 0
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """The engine never outlives the process that owns the verdict (it runs in a session of its own, so a
+    killed CLI would otherwise leave it running): Linux delivers SIGKILL when the parent goes."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:  # the parent went before the request took effect
+        _real_exit(3)
 
 
 def _quiet_libraries() -> None:

@@ -9,7 +9,6 @@ loads); ``peft``, ``peft-merged`` and ``merge-script`` share one load (see ``_ru
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from harness.engine.memory import keep_large_frees_returnable, release_memory
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.inputs.errors import UnusableInput
+from harness.inputs.files import read_json_object
 from harness.loading.base import load_base, note_adjustment
 from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
@@ -104,7 +104,7 @@ class DynamicRun:
         self.text_base_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
         self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits,
                                                   "the base model itself")
-        config = json.loads((self.adapter_dir / "adapter_config.json").read_text())
+        config = read_json_object(self.adapter_dir / "adapter_config.json")
         tied_before = _tied_params(model)
         changed = apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir), notes=self.notes)
         self.untied = _untied_by_adapter(model, tied_before)

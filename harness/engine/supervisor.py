@@ -55,7 +55,7 @@ def run_isolated(plan: Plan, *, progress: Progress | None = None, verbose: bool 
             output = sys.stderr if verbose else log  # --verbose: the engine's own output on our stderr
             try:
                 child = subprocess.Popen(
-                    [sys.executable, "-m", "harness.engine.child", str(plan_file), str(write_end)],
+                    [sys.executable, "-m", "harness.engine.child", str(plan_file), str(write_end), str(os.getpid())],
                     pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=env,
                     start_new_session=True,
                 )

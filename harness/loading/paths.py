@@ -117,13 +117,13 @@ def _fresh_peft(base_dir: Path, adapter_dir: Path, *, dtype, device):
     Not PEFT's zero-init lora_B: a decoy that stays active, or a key that never loads, then shows
     up as a difference from the reference instead of hiding as a no-op.
     """
-    import json
 
     from peft import get_peft_model
 
+    from harness.inputs.files import read_json_object
     from harness.model.targets import lora_config_from_dict
 
-    config = lora_config_from_dict(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
+    config = lora_config_from_dict(read_json_object(adapter_dir / ADAPTER_CONFIG))
     config.inference_mode = True
     config.init_lora_weights = False
     base = load_base(base_dir, dtype=dtype, device=device)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 import os
 import re
 import traceback
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 from harness.compat import FLASH_ATTENTION, flash_attn_installed
+from harness.inputs.errors import InputError
+from harness.inputs.files import read_json_object
 from harness.model import families
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -76,9 +77,9 @@ def diagnose_dir(model_dir: str | Path) -> list[Quirk]:
         return [Quirk("no-config", "error", str(config_path), "there is no config.json",
                       "pass the model directory itself (the one holding config.json and the *.py files)")]
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        return [Quirk("no-config", "error", str(config_path), f"it is not valid JSON ({err})",
+        config = read_json_object(config_path)
+    except InputError as err:
+        return [Quirk("no-config", "error", str(config_path), f"it cannot be read ({err})",
                       "re-download the model directory")]
     if not isinstance(config, dict):
         return [Quirk("no-config", "error", str(config_path), "it is not a JSON object", "re-download the model directory")]
