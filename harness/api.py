@@ -78,17 +78,20 @@ def check_adapters(
     base_model: str | Path | None = None,
     merged: str | Path | None = None,
     *,
-    isolated: bool = True,
+    isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
     verbose: bool = False,
     **options,
 ) -> RunReport:
     """Check every adapter against one base (and merged checkpoint): one report each, one exit code.
 
-    ``isolated=False`` runs the engine in this process (model code included): for tests and debugging,
-    or when this process already runs that code. Options: see ``check``.
+    ``isolated`` (default: whenever the plan loads a model or converts a DeepSpeed checkpoint) runs the
+    engine in a child process; ``False`` runs it in this process, model code included: for tests and
+    debugging, or when this process already runs that code. Options: see ``check``.
     """
     plan, code = plan_run(adapters, base_model, merged, progress=progress, **options)
+    if isolated is None:
+        isolated = plan.runs_model_code()
     if isolated:
         from harness.engine.supervisor import run_isolated
 
@@ -108,15 +111,16 @@ def check(
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
     timeout: float | None = DEFAULT_TIMEOUT_S,
-    isolated: bool = True,
+    isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Run every applicable check on one adapter and return its report.
 
     Without ``adapter`` the built-in synthetic XComposer base, adapter and merged model are checked.
     A base or merged directory whose ``config.json`` maps custom classes (``auto_map``) ships Python code
-    that loading runs: it is run only with ``trust_remote_code=True``, in a child process, and the report
-    lists each file with its sha256. ``timeout`` (seconds) bounds the child's run. Raises ``InputError``
+    that loading runs: it is run only with ``trust_remote_code=True``, in a child process (see
+    ``check_adapters`` for ``isolated``), and the report lists each file with its sha256. ``timeout``
+    (seconds, per adapter) bounds the child's run. Raises ``InputError``
     (one line: file, problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when
     torch/transformers/PEFT are outside the tested range.
     """

@@ -40,6 +40,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from fixtures.hostile import CASES, CONFIG, REDOS, SAFETENSORS, Built, Case, Expect, Sources, write_safetensors_raw
+from harness.inputs.deepspeed import is_zero_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = float(os.environ.get("PLORA_HOSTILE_TIMEOUT", "120"))
@@ -82,7 +83,11 @@ class Run:
 
 
 def run_cli(built: Built, *, trust: bool, out_dir: Path) -> Run:
-    """``python -m harness.cli check ...`` in its own session (so a hang can be killed with its children)."""
+    """``python -m harness.cli check ...``: in its own session (so a hang can be killed with its children)
+    when the run loads a model; adapter-only runs, which the CLI keeps in its own process, through
+    ``harness.cli.main`` in this process under an alarm (same code, no interpreter and torch start-up)."""
+    if built.base is None and built.merged is None and not is_zero_checkpoint(built.adapter):
+        return _run_main(built, trust=trust, out_dir=out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, junit_path = out_dir / "report.json", out_dir / "report.xml"
     argv = [sys.executable, "-m", "harness.cli", "check", "--adapter", str(built.adapter)]
@@ -110,6 +115,41 @@ def run_cli(built: Built, *, trust: bool, out_dir: Path) -> Run:
         stdout, stderr = proc.communicate()
         code = None
     return Run(argv, code, stdout, stderr, time.monotonic() - start, json_path, junit_path)
+
+
+def _run_main(built: Built, *, trust: bool, out_dir: Path) -> Run:
+    import contextlib
+    import io
+    import traceback
+
+    from harness.cli import main
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, junit_path = out_dir / "report.json", out_dir / "report.xml"
+    argv = ["check", "--adapter", str(built.adapter), "--json", str(json_path), "--junit", str(junit_path)]
+    argv += (["--trust-remote-code"] if trust else []) + list(built.extra_args)
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    def hung(signum, frame):
+        raise TimeoutError("hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(max(1, int(TIMEOUT)))
+    start = time.monotonic()
+    code: int | None
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(argv)
+    except TimeoutError:
+        code = None
+    except BaseException:  # noqa: BLE001 - a traceback is what the invariants look for
+        stderr.write(traceback.format_exc())
+        code = 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    return Run(argv, code, stdout.getvalue().encode(), stderr.getvalue().encode(), time.monotonic() - start,
+               json_path, junit_path)
 
 
 # -- invariants ----------------------------------------------------------------------------------------------

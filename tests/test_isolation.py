@@ -75,7 +75,7 @@ def test_model_code_that_ends_the_engine_fails_every_unfinished_check(name, defa
     base = _base_with_payload(default_bundle.base_dir, tmp_path, payload)
     report, junit = tmp_path / "r.json", tmp_path / "r.xml"
     run = _cli("--adapter", str(default_bundle.adapter_dir), "--base-model", str(base), "--trust-remote-code",
-               "--timeout", "40", "--json", str(report), "--junit", str(junit))
+               "--timeout", "20", "--json", str(report), "--junit", str(junit))
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Traceback" not in run.stdout + run.stderr
     data = json.loads(report.read_text())

@@ -43,6 +43,13 @@ class Plan:
         """Every check id the engine must report for ``adapter`` (a missing one becomes a failure)."""
         return [c.id for group in self.groups(adapter) for c in checks(group) if self.selected(c.id)]
 
+    def runs_model_code(self) -> bool:
+        """Whether this run imports model code or unpickles DeepSpeed shards (then it belongs in a child
+        process); a static-only run reads files with the safe readers and runs nothing of the inputs'."""
+        from harness.inputs.deepspeed import is_zero_checkpoint
+
+        return self.base_model is not None or self.merged is not None or any(map(is_zero_checkpoint, self.adapters))
+
     def deadline_s(self) -> float | None:
         return None if self.timeout_s is None else self.timeout_s * len(self.adapters)
 
