@@ -391,8 +391,8 @@ def find_adapter_config(ckpt: ZeroCheckpoint, adapter_config=None) -> tuple[dict
         else:
             raise ZeroCheckpointError(
                 f"{ckpt.root}: no adapter_config.json in or beside this DeepSpeed checkpoint, so the LoRA settings "
-                "(r, lora_alpha, target_modules) are unknown; pass adapter_config= (CLI: --adapter-config) with the "
-                "file the training run's save_pretrained wrote"
+                "(r, lora_alpha, target_modules) are unknown; copy the adapter_config.json the training run's "
+                "save_pretrained wrote into the checkpoint directory (API: adapter_config=)"
             )
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
