@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from harness.engine.memory import keep_large_frees_returnable, release_memory
+from harness.loading.memory import keep_large_frees_returnable, release_memory
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.inputs.errors import UnusableInput
 from harness.inputs.files import read_json_object

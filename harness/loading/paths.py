@@ -10,7 +10,6 @@ holding, independent of the PEFT version's own reporting.
 from __future__ import annotations
 
 import copy
-import gc
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from harness.inputs.adapter_dir import CONFIG_NAME as ADAPTER_CONFIG
 from harness.inputs.adapter_dir import SAFETENSORS_NAME as ADAPTER_SAFETENSORS
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.loading.base import copy_model_extras, load_base
+from harness.loading.memory import release_memory
 from harness.loading.records import LoadedModel, LoadRecord, _note_load_result, _record_coverage, capture_warnings
 
 PathFn = Callable[..., LoadedModel]
@@ -103,7 +103,7 @@ def save_and_reload(merged: LoadedModel, base_dir: Path, *, dtype, device, workd
         record.notes.append(f"copied {copy_model_extras(base_dir, out)}")
         merged.model = None
         del merged
-        gc.collect()  # HF models hold reference cycles: free the merged weights before the reload
+        release_memory()  # HF models hold reference cycles, glibc keeps freed heap: free the merged weights first
         model, info = load_base(out, dtype=dtype, device=device, output_loading_info=True)
     record.missing_keys = sorted(info.get("missing_keys", []))
     record.unexpected_keys = sorted(info.get("unexpected_keys", []))
