@@ -158,6 +158,12 @@ STATIC_CASES: dict[str, Case] = {
     "key-grammar/adapter-name-left-in-keys": Case(
         tensors_edit(lambda t: replace_all(t, {k.replace(".weight", ".default.weight"): v for k, v in t.items()})),
         "key-grammar", "fail", "adapter name 'default'", lambda d: all(".default." in k for k in d["examples"])),
+    "key-grammar/prefix-missing": Case(
+        tensors_edit(lambda t: replace_all(t, {k[len(PREFIX):]: v for k, v in t.items()})), "key-grammar", "fail",
+        "20 key(s) lack the base_model.model. prefix", lambda d: not any(k.startswith(PREFIX) for k in d["examples"])),
+    "key-grammar/plora-weights-saved": Case(
+        tensors_edit(lambda t: t.update({f"{MODULE}.Plora_A.weight": torch.ones(8, 64)})), "key-grammar", "fail",
+        "are the base model's PLoRA weights", lambda d: d["examples"] == [f"{MODULE}.Plora_A.weight"]),
     "key-grammar/two-problems-counted": Case(
         tensors_edit(lambda t: t.update({f"{MODULE}.lora_C.weight": torch.ones(8, 64),
                                          f"{MODULE}.base_layer.weight": torch.ones(64, 64)})),

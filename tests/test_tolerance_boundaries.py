@@ -287,7 +287,9 @@ def hand_merged(bundle, dst: Path, dtype: torch.dtype) -> Path:
     weights = load_file(dst / "model.safetensors")
     scaling = config["lora_alpha"] / config["r"]
     for key, a in adapter.items():
-        if key.endswith(".lora_A.weight"):
+        if key[len("base_model.model."):].split(".")[0] in (config.get("modules_to_save") or []):
+            weights[key[len("base_model.model."):]] = a  # the trained copy replaces the base tensor
+        elif key.endswith(".lora_A.weight"):
             module = key[len("base_model.model."):-len(".lora_A.weight")]
             b = adapter[key.replace(".lora_A.", ".lora_B.")]
             weights[f"{module}.weight"] = weights[f"{module}.weight"].float() + scaling * (b.float() @ a.float())
@@ -358,3 +360,48 @@ def test_merged_untouched_tensor_boundary(default_bundle, merged_of, tmp_path, k
     got = merged_result(default_bundle, broken)
     assert got.id == "merged-matches" and got.status == status, got.message
     assert got.details["changed"] == ([UNTOUCHED] if status == "fail" else [])
+
+
+COPY = "output.weight"
+
+
+@pytest.fixture(scope="module")
+def copy_bundle(default_bundle, tmp_path_factory) -> SimpleNamespace:
+    """The default adapter plus a modules_to_save copy of the (untied) LM head: base + 0.5·max|W| noise."""
+    adapter_dir = Path(shutil.copytree(default_bundle.adapter_dir, tmp_path_factory.mktemp("mts") / "adapter"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["output"]
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    head = load_file(default_bundle.base_dir / "model.safetensors")[COPY]
+    noise = torch.randn(head.shape, generator=torch.Generator().manual_seed(7))
+    tensors[f"base_model.model.{COPY}"] = head + 0.5 * float(head.abs().max()) * noise / float(noise.abs().max())
+    save_file(tensors, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return SimpleNamespace(base_dir=default_bundle.base_dir, adapter_dir=adapter_dir)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("k, status", [(0.0, "pass"), (0.5, "pass"), (2.0, "fail")])
+def test_merged_modules_to_save_copy_boundary(copy_bundle, tmp_path, dtype, k, status) -> None:
+    """The merged LM head must be the trained copy: off it by 0.5x / 2x merged_rel of its max |W|."""
+    rtol = policy_for(dtype).merged_rel
+    merged = hand_merged(copy_bundle, tmp_path / "m", dtype)
+    if k:
+        perturb(merged, COPY, k * rtol)
+    got = merged_result(copy_bundle, merged)
+    assert got.id == "merged-matches" and got.status == status, got.message
+    if k:
+        assert got.details["worst_tensor"] == COPY
+        assert got.details["max_rel_error"] == pytest.approx(k * rtol, abs=torch.finfo(dtype).eps)
+    if status == "fail":
+        assert [entry.split(" ")[0] for entry in got.details["copies_wrong"]] == [COPY]
+        assert got.details["copies_dropped"] == []
+
+
+def test_merged_modules_to_save_copy_left_at_the_base_is_dropped(copy_bundle, tmp_path) -> None:
+    merged = hand_merged(copy_bundle, tmp_path / "m", torch.float32)
+    weights = load_file(merged / "model.safetensors")
+    weights[COPY] = load_file(copy_bundle.base_dir / "model.safetensors")[COPY]
+    save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+    got = merged_result(copy_bundle, merged)
+    assert got.status == "fail" and [e.split(" ")[0] for e in got.details["copies_dropped"]] == [COPY]
