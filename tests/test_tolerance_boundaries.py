@@ -225,6 +225,21 @@ def test_merge_equivalence_merged_vs_unmerged_boundary(probe, dtype) -> None:
     assert all(outside.details[name]["ok"] for name in ("peft", "peft-merged", "peft-safe-merged"))
 
 
+def test_merge_equivalence_reports_non_finite_merged_outputs_once(probe) -> None:
+    """NaN in the merged outputs is the merged path's own failure (non-finite, with its source), not a second
+    'merged and unmerged differ by inf/nan' problem."""
+    run = fake_run(probe, torch.float32)
+    logits = run.reference_logits.clone()
+    logits[TEXT_POS[0], TEXT_POS[1], 0] = float("nan")
+    run.outcomes["peft-merged"] = PathOutcome(
+        "peft-merged", record=LoadRecord(path="peft-merged"), logits=logits, non_finite="first produced by x",
+        comparison=compare(logits, run.reference_logits, probe, dtype=torch.float32, label="peft-merged",
+                           non_finite="first produced by x"))
+    got = run_on("merge-equivalence", context_with(run))
+    assert got.status == "fail" and got.message.startswith("peft-merged: non-finite outputs")
+    assert "more)" not in got.message and "merged_vs_unmerged_rel" not in got.details
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_path_agreement_boundary(probe, dtype) -> None:
     """One path off the reference by 0.9x / 1.1x the dtype tolerance: within / named as disagreeing."""

@@ -161,7 +161,7 @@ def check_merge_equivalence(ctx: CheckContext):
     if wrappers:
         problems.insert(0, f"merge_and_unload left {len(wrappers)} LoRA wrapper(s) unmerged, e.g. {wrappers[0]}")
         details["unmerged_wrappers"] = wrappers[:10]
-    if not any(o.error for o in outcomes):
+    if not any(o.error or o.non_finite for o in outcomes):  # NaN/Inf outputs are reported per path above
         from harness.numerics.compare import compare
 
         # per row class, padding excluded, as every output comparison (a text-row gap is not measured against
