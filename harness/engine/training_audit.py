@@ -97,7 +97,9 @@ def audit_parameters(peft_model, saved_dir: Path, base: ModelDir | None, adapter
             value = param.detach()
             if value.shape == reference.shape:
                 audit.compared_count += 1
-                value32, reference32 = value.float().cpu(), reference.float()
+                # at the model's dtype: a bf16/fp16 model loaded from fp32 files holds the rounded base values,
+                # which is no change
+                value32, reference32 = value.float().cpu(), reference.to(value.dtype).float()
                 changed = not torch.equal(value32, reference32)
                 max_abs = float((value32 - reference32).abs().max()) if changed and value.numel() else None
         if (param.requires_grad or changed) and f"{PREFIX}{key}" not in saved and key not in saved:
