@@ -229,7 +229,7 @@ def test_plan_applies_trainable_tokens_where_the_config_puts_them() -> None:
                  input_embedding="m.emb")
     assert sorted((t.module, t.indices) for t in plan.tokens) == [("lm_head", (1, 2)), ("m.emb", (3, 5, 7))]
     plan = _plan({**config, "trainable_token_indices": [3, 5]}, tensors, kinds=kinds, input_embedding="m.emb")
-    assert not plan.tokens and "not one row per token index" in plan.ignored[f"{p}m.emb.{part}"]
+    assert not plan.tokens and "expected [2, 4] (one row per token index" in plan.ignored[f"{p}m.emb.{part}"]
     plan = _plan({k: v for k, v in config.items() if k != "trainable_token_indices"}, tensors, kinds=kinds)
     assert not plan.tokens and "not set" in plan.ignored[f"{p}m.emb.{part}"]
 
@@ -253,7 +253,7 @@ def test_reference_writes_trainable_token_rows_into_a_tied_embedding_and_head() 
     wide = {"base_model.model.transformer.wte.token_adapter.trainable_tokens_delta": torch.ones(2, 9)}
     assert apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "trainable_token_indices": [4, 9]}, wide,
                                    notes=notes) == []
-    assert notes and "does not fit its weight [20, 8]" in notes[0]
+    assert notes and "expected [2, 8] (one row as wide as the weight [20, 8]" in notes[0]
 
 
 def test_reference_ignores_tensors_of_untargeted_modules() -> None:

@@ -192,9 +192,11 @@ class _Merge:
 
         what = f"trainable tokens of {tokens.module}"
         rows = tokens.rows(self.get)
-        if got.shape != base.shape or rows.shape != TOKENS.rows_shape(tokens.indices, base.shape[-1]):
-            self.found.tokens_wrong.append(f"{key} ({what}: shape {list(got.shape)}, base {list(base.shape)}, "
-                                           f"rows {list(rows.shape)})")
+        if problem := TOKENS.rows_problem(list(tokens.indices), rows.shape, base.shape):
+            self.found.tokens_wrong.append(f"{key} ({what}: {problem}, see base-match)")
+            return
+        if got.shape != base.shape:
+            self.found.tokens_wrong.append(f"{key} ({what}: shape {list(got.shape)}, base {list(base.shape)})")
             return
         want = TOKENS.merged_weight(base, tokens.indices, rows)
         scale = want.abs().max()

@@ -665,18 +665,8 @@ def tokens_shape_problem(base: BaseModelInfo | None, config: dict, module: str,
     if indices is None:
         return None  # PEFT makes no token adapter for it: key-coverage reports the key
     held = base.weights.get(base.checkpoint_key(f"{module}.weight")) if base else None
-    weight = tuple(held[0]) if held and len(held[0]) == 2 else None
-    problem = TOKENS.index_problem(indices, weight[0] if weight else None)
-    if problem:
-        return f"{module}: {problem}"
-    if len(shape) != 2:
-        return f"{module}: trainable_tokens_delta {list(shape)} is not a matrix [tokens, hidden]"
-    want = TOKENS.rows_shape(indices, weight[1] if weight else shape[1])
-    if tuple(shape) != want:
-        width = f" as wide as {module}.weight {list(weight)}" if weight else ""
-        return (f"{module}: trainable_tokens_delta {list(shape)}, expected {list(want)} (one row{width} per token "
-                f"index in trainable_token_indices, {len(indices)} of them)")
-    return None
+    problem = TOKENS.rows_problem(indices, shape, held[0] if held else None)
+    return f"{module}: {problem}" if problem else None
 
 
 @register(

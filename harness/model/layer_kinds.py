@@ -166,6 +166,23 @@ class TokenRows:
             return f"token indices {sorted(i for i in set(indices) if indices.count(i) > 1)[:5]} repeat"
         return None
 
+    def rows_problem(self, indices, shape: Iterable[int], weight_shape: Iterable[int] | None = None) -> str | None:
+        """Why saved rows of ``shape`` cannot be the trainable tokens ``indices`` of a weight of ``weight_shape``
+        ([vocab, hidden]; None: unknown, only the row count and the indices' form are checked); None when they can."""
+        weight = tuple(weight_shape) if weight_shape is not None else None
+        weight = weight if weight is not None and len(weight) == 2 else None
+        if problem := self.index_problem(indices, weight[0] if weight else None):
+            return problem
+        shape = tuple(shape)
+        if len(shape) != 2:
+            return f"trainable_tokens_delta {list(shape)} is not a matrix [tokens, hidden]"
+        want = self.rows_shape(indices, weight[1] if weight else shape[1])
+        if shape != want:
+            width = f" as wide as the weight {list(weight)}" if weight else ""
+            return (f"trainable_tokens_delta {list(shape)}, expected {list(want)} (one row{width} per token index in "
+                    f"trainable_token_indices, {len(indices)} of them)")
+        return None
+
     # -- the merged weight and the reference forward ----------------------------------------------
 
     @staticmethod

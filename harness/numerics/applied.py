@@ -211,11 +211,7 @@ def _plan_tokens(plan: AdapterPlan, config: dict, key: str, info, shape_of, kind
     if kinds is not None and (kind is None or kind.name not in TOKENS.module_types):
         plan.ignored[key] = "trainable tokens on a module that is neither an embedding nor a linear layer"
         return
-    problem = TOKENS.index_problem(indices, None)
-    shape = tuple(shape_of(key))
-    if problem is None and (len(shape) != 2 or shape[0] != len(indices)):
-        problem = f"trainable_tokens_delta {list(shape)} is not one row per token index ({len(indices)})"
-    if problem:
+    if problem := TOKENS.rows_problem(indices, shape_of(key)):
         plan.ignored[key] = problem
         return
     plan.tokens.append(TrainedTokens(info.module, key, tuple(indices)))

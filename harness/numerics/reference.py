@@ -141,10 +141,7 @@ def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[
     for tokens in plan.tokens:
         weight = modules[tokens.module].weight
         rows = tokens.rows(tensors.__getitem__)
-        problem = TOKENS.index_problem(list(tokens.indices), weight.shape[0])
-        if problem is None and tuple(rows.shape) != TOKENS.rows_shape(tokens.indices, weight.shape[1]):
-            problem = f"trainable_tokens_delta {list(rows.shape)} does not fit its weight {list(weight.shape)}"
-        if problem:
+        if problem := TOKENS.rows_problem(list(tokens.indices), rows.shape, weight.shape):
             skipped.append(f"{tokens.module}: {problem}: PEFT cannot load it either (see shapes)")
             continue
         TOKENS.fold(modules[tokens.module], tokens.indices, rows)
