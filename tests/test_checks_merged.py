@@ -154,3 +154,24 @@ def test_merged_dir_with_a_symlink_out_of_it_is_refused(default_bundle, merged_d
     (broken / "model.safetensors").symlink_to(outside)
     got = result(default_bundle, broken)
     assert got.status == "fail" and "outside" in got.message and "symlink" in got.message
+
+
+def test_trainable_tokens_on_a_tied_embedding_reach_the_head_too(synthetic_cache, tmp_path):
+    """With tied embeddings PEFT ties the head's token adapter to the embedding's: the head uses the trained rows
+    too. A merge that unties and saves the head at the base values is wrong, and merged-matches says where."""
+    from fixtures import zoo
+
+    if reason := zoo.arch_unavailable("opt") or zoo.feature_unavailable("tokens"):
+        pytest.skip(reason)
+    built = zoo.build_arch("opt", synthetic_cache)
+    assert built.tied
+    untied = clone(built.merged("tokens"), tmp_path / "untied")
+    base = load_file(built.base / "model.safetensors")
+    head = built.info["head_module"] + ".weight"
+    edit_weights(untied, lambda t: t.update({head: base[built.info["embedding_key"]].clone()}))
+    edit_config(untied, lambda c: c.update(tie_word_embeddings=False))
+    got = harness.check(built.adapter("tokens"), base_model=built.base, merged=untied, only=["merged-matches"],
+                        isolated=False).get("merged-matches")
+    assert got.status == "fail", got
+    assert any(entry.startswith(f"{head} (trainable tokens of {built.info['embedding_module']}")
+               for entry in got.details["tokens_dropped"]), got.details

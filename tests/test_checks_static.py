@@ -271,6 +271,41 @@ def test_classify_key():
     assert classify_key("base_model.model.lm_head.modules_to_save.default.weight", {}).adapter_name == "default"
     assert classify_key("base_model.model.a.lora_B.bias", {}).kind == "lora"
     assert classify_key("base_model.model.a.lora_A.weight.extra", {}).kind == "unknown"
+    tokens = classify_key("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", {})
+    assert (tokens.kind, tokens.module, tokens.adapter_name) == ("trainable_tokens", "model.embed_tokens", None)
+    named = classify_key("base_model.model.emb.token_adapter.trainable_tokens_delta.default", {})
+    assert (named.kind, named.module, named.adapter_name) == ("trainable_tokens", "emb", "default")
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (None, None),
+        ("rows", "trainable_tokens_delta [3, 32], expected [2, 32] (one row per token index"),
+        ("flat", "is not a matrix"),
+        ("repeat", "token indices [1] repeat"),
+        ("negative", "token indices [-1] are not rows of the weight"),
+    ],
+    ids=["good", "one-row-too-many", "not-a-matrix", "repeated-index", "negative-index"],
+)
+def test_shapes_checks_trainable_tokens(good_variant, tmp_path, change, fragment):
+    """trainable_tokens_delta holds one row per index of trainable_token_indices; the width and the vocab need the
+    base (base-match)."""
+    adapter_dir = copy_adapter(good_variant("hf-trainable-tokens"), tmp_path / "a")
+    tensors = load_tensors(adapter_dir)
+    key = next(k for k in tensors if k.endswith(".trainable_tokens_delta"))
+    if change == "rows":
+        tensors[key] = torch.cat([tensors[key], tensors[key][:1]])
+    elif change == "flat":
+        tensors[key] = tensors[key].flatten()
+    save_tensors(adapter_dir, tensors)
+    if change in ("repeat", "negative"):
+        edit_config(adapter_dir, lambda c: c.update(trainable_token_indices=[1, 1] if change == "repeat" else [-1, 2]))
+    result = run_static(adapter_dir).get("shapes")
+    if fragment is None:
+        assert result.status == "pass" and result.details["trainable_tokens"] == 1, result.message
+    else:
+        assert result.status == "fail" and fragment in result.message, result.message
 
 
 def test_expected_rank_matches_peft():

@@ -22,6 +22,7 @@ from harness.model.layer_kinds import (
     CONV1D,
     EMBEDDING,
     LINEAR,
+    TOKENS,
     Dims,
     fan_in_fan_out_correction,
     kind_of_module,
@@ -32,6 +33,8 @@ from harness.numerics.reference import apply_adapter_reference, expected_deltas,
 PEFT_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
 HAS_DORA = "use_dora" in PEFT_FIELDS
 HAS_LORA_BIAS = "lora_bias" in PEFT_FIELDS
+NO_TOKENS = pytest.mark.skipif("trainable_token_indices" not in PEFT_FIELDS,
+                               reason="this PEFT has no trainable_token_indices (peft >= 0.15)")
 VOCAB, HIDDEN, OUT = 11, 6, 7
 
 
@@ -111,6 +114,63 @@ def test_lora_bias_merges_into_the_base_bias():
     apply_adapter_reference(reference, config, saved)
     with torch.no_grad():
         torch.testing.assert_close(reference(IDS), merged(IDS), rtol=1e-5, atol=1e-6)
+
+
+def _with_trained_tokens(base: torch.nn.Module, targets: list[str], indices) -> tuple[torch.nn.Module, dict, dict]:
+    """(PEFT model with LoRA on ``targets`` and trainable tokens ``indices``, both trained at random; config; saved)."""
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False,
+                      trainable_token_indices=indices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(copy.deepcopy(base), lora).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "trainable_tokens_delta" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    saved = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return model, {**lora.to_dict(), "target_modules": targets}, saved
+
+
+@NO_TOKENS
+@pytest.mark.parametrize("tied", [False, True], ids=["dict-untied", "list-tied-head"])
+def test_trainable_tokens_are_rows_written_over_the_weight(tied):
+    """The saved trainable_tokens_delta holds the new rows (not a difference): the merged weight is the base with
+    those rows replaced, and the reference (rows written into the embedding; a tied head shares them, as PEFT ties
+    its token adapter) equals PEFT's unmerged forward."""
+    if tied:
+        base, indices, ids = _tiny_hf("gpt2", n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=40), [3, 9], \
+            torch.tensor([[3, 1, 9, 4, 3]])
+        embedding, targets = "transformer.wte", ["c_attn"]
+    else:
+        base, indices, ids, embedding, targets = Tiny().eval(), {"emb": [1, 7]}, IDS, "emb", ["lin"]
+    model, config, saved = _with_trained_tokens(base, targets, indices)
+    key = next(k for k in saved if k.endswith(".token_adapter.trainable_tokens_delta"))
+    assert key == f"base_model.model.{embedding}.token_adapter.trainable_tokens_delta"
+    rows = saved[key]
+    rows_at = [3, 9] if tied else [1, 7]
+    assert tuple(rows.shape) == TOKENS.rows_shape(rows_at, rows.shape[1])
+    reference = copy.deepcopy(base)
+    changed = apply_adapter_reference(reference, config, saved)
+    assert embedding in changed
+    with torch.no_grad():
+        want = model(ids)
+        got = reference(ids)
+        torch.testing.assert_close(getattr(got, "logits", got), getattr(want, "logits", want), rtol=1e-5, atol=1e-6)
+    base_weight = base.get_submodule(embedding).weight.detach()
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(TOKENS.merged_weight(base_weight, rows_at, rows),
+                               merged.get_submodule(embedding).weight.detach())
+    if tied:  # the head still shares the weight, now with the trained rows
+        assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+
+
+def test_token_index_rule():
+    assert TOKENS.index_problem([3, 5], 8) is None and TOKENS.index_problem([3, 5], None) is None
+    assert "[8]" in TOKENS.index_problem([3, 8], 8)  # outside the vocab
+    assert "[-1]" in TOKENS.index_problem([-1], None)
+    assert "repeat" in TOKENS.index_problem([2, 2], None)
+    assert "not a non-empty list" in TOKENS.index_problem([], None)
 
 
 def test_shape_rule_per_kind():

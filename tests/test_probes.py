@@ -70,3 +70,19 @@ def test_model_embeds_probe_embeds_text_rows_with_the_model_under_test():
     assert torch.equal(after[probe.im_mask], before[probe.im_mask])
     assert torch.allclose(after[~probe.im_mask], before[~probe.im_mask] + 1.0)
     assert torch.equal(before, probe.inputs_embeds)  # the base model embeds exactly as the stored probe
+
+
+def test_probe_holds_the_trainable_token_ids_on_real_text_rows():
+    """Trainable tokens change only their own rows of the embedding: the probe must hold those ids (a random draw
+    of 16 ids from ~120 often misses three), on text rows that are not padding, with other ids left between them."""
+    embedding = torch.nn.Embedding(128, 8)
+    kwargs = dict(batch_size=2, seq_len=16, left_padding=[0, 3], seed=1234)
+    plain = make_probe(embedding, image_spans=[(4, 11)], feed="model-embeds", **kwargs)
+    probe = make_probe(embedding, image_spans=[(4, 11)], feed="model-embeds", token_ids=[3, 5, 7, 500], **kwargs)
+    placed = probe.input_ids != plain.input_ids
+    assert set(probe.input_ids[placed].tolist()) == {3, 5, 7}  # 500 is outside the vocab: left out
+    assert not (placed & ~probe.text_rows).any()  # never on image rows or padding
+    assert (probe.text_rows & ~placed).sum(dim=1).min() > 0  # the random ids stay too
+    text = make_probe(embedding, image_spans=[], feed="input_ids", token_ids=[3, 5, 7], **kwargs)
+    assert {3, 5, 7} <= set(text.input_ids[text.attention_mask.bool()].tolist())
+    assert "token_ids=[3, 5, 7]" in text.description

@@ -212,6 +212,50 @@ def test_plan_applies_only_what_peft_loads() -> None:
     assert any("target_modules does not name" in line for line in plan.notes(limit=10))
 
 
+def test_plan_applies_trainable_tokens_where_the_config_puts_them() -> None:
+    """A list of trainable_token_indices goes to the input embedding, a dict to the modules it names (as
+    modules_to_save names them); rows for any other module, or with no indices in the config, are not applied."""
+    from harness.model.layer_kinds import EMBEDDING, LINEAR
+
+    p, part = "base_model.model.", "token_adapter.trainable_tokens_delta"
+    tensors = {f"{p}m.emb.{part}": torch.ones(3, 4), f"{p}lm_head.{part}": torch.ones(2, 4),
+               f"{p}m.q.lora_A.weight": torch.ones(2, 4), f"{p}m.q.lora_B.weight": torch.ones(3, 2)}
+    kinds = {"m.emb": EMBEDDING, "m.q": LINEAR, "lm_head": LINEAR}
+    config = {"r": 2, "lora_alpha": 2, "target_modules": ["q"], "trainable_token_indices": [3, 5, 7]}
+    plan = _plan(config, tensors, kinds=kinds, input_embedding="m.emb")
+    assert [(t.module, t.indices, t.weight) for t in plan.tokens] == [("m.emb", (3, 5, 7), "m.emb.weight")]
+    assert "input embedding m.emb only" in plan.ignored[f"{p}lm_head.{part}"]
+    plan = _plan({**config, "trainable_token_indices": {"emb": [3, 5, 7], "lm_head": [1, 2]}}, tensors, kinds=kinds,
+                 input_embedding="m.emb")
+    assert sorted((t.module, t.indices) for t in plan.tokens) == [("lm_head", (1, 2)), ("m.emb", (3, 5, 7))]
+    plan = _plan({**config, "trainable_token_indices": [3, 5]}, tensors, kinds=kinds, input_embedding="m.emb")
+    assert not plan.tokens and "expected [2, 4] (one row per token index" in plan.ignored[f"{p}m.emb.{part}"]
+    plan = _plan({k: v for k, v in config.items() if k != "trainable_token_indices"}, tensors, kinds=kinds)
+    assert not plan.tokens and "not set" in plan.ignored[f"{p}m.emb.{part}"]
+
+
+def test_reference_writes_trainable_token_rows_into_a_tied_embedding_and_head() -> None:
+    """The saved rows replace those rows of the embedding; with tied embeddings PEFT ties the head's token adapter,
+    so the head sees the same rows (the tie is kept, unlike LoRA on a tied embedding)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt2", n_embd=8, n_layer=1, n_head=2, n_positions=16, vocab_size=20)).eval()
+    base = model.transformer.wte.weight.detach().clone()
+    rows = torch.full((2, 8), 0.5)
+    changed = apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "trainable_token_indices": [4, 9]},
+                                      {"base_model.model.transformer.wte.token_adapter.trainable_tokens_delta": rows})
+    assert changed == ["transformer.wte"]
+    want = base.clone()
+    want[[4, 9]] = 0.5
+    assert torch.equal(model.transformer.wte.weight, want) and model.lm_head.weight is model.transformer.wte.weight
+    notes: list[str] = []
+    wide = {"base_model.model.transformer.wte.token_adapter.trainable_tokens_delta": torch.ones(2, 9)}
+    assert apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "trainable_token_indices": [4, 9]}, wide,
+                                   notes=notes) == []
+    assert notes and "expected [2, 8] (one row as wide as the weight [20, 8]" in notes[0]
+
+
 def test_reference_ignores_tensors_of_untargeted_modules() -> None:
     model = base_model(Scenario())
     name = next(n for n, m in model.named_modules() if n.endswith("attention.wo"))

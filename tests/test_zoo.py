@@ -180,7 +180,8 @@ def test_broken_merge_fails_merged_matches(run, zoo_arch, arch, broken):
 
 # The structured field of merged-matches' details that must list each broken merge's tensors.
 BROKEN_DETAIL = {"mis-scaled": "wrong_delta", "layer-skipped": "unmerged", "modules-to-save-dropped": "copies_dropped",
-                 "embedding-delta-dropped": "unmerged", "lora-bias-dropped": "unmerged"}
+                 "embedding-delta-dropped": "unmerged", "lora-bias-dropped": "unmerged",
+                 "tokens-dropped": "tokens_dropped", "tokens-wrong-rows": "tokens_wrong"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,3 +323,50 @@ def test_tensors_for_untargeted_modules_have_no_effect(run, derived):
     status, message = verdict(report, "effect")
     assert status == "fail", f"effect {status}: {message}"
     assert report.get("effect").details["relative_effect"] == {"image": 0.0, "text": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable tokens (trainable_token_indices, peft >= 0.15): rows of the input embedding replaced
+
+
+@pytest.mark.parametrize("arch", [_arch_param("llama", kind="tokens"), _arch_param("opt", kind="tokens")])
+def test_trainable_tokens_are_applied_and_merged(run, zoo_arch, arch):
+    """The saved rows are the new values of those embedding rows (a tied head shares them): the reference applies
+    them, so every path agrees with it, and merged-matches expects them in the merged embedding (the same report as
+    test_good_adapter_and_official_merge_pass: cached, no extra run)."""
+    built = zoo_arch(arch)
+    report = run(built.adapter("tokens"), built.base, built.merged("tokens"))
+    problems = [f"{check_id}: {status}: {message}"
+                for check_id in ("shapes", "base-match", "effect", "path-agreement", "merge-equivalence",
+                                 "merged-matches")
+                for status, message in [verdict(report, check_id)] if status != "pass"]
+    details = report.get("merged-matches").details
+    if details["ignored_adapter_tensors"]:
+        problems.append(f"merged-matches ignores adapter tensors: {details['ignored_adapter_tensors']}")
+    if details["ties"] or details["untie_expected"]:
+        problems.append(f"a tied head shares the trained rows (PEFT ties its token adapter): {details}")
+    if report.get("shapes").details.get("trainable_tokens") != 1:
+        problems.append(f"shapes does not count the token adapter: {report.get('shapes').details}")
+    expect(problems)
+
+
+def test_trainable_tokens_alone_have_a_measured_effect(run, derived):
+    """Every lora_B zero: only the rows of ids 3, 5, 7 change the model, and the probes must hold those ids."""
+    if reason := zoo.feature_unavailable("tokens"):
+        pytest.skip(reason)
+    built, adapter = derived("tokens-only")
+    result = run(adapter, built.base, only=("effect",)).get("effect")
+    assert result.status == "pass", result.message
+    assert result.details["relative_effect"]["text"] > 0.01, result.details
+
+
+def test_trainable_tokens_delta_of_the_wrong_shape_fails_shapes(run, derived):
+    """One row more than trainable_token_indices has: shapes fails naming the embedding and the expected shape."""
+    if reason := zoo.feature_unavailable("tokens"):
+        pytest.skip(reason)
+    built, adapter = derived("tokens-wrong-shape")
+    result = run(adapter, built.base, only=("shapes",)).get("shapes")
+    module = built.info["embedding_module"]
+    assert result.status == "fail", result.message
+    assert any(p.startswith(f"{module}: trainable_tokens_delta [4, 32], expected [3, 32]")
+               for p in result.details["problems"]), result.details

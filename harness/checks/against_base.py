@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
-from harness.checks.static import analyse_keys
+from harness.checks.static import analyse_keys, tokens_shape_problem
 
 if TYPE_CHECKING:
     from harness.model.structure import BaseModelInfo
@@ -156,6 +156,13 @@ def _copy_problems(ctx: CheckContext) -> list[str]:
     return problems
 
 
+def _token_problems(ctx: CheckContext) -> list[str]:
+    """Trainable token rows that do not fit the base weight they are written into (width, vocab)."""
+    return [problem for info in analyse_keys(ctx).of("trainable_tokens") if info.adapter_name is None
+            and (problem := tokens_shape_problem(ctx.base, ctx.adapter.config or {}, info.module,
+                                                 tuple(ctx.adapter.tensors[info.key].shape)))]
+
+
 def _fan_in_fan_out_corrections(ctx: CheckContext, modules) -> dict[str, list[str]]:
     """What PEFT corrects per module when the config's fan_in_fan_out contradicts the module type -> modules."""
     from harness.model.layer_kinds import fan_in_fan_out_correction
@@ -173,7 +180,8 @@ def _fan_in_fan_out_corrections(ctx: CheckContext, modules) -> dict[str, list[st
 @register(
     id="base-match",
     group="against-base",
-    summary="adapted modules missing from the base model, or with other in/out dimensions",
+    summary="adapted modules missing from the base model, or with other in/out dimensions; trainable token rows "
+    "narrower or wider than the embedding, or token indices outside its vocab",
     why="an adapter trained for another base fails loudly when shapes differ and silently when they match",
     fix="check base_model_name_or_path in adapter_config.json and load the adapter on the model it was trained on",
 )
@@ -181,13 +189,14 @@ def check_base_match(ctx: CheckContext):
     if ctx.base is None:
         return skipped("no --base-model given")
     by_module = _lora_shapes(ctx)
-    if not by_module:
+    token_problems = _token_problems(ctx)
+    if not by_module and not token_problems:
         return skipped("the adapter has no LoRA tensors to compare (see key-grammar)")
     names = set(ctx.base.module_names())
     missing = sorted(m for m in by_module if m not in names)
     mismatched = [p for m, shapes in sorted(by_module.items()) if m not in missing
                   and (p := _layer_problem(ctx.base, m, shapes))]
-    mismatched += _copy_problems(ctx)
+    mismatched += _copy_problems(ctx) + token_problems
     declared = (ctx.adapter.config or {}).get("base_model_name_or_path")
     corrections = _fan_in_fan_out_corrections(ctx, [m for m in by_module if m not in missing])
     details = {"modules": len(by_module), "missing": missing[:10], "mismatched": mismatched[:10],
@@ -195,7 +204,7 @@ def check_base_match(ctx: CheckContext):
                "fan_in_fan_out_corrected": {note: mods[:10] for note, mods in corrections.items()},
                "layer_kinds": _kind_counts(ctx.base, by_module)}
     if missing or mismatched:
-        share = (len(missing) + len(mismatched)) / len(by_module)
+        share = (len(missing) + len(mismatched)) / max(len(by_module), 1)
         kind = "a different base model" if share > 0.5 else "a base model with other modules"
         first = (missing or mismatched)[0]
         return failed(

@@ -5,7 +5,8 @@ stays at a few tensors whatever the model size. What the merge must contain is w
 PEFT applies (``harness.numerics.applied``) by the base module's layer kind
 (``harness.model.layer_kinds``): adapted weights W + s·B·A computed in fp32 in the
 module's stored layout (DoRA renormalised, lora_B.bias added to the bias),
-``modules_to_save`` tensors replaced by the trained copies, everything else equal to
+``modules_to_save`` tensors replaced by the trained copies, trainable token rows written over the
+embedding's rows (a tied head shares them and stays tied), everything else equal to
 the base after the cast to the merged dtype. Parameters map to checkpoint keys through
 the base model (``BaseModelInfo.checkpoint_key``), and a tied pair the adapter changes
 on one side only must come out untied. Tolerances are relative to the tensor's
@@ -21,8 +22,8 @@ from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.inputs.errors import InputError
 from harness.model import families
-from harness.model.layer_kinds import CONV1D
-from harness.numerics.applied import AdapterPlan, LoraModule, SavedCopy, plan_adapter
+from harness.model.layer_kinds import CONV1D, TOKENS
+from harness.numerics.applied import AdapterPlan, LoraModule, SavedCopy, TrainedTokens, plan_adapter
 from harness.numerics.tolerances import merged_weight_tolerances, policy_for
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class MergedFindings:
     unresolved: list[str] = field(default_factory=list)  # ΔW below the dtype's resolution
     copies_dropped: list[str] = field(default_factory=list)  # modules_to_save tensors left at the base value
     copies_wrong: list[str] = field(default_factory=list)  # modules_to_save tensors that are neither
+    tokens_dropped: list[str] = field(default_factory=list)  # trained token rows left at the base value
+    tokens_wrong: list[str] = field(default_factory=list)  # trained token rows wrong, or other rows changed
     ties: list[str] = field(default_factory=list)  # tied pairs the adapter changes on one side, merged tied
     untie_expected: bool = False  # the adapter changes one side of a tie: tie_word_embeddings false is right
     ignored: list[str] = field(default_factory=list)  # saved tensors PEFT does not apply (why)
@@ -54,9 +57,10 @@ class MergedFindings:
 class _Expected:
     """What one merged checkpoint key must hold."""
 
-    what: str  # "lora" | "lora_bias" | "copy"
+    what: str  # "lora" | "lora_bias" | "copy" | "tokens"
     lora: LoraModule | None = None
     copy: SavedCopy | None = None
+    tokens: TrainedTokens | None = None
 
 
 def _rel(err: torch.Tensor, scale: torch.Tensor) -> float:
@@ -79,7 +83,7 @@ def adapter_plan(ctx: CheckContext) -> AdapterPlan:
     tensors = ctx.adapter.tensors
     return ctx.cached("merged.plan", lambda: plan_adapter(
         ctx.adapter.config or {}, list(tensors), lambda key: tuple(tensors[key].shape),
-        kinds=ctx.base.layer_kinds(), targets=_targets(ctx)))
+        kinds=ctx.base.layer_kinds(), targets=_targets(ctx), input_embedding=ctx.base.input_embedding))
 
 
 class _Merge:
@@ -100,6 +104,10 @@ class _Merge:
                 self.expected[self._key_of(copy.param)] = _Expected("copy", copy=copy)
             else:
                 self.base_override[self.info.checkpoint_key(copy.param)] = copy.key
+        for tokens in self.plan.tokens:  # a tied head shares the rows (PEFT ties its token adapter): one tensor
+            for param in (tokens.weight, *self.info.tied_partners(tokens.weight)):
+                self.expected[self.info.own_key(param)] = _Expected("tokens", tokens=tokens)
+            self.expected[self.info.checkpoint_key(tokens.weight)] = _Expected("tokens", tokens=tokens)
         for lora in self.plan.lora:
             self.expected[self._key_of(lora.weight)] = _Expected("lora", lora=lora)
             if f"{lora.kind.parts[1]}.bias" in lora.keys:
@@ -111,8 +119,9 @@ class _Merge:
         return self.info.own_key(param) if self._changes_one_side(param) else self.info.checkpoint_key(param)
 
     def _changed_params(self) -> set[str]:
+        tokens = {p for t in self.plan.tokens for p in (t.weight, *self.info.tied_partners(t.weight))}
         return {lora.weight for lora in self.plan.lora} | {c.param for c in self.plan.copies
-                                                            if c.role == "modules_to_save"}
+                                                            if c.role == "modules_to_save"} | tokens
 
     def _changes_one_side(self, param: str) -> bool:
         partners = self.info.tied_partners(param)
@@ -144,6 +153,8 @@ class _Merge:
                 self._same_as_base(key, got, want, rtol)
             elif expected.what == "copy":
                 self._copy(key, got, want, self.get(expected.copy.key), rtol, expected.copy)
+            elif expected.what == "tokens":
+                self._tokens(key, got, want, expected.tokens, rtol)
             else:
                 self._lora(key, got, want, expected, rtol)
         self._ties(merged_keys)
@@ -174,6 +185,42 @@ class _Merge:
                                              "trained copy)")
         else:
             self.found.copies_wrong.append(f"{key} (modules_to_save {copy.module}: error {err:.2e} of max|W|)")
+
+    def _tokens(self, key: str, got, base, tokens: TrainedTokens, rtol: float) -> None:
+        """An embedding with trainable tokens: the base with rows ``indices`` replaced by the saved rows."""
+        import torch
+
+        what = f"trainable tokens of {tokens.module}"
+        rows = tokens.rows(self.get)
+        if problem := TOKENS.rows_problem(list(tokens.indices), rows.shape, base.shape):
+            self.found.tokens_wrong.append(f"{key} ({what}: {problem}, see base-match)")
+            return
+        if got.shape != base.shape:
+            self.found.tokens_wrong.append(f"{key} ({what}: shape {list(got.shape)}, base {list(base.shape)})")
+            return
+        want = TOKENS.merged_weight(base, tokens.indices, rows)
+        scale = want.abs().max()
+        err = _rel((got.float() - want).abs().max(), scale)
+        if err > self.found.worst[0]:
+            self.found.worst = (err, key)
+        if err <= rtol:
+            return
+        off = ((got.float() - want).abs().amax(dim=1) > rtol * float(scale)).nonzero().flatten().tolist()
+        trained = set(tokens.indices)
+        wrong_rows, other_rows = [i for i in off if i in trained], [i for i in off if i not in trained]
+        index = torch.as_tensor(tokens.indices, dtype=torch.long)
+        at_base = _rel((got.float()[index] - base.float()[index]).abs().max(), scale) <= rtol
+        if not other_rows and at_base:
+            self.found.tokens_dropped.append(f"{key} ({what}: rows {list(tokens.indices)[:8]} hold the base values, "
+                                             "not the trained ones)")
+            return
+        parts = []
+        if wrong_rows:
+            parts.append(f"rows {wrong_rows[:8]} are not the trained values")
+        if other_rows:
+            parts.append(f"rows {other_rows[:8]} changed that the adapter does not train")
+        self.found.tokens_wrong.append(f"{key} ({what} {list(tokens.indices)[:8]}: {'; '.join(parts)}; error "
+                                       f"{err:.2e} of max|W|)")
 
     def _lora(self, key: str, got, base, expected: _Expected, rtol: float) -> None:
         """An adapted weight (or a lora_bias bias): base + ΔW by the module's layer kind."""
@@ -316,6 +363,12 @@ def check_merged_matches(ctx: CheckContext):
     if found.copies_wrong:
         problems.append(f"{len(found.copies_wrong)} modules_to_save tensor(s) differ from the trained copy, e.g. "
                         f"{found.copies_wrong[0]}")
+    if found.tokens_dropped:
+        problems.append(f"{len(found.tokens_dropped)} weight(s) with trainable tokens not merged, e.g. "
+                        f"{found.tokens_dropped[0]}")
+    if found.tokens_wrong:
+        problems.append(f"{len(found.tokens_wrong)} weight(s) with trainable tokens differ from the base with the "
+                        f"trained rows written in, e.g. {found.tokens_wrong[0]}")
     problems += found.ties
     if found.changed:
         problems.append(f"{len(found.changed)} tensor(s) that the adapter does not touch changed, e.g. "
@@ -326,7 +379,8 @@ def check_merged_matches(ctx: CheckContext):
     details = {
         "missing": found.missing[:10], "unexpected": found.unexpected[:10], "changed": found.changed[:10],
         "wrong_delta": found.wrong_delta[:10], "unmerged": found.unmerged[:10], "plora_folded": found.plora_folded[:10],
-        "copies_dropped": found.copies_dropped[:10], "copies_wrong": found.copies_wrong[:10], "ties": found.ties,
+        "copies_dropped": found.copies_dropped[:10], "copies_wrong": found.copies_wrong[:10],
+        "tokens_dropped": found.tokens_dropped[:10], "tokens_wrong": found.tokens_wrong[:10], "ties": found.ties,
         "untie_expected": found.untie_expected, "ignored_adapter_tensors": found.ignored,
         "max_rel_error": found.worst[0], "worst_tensor": found.worst[1], "dtypes": sorted(found.dtypes),
         "tolerance": merged_weight_tolerances(), "problems": problems,
@@ -335,7 +389,7 @@ def check_merged_matches(ctx: CheckContext):
         return failed(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),
                       **details)
     plan = adapter_plan(ctx)
-    if found.unresolved and not plan.copies and len(found.unresolved) >= len(plan.lora):
+    if found.unresolved and not plan.copies and not plan.tokens and len(found.unresolved) >= len(plan.lora):
         return warned(f"ΔW is below the {sorted(found.dtypes)} resolution in every adapted weight; the merge cannot "
                       "be verified from weights alone", **details)
     return passed(f"{len(merged.keys)} tensors match base + adapter (max rel error {found.worst[0]:.1e}); config, "

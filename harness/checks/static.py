@@ -19,6 +19,7 @@ from harness.model.peft_keys import KeyAnalysis, as_list, classify_key
 if TYPE_CHECKING:
     from harness.inputs.adapter_dir import AdapterInputs
     from harness.inputs.weights import WeightFile
+    from harness.model.structure import BaseModelInfo
 
 B_KINDS = ("lora_B", "lora_embedding_B")
 REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha")
@@ -652,11 +653,28 @@ def _module_shape_problem(config: dict, module: str,
     return None, rank_a
 
 
+def tokens_shape_problem(base: BaseModelInfo | None, config: dict, module: str,
+                         shape: tuple[int, ...]) -> str | None:
+    """What is wrong with one saved ``trainable_tokens_delta`` (the rule of ``layer_kinds.TOKENS``): one row per
+    token index, unique non-negative indices; with the base (``base-match``) also rows as wide as the weight and
+    indices within its vocab."""
+    from harness.model.layer_kinds import TOKENS
+    from harness.numerics.applied import token_indices
+
+    indices, _why = token_indices(config, module, base.input_embedding if base else None)
+    if indices is None:
+        return None  # PEFT makes no token adapter for it: key-coverage reports the key
+    held = base.weights.get(base.checkpoint_key(f"{module}.weight")) if base else None
+    problem = TOKENS.rows_problem(indices, shape, held[0] if held else None)
+    return f"{module}: {problem}" if problem else None
+
+
 @register(
     id="shapes",
     group="static",
     summary="lora_A not [r, in] or lora_B not [out, r], A and B ranks that disagree, a rank that differs from "
-    "r / rank_pattern in the config, lora_A without lora_B, DoRA magnitudes that do not match lora_B",
+    "r / rank_pattern in the config, lora_A without lora_B, DoRA magnitudes that do not match lora_B, "
+    "trainable_tokens_delta not [len(trainable_token_indices), hidden] or token indices outside the vocab",
     why="PEFT builds each LoRA layer from the config's rank and then copies the saved tensors in: a mismatch "
     "fails the load, or (with a hand-edited config) loads with the wrong scaling alpha/r",
     fix="make adapter_config.json's r / rank_pattern match the trained weights (regenerate it with save_pretrained)",
@@ -676,10 +694,16 @@ def check_shapes(ctx: CheckContext):
             continue
         part = info.lora_kind + (".bias" if info.key.endswith(".bias") else "")
         modules.setdefault(info.module, {})[part] = shape
-    if not modules:
+    problems: list[str] = []
+    token_modules = 0
+    for info in analyse_keys(ctx).of("trainable_tokens"):
+        if info.adapter_name is None and tensors[info.key].numel:
+            token_modules += 1
+            if problem := tokens_shape_problem(None, config, info.module, tuple(tensors[info.key].shape)):
+                problems.append(problem)
+    if not modules and not token_modules:
         return skipped("no non-empty LoRA tensors" + (" (see empty-tensors)" if empty else ""))
 
-    problems: list[str] = []
     ranks: dict[int, int] = {}
     for module, parts in modules.items():
         problem, rank = _module_shape_problem(config, module, parts)
@@ -694,8 +718,9 @@ def check_shapes(ctx: CheckContext):
             count=len(problems),
         )
     rank_text = ", ".join(f"r={r} x{n}" for r, n in sorted(ranks.items()))
-    return passed(f"{sum(ranks.values())} LoRA modules, shapes consistent with the config ({rank_text})",
-                  ranks={str(k): v for k, v in ranks.items()})
+    tokens_text = f"; trainable tokens on {token_modules} module(s)" if token_modules else ""
+    return passed(f"{sum(ranks.values())} LoRA modules, shapes consistent with the config ({rank_text}){tokens_text}",
+                  ranks={str(k): v for k, v in ranks.items()}, trainable_tokens=token_modules)
 
 
 # -- finite ----------------------------------------------------------------------------------------
@@ -762,7 +787,7 @@ def check_noop(ctx: CheckContext):
         if other_effects:
             return warned(
                 f"all {len(zero)} lora_B tensors are zero; only {len(other_effects)} other tensor(s) "
-                f"(modules_to_save / DoRA magnitudes / biases) can change the model",
+                f"(modules_to_save / trainable tokens / DoRA magnitudes / biases) can change the model",
                 zero=len(zero),
             )
         return failed(

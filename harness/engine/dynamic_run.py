@@ -27,7 +27,12 @@ from harness.model import families
 from harness.model.structure import tied_parameters
 from harness.numerics.compare import Comparison, compare, finite_rows
 from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe, reached_modules
-from harness.numerics.reference import apply_adapter_reference, first_non_finite_module, probe_logits
+from harness.numerics.reference import (
+    apply_adapter_reference,
+    first_non_finite_module,
+    probe_logits,
+    trained_token_ids,
+)
 from harness.numerics.tolerances import tolerance_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,14 +104,16 @@ class DynamicRun:
         self.uses_im_mask = accepts_im_mask(model)
         self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
         self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if families.is_branch_param(n)}
-        self._make_probes(model)
+        config = read_json_object(self.adapter_dir / "adapter_config.json")
+        tensors = read_adapter_tensors(self.adapter_dir)
+        self._make_probes(model, trained_token_ids(model, config, tensors))
         self.base_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
         self.text_base_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
         self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits,
                                                   "the base model itself")
-        config = read_json_object(self.adapter_dir / "adapter_config.json")
         tied_before = _tied_params(model)
-        changed = apply_adapter_reference(model, config, read_adapter_tensors(self.adapter_dir), notes=self.notes)
+        changed = apply_adapter_reference(model, config, tensors, notes=self.notes)
+        del tensors
         self.untied = _untied_by_adapter(model, tied_before)
         modules = dict(model.named_modules())
         adapted = sorted({name if name in modules else name.rsplit(".", 1)[0] for name in changed})  # params -> module
@@ -125,14 +132,15 @@ class DynamicRun:
         del model
         release_memory()
 
-    def _make_probes(self, model: torch.nn.Module) -> None:
+    def _make_probes(self, model: torch.nn.Module, token_ids: list[int]) -> None:
         """A mixed probe (image rows, text rows embedded by each model under test, left padding) and a text-only
-        probe fed as token ids, so an adapted input embedding acts in both."""
+        probe fed as token ids, so an adapted input embedding acts in both; both hold the adapter's trainable
+        tokens (``token_ids``), the only rows of the embedding they change."""
         embedding = model.get_input_embeddings()
         self.probe = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[(4, 11)], left_padding=[0, 3],
-                                seed=1234, feed="model-embeds")
+                                seed=1234, feed="model-embeds", token_ids=token_ids)
         self.text_probe = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[], left_padding=[0, 3],
-                                     seed=1234, feed="input_ids")
+                                     seed=1234, feed="input_ids", token_ids=token_ids)
 
     def _locate_non_finite(self, model, logits: torch.Tensor, text_logits: torch.Tensor, what: str) -> str | None:
         """None when both probes' outputs are finite; else the message naming the first module producing NaN/Inf."""

@@ -20,6 +20,13 @@ what PEFT's unmerged forward computes: W·x + s·B·A·x for linear kinds, a loo
 whose weight is shared with another (tied input embedding and LM head) is untied first: PEFT's LoRA and
 ``modules_to_save`` act on the wrapped module only.
 
+Trainable tokens (``LoraConfig(trainable_token_indices=...)``, peft >= 0.15; ``TOKENS``) are no LoRA layer: PEFT wraps
+the embedding in a ``TrainableTokensWrapper`` and saves ``<module>.token_adapter.trainable_tokens_delta``
+[len(indices), hidden]. Despite its name the tensor holds the new *values* of those rows, not a difference: the forward
+and the merge write it over the base weight with ``index_copy`` (rows of ``weight``, [vocab, hidden] for an
+``nn.Embedding`` and for an LM head alike). With tied embeddings PEFT gives the tied head the same rows (one adapter,
+saved once), so the shared weight changes for both and the merge stays tied.
+
 Everything that needs one of these rules (``shapes``, ``base-match``, the reference and through it the probes'
 reach check, ``merged-matches``) asks this table; nothing else knows a layer kind's orientation or part names.
 """
@@ -127,6 +134,77 @@ CONV1D = LayerKind("conv1d", "transformers Conv1D", ("lora_A", "lora_B"), stored
 EMBEDDING = LayerKind("embedding", "nn.Embedding", ("lora_embedding_A", "lora_embedding_B"), stored_in_out=True,
                       lora_bias=False)
 KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (LINEAR, CONV1D, EMBEDDING)}
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """PEFT's trainable tokens: saved rows that replace rows ``indices`` of a module's weight (module docstring)."""
+
+    name: str = "trainable_tokens"
+    part: str = "token_adapter.trainable_tokens_delta"  # the saved tensor, after the module name
+    module_types: tuple[str, ...] = ("embedding", "linear")  # what PEFT's TrainableTokensLayer can wrap
+
+    # -- shape rule ------------------------------------------------------------------------------
+
+    @staticmethod
+    def rows_shape(indices: Iterable[int], hidden: int) -> tuple[int, int]:
+        """The saved tensor's shape: one row of ``hidden`` values per trained token."""
+        return (len(tuple(indices)), hidden)
+
+    @staticmethod
+    def index_problem(indices, vocab: int | None) -> str | None:
+        """Why ``indices`` cannot be the rows of a [vocab, hidden] weight (None when they can; ``vocab`` None:
+        only the form is checked)."""
+        if not isinstance(indices, (list, tuple)) or not indices:
+            return f"token indices {indices!r} are not a non-empty list"
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0
+               or (vocab is not None and i >= vocab)]
+        if bad:
+            where = f"[0, {vocab})" if vocab is not None else "non-negative integers"
+            return f"token indices {bad[:5]} are not rows of the weight (must be {where})"
+        if len(set(indices)) != len(indices):
+            return f"token indices {sorted(i for i in set(indices) if indices.count(i) > 1)[:5]} repeat"
+        return None
+
+    def rows_problem(self, indices, shape: Iterable[int], weight_shape: Iterable[int] | None = None) -> str | None:
+        """Why saved rows of ``shape`` cannot be the trainable tokens ``indices`` of a weight of ``weight_shape``
+        ([vocab, hidden]; None: unknown, only the row count and the indices' form are checked); None when they can."""
+        weight = tuple(weight_shape) if weight_shape is not None else None
+        weight = weight if weight is not None and len(weight) == 2 else None
+        if problem := self.index_problem(indices, weight[0] if weight else None):
+            return problem
+        shape = tuple(shape)
+        if len(shape) != 2:
+            return f"trainable_tokens_delta {list(shape)} is not a matrix [tokens, hidden]"
+        want = self.rows_shape(indices, weight[1] if weight else shape[1])
+        if shape != want:
+            width = f" as wide as the weight {list(weight)}" if weight else ""
+            return (f"trainable_tokens_delta {list(shape)}, expected {list(want)} (one row{width} per token index in "
+                    f"trainable_token_indices, {len(indices)} of them)")
+        return None
+
+    # -- the merged weight and the reference forward ----------------------------------------------
+
+    @staticmethod
+    def merged_weight(base: torch.Tensor, indices: Iterable[int], rows: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight a correct merge produces: the base with rows ``indices`` replaced by ``rows``."""
+        import torch
+
+        merged = base.float().clone()
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=merged.device)
+        return merged.index_copy_(0, index, rows.float().to(merged.device))
+
+    def fold(self, module: torch.nn.Module, indices: Iterable[int], rows: torch.Tensor) -> None:
+        """Write the rows into ``module.weight`` in place (as PEFT's forward and merge do, in the weight's dtype).
+        A weight shared with a tied head changes for both: PEFT ties the head's token adapter to the embedding's."""
+        import torch
+
+        weight = module.weight
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=weight.device)
+        weight.index_copy_(0, index, rows.to(weight.device, weight.dtype))
+
+
+TOKENS = TokenRows()
 
 
 def _is_conv1d(module: torch.nn.Module) -> bool:

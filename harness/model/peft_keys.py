@@ -124,7 +124,13 @@ def classify_key(key: str, config: dict) -> KeyInfo:
             info.adapter_name = parts[index + 1]
         return info
     if "trainable_tokens_delta" in parts or "token_adapter" in parts:
-        info.kind, info.module = "trainable_tokens", rest
+        # "<module>.token_adapter.trainable_tokens_delta" (layer_kinds.TOKENS); a model state dict adds ".<adapter>"
+        info.kind = "trainable_tokens"
+        index = parts.index("token_adapter") if "token_adapter" in parts else parts.index("trainable_tokens_delta")
+        info.module = ".".join(parts[:index])
+        tail = parts[index + 2:] if parts[index] == "token_adapter" else parts[index + 1:]
+        if tail:
+            info.adapter_name = tail[0]
         return info
     # save_embedding_layers (automatic when embed_tokens/lm_head are targeted): PEFT saves the embedding
     # weights themselves, as "<embed>.base_layer.weight" when wrapped, and restores them on load.

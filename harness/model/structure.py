@@ -213,6 +213,13 @@ def tied_parameters(model: torch.nn.Module, saved: set[str] | None = None) -> di
     return tied
 
 
+def input_embedding_name(model: torch.nn.Module) -> str | None:
+    """The input embedding's module name (PEFT's ``get_input_embeddings``: where a list of ``trainable_token_indices``
+    goes), or None."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return next((name for name, module in model.named_modules() if embedding is not None and module is embedding), None)
+
+
 def describe_model(model: torch.nn.Module, base_dir: Path | None = None,
                    weights: dict[str, tuple[tuple[int, ...], str]] | None = None) -> BaseModelInfo:
     """A ``BaseModelInfo`` from an instantiated model (meta or real): module tree, kinds, ties, checkpoint keys."""
@@ -220,9 +227,8 @@ def describe_model(model: torch.nn.Module, base_dir: Path | None = None,
     info = BaseModelInfo(base_dir=Path(base_dir or "."), config=config, weights=dict(weights or {}))
     info.modules = module_tree(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     info.output_head = next((n for n, m in model.named_modules() if head is not None and m is head), None)
-    info.input_embedding = next((n for n, m in model.named_modules() if embedding is not None and m is embedding), None)
+    info.input_embedding = input_embedding_name(model)
     info.checkpoint_keys = checkpoint_names(model)
     saved = {p for p, key in info.checkpoint_keys.items() if key in info.weights} if info.weights else None
     info.tied = tied_parameters(model, saved)

@@ -3,7 +3,8 @@ and ``merged-matches`` share.
 
 PEFT loads with ``strict=False``: LoRA tensors of modules that ``target_modules`` does not name are dropped (the
 module never gets a LoRA layer), a ``modules_to_save`` copy counts only for a module the config names, and an
-``nn.Embedding``'s LoRA must be saved as ``lora_embedding_A/B``. Tensors PEFT will not apply get no effect in the
+``nn.Embedding``'s LoRA must be saved as ``lora_embedding_A/B``, and trainable token rows count only for a module
+``trainable_token_indices`` names (a list names the input embedding). Tensors PEFT will not apply get no effect in the
 reference and no expectation in a merged checkpoint; ``AdapterPlan.ignored`` says why for each.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from harness.model.layer_kinds import LayerKind, kind_of_parts
+from harness.model.layer_kinds import TOKENS, LayerKind, kind_of_parts
 from harness.model.lora_math import module_scaling
 from harness.model.peft_keys import as_list, classify_key, strip_prefix
 
@@ -71,9 +72,26 @@ class SavedCopy:
 
 
 @dataclass
+class TrainedTokens:
+    """Trainable tokens (``layer_kinds.TOKENS``): saved rows that replace rows ``indices`` of a module's weight."""
+
+    module: str  # e.g. "model.embed_tokens"
+    key: str  # the saved "<module>.token_adapter.trainable_tokens_delta"
+    indices: tuple[int, ...]
+
+    def rows(self, get: Getter) -> torch.Tensor:
+        return get(self.key)
+
+    @property
+    def weight(self) -> str:
+        return f"{self.module}.weight"
+
+
+@dataclass
 class AdapterPlan:
     lora: list[LoraModule] = field(default_factory=list)
     copies: list[SavedCopy] = field(default_factory=list)
+    tokens: list[TrainedTokens] = field(default_factory=list)
     ignored: dict[str, str] = field(default_factory=dict)  # saved key -> why PEFT will not apply it
 
     def lora_of(self, module: str) -> LoraModule | None:
@@ -93,14 +111,34 @@ def names_module(entries: Iterable[str], module: str) -> bool:
     return any(module == entry or module.endswith("." + entry) for entry in entries)
 
 
+def token_indices(config: dict, module: str, input_embedding: str | None = None) -> tuple[list | None, str | None]:
+    """``(indices, None)``: the rows ``trainable_token_indices`` trains in ``module``; ``(None, why not)`` when PEFT
+    gives ``module`` no token adapter. A list names the input embedding (PEFT's ``get_input_embeddings``;
+    ``input_embedding`` None: unknown, the saved module is taken to be it); a dict names modules as
+    ``modules_to_save`` does."""
+    value = config.get("trainable_token_indices")
+    if value is None:
+        return None, "trainable_token_indices is not set in adapter_config.json, so PEFT makes no token adapter"
+    if isinstance(value, dict):
+        entry = next((name for name in value if isinstance(name, str) and names_module([name], module)), None)
+        if entry is None:
+            return None, "trainable_token_indices does not name its module"
+        return value[entry], None
+    if input_embedding is not None and module != input_embedding:
+        return None, (f"trainable_token_indices is a list, so PEFT trains tokens of the input embedding "
+                      f"{input_embedding} only")
+    return value, None
+
+
 def plan_adapter(config: dict, keys: Iterable[str], shape_of: Callable[[str], tuple], *,
-                 kinds: Mapping[str, LayerKind | None] | None = None, targets: set[str] | None = None) -> AdapterPlan:
+                 kinds: Mapping[str, LayerKind | None] | None = None, targets: set[str] | None = None,
+                 input_embedding: str | None = None) -> AdapterPlan:
     """Read saved adapter ``keys`` the way PEFT applies them to a base.
 
     ``kinds``: module name -> layer kind of the base's modules (None for a module of a kind PEFT's LoRA has but this
     harness does not model); without it, modules are taken to exist and their kind is read from the saved parts.
     ``targets``: the modules ``target_modules`` resolves to on the base (``harness.model.targets``); None: every
-    module with tensors.
+    module with tensors. ``input_embedding``: the base's input embedding (where a list of trainable tokens goes).
     """
     plan = AdapterPlan()
     grouped: dict[str, dict[str, str]] = {}
@@ -125,6 +163,8 @@ def plan_adapter(config: dict, keys: Iterable[str], shape_of: Callable[[str], tu
             plan.copies.append(SavedCopy(f"{info.module}.weight", key, "embedding_layer"))
         elif info.kind == "bias":
             plan.copies.append(SavedCopy(f"{info.module}.bias", key, "bias"))
+        elif info.kind == "trainable_tokens":
+            _plan_tokens(plan, config, key, info, shape_of, kinds, input_embedding)
         else:
             plan.ignored[key] = f"a {info.kind} key, not applied by a LoRA load"
     for module, parts in sorted(grouped.items()):
@@ -153,3 +193,25 @@ def _plan_module(plan: AdapterPlan, config: dict, module: str, parts: dict[str, 
     rank = int(shape[0])
     plan.lora.append(LoraModule(module, kind, dict(parts), rank, module_scaling(config, module, rank=rank),
                                 kind_from_base=kinds is not None))
+
+
+def _plan_tokens(plan: AdapterPlan, config: dict, key: str, info, shape_of, kinds, input_embedding) -> None:
+    """One saved ``trainable_tokens_delta``: applied when PEFT gives its module a token adapter with these rows."""
+    if info.adapter_name is not None:
+        plan.ignored[key] = f"the adapter name {info.adapter_name!r} is left in the key"
+        return
+    indices, why = token_indices(config, info.module, input_embedding)
+    if indices is None:
+        plan.ignored[key] = why
+        return
+    if kinds is not None and info.module not in kinds:
+        plan.ignored[key] = "the base has no such module"
+        return
+    kind = kinds.get(info.module) if kinds is not None else None
+    if kinds is not None and (kind is None or kind.name not in TOKENS.module_types):
+        plan.ignored[key] = "trainable tokens on a module that is neither an embedding nor a linear layer"
+        return
+    if problem := TOKENS.rows_problem(indices, shape_of(key)):
+        plan.ignored[key] = problem
+        return
+    plan.tokens.append(TrainedTokens(info.module, key, tuple(indices)))

@@ -10,6 +10,9 @@ input embedding never acts); ``"model-embeds"`` embeds the text rows with the in
 embedding of the model under test and keeps the image rows, as XComposer does with
 its vision features (embedding LoRA and a trained embedding act); ``"input_ids"``
 feeds token ids only (a text-only probe; the model embeds them itself).
+
+``token_ids``: ids the probe must hold (an adapter's trainable tokens, which change only those rows of the embedding):
+written over every second real text position, cycling through them, so a random draw need not hit them.
 """
 
 from __future__ import annotations
@@ -62,12 +65,14 @@ def make_probe(
     seed: int = 0,
     vocab_low: int = 4,
     feed: str = "embeds",
+    token_ids: list[int] | tuple[int, ...] = (),
 ) -> ProbeBatch:
     """Build a probe batch from ``embedding`` (the model's input embedding module).
 
     ``image_spans`` are ``(start, end)`` positions marked as image rows in every
     sequence (default: the middle third); ``left_padding[b]`` pads sequence b on the left.
     ``feed``: how the probe reaches the model (see the module docstring); ``"input_ids"`` takes no image rows.
+    ``token_ids``: ids placed at every second real text position (those outside the vocab are left out).
     """
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, not {feed!r}")
@@ -86,19 +91,30 @@ def make_probe(
     for b, pad in enumerate(left_padding or []):
         attention_mask[b, :pad] = 0
         im_mask[b, :pad] = False
+    place_token_ids(input_ids, ~im_mask & attention_mask.bool(), [i for i in token_ids if 0 <= i < vocab])
     with torch.no_grad():
         embeds = embedding(input_ids.to(weight.device)).float().cpu()
         rms = embeds.pow(2).mean().sqrt()
         image_rows = torch.randn(batch_size, seq_len, weight.shape[1], generator=gen) * rms
         embeds = torch.where(im_mask[..., None], image_rows, embeds)
+    shown = f" token_ids={list(token_ids)[:8]}" if token_ids else ""
     return ProbeBatch(
         input_ids=input_ids.to(weight.device),
         inputs_embeds=embeds.to(device=weight.device, dtype=weight.dtype),
         im_mask=im_mask.to(weight.device),
         attention_mask=attention_mask.to(weight.device),
-        description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding} feed={feed}",
+        description=f"B={batch_size} T={seq_len} image_spans={image_spans} left_padding={left_padding} feed={feed}{shown}",
         feed=feed,
     )
+
+
+def place_token_ids(input_ids: torch.Tensor, text: torch.Tensor, token_ids: list[int]) -> None:
+    """Write ``token_ids`` (cycling) over every second position where ``text`` is True, row by row, in place."""
+    if not token_ids:
+        return
+    slots = [(b, t) for b in range(text.shape[0]) for t in text[b].nonzero().flatten().tolist()[1::2]]
+    for n, (b, t) in enumerate(slots):
+        input_ids[b, t] = token_ids[n % len(token_ids)]
 
 
 @contextmanager

@@ -6,8 +6,9 @@ reference needs no PEFT object: it applies what PEFT will load (``harness.numeri
 modules ``target_modules`` resolves to on the base, ``modules_to_save`` the config names)
 with the layer-kind rules of ``harness.model.layer_kinds`` (Linear, Conv1D, Embedding:
 W' = W + s·B·A in the module's stored layout, s from the saved config; DoRA's
-renormalisation; lora_B.bias), copies ``modules_to_save`` in, and unties a weight
-shared with another module before changing it. PLoRA's own Plora_A/Plora_B are left alone.
+renormalisation; lora_B.bias), copies ``modules_to_save`` in, writes trainable token rows over
+the embedding's rows (a tied head shares them, as PEFT ties its token adapter), and unties a weight
+shared with another module before changing it otherwise. PLoRA's own Plora_A/Plora_B are left alone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.model.layer_kinds import CONV1D, LINEAR, LayerKind, kind_of_module
+from harness.model.layer_kinds import CONV1D, LINEAR, TOKENS, LayerKind, kind_of_module
+from harness.model.structure import input_embedding_name
 from harness.numerics.applied import AdapterPlan, plan_adapter
 from harness.numerics.probes import ProbeBatch
 
@@ -98,6 +100,14 @@ def resolved_targets(model: torch.nn.Module, config: dict) -> set[str] | None:
         return None
 
 
+def trained_token_ids(model: torch.nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> list[int]:
+    """The token ids whose embedding rows the adapter trains (trainable tokens PEFT applies to ``model``), for the
+    probes: a random draw of ids rarely hits them."""
+    plan = plan_adapter(config, tensors, lambda key: tensors[key].shape, kinds=layer_kinds_of(model),
+                        input_embedding=input_embedding_name(model))
+    return sorted({i for tokens in plan.tokens for i in tokens.indices})
+
+
 def shared_parameters(model: torch.nn.Module) -> set[int]:
     """ids of the parameters that more than one module uses (tied weights)."""
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
@@ -118,7 +128,8 @@ def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[
     """
     if targets is _RESOLVE:
         targets = resolved_targets(model, config)
-    plan = plan_adapter(config, tensors, lambda key: tensors[key].shape, kinds=layer_kinds_of(model), targets=targets)
+    plan = plan_adapter(config, tensors, lambda key: tensors[key].shape, kinds=layer_kinds_of(model), targets=targets,
+                        input_embedding=input_embedding_name(model))
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     shared = shared_parameters(model)
@@ -127,6 +138,14 @@ def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[
     for copy in sorted(plan.copies, key=lambda c: c.role == "modules_to_save"):  # base values first
         if _apply_copy(modules, params, copy, tensors[copy.key], skipped):
             changed.append(copy.param)
+    for tokens in plan.tokens:
+        weight = modules[tokens.module].weight
+        rows = tokens.rows(tensors.__getitem__)
+        if problem := TOKENS.rows_problem(list(tokens.indices), rows.shape, weight.shape):
+            skipped.append(f"{tokens.module}: {problem}: PEFT cannot load it either (see shapes)")
+            continue
+        TOKENS.fold(modules[tokens.module], tokens.indices, rows)
+        changed.append(tokens.module)
     for lora in plan.lora:
         module = modules[lora.module]
         weight = module.weight
