@@ -214,9 +214,9 @@ def test_missing_deepspeed_is_a_skip_reason_not_a_traceback(tmp_path: Path, monk
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_adapter_config_says_to_pass_it(tmp_path: Path) -> None:
+def test_missing_adapter_config_says_where_to_put_it(tmp_path: Path) -> None:
     root = fake_checkpoint(tmp_path / "ckpt", config=False)
-    with pytest.raises(ZeroCheckpointError, match="pass adapter_config=") as err:
+    with pytest.raises(ZeroCheckpointError, match="into the checkpoint directory \\(API: adapter_config=\\)") as err:
         convert_zero_checkpoint(root)
     assert str(root) in str(err.value) and "\n" not in str(err.value)
 
