@@ -1,0 +1,338 @@
+"""Behaviour pinned down by mutation testing (scripts/mutation-test.sh): each test here kills mutants that the
+other fast tests let survive. They assert statuses, details and the parts of messages a user acts on."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.checks import static
+
+
+# -- static helpers --------------------------------------------------------------------------------
+
+
+def test_examples_and_more_cut_lists_where_documented():
+    assert static._examples(range(10)) == [0, 1, 2, 3, 4]
+    assert static._examples(range(10), 2) == [0, 1]
+    assert static._more(3) == ""
+    assert static._more(4) == " (+1 more)"
+    assert static._more(5, 1) == " (+4 more)"
+    assert static._more(1, 1) == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, True), (False, True), ("", True), ([], True), ({}, True), ({"a": None, "b": {"c": []}}, True),
+     (0, False), ("x", False), ([0], False), ({"a": 1}, False), (True, False)],
+)
+def test_default_looking_values(value, expected):
+    assert static._default_looking(value) is expected
+
+
+def test_rejected_names_peft_its_first_line_and_the_exception():
+    got = static._rejected("0.99", ValueError("first line\nsecond line"))
+    assert (got.status, got.message) == ("fail", "PEFT 0.99 rejects this config: first line")
+    assert got.details == {"exception": "ValueError"}
+    assert static._rejected("0.99", KeyError()).message == "PEFT 0.99 rejects this config: KeyError"
+    long = static._rejected("1", RuntimeError("x" * 300)).message
+    assert long == "PEFT 1 rejects this config: " + "x" * 200
+
+
+@pytest.mark.parametrize("text", ["not a valid regular expression", "too costly to match", "failed to compile"])
+def test_config_fix_for_regex_problems(text):
+    fix = static._config_fix([("r", "fine"), ("target_modules", text)])
+    assert fix.startswith("write target_modules as a list of module names, or a simple regex PEFT can match")
+    assert fix.endswith("rank_pattern / alpha_pattern keys are regexes too")
+
+
+def test_config_fix_for_value_problems():
+    fix = static._config_fix([("r", "r must be a positive integer, not 0")])
+    assert fix == ("regenerate adapter_config.json with save_pretrained, with r a positive integer and lora_alpha a "
+                   "positive finite number")
+
+
+def test_shown_cuts_long_values_to_the_limit():
+    assert static._shown("a" * 58) == repr("a" * 58)  # 60 characters with the quotes: kept
+    cut = static._shown("a" * 59)  # 61 characters: cut to 59 + the ellipsis
+    assert cut == "'" + "a" * 58 + "…" and len(cut) == 60
+    assert static._shown([1, 2], limit=4) == "[1,…"
+    assert static._shown(10**5000) == "an integer of about 5000 digits"
+
+
+class _FakeInfo(SimpleNamespace):
+    pass
+
+
+class _FakeFile:
+    def __init__(self, name, tensors):
+        self.name = name
+        self._tensors = tensors
+        self.tensors = {k: _FakeInfo(shape=tuple(v.shape), dtype=v.dtype) for k, v in tensors.items()}
+        self.released = []
+
+    def get_tensor(self, key):
+        return self._tensors[key]
+
+    def release(self, key):
+        self.released.append(key)
+
+
+def test_compare_files_lists_every_kind_of_difference():
+    t = torch.ones(2, 2)
+    first = _FakeFile("a.safetensors", {"k1": t, "k2": t, "k3": t, "k4": t, "only_a1": t, "only_a2": t})
+    second = _FakeFile("b.bin", {"k1": torch.ones(3, 2), "k2": t.double(), "k3": t * 2, "k4": t, "only_b": t})
+    diffs = static._compare_files(first, second)
+    assert diffs == [
+        "2 key(s) only in a.safetensors, e.g. only_a1",
+        "1 key(s) only in b.bin, e.g. only_b",
+        "3 tensor(s) differ, e.g. k1 (torch.float32[2, 2] vs torch.float32[3, 2])",
+    ]
+    assert first.released == ["k3", "k4"]
+    second = _FakeFile("b.bin", {"k2": t.double(), "k3": t * 2, "only_b": t, "only_b0": t})
+    first = _FakeFile("a.safetensors", {"k2": t, "k3": t})
+    assert static._compare_files(first, second) == [
+        "2 key(s) only in b.bin, e.g. only_b",
+        "2 tensor(s) differ, e.g. k2 (torch.float32[2, 2] vs torch.float64[2, 2])",
+    ]
+    first = _FakeFile("a.safetensors", {"k3": t})
+    assert static._compare_files(first, _FakeFile("b.bin", {"k3": t * 2})) == ["1 tensor(s) differ, e.g. k3"]
+    assert static._compare_files(first, _FakeFile("b.bin", {"k3": t})) == []
+
+
+# -- numerics.reference ----------------------------------------------------------------------------
+
+
+def test_shared_parameters_are_only_the_tied_ones():
+    from harness.numerics.reference import shared_parameters
+
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)})
+    model["b"].weight = model["a"].weight
+    assert shared_parameters(model) == {id(model["a"].weight)}
+
+
+def _copy(param, role="modules_to_save", key="k"):
+    return SimpleNamespace(param=param, role=role, key=key)
+
+
+def test_apply_copy_refuses_what_does_not_fit():
+    from harness.numerics.reference import _apply_copy
+
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(2, 3)})
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    skipped: list[str] = []
+    assert _apply_copy(modules, params, _copy("lin.nothing", key="k1"), torch.zeros(3), skipped) is False
+    assert _apply_copy(modules, params, _copy("lin.bias", key="k2"), torch.zeros(4), skipped) is False
+    assert skipped == ["k1: no base parameter lin.nothing of shape [3]", "k2: no base parameter lin.bias of shape [4]"]
+
+
+def test_apply_copy_modules_to_save_becomes_a_frozen_parameter_of_the_base_dtype_and_device():
+    from harness.numerics.reference import _apply_copy
+
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)}).to(torch.float16)
+    model["b"].weight = model["a"].weight
+    before = model["a"].weight.detach().clone()
+    modules, params = dict(model.named_modules()), dict(model.named_parameters(remove_duplicate=False))
+    value = torch.full((2, 2), 0.5, dtype=torch.float32)
+    assert _apply_copy(modules, params, _copy("b.weight"), value, []) is True
+    new = model["b"].weight
+    assert new.dtype == torch.float16 and not new.requires_grad and torch.equal(new, value.half())
+    assert torch.equal(model["a"].weight, before)  # the tied partner keeps the base value
+
+    meta = torch.nn.ModuleDict({"b": torch.nn.Linear(2, 2)}).to("meta")
+    modules, params = dict(meta.named_modules()), dict(meta.named_parameters())
+    assert _apply_copy(modules, params, _copy("b.weight"), value, []) is True
+    assert meta["b"].weight.device.type == "meta"
+
+
+def test_apply_copy_other_roles_load_into_the_base_parameter():
+    from harness.numerics.reference import _apply_copy
+
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(2, 2)}).to(torch.float64)
+    bias = model["lin"].bias
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    value = torch.tensor([1.25, -2.0])
+    with torch.no_grad():  # as apply_adapter_reference calls it
+        assert _apply_copy(modules, params, _copy("lin.bias", role="bias"), value, []) is True
+    assert model["lin"].bias is bias and bias.dtype == torch.float64
+    assert torch.equal(bias, value.double())
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 4)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def _probe(feed):
+    from harness.numerics.probes import ProbeBatch
+
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    im_mask = torch.tensor([[False, True, False], [True, False, False]])
+    return ProbeBatch(input_ids=ids, inputs_embeds=torch.arange(24, dtype=torch.float32).reshape(2, 3, 4),
+                      im_mask=im_mask, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]), feed=feed)
+
+
+def test_probe_inputs_by_feed():
+    from harness.numerics.reference import probe_inputs
+
+    model = _TinyLM().to(torch.float64)
+    probe = _probe("input_ids")
+    got = probe_inputs(model, probe)
+    assert set(got) == {"attention_mask", "input_ids", "im_mask"}
+    assert torch.equal(got["input_ids"], probe.input_ids) and torch.equal(got["im_mask"], probe.im_mask)
+    assert torch.equal(got["attention_mask"], probe.attention_mask)
+    assert set(probe_inputs(model, probe, im_mask=False)) == {"attention_mask", "input_ids"}
+
+    probe = _probe("embeds")
+    got = probe_inputs(model, probe)
+    assert set(got) == {"attention_mask", "inputs_embeds", "im_mask"}
+    assert got["inputs_embeds"].dtype == torch.float64 and torch.equal(got["inputs_embeds"], probe.inputs_embeds.double())
+
+    probe = _probe("model-embeds")
+    got = probe_inputs(model, probe)
+    assert set(got) == {"attention_mask", "inputs_embeds", "im_mask"}
+    text = model.embed(probe.input_ids)
+    want = torch.where(probe.im_mask[..., None], probe.inputs_embeds.double(), text)
+    assert got["inputs_embeds"].dtype == torch.float64 and torch.equal(got["inputs_embeds"], want)
+
+
+@pytest.mark.parametrize("feed", ["input_ids", "embeds", "model-embeds"])
+def test_probe_inputs_follow_the_model_device(feed):
+    from harness.numerics.reference import probe_inputs
+
+    model = _TinyLM().to("meta")
+    got = probe_inputs(model, _probe(feed))
+    assert {name: value.device.type for name, value in got.items()} == {name: "meta" for name in got}
+
+
+def test_finite_output_reads_tensors_in_any_container_and_ignores_padding():
+    from harness.numerics.reference import _finite_output
+
+    real = torch.tensor([[True, True], [False, True]])
+    bad_at_padding = torch.zeros(2, 2, 3)
+    bad_at_padding[1, 0, 0] = float("nan")
+    bad_at_real = torch.zeros(2, 2, 3)
+    bad_at_real[0, 1, 2] = float("inf")
+    assert _finite_output(bad_at_padding, real) is True
+    assert _finite_output(bad_at_real, real) is False
+    assert _finite_output({"x": "no tensor", "y": bad_at_real}, real) is False
+    assert _finite_output((None, bad_at_real), real) is False
+    assert _finite_output([bad_at_real], real) is False
+    assert _finite_output([bad_at_padding], real) is True
+    assert _finite_output("text", real) is True
+    assert _finite_output(torch.tensor([1, 2]), real) is True  # integer outputs are never non-finite
+    two_d = torch.zeros(2, 2)
+    two_d[1, 0] = float("nan")
+    assert _finite_output(two_d, real) is True  # a [B, T] output is masked too
+    two_d[0, 0] = float("nan")
+    assert _finite_output(two_d, real) is False
+    other = torch.zeros(3, 3)
+    other[2, 2] = float("nan")
+    assert _finite_output(other, real) is False  # not [B, T, ...]: every element counts
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("base_model.model.m.q_proj.lora_B.default", "m.q_proj (its lora_B)"),
+        ("base_model.model.m.q_proj.base_layer", "m.q_proj"),
+        ("m.lm_head.modules_to_save.default", "m.lm_head (its modules_to_save)"),
+        ("m.x.original_module", "m.x (its original_module)"),
+        ("base_model.model.m.layers.0.mlp", "m.layers.0.mlp"),
+        ("m.wqkv.Plora_A", "m.wqkv.Plora_A"),
+    ],
+)
+def test_base_module_name(name, expected):
+    from harness.numerics.reference import _base_module_name
+
+    assert _base_module_name(name) == expected
+
+
+# -- loading.records -------------------------------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(4, 4)
+        self.emb = torch.nn.Embedding(6, 4)
+
+
+@pytest.fixture(scope="module")
+def lora_net():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(_Net(), LoraConfig(r=2, target_modules=["q", "emb"]), adapter_name="other")
+
+
+def test_adapter_owned_names_every_adapter_parameter(lora_net):
+    from harness.loading.records import _adapter_owned
+
+    assert _adapter_owned(lora_net, "other") == {
+        "base_model.model.q.lora_A.other.weight",
+        "base_model.model.q.lora_B.other.weight",
+        "base_model.model.emb.lora_embedding_A.other",
+        "base_model.model.emb.lora_embedding_B.other",
+    }
+    assert _adapter_owned(lora_net, "default") == set()
+
+
+def test_note_load_result_keeps_adapter_keys_and_names_the_noise(lora_net):
+    from harness.loading.records import LoadRecord, _note_load_result
+
+    record = LoadRecord(path="p", missing_keys=["earlier-missing"], unexpected_keys=["earlier-unexpected"])
+    result = SimpleNamespace(
+        missing_keys=["base_model.model.q.lora_A.other.weight", "base_model.model.q.base_layer.weight",
+                      "base_model.model.x.Plora_A.weight", "base_model.model.y.plora_glb_GN"],
+        unexpected_keys=["base_model.model.z.lora_B.other.weight", "stray.weight"],
+    )
+    _note_load_result(record, lora_net, result, "other")
+    assert record.missing_keys == ["base_model.model.q.lora_A.weight", "earlier-missing"]
+    assert record.unexpected_keys == ["base_model.model.z.lora_B.weight", "earlier-unexpected", "stray.weight"]
+    assert record.notes == [
+        "load_result: 1 missing adapter keys, 2 unexpected keys",
+        "PEFT also lists 2 non-adapter key(s) containing 'lora_' as missing (e.g. base_model.model.x.Plora_A.weight): "
+        "PLoRA names, ignored",
+    ]
+
+
+def test_note_load_result_without_lists(lora_net):
+    from harness.loading.records import LoadRecord, _note_load_result
+
+    record = LoadRecord(path="p")
+    _note_load_result(record, lora_net, object(), "other")
+    _note_load_result(record, lora_net, SimpleNamespace(missing_keys=None, unexpected_keys=None), "other")
+    assert record.notes == ["load_result: 0 missing adapter keys, 0 unexpected keys"] * 2
+    assert record.clean
+
+
+# -- static: shapes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "parts", "expected"),
+    [
+        ({"r": 2}, {}, (None, None)),
+        ({"r": 2}, {"lora_magnitude_vector": (4,)}, (None, None)),
+        ({"r": 2}, {"lora_A": (2, 3)}, ("m: lora_A without lora_B", None)),
+        ({"r": 2}, {"lora_B": (4, 2)}, ("m: lora_B without lora_A", None)),
+        ({"r": 2}, {"lora_A": (2, 3, 1), "lora_B": (4, 2)}, ("m: lora_A[2, 3, 1] / lora_B[4, 2] are not matrices", None)),
+        ({"r": 2}, {"lora_A": (2, 3), "lora_B": (4, 2, 1)}, ("m: lora_A[2, 3] / lora_B[4, 2, 1] are not matrices", None)),
+        ({"r": 8}, {"lora_A": (2, 3), "lora_B": (4, 2)}, ("m: rank 2 [2, 3]/[4, 2] but the config's r gives 8", None)),
+        ({"r": 8, "rank_pattern": {"m": 4}}, {"lora_A": (2, 3), "lora_B": (4, 2)},
+         ("m: rank 2 [2, 3]/[4, 2] but the config's rank_pattern gives 4", None)),
+        ({"r": 8, "rank_pattern": {"other": 4}}, {"lora_A": (2, 3), "lora_B": (4, 2)},
+         ("m: rank 2 [2, 3]/[4, 2] but the config's r gives 8", None)),
+        ({}, {"lora_A": (2, 3), "lora_B": (4, 2)}, (None, 2)),
+        ({"r": 2}, {"lora_A": (2, 3), "lora_B": (4, 2)}, (None, 2)),
+    ],
+)
+def test_module_shape_problem(config, parts, expected):
+    assert static._module_shape_problem(config, "m", parts) == expected
