@@ -330,9 +330,166 @@ def test_note_load_result_without_lists(lora_net):
          ("m: rank 2 [2, 3]/[4, 2] but the config's rank_pattern gives 4", None)),
         ({"r": 8, "rank_pattern": {"other": 4}}, {"lora_A": (2, 3), "lora_B": (4, 2)},
          ("m: rank 2 [2, 3]/[4, 2] but the config's r gives 8", None)),
+        ({"r": 4, "rank_pattern": {"m": 4}}, {"lora_A": (2, 3), "lora_B": (4, 2)},
+         ("m: rank 2 [2, 3]/[4, 2] but the config's r gives 4", None)),
         ({}, {"lora_A": (2, 3), "lora_B": (4, 2)}, (None, 2)),
+        ({"r": 2}, {"lora_A": (2, 3), "lora_B": (4, 2), "lora_magnitude_vector": (5,)},
+         ("m: lora_magnitude_vector [5] does not match lora_B out 4", None)),
+        ({"r": 2}, {"lora_A": (2, 3), "lora_B": (4, 2), "lora_magnitude_vector": (1, 4, 1, 1)}, (None, 2)),
+        ({"r": 2}, {"lora_A": (2, 3), "lora_B": (4, 2), "lora_B.bias": (3,)},
+         ("m: lora_B.bias [3] does not match lora_B out 4", None)),
+        ({"r": 2}, {"lora_A": (2, 3), "lora_B": (4, 2), "lora_B.bias": (4,)}, (None, 2)),
+        ({"r": 2}, {"lora_embedding_A": (2, 10), "lora_embedding_B": (4, 2), "lora_embedding_B.bias": (4,)},
+         ("m: lora_embedding_B.bias [4] does not match lora_embedding_B out 4 (PEFT has no lora_bias for a "
+          "nn.Embedding)", None)),
         ({"r": 2}, {"lora_A": (2, 3), "lora_B": (4, 2)}, (None, 2)),
     ],
 )
 def test_module_shape_problem(config, parts, expected):
     assert static._module_shape_problem(config, "m", parts) == expected
+
+
+def test_rank_problem_bounds():
+    assert static._rank_problem("r", 1) is None
+    assert static._rank_problem("r", 65_536) is None
+    assert static._rank_problem("r", 0) == "r must be a positive integer, not 0"
+    assert static._rank_problem("r", "8") == "r must be a positive integer, not '8'"
+    assert static._rank_problem("r", 65_537) == "r is 65537, over 65,536: no LoRA rank is that large"
+
+
+def test_alpha_problem_bounds():
+    assert static._alpha_problem("a", 1) is None
+    assert static._alpha_problem("a", 0.5) is None
+    assert static._alpha_problem("a", 1_000_000) is None
+    assert static._alpha_problem("a", "x") == "a must be a number, not 'x'"
+    assert static._alpha_problem("a", True) == "a must be a number, not True"
+    assert static._alpha_problem("a", float("inf")) == "a is inf, not a finite number"
+    assert static._alpha_problem("a", 0) == "a is 0: the LoRA scaling is zero, the adapter does nothing"
+    assert static._alpha_problem("a", -1) == "a is negative (-1): the LoRA scaling alpha/r must be positive"
+    assert static._alpha_problem("a", 1e7) == (
+        "a is 10000000.0, over 1,000,000: the scaling alpha/r would swamp the base weights")
+
+
+def test_config_of_a_context_without_adapter_is_empty():
+    from harness.checks import CheckContext
+
+    assert static._config(CheckContext()) == {}
+    assert static._config(CheckContext(adapter=SimpleNamespace(config=["not", "a", "dict"]))) == {}
+    assert static._config(CheckContext(adapter=SimpleNamespace(config={"r": 2}))) == {"r": 2}
+
+
+# -- static: config values -------------------------------------------------------------------------
+
+GOOD_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q"]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, []),
+        ({"target_modules": "q|k"}, []),
+        ({"target_modules": None, "bias": "lora_only"}, []),
+        ({"r": 0, "lora_alpha": 0}, [("r", "r must be a positive integer, not 0"),
+                                     ("lora_alpha", "lora_alpha is 0: the LoRA scaling is zero, the adapter does nothing")]),
+        ({"target_modules": 5}, [("target_modules", "target_modules must be a non-empty list of names or a regex string, not 5")]),
+        ({"target_modules": ""}, [("target_modules", "target_modules must be a non-empty list of names or a regex string, not ''")]),
+        ({"target_modules": []}, [("target_modules", "target_modules must be a non-empty list of names or a regex string, not []")]),
+        ({"target_modules": ["q", 1]},
+         [("target_modules", "target_modules must be a non-empty list of names or a regex string, not ['q', 1]")]),
+        ({"bias": None}, [("bias", "bias must be 'none', 'all' or 'lora_only', not None")]),
+        ({"rank_pattern": [1], "alpha_pattern": {"x": "y"}},
+         [("rank_pattern", "rank_pattern must map module patterns to numbers, not [1]"),
+          ("alpha_pattern", "alpha_pattern['x'] must be a number, not 'y'")]),
+        ({"rank_pattern": {"w": 0, "v": 2}}, [("rank_pattern", "rank_pattern['w'] must be a positive integer, not 0")]),
+    ],
+)
+def test_scalar_problems_name_the_field(changes, expected):
+    assert static._scalar_problems({**GOOD_CONFIG, **changes}) == expected
+
+
+def test_pattern_problems_compile_then_time_every_pattern(monkeypatch):
+    import harness.inputs.patterns as patterns
+
+    seen = []
+
+    def fake_bounded_matches(pattern, names):
+        seen.append((pattern.field, pattern.raw, list(names)))
+        if pattern.raw == "slow":
+            raise patterns.PatternTooCostly("rank_pattern key 'slow' is too costly")
+        return []
+
+    monkeypatch.setattr(patterns, "bounded_matches", fake_bounded_matches)
+    config = {**GOOD_CONFIG, "target_modules": "(", "rank_pattern": {"slow": 2, "fast": 2}}
+    found = static._pattern_problems(config, ["n1", "n2"])
+    bad = patterns.config_patterns(config)[0]
+    assert found == [("target_modules", patterns.compile_problem(bad)),
+                     ("rank_pattern", "rank_pattern key 'slow' is too costly")]
+    assert "is not a valid regular expression" in found[0][1]
+    assert seen == [("rank_pattern", "slow", ["n1", "n2"]), ("rank_pattern", "fast", ["n1", "n2"])]
+    assert static._pattern_problems(GOOD_CONFIG, ["n1"]) == []
+
+
+# -- static: what the input is ---------------------------------------------------------------------
+
+
+def _ctx(keys=(), *, foreign=(), adapter_files=("adapter_model.safetensors",), model_config=None,
+         config_path="adapter_config.json", primary="adapter", config=None):
+    from harness.checks import CheckContext
+
+    adapter = SimpleNamespace(
+        tensors={k: None for k in keys}, config=config if config is not None else dict(GOOD_CONFIG),
+        foreign_files=[SimpleNamespace(name=n) for n in foreign], adapter_files=list(adapter_files),
+        model_config=model_config, config_path=config_path,
+        primary=None if primary is None else SimpleNamespace(role=primary),
+    )
+    return CheckContext(adapter=adapter)
+
+
+P = "base_model.model."
+LORA_KEYS = [f"{P}m.q.lora_A.weight", f"{P}m.q.lora_B.weight"]
+
+
+def test_full_checkpoint_reasons():
+    reason = static.full_checkpoint_reason
+    assert reason(_ctx(foreign=["a.safetensors", "b.bin", "c.pt", "d.pt"], model_config={}, config_path=None)) == (
+        "a full model directory (config.json + a.safetensors, b.bin, c.pt) with no adapter_config.json: "
+        "a merged or base model, not an adapter")
+    assert reason(_ctx(foreign=["a.safetensors"], model_config=None, config_path=None)) is None  # no keys
+    assert reason(_ctx(foreign=["a.safetensors"], model_config={}, config_path="adapter_config.json")) is None
+    assert reason(_ctx()) is None
+    assert reason(_ctx(LORA_KEYS)) is None
+    assert reason(_ctx([f"{P}m.q.base_layer.weight", *LORA_KEYS])) == (
+        f"1 of 3 keys are base weights (e.g. {P}m.q.base_layer.weight): a full PeftModel state_dict(), "
+        "not the adapter save_pretrained writes")
+    assert reason(_ctx([f"{P}m.x.weight", f"{P}m.y.weight"])) == (
+        f"none of the 2 keys is a LoRA tensor (e.g. {P}m.x.weight): a full or merged model state dict, not an adapter")
+    assert reason(_ctx([f"{P}m.wqkv.Plora_A.weight"])) == (
+        f"none of the 1 keys is a LoRA tensor (e.g. {P}m.wqkv.Plora_A.weight): a full or merged model state dict, "
+        "not an adapter")
+    assert reason(_ctx([*LORA_KEYS, f"{P}m.x.weight", f"{P}m.y.weight", f"{P}m.wqkv.Plora_A.weight"])) == (
+        f"3 of 5 keys are not LoRA tensors (e.g. {P}m.x.weight): a model state dict with LoRA tensors inside, "
+        "not an adapter")
+    assert reason(_ctx([*LORA_KEYS, f"{P}m.x.weight", f"{P}m.y.weight"])) is None  # as many LoRA as other keys
+    assert reason(_ctx(LORA_KEYS, foreign=["model.safetensors", "x.bin", "y.bin", "z.bin"], adapter_files=())) == (
+        "only model weight files (model.safetensors, x.bin, y.bin), no adapter_model.safetensors/.bin")
+    assert reason(_ctx(LORA_KEYS, foreign=["model.safetensors"])) is None
+
+
+def test_data_unavailable_reasons():
+    from harness.checks import CheckContext
+
+    assert static._data_unavailable(CheckContext()) == "no adapter given"
+    assert static._data_unavailable(_ctx(LORA_KEYS, primary=None)) == "no readable weights file (see weights-readable)"
+    assert static._data_unavailable(_ctx(LORA_KEYS, primary="foreign")) == "not an adapter (see full-checkpoint)"
+    assert static._data_unavailable(_ctx([f"{P}m.x.weight"])) == "not an adapter (see full-checkpoint)"
+    assert static._data_unavailable(_ctx(LORA_KEYS)) is None
+
+
+def test_module_names_add_the_adapters_modules_to_the_typical_ones():
+    from harness.checks import CheckContext
+
+    probes = list(static.PROBE_NAMES)
+    assert static._module_names(CheckContext()) == probes
+    assert static._module_names(_ctx(LORA_KEYS, primary=None)) == probes
+    keys = [f"{P}z.lora_A.weight", f"{P}z.lora_B.weight", *LORA_KEYS, f"{P}m.x.weight"]
+    assert static._module_names(_ctx(keys)) == [*probes, "m.q", "z"]
