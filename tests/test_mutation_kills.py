@@ -208,8 +208,21 @@ def test_probe_inputs_follow_the_model_device(feed):
     from harness.numerics.reference import probe_inputs
 
     model = _TinyLM().to("meta")
+    seen = []
+    model.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
     got = probe_inputs(model, _probe(feed))
     assert {name: value.device.type for name, value in got.items()} == {name: "meta" for name in got}
+    assert seen == (["meta"] if feed == "model-embeds" else [])  # the token ids reach the embedding on its device
+
+
+def test_probe_inputs_model_embeds_keep_a_low_precision_dtype():
+    from harness.numerics.reference import probe_inputs
+
+    model = _TinyLM().to(torch.bfloat16)
+    probe = _probe("model-embeds")
+    got = probe_inputs(model, probe)["inputs_embeds"]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got[probe.im_mask], probe.inputs_embeds[probe.im_mask].to(torch.bfloat16))
 
 
 def test_finite_output_reads_tensors_in_any_container_and_ignores_padding():
@@ -227,6 +240,8 @@ def test_finite_output_reads_tensors_in_any_container_and_ignores_padding():
     assert _finite_output([bad_at_real], real) is False
     assert _finite_output([bad_at_padding], real) is True
     assert _finite_output("text", real) is True
+    assert _finite_output(None, real) is True  # a module that returns nothing
+    assert _finite_output(3, real) is True
     assert _finite_output(torch.tensor([1, 2]), real) is True  # integer outputs are never non-finite
     two_d = torch.zeros(2, 2)
     two_d[1, 0] = float("nan")
@@ -397,6 +412,9 @@ GOOD_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q"]}
         ({"target_modules": ["q", 1]},
          [("target_modules", "target_modules must be a non-empty list of names or a regex string, not ['q', 1]")]),
         ({"bias": None}, [("bias", "bias must be 'none', 'all' or 'lora_only', not None")]),
+        ({"bias": "sometimes"}, [("bias", "bias must be 'none', 'all' or 'lora_only', not 'sometimes'")]),
+        ({"alpha_pattern": {"x": 0}},
+         [("alpha_pattern", "alpha_pattern['x'] is 0: the LoRA scaling is zero, the adapter does nothing")]),
         ({"rank_pattern": [1], "alpha_pattern": {"x": "y"}},
          [("rank_pattern", "rank_pattern must map module patterns to numbers, not [1]"),
           ("alpha_pattern", "alpha_pattern['x'] must be a number, not 'y'")]),
@@ -493,3 +511,96 @@ def test_module_names_add_the_adapters_modules_to_the_typical_ones():
     assert static._module_names(_ctx(LORA_KEYS, primary=None)) == probes
     keys = [f"{P}z.lora_A.weight", f"{P}z.lora_B.weight", *LORA_KEYS, f"{P}m.x.weight"]
     assert static._module_names(_ctx(keys)) == [*probes, "m.q", "z"]
+
+
+# -- numerics.reference: expected deltas -----------------------------------------------------------
+
+
+def _dora_adapter():
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{P}a.lora_A.weight": torch.randn(2, 3, generator=g), f"{P}a.lora_B.weight": torch.randn(4, 2, generator=g),
+               f"{P}b.lora_A.weight": torch.randn(2, 3, generator=g), f"{P}b.lora_B.weight": torch.randn(4, 2, generator=g),
+               f"{P}a.lora_magnitude_vector": torch.rand(4, generator=g) + 1, f"{P}a.lora_B.bias": torch.randn(4, generator=g)}
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["a", "b"], "use_dora": True, "lora_bias": True}
+    return config, tensors
+
+
+def test_expected_deltas_carry_magnitude_bias_and_kind():
+    from harness.model.layer_kinds import CONV1D, LINEAR
+    from harness.numerics.reference import expected_deltas
+
+    config, tensors = _dora_adapter()
+    deltas = expected_deltas(config, tensors)
+    assert sorted(deltas) == ["a", "b"]
+    a = deltas["a"]
+    assert a.kind is LINEAR and a.scaling == 2.0 and a.rank == 2
+    assert torch.equal(a.magnitude, tensors[f"{P}a.lora_magnitude_vector"])
+    assert torch.allclose(a.bias_delta, 2.0 * tensors[f"{P}a.lora_B.bias"])
+    assert torch.allclose(a.delta, 2.0 * tensors[f"{P}a.lora_B.weight"] @ tensors[f"{P}a.lora_A.weight"])
+    assert deltas["b"].magnitude is None and deltas["b"].bias_delta is None
+
+    only_a = expected_deltas(config, tensors, targets={"a"}, kinds={"a": CONV1D, "b": LINEAR})
+    assert list(only_a) == ["a"]
+    assert only_a["a"].kind is CONV1D and only_a["a"].fan_in_fan_out is True
+    assert tuple(only_a["a"].delta.shape) == (3, 4)
+
+
+def test_module_delta_layout_follows_the_kind():
+    from harness.model.layer_kinds import CONV1D, EMBEDDING, LINEAR
+    from harness.numerics.reference import ModuleDelta
+
+    delta = torch.zeros(2, 2)
+    assert ModuleDelta("m", delta, 1.0, 1).kind is LINEAR
+    assert ModuleDelta("m", delta, 1.0, 1).fan_in_fan_out is False
+    flagged = ModuleDelta("m", delta, 1.0, 1, fan_in_fan_out=True)
+    assert flagged.kind is CONV1D and flagged.fan_in_fan_out is True
+    embedding = ModuleDelta("m", delta, 1.0, 1, fan_in_fan_out=True, kind=EMBEDDING)
+    assert embedding.kind is EMBEDDING and embedding.fan_in_fan_out is True
+    assert ModuleDelta("m", delta, 1.0, 1, kind=EMBEDDING).fan_in_fan_out is True
+
+
+# -- loading.records: what was loaded --------------------------------------------------------------
+
+
+def test_same_values_for_integer_tensors():
+    from harness.loading.records import same_values
+
+    assert same_values(torch.tensor([1, 2]), torch.tensor([1, 2])) is True
+    assert same_values(torch.tensor([1, 2]), torch.tensor([1, 3])) is False
+    assert same_values(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0])) is True
+    assert same_values(torch.tensor([1.0]), torch.tensor([1.0, 1.0])) is False
+
+
+def test_record_coverage_compares_keys_and_values(monkeypatch):
+    import peft.utils
+
+    from harness.loading.records import LoadRecord, _record_coverage
+
+    saved = {
+        "same": torch.tensor([1.0, 2.0]),
+        "reshaped": torch.tensor([1.0, 2.0]),
+        "changed": torch.tensor([1.0, 2.0]),
+        "rounded": torch.tensor([1.001, 2.0]),  # held in bf16: the file's value rounded is loaded
+        "only_saved": torch.tensor([0.0]),
+    }
+    held = {
+        "same": torch.tensor([1.0, 2.0]),
+        "reshaped": torch.tensor([[1.0, 2.0]]),
+        "changed": torch.tensor([1.0, 2.5]),
+        "rounded": torch.tensor([1.001, 2.0]).to(torch.bfloat16),
+        "only_held": torch.tensor([0.0]),
+    }
+    calls = []
+
+    def fake_state_dict(model, adapter_name):
+        calls.append((model, adapter_name))
+        return held
+
+    monkeypatch.setattr(peft.utils, "get_peft_model_state_dict", fake_state_dict)
+    record = LoadRecord(path="p", missing_keys=["earlier"], unexpected_keys=["earlier-u"])
+    _record_coverage(record, "model", saved, "other")
+    assert calls == [("model", "other")]
+    assert record.missing_keys == ["earlier", "only_held"]
+    assert record.unexpected_keys == ["earlier-u", "only_saved"]
+    assert record.not_loaded == ["changed", "reshaped"]
+    assert not record.clean
