@@ -613,3 +613,217 @@ def test_record_coverage_compares_keys_and_values(monkeypatch):
     assert record.unexpected_keys == ["earlier-u", "only_saved"]
     assert record.not_loaded == ["changed", "reshaped"]
     assert not record.clean
+
+
+# -- numerics.compare ------------------------------------------------------------------------------
+
+
+def _comparison(**changes):
+    from harness.numerics.compare import Comparison
+
+    fields = dict(label="lbl", dtype="float32", tolerance=1e-4, image_max_abs=1e-3, image_max_rel=2e-3,
+                  text_max_abs=3e-3, text_max_rel=4e-3, worst_row=("image", 1, 2), ok=True)
+    return Comparison(**{**fields, **changes})
+
+
+def test_comparison_summary_states_the_numbers_the_worst_row_and_the_verdict():
+    rows = "lbl: image rows max abs 1.00e-03 (rel 2.00e-03), text rows max abs 3.00e-03 (rel 4.00e-03)"
+    assert _comparison(cause="ignored when ok").summary() == (
+        f"{rows}; worst at image row batch 1 position 2; within the float32 tolerance 1e-04")
+    assert _comparison(ok=False, worst_row=("", -1, -1), cause="the head was re-tied").summary() == (
+        f"{rows}; OUTSIDE the float32 tolerance 1e-04; the head was re-tied")
+    assert _comparison(ok=False, non_finite="first produced by m.q").summary() == (
+        "lbl: non-finite outputs (NaN/Inf) in real rows, first produced by m.q")
+    assert _comparison(ok=False, non_finite="first produced by m.q", cause="c").summary() == (
+        "lbl: non-finite outputs (NaN/Inf) in real rows, first produced by m.q; c")
+    assert _comparison().to_dict()["worst_row"] == ("image", 1, 2)
+    assert set(_comparison().to_dict()) == {"label", "dtype", "tolerance", "image_max_abs", "image_max_rel",
+                                            "text_max_abs", "text_max_rel", "worst_row", "ok", "non_finite", "cause"}
+
+
+def test_compare_row_classes_numbers_and_worst_row():
+    from harness.numerics.compare import compare
+
+    probe = _probe("embeds")  # image rows: (0, 1); text rows: (0, 0), (0, 2), (1, 1), (1, 2); (1, 0) is padding
+    ref = torch.full((2, 3, 4), 2.0)
+    ref[0, 1] = 4.0  # the image rows' scale
+    got = ref.clone()
+    got[0, 1, 3] += 0.4  # image: abs 0.4, rel 0.1
+    got[1, 2, 0] -= 0.3  # text: abs 0.3, rel 0.15 (the worst, relative to its scale)
+    got[1, 0] = 1e6  # padding: ignored
+    result = compare(got, ref, probe, dtype=torch.float32, label="p", cause="why")
+    assert (result.label, result.dtype, result.tolerance, result.ok) == ("p", "float32", 1e-4, False)
+    assert result.image_max_abs == pytest.approx(0.4) and result.image_max_rel == pytest.approx(0.1)
+    assert result.text_max_abs == pytest.approx(0.3, rel=1e-5) and result.text_max_rel == pytest.approx(0.15, rel=1e-5)
+    assert result.worst_row == ("text", 1, 2)
+    assert result.non_finite is None and result.cause == "why"
+    loose = compare(got, ref, probe, dtype=torch.float32, label="p", tolerance=0.2)
+    assert loose.ok and loose.tolerance == 0.2
+    # each class against its own scale: image 0.4 <= 0.12 * 4, text 0.3 > 0.12 * 2
+    assert not compare(got, ref, probe, dtype=torch.float32, label="p", tolerance=0.12).ok
+    image_worst = got.clone()
+    image_worst[0, 1, 3] += 0.4  # image rel 0.2 now
+    assert compare(image_worst, ref, probe, dtype=torch.float32, label="p").worst_row == ("image", 0, 1)
+    tie = ref.clone()
+    tie[0, 1, 0] += 0.4  # image rel 0.1
+    tie[0, 2, 0] += 0.2  # text rel 0.1: a tie keeps the first class
+    assert compare(tie, ref, probe, dtype=torch.float32, label="p").worst_row == ("image", 0, 1)
+    assert compare(ref.clone(), ref, probe, dtype=torch.float32, label="p").worst_row == ("image", 0, 0)
+
+
+def test_compare_bounds_small_outputs_by_the_absolute_floor():
+    from harness.numerics.compare import compare
+
+    probe = _probe("embeds")
+    ref = torch.full((2, 3, 4), 1e-3)
+    got = ref + 5e-6  # rel 5e-3 of the scale, but under fp32's atol 1e-5
+    assert compare(got, ref, probe, dtype=torch.float32, label="p").ok
+    assert not compare(got, ref, probe, dtype=torch.float32, label="p", tolerance=1e-4).ok  # no floor then
+    assert not compare(ref + 2e-5, ref, probe, dtype=torch.float32, label="p").ok
+    assert compare(ref + 2e-5, ref, probe, dtype=torch.float32, label="p").tolerance == 1e-4
+    bf16 = compare(got, ref, probe, dtype=torch.bfloat16, label="p")
+    assert (bf16.dtype, bf16.tolerance, bf16.ok) == ("bfloat16", 5e-2, True)
+
+
+def test_compare_non_finite_outputs_and_references():
+    from harness.numerics.compare import compare, finite_rows
+
+    probe = _probe("embeds")
+    ref = torch.ones(2, 3, 4)
+    got = ref.clone()
+    got[1, 0, 0] = float("nan")  # padding
+    assert finite_rows(got, probe) and compare(got, ref, probe, dtype=torch.float32, label="p").ok
+    got[1, 1, 2] = float("nan")
+    assert not finite_rows(got, probe)
+    result = compare(got, ref, probe, dtype=torch.float32, label="p")
+    assert (result.ok, result.non_finite) == (False, "source not located")
+    assert result.text_max_abs == float("inf") and result.worst_row == ("text", 1, 1)
+    named = compare(got, ref, probe, dtype=torch.float32, label="p", non_finite="first produced by m")
+    assert named.non_finite == "first produced by m"
+    bad_ref = ref.clone()
+    bad_ref[0, 2, 0] = float("nan")  # a non-finite reference: its rows still count as the worst
+    result = compare(ref.clone(), bad_ref, probe, dtype=torch.float32, label="p")
+    assert result.worst_row == ("text", 0, 2) and not result.ok
+
+
+def test_compare_without_image_rows():
+    from harness.numerics.compare import compare
+
+    probe = _probe("embeds")
+    probe.im_mask = torch.zeros_like(probe.im_mask)
+    ref = torch.ones(2, 3, 4)
+    result = compare(ref + 1e-3, ref, probe, dtype=torch.float32, label="p")
+    assert (result.image_max_abs, result.image_max_rel) == (0.0, 0.0)
+    assert result.text_max_abs == pytest.approx(1e-3, rel=1e-3) and result.worst_row[0] == "text"
+
+
+def test_pairwise_disagreements_use_twice_the_tolerance():
+    from harness.numerics.compare import compare, pairwise_disagreements
+
+    probe = _probe("embeds")
+    a = torch.ones(2, 3, 4)
+    b = a + 1.5e-4  # outside fp32's 1e-4 alone, inside the pairwise 2e-4
+    c = a + 1e-2
+    problems = pairwise_disagreements({"a": a, "b": b, "c": c}, probe, dtype=torch.float32)
+    expected = [compare(a, c, probe, dtype=torch.float32, label="a vs c", tolerance=2e-4).summary(),
+                compare(b, c, probe, dtype=torch.float32, label="b vs c", tolerance=2e-4).summary()]
+    assert problems == expected
+    assert problems[0].startswith("a vs c: ") and "OUTSIDE the float32 tolerance 2e-04" in problems[0]
+    assert pairwise_disagreements({"a": a, "b": b}, probe, dtype=torch.float32) == []
+    assert pairwise_disagreements({"a": a, "b": b}, probe, dtype=torch.bfloat16) == []
+
+
+# -- loading.raw_load ------------------------------------------------------------------------------
+
+
+def _adapter_file(directory, tensors):
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def _tiny_base():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"q": torch.nn.Linear(2, 2)})
+
+
+def test_raw_load_of_an_adapter_fails_and_says_why(tmp_path):
+    from harness.loading.raw_load import PEFT_NOT_STATE_DICT, diagnose_raw_load
+
+    adapter = _adapter_file(tmp_path / "a", {f"{P}q.lora_A.weight": torch.ones(1, 2), f"{P}q.lora_B.weight": torch.ones(2, 1)})
+    got = diagnose_raw_load(_tiny_base(), adapter)
+    assert (got.failed, got.error_type, got.missing_plora, got.missing_total, got.unexpected_total) == (
+        True, "RuntimeError", [], 2, 2)
+    assert got.unexpected_examples == [f"{P}q.lora_A.weight", f"{P}q.lora_B.weight"]
+    assert got.message == (f"{PEFT_NOT_STATE_DICT} (load_state_dict: 2 missing keys; 2 unexpected adapter keys such as "
+                           f"{P}q.lora_A.weight)")
+    empty = diagnose_raw_load(_tiny_base(), _adapter_file(tmp_path / "e", {}))
+    assert empty.failed and empty.message == f"{PEFT_NOT_STATE_DICT} (load_state_dict: 2 missing keys; 0 unexpected adapter keys)"
+    assert (empty.unexpected_examples, empty.error_type) == ([], "RuntimeError")
+
+
+def test_raw_load_judges_overlapping_files_by_keys_and_never_loads_them(tmp_path):
+    from harness.loading.raw_load import PEFT_NOT_STATE_DICT, diagnose_raw_load
+
+    model = _tiny_base()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extras = {f"x{i}": torch.zeros(1) for i in range(7)}
+    got = diagnose_raw_load(model, _adapter_file(tmp_path / "o", {"q.weight": torch.zeros(2, 2), **extras}))
+    assert (got.failed, got.error_type, got.missing_total, got.unexpected_total) == (True, "RuntimeError", 1, 7)
+    assert got.unexpected_examples == ["x0", "x1", "x2", "x3", "x4"]
+    assert got.message == f"{PEFT_NOT_STATE_DICT} (load_state_dict: 1 missing keys; 7 unexpected adapter keys such as x0)"
+    full = diagnose_raw_load(model, _adapter_file(tmp_path / "f", {"q.weight": torch.zeros(2, 2), "q.bias": torch.zeros(2)}))
+    assert (full.failed, full.error_type, full.missing_total, full.unexpected_total) == (False, None, 0, 0)
+    assert full.message == "load_state_dict accepted the adapter file: it is a full state dict"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_raw_load_from_a_base_directory_names_the_plora_keys(default_bundle):
+    from harness.inputs.adapter_dir import read_adapter_tensors
+    from harness.loading.base import load_base
+    from harness.loading.raw_load import PEFT_NOT_STATE_DICT, diagnose_raw_load
+    from harness.model import families
+
+    own = set(load_base(default_bundle.base_dir, dtype=torch.float32, device="cpu").state_dict())
+    saved = set(read_adapter_tensors(default_bundle.adapter_dir))
+    missing, unexpected = sorted(own - saved), sorted(saved - own)
+    plora = [k for k in missing if families.is_branch_param(k)]
+    got = diagnose_raw_load(str(default_bundle.base_dir), default_bundle.adapter_dir)
+    assert plora and got.missing_plora == plora
+    assert (got.failed, got.error_type, got.missing_total, got.unexpected_total) == (
+        True, "RuntimeError", len(missing), len(unexpected))
+    assert got.unexpected_examples == unexpected[:5]
+    assert got.message == (f"{PEFT_NOT_STATE_DICT} (load_state_dict: {len(missing)} missing keys, including {len(plora)} "
+                           f"PLoRA keys such as {', '.join(families.branch_key_examples(plora))}; {len(unexpected)} "
+                           f"unexpected adapter keys such as {unexpected[0]})")
+
+
+def test_raw_load_edge_cases(tmp_path):
+    from harness.loading.raw_load import PEFT_NOT_STATE_DICT, diagnose_raw_load
+
+    nothing = diagnose_raw_load(torch.nn.Module(), _adapter_file(tmp_path / "none", {}))
+    assert (nothing.failed, nothing.error_type, nothing.missing_plora) == (False, None, [])
+    missing_only = diagnose_raw_load(_tiny_base(), _adapter_file(tmp_path / "m", {"q.weight": torch.zeros(2, 2)}))
+    assert (missing_only.failed, missing_only.error_type, missing_only.missing_total) == (True, "RuntimeError", 1)
+    assert missing_only.message == f"{PEFT_NOT_STATE_DICT} (load_state_dict: 1 missing keys; 0 unexpected adapter keys)"
+    full = diagnose_raw_load(_tiny_base(), _adapter_file(tmp_path / "f", {"q.weight": torch.zeros(2, 2),
+                                                                           "q.bias": torch.zeros(2)}))
+    assert (full.failed, full.missing_plora, full.unexpected_examples) == (False, [], [])
+
+
+def test_compare_edge_rows_and_bounds():
+    from harness.numerics.compare import compare, pairwise_disagreements
+
+    probe = _probe("embeds")
+    padded = _probe("embeds")
+    padded.attention_mask = torch.zeros_like(padded.attention_mask)  # no real row at all
+    ref = torch.full((2, 3, 4), 2.0)
+    nothing = compare(ref + 1, ref, padded, dtype=torch.float32, label="p")
+    assert nothing.worst_row == ("", -1, -1) and nothing.ok and nothing.text_max_abs == 0.0
+    at_bound = compare(ref + 1, ref, probe, dtype=torch.float32, label="p", tolerance=0.5)  # |3 - 2| == 0.5 * 2
+    assert at_bound.ok and at_bound.text_max_abs == 1.0
+    assert not compare(ref + 1, ref, probe, dtype=torch.float32, label="p", tolerance=0.25).ok
+    a = torch.ones(2, 3, 4)
+    assert pairwise_disagreements({"a": a, "c": a + 1e-2}, probe, dtype=torch.bfloat16) == []  # 2 x bf16's 5e-2
