@@ -71,6 +71,19 @@ def test_compare_rel_tolerance_boundary(probe, dtype, where, row_class) -> None:
     assert getattr(outside, f"{other}_max_abs") == 0.0
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_compare_fails_when_the_reference_is_not_finite_in_real_rows(probe, bad) -> None:
+    """An inf reference makes its scale inf and every relative error 0: that must not read as agreement."""
+    outputs, reference = outputs_with_error(1.0, 0.0)
+    reference[TEXT_POS[0], TEXT_POS[1], 1] = bad
+    result = compare(outputs, reference, probe, dtype=torch.float32, label="path")
+    assert not result.ok and result.non_finite is None
+    assert "compared against hold NaN/Inf" in result.summary()
+    padded = outputs_with_error(1.0, 0.0)[1]
+    padded[1, 0, 1] = bad  # batch 1 is left-padded by one position: padding is not judged
+    assert compare(outputs, padded, probe, dtype=torch.float32, label="path").ok
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_compare_error_exactly_at_the_tolerance_passes(probe, dtype) -> None:
     """max abs <= rel·scale, not <: an error of exactly the tolerance is within it."""

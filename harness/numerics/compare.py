@@ -42,6 +42,9 @@ class Comparison:
         return asdict(self)
 
 
+_REFERENCE_NOT_FINITE = "the outputs compared against hold NaN/Inf in real rows, so agreement cannot be judged"
+
+
 def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *, dtype: torch.dtype,
             label: str, tolerance: float | None = None, non_finite: str | None = None,
             cause: str | None = None) -> Comparison:
@@ -54,6 +57,8 @@ def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *
     tol = policy.rel if tolerance is None else tolerance
     if non_finite is None and not finite_rows(outputs, probe):
         non_finite = "source not located"
+    if not finite_rows(reference, probe):  # an inf scale would make every error relative 0: nothing can be judged
+        cause = _REFERENCE_NOT_FINITE
     diff = (outputs.float() - reference.float()).abs().amax(-1)  # [B, T]
     diff = torch.nan_to_num(diff, nan=float("inf"))
     stats = {}
@@ -83,7 +88,7 @@ def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *
         text_max_abs=stats["text"][0],
         text_max_rel=stats["text"][1],
         worst_row=worst,
-        ok=ok and non_finite is None,
+        ok=ok and non_finite is None and cause != _REFERENCE_NOT_FINITE,
         non_finite=non_finite,
         cause=cause,
     )
