@@ -9,6 +9,7 @@ the libraries print go to stderr or the engine's log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -93,7 +94,10 @@ def _check(args: argparse.Namespace) -> int:
     try:
         _require_writable(args.json_path if args.json_path != "-" else None, "--json")
         _require_writable(args.junit_path, "--junit")
-        with _progress(args) as progress:
+        # stdout carries the report only: whatever a library prints while the run imports or builds (DeepSpeed's
+        # accelerator banner when the built-in demo is built in this process) goes to stderr, and loggers that
+        # bind sys.stdout at import bind stderr
+        with _progress(args) as progress, contextlib.redirect_stdout(sys.stderr):
             run = check_adapters(args.adapters, args.base_model, args.merged, dtype=args.dtype, device=args.device,
                                  allow_plora_targets=args.allow_plora_targets, trust_remote_code=args.trust_remote_code,
                                  only=args.only, skip=args.skip, timeout=args.timeout, progress=progress,

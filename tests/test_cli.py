@@ -174,6 +174,31 @@ def test_json_to_stdout_leaves_nothing_else_on_stdout(default_bundle):
     assert not (default_bundle.adapter_dir.parent / "-").exists()
 
 
+def test_library_output_during_the_run_goes_to_stderr(default_bundle, monkeypatch, capsys):
+    """A library that prints or logs to stdout while the run imports or builds (DeepSpeed's accelerator banner on
+    the first, demo-building run) must not reach stdout, which carries the report only."""
+    import logging
+
+    import harness.api
+
+    real = harness.api.check_adapters
+
+    def noisy(*args, **kwargs):
+        print("[WARNING] library banner")
+        handler = logging.StreamHandler(sys.stdout)  # bound at creation, as DeepSpeed's logger is at import
+        logger = logging.getLogger("plora-test-noisy")
+        logger.addHandler(handler)
+        logger.warning("logged banner")
+        logger.removeHandler(handler)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness.api, "check_adapters", noisy)
+    assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["exit_code"] == 0  # stdout is exactly the report
+    assert "library banner" in captured.err and "logged banner" in captured.err
+
+
 def test_only_and_skip_select_checks_and_the_report_says_so(default_bundle, capsys):
     assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--quiet", "--only", "finite",
                  "--only", "noop"]) == 0
