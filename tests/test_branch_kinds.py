@@ -129,7 +129,7 @@ def test_leftover_lora_wrapper_fails_merge_equivalence_and_plora_preserved(defau
 def test_every_path_wrong_the_same_way_fails_path_agreement(default_bundle, monkeypatch) -> None:
     """PEFT itself doubling the LoRA scaling (a version bug) moves every path alike: the paths agree with one
     another, and only the hand-folded fp32 reference shows that all of them are wrong."""
-    from harness.engine.dynamic_run import DynamicRun
+    from harness.checks.measure.dynamic_run import DynamicRun
 
     update_layer = LoraLayer.update_layer
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 import harness
 from harness.checks import CheckContext
 from harness.checks.registry import CheckResult, get_check, run_check
-from harness.engine.dynamic_run import PathOutcome
-from harness.engine.training_audit import TrainedAudit
+from harness.checks.measure.dynamic_run import PathOutcome
+from harness.checks.measure.training_audit import TrainedAudit
 from harness.loading.paths import PATHS
 from harness.loading.records import LoadRecord
 from harness.numerics.compare import compare, pairwise_disagreements

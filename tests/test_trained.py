@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import harness
 from harness import compat
-from harness.engine.training_audit import kind_of
+from harness.checks.measure.training_audit import kind_of
 from harness.loading.base import load_base
 from harness.model.peft_keys import base_key
 from harness.numerics.probes import make_probe

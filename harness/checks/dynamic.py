@@ -14,7 +14,7 @@ from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.numerics.tolerances import EFFECT_FLOOR
 
 if TYPE_CHECKING:
-    from harness.engine.dynamic_run import DynamicRun
+    from harness.checks.measure.dynamic_run import DynamicRun
 
 # A check that needs these to have passed cannot say anything useful when they failed.
 PREREQUISITES = ("config-valid", "weights-readable", "unsafe-pickle", "empty-tensors")
@@ -37,7 +37,7 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
         return Unavailable(f"the adapter cannot be loaded until {', '.join(blocked)} pass(es)")
 
     def start() -> DynamicRun:
-        from harness.engine.dynamic_run import DynamicRun
+        from harness.checks.measure.dynamic_run import DynamicRun
 
         run = DynamicRun(ctx.base.base_dir, ctx.adapter.root, dtype=ctx.options.dtype, device=ctx.options.device,
                          progress=ctx.say, init_buffers=ctx.base.init_buffers)
@@ -231,7 +231,7 @@ def check_plora_preserved(ctx: CheckContext):
         return _unavailable(run)
     if not run.base_plora:
         return skipped("the base model has no PLoRA weights")
-    from harness.engine.dynamic_run import MERGED_PATHS
+    from harness.checks.measure.dynamic_run import MERGED_PATHS
 
     outcomes = [run.outcome(name) for name in MERGED_PATHS]
     changed = sorted({p for o in outcomes for p in o.plora_changed})

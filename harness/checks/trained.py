@@ -2,7 +2,7 @@
 
 ``trained-vs-shipped`` reloads base + saved adapter and compares outputs with the in-memory trained
 model; ``trained-params-saved`` names every parameter that training could change or did change but
-that the adapter file does not carry. Both read ``harness.engine.training_audit.audit_trained`` (computed once).
+that the adapter file does not carry. Both read ``harness.checks.measure.training_audit.audit_trained`` (computed once).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
 
 if TYPE_CHECKING:
-    from harness.engine.training_audit import ParamFinding, TrainedAudit
+    from harness.checks.measure.training_audit import ParamFinding, TrainedAudit
 
 _KIND_WORDS = {
     "plora": "PLoRA Plora_A/Plora_B",
@@ -32,7 +32,7 @@ _SAVE_FIX = ("add the module to LoraConfig(modules_to_save=[...]) so save_pretra
 
 
 def _audit(ctx: CheckContext) -> TrainedAudit:
-    from harness.engine.training_audit import audit_trained
+    from harness.checks.measure.training_audit import audit_trained
 
     trained = ctx.trained
     return ctx.cached("trained.audit", lambda: audit_trained(
