@@ -640,7 +640,10 @@ def test_comparison_summary_states_the_numbers_the_worst_row_and_the_verdict():
         "lbl: non-finite outputs (NaN/Inf) in real rows, first produced by m.q; c")
     assert _comparison().to_dict()["worst_row"] == ("image", 1, 2)
     assert set(_comparison().to_dict()) == {"label", "dtype", "tolerance", "image_max_abs", "image_max_rel",
-                                            "text_max_abs", "text_max_rel", "worst_row", "ok", "non_finite", "cause"}
+                                            "text_max_abs", "text_max_rel", "worst_row", "ok", "non_finite", "cause",
+                                            "bands", "basis"}
+    calibrated = _comparison(ok=False, bands={"image": 0.2, "text": 0.1}, basis="3x the noise")
+    assert calibrated.summary().endswith("OUTSIDE the float32 tolerance (image 2.0e-01, text 1.0e-01: 3x the noise)")
 
 
 def test_compare_row_classes_numbers_and_worst_row():

@@ -28,7 +28,7 @@ from harness.loading.paths import PATHS
 from harness.loading.records import LoadRecord
 from harness.numerics.compare import compare, pairwise_disagreements
 from harness.numerics.probes import ProbeBatch, make_probe
-from harness.numerics.tolerances import EFFECT_FLOOR, TOLERANCE_TABLE, policy_for, tolerance_for
+from harness.numerics.tolerances import EFFECT_FLOOR, band, TOLERANCE_TABLE, policy_for, tolerance_for
 
 DTYPES = [getattr(torch, name) for name in TOLERANCE_TABLE]
 DTYPE_IDS = list(TOLERANCE_TABLE)
@@ -147,10 +147,25 @@ class FakeRun:
     load_error: str | None = None
     raw_load: object = None
     base_plora: dict = field(default_factory=dict)
+    noise: dict = field(default_factory=lambda: {"image": 0.0, "text": 0.0})  # the dtype's own noise on the model
+    effect: dict = field(default_factory=lambda: {"image": 0.0, "text": 0.0})  # as calibrated: 0 keeps the floor
+    reference_mode: str = "streamed"
+
+    @property
+    def bands(self) -> dict[str, float]:
+        return {row: band(self.dtype, noise=self.noise[row], effect=self.effect[row]) for row in ("image", "text")}
 
     @property
     def tolerance(self) -> float:
-        return tolerance_for(self.dtype)
+        return max(self.bands.values())
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def basis(self) -> str:
+        return f"calibrated on noise {self.noise}"
 
     def outcome(self, name: str) -> PathOutcome:
         return self.outcomes[name]

@@ -254,3 +254,26 @@ def inspect_base(base_dir: str | Path, *, build_tree: bool = True) -> BaseModelI
             info.meta_build_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             info.notes.append("module tree unavailable (meta build failed); used the weight index instead")
     return info
+
+
+CHECK_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def stored_dtype(base_dir: Path) -> str | None:
+    """The floating dtype the checkpoint is stored in (what users load it as): config.json's ``dtype`` /
+    ``torch_dtype`` when it names one of ``CHECK_DTYPES``, else the dtype holding most of the weights' elements;
+    None when neither tells (then float32)."""
+    from harness.inputs.model_dir import ModelDir
+
+    try:
+        model_dir = ModelDir(Path(base_dir))
+        declared = model_dir.declared_dtype()
+        if declared in CHECK_DTYPES:
+            return declared
+        counts: dict[str, int] = {}
+        for shape, dtype in model_dir.shapes().values():
+            if dtype in CHECK_DTYPES:
+                counts[dtype] = counts.get(dtype, 0) + int(torch.Size(shape).numel())
+    except Exception:  # noqa: BLE001 - an unreadable directory is reported by the checks that read it
+        return None
+    return max(counts, key=counts.get) if counts else None

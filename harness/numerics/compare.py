@@ -25,6 +25,8 @@ class Comparison:
     ok: bool
     non_finite: str | None = None  # where NaN/Inf outputs come from ("first produced by <module>"), when they occur
     cause: str | None = None  # a diagnosis of the difference, when the run found one (e.g. a re-tied LM head)
+    bands: dict[str, float] | None = None  # per row class rel tolerance, when calibrated on the model (band())
+    basis: str | None = None  # how the bands were calibrated, for the message
 
     def summary(self) -> str:
         verdict = "within" if self.ok else "OUTSIDE"
@@ -33,9 +35,14 @@ class Comparison:
         else:
             row_class, b, t = self.worst_row
             where = f"; worst at {row_class} row batch {b} position {t}" if row_class else ""
+            if self.bands:
+                shown = ", ".join(f"{row} {value:.1e}" for row, value in self.bands.items())
+                limit = f"{self.dtype} tolerance ({shown}{f': {self.basis}' if self.basis else ''})"
+            else:
+                limit = f"{self.dtype} tolerance {self.tolerance:.0e}"
             text = (f"{self.label}: image rows max abs {self.image_max_abs:.2e} (rel {self.image_max_rel:.2e}), "
                     f"text rows max abs {self.text_max_abs:.2e} (rel {self.text_max_rel:.2e}){where}; {verdict} the "
-                    f"{self.dtype} tolerance {self.tolerance:.0e}")
+                    f"{limit}")
         return text + (f"; {self.cause}" if self.cause and not self.ok else "")
 
     def to_dict(self) -> dict:
@@ -46,15 +53,18 @@ _REFERENCE_NOT_FINITE = "the outputs compared against hold NaN/Inf in real rows,
 
 
 def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *, dtype: torch.dtype,
-            label: str, tolerance: float | None = None, non_finite: str | None = None,
-            cause: str | None = None) -> Comparison:
+            label: str, tolerance: float | dict[str, float] | None = None, non_finite: str | None = None,
+            cause: str | None = None, basis: str | None = None) -> Comparison:
     """Max abs / rel error per row class (padding excluded); rel is relative to the reference's max on those rows.
 
     A row class passes when max abs <= max(atol, rel·scale); NaN/inf anywhere in real rows fails (``non_finite``:
     where they come from, for the message; ``cause``: a diagnosis the message adds when the comparison fails).
+    ``tolerance``: None, the table's rel with its atol floor; a number, that rel and no floor; a dict, a rel per
+    row class calibrated on the model (``tolerances.band``, with the atol floor; ``basis`` says how, for messages).
     """
     policy = policy_for(dtype)
-    tol = policy.rel if tolerance is None else tolerance
+    bands = tolerance if isinstance(tolerance, dict) else None
+    tol = policy.rel if tolerance is None else max(bands.values()) if bands else tolerance
     if non_finite is None and not finite_rows(outputs, probe):
         non_finite = "source not located"
     if not finite_rows(reference, probe):  # an inf scale would make every error relative 0: nothing can be judged
@@ -74,7 +84,8 @@ def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *
         max_abs = float(masked.max())
         rel = max_abs / scale
         stats[row_class] = (max_abs, rel)
-        ok = ok and max_abs <= max(policy.atol if tolerance is None else 0.0, tol * scale)
+        row_tol = bands.get(row_class, tol) if bands else tol
+        ok = ok and max_abs <= max(policy.atol if tolerance is None or bands else 0.0, row_tol * scale)
         rel = rel if rel == rel else float("inf")  # a non-finite reference: still name where it is worst
         if rel > worst_rel:
             flat = int(masked.argmax())
@@ -91,6 +102,8 @@ def compare(outputs: torch.Tensor, reference: torch.Tensor, probe: ProbeBatch, *
         ok=ok and non_finite is None and cause != _REFERENCE_NOT_FINITE,
         non_finite=non_finite,
         cause=cause,
+        bands=dict(bands) if bands else None,
+        basis=basis if bands else None,
     )
 
 
@@ -102,14 +115,16 @@ def finite_rows(outputs: torch.Tensor, probe: ProbeBatch) -> bool:
     return bool(torch.isfinite(outputs.float()[real]).all())
 
 
-def pairwise_disagreements(outputs: dict[str, torch.Tensor], probe: ProbeBatch, *, dtype: torch.dtype) -> list[str]:
-    """Every pair of paths compared with each other (twice the dtype tolerance: both carry rounding)."""
+def pairwise_disagreements(outputs: dict[str, torch.Tensor], probe: ProbeBatch, *, dtype: torch.dtype,
+                           bands: dict[str, float] | None = None) -> list[str]:
+    """Every pair of paths compared with each other (twice the dtype tolerance, or twice the calibrated ``bands``:
+    both carry rounding)."""
     problems = []
     names = list(outputs)
+    doubled = {row: 2 * value for row, value in bands.items()} if bands else 2 * tolerance_for(dtype)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            pair = compare(outputs[a], outputs[b], probe, dtype=dtype, label=f"{a} vs {b}",
-                           tolerance=2 * tolerance_for(dtype))
+            pair = compare(outputs[a], outputs[b], probe, dtype=dtype, label=f"{a} vs {b}", tolerance=doubled)
             if not pair.ok:
                 problems.append(pair.summary())
     return problems

@@ -117,6 +117,83 @@ def shared_parameters(model: torch.nn.Module) -> set[int]:
 _RESOLVE = object()
 
 
+class ReferenceFold:
+    """What PEFT will load from the adapter, ready to fold by hand into a model's weights: all at once
+    (``apply_adapter_reference``) or one unit of modules at a time, into fp32 copies (``numerics.streamed``).
+
+    Built once from the model's module tree (layer kinds, resolved targets, the input embedding); ``notes`` holds one
+    line per saved tensor that PEFT will not apply or that does not fit the base, ``changed`` the parameters or
+    modules the fold changes, in the order ``apply_adapter_reference`` reports them.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: dict, tensors: dict[str, torch.Tensor], *,
+                 targets: set[str] | None | object = _RESOLVE) -> None:
+        if targets is _RESOLVE:
+            targets = resolved_targets(model, config)
+        self.tensors = tensors
+        self.plan = plan_adapter(config, tensors, lambda key: tensors[key].shape, kinds=layer_kinds_of(model),
+                                 targets=targets, input_embedding=input_embedding_name(model))
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.notes: list[str] = self.plan.notes()
+        self.copies = [c for c in sorted(self.plan.copies, key=lambda c: c.role == "modules_to_save")
+                       if self._copy_fits(params, c)]
+        self.tokens = [t for t in self.plan.tokens if self._tokens_fit(modules, t)]
+        self.lora = [lora for lora in self.plan.lora if self._lora_fits(modules, lora)]
+        self.changed = ([c.param for c in self.copies] + [t.module for t in self.tokens]
+                        + [lora.module for lora in self.lora])
+
+    def _copy_fits(self, params: dict, copy) -> bool:
+        target, value = params.get(copy.param), self.tensors[copy.key]
+        if target is None or tuple(target.shape) != tuple(value.shape):
+            self.notes.append(f"{copy.key}: no base parameter {copy.param} of shape {list(value.shape)}")
+            return False
+        return True
+
+    def _tokens_fit(self, modules: dict, tokens) -> bool:
+        weight = modules[tokens.module].weight
+        if problem := TOKENS.rows_problem(list(tokens.indices), tokens.rows(self.tensors.__getitem__).shape,
+                                          weight.shape):
+            self.notes.append(f"{tokens.module}: {problem}: PEFT cannot load it either (see shapes)")
+            return False
+        return True
+
+    def _lora_fits(self, modules: dict, lora) -> bool:
+        module = modules[lora.module]
+        weight = module.weight
+        shape = tuple(lora.delta(lambda key: torch.empty(self.tensors[key].shape, device="meta")).shape)  # no math
+        if shape != tuple(weight.shape):
+            dims = lora.kind.dims_from_weight(weight.shape)
+            self.notes.append(f"{lora.module}: ΔW {list(shape)} does not fit its {lora.kind.module_type} weight "
+                              f"{list(weight.shape)} (in/out {dims}): PEFT cannot load it either (see base-match)")
+            return False
+        if lora.bias_delta(self.tensors.__getitem__) is not None and getattr(module, "bias", None) is None:
+            self.notes.append(f"{lora.module}: lora_B.bias but the base layer has no bias (PEFT refuses to merge it)")
+        return True
+
+    def apply(self, modules: dict[str, torch.nn.Module], params: dict[str, torch.nn.Parameter], *,
+              shared: set[int] = frozenset(), tokens: bool = True) -> None:
+        """Fold every entry whose module is in ``modules`` (name -> module, full names) into its weights in place.
+        ``params``: name -> parameter for the copies; ``shared``: ids of tied weights (untied before a LoRA fold);
+        ``tokens=False``: token rows are written elsewhere (the streamed run writes them by weight identity)."""
+        get = self.tensors.__getitem__
+        for copy in self.copies:
+            if copy.module in modules or copy.param in params:
+                _apply_copy(modules, params, copy, self.tensors[copy.key], [])
+        for trained in self.tokens if tokens else ():
+            if trained.module in modules:
+                TOKENS.fold(modules[trained.module], trained.indices, trained.rows(get))
+        for lora in self.lora:
+            module = modules.get(lora.module)
+            if module is None:
+                continue
+            bias_delta = lora.bias_delta(get)
+            if bias_delta is not None and getattr(module, "bias", None) is None:
+                bias_delta = None
+            lora.kind.fold(module, lora.delta(get), magnitude=lora.magnitude(get), bias_delta=bias_delta,
+                           untie=id(module.weight) in shared)
+
+
 @torch.no_grad()
 def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[str, torch.Tensor], *,
                             targets: set[str] | None | object = _RESOLVE, notes: list[str] | None = None) -> list[str]:
@@ -124,47 +201,15 @@ def apply_adapter_reference(model: torch.nn.Module, config: dict, tensors: dict[
 
     ``targets``: the modules PEFT wraps (default: ``target_modules`` resolved on ``model``; None: every module with
     tensors). Saved tensors that PEFT will not apply, or that do not fit the base, change nothing; ``notes``
-    receives one line per reason.
+    receives one line per reason. (The dynamic run folds the same ``ReferenceFold`` one layer at a time instead,
+    into fp32 copies: ``harness.numerics.streamed``.)
     """
-    if targets is _RESOLVE:
-        targets = resolved_targets(model, config)
-    plan = plan_adapter(config, tensors, lambda key: tensors[key].shape, kinds=layer_kinds_of(model), targets=targets,
-                        input_embedding=input_embedding_name(model))
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters(remove_duplicate=False))
-    shared = shared_parameters(model)
-    skipped: list[str] = plan.notes()
-    changed = []
-    for copy in sorted(plan.copies, key=lambda c: c.role == "modules_to_save"):  # base values first
-        if _apply_copy(modules, params, copy, tensors[copy.key], skipped):
-            changed.append(copy.param)
-    for tokens in plan.tokens:
-        weight = modules[tokens.module].weight
-        rows = tokens.rows(tensors.__getitem__)
-        if problem := TOKENS.rows_problem(list(tokens.indices), rows.shape, weight.shape):
-            skipped.append(f"{tokens.module}: {problem}: PEFT cannot load it either (see shapes)")
-            continue
-        TOKENS.fold(modules[tokens.module], tokens.indices, rows)
-        changed.append(tokens.module)
-    for lora in plan.lora:
-        module = modules[lora.module]
-        weight = module.weight
-        dims = lora.kind.dims_from_weight(weight.shape)
-        delta = lora.delta(tensors.__getitem__)
-        if tuple(delta.shape) != tuple(weight.shape):
-            skipped.append(f"{lora.module}: ΔW {list(delta.shape)} does not fit its {lora.kind.module_type} weight "
-                           f"{list(weight.shape)} (in/out {dims}): PEFT cannot load it either (see base-match)")
-            continue
-        bias_delta = lora.bias_delta(tensors.__getitem__)
-        if bias_delta is not None and getattr(module, "bias", None) is None:
-            skipped.append(f"{lora.module}: lora_B.bias but the base layer has no bias (PEFT refuses to merge it)")
-            bias_delta = None
-        lora.kind.fold(module, delta, magnitude=lora.magnitude(tensors.__getitem__), bias_delta=bias_delta,
-                       untie=id(weight) in shared)
-        changed.append(lora.module)
+    fold = ReferenceFold(model, config, tensors, targets=targets)
+    fold.apply(dict(model.named_modules()), dict(model.named_parameters(remove_duplicate=False)),
+               shared=shared_parameters(model))
     if notes is not None:
-        notes.extend(f"reference: {line}" for line in skipped)
-    return changed
+        notes.extend(f"reference: {line}" for line in fold.notes)
+    return fold.changed
 
 
 def _apply_copy(modules: dict, params: dict, copy, value: torch.Tensor, skipped: list[str]) -> bool:
@@ -186,31 +231,36 @@ def _apply_copy(modules: dict, params: dict, copy, value: torch.Tensor, skipped:
 # Running probes
 
 
-def probe_inputs(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True) -> dict:
-    """The forward kwargs of ``probe`` for ``model``, by the probe's ``feed`` (cast to its dtype and device)."""
+def probe_inputs(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True,
+                 dtype: torch.dtype | None = None) -> dict:
+    """The forward kwargs of ``probe`` for ``model``, by the probe's ``feed`` (cast to its dtype and device;
+    ``dtype``: to this one instead, e.g. fp32 for the streamed reference of a bf16 model)."""
     param = next(model.parameters())
+    dtype = dtype or param.dtype
     kwargs: dict = {"attention_mask": probe.attention_mask.to(param.device)}
     if probe.feed == "input_ids":
         kwargs["input_ids"] = probe.input_ids.to(param.device)
     elif probe.feed == "model-embeds":
         text = model.get_input_embeddings()(probe.input_ids.to(param.device))
         image = probe.inputs_embeds.to(text.device, text.dtype)
-        kwargs["inputs_embeds"] = torch.where(probe.im_mask.to(text.device)[..., None], image, text)
+        kwargs["inputs_embeds"] = torch.where(probe.im_mask.to(text.device)[..., None], image, text).to(dtype)
     else:
-        kwargs["inputs_embeds"] = probe.inputs_embeds.to(param.device, param.dtype)
+        kwargs["inputs_embeds"] = probe.inputs_embeds.to(param.device, dtype)
     if im_mask:
         kwargs["im_mask"] = probe.im_mask.to(param.device)
     return kwargs
 
 
 @torch.no_grad()
-def probe_logits(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True) -> torch.Tensor:
-    """fp32 CPU logits of ``model`` on the probe (inputs cast to the model's dtype and device)."""
-    return model(**probe_inputs(model, probe, im_mask=im_mask)).logits.float().cpu()
+def probe_logits(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """fp32 CPU logits of ``model`` on the probe (inputs cast to the model's dtype and device, or to ``dtype``)."""
+    return model(**probe_inputs(model, probe, im_mask=im_mask, dtype=dtype)).logits.float().cpu()
 
 
 @torch.no_grad()
-def first_non_finite_module(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True) -> str | None:
+def first_non_finite_module(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True,
+                            dtype: torch.dtype | None = None) -> str | None:
     """The first module, in execution order, whose output holds NaN/Inf at a real (non-padding) position.
 
     Reruns the probe with a forward hook on every module (only called once outputs are known to be non-finite).
@@ -227,7 +277,7 @@ def first_non_finite_module(model: torch.nn.Module, probe: ProbeBatch, *, im_mas
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
     try:
-        model(**probe_inputs(model, probe, im_mask=im_mask))
+        model(**probe_inputs(model, probe, im_mask=im_mask, dtype=dtype))
     except Exception:  # noqa: BLE001 - the locator must not turn a non-finite output into a crash
         pass
     finally:

@@ -9,6 +9,7 @@ loads); ``peft``, ``peft-merged`` and ``merge-script`` share one load (see ``_ru
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +25,12 @@ from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
 from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers
 from harness.model import families
-from harness.model.structure import tied_parameters
+from harness.model.structure import stored_dtype, tied_parameters
 from harness.numerics.compare import Comparison, compare, finite_rows
 from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe, reached_modules
-from harness.numerics.reference import (
-    apply_adapter_reference,
-    first_non_finite_module,
-    probe_logits,
-    trained_token_ids,
-)
-from harness.numerics.tolerances import tolerance_for
+from harness.numerics.reference import ReferenceFold, first_non_finite_module, probe_logits, trained_token_ids
+from harness.numerics.streamed import StreamedFp32, run_streamed
+from harness.numerics.tolerances import band, policy_for, tolerance_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MERGED_PATHS = ("peft-merged", "peft-safe-merged", "merge-script")
@@ -54,12 +51,18 @@ class PathOutcome:
 
 
 class DynamicRun:
-    """Reference, probe and per-path outcomes for one (base, adapter, dtype, device)."""
+    """Reference, probe and per-path outcomes for one (base, adapter, dtype, device).
+
+    ``dtype`` None: the dtype the checkpoint is stored in (what users load; ``stored_dtype``). The base is loaded
+    once in that dtype; the fp32 reference and the fp32 base outputs are computed on it layer by layer
+    (``harness.numerics.streamed``), and the base's own outputs in the check dtype against its fp32 ones measure
+    the dtype's noise on this model, which calibrates every tolerance (``tolerances.band``).
+    """
 
     def __init__(self, base_dir: Path, adapter_dir: Path, *, dtype: str | None, device: str, progress=None,
                  init_buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.base_dir, self.adapter_dir, self.device = Path(base_dir), Path(adapter_dir), device
-        self.dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+        self.dtype = DTYPES[dtype or stored_dtype(self.base_dir) or "float32"]
         self.progress = progress or (lambda text: None)
         self._workdir = tempfile.TemporaryDirectory(prefix="plora-harness-")
         self.workdir = Path(self._workdir.name)
@@ -68,14 +71,20 @@ class DynamicRun:
         self.probe: ProbeBatch | None = None
         self.uses_im_mask = False
         self.base_logits = self.reference_logits = None
+        self.base_dtype_logits = None  # the base run in the check dtype (its gap to base_logits is the noise)
         self.text_probe: ProbeBatch | None = None  # the same tokens with no image rows at all
         self.text_base_logits = self.text_reference_logits = None
         self.raw_load: RawLoadDiagnosis | None = None
         self.non_finite: str | None = None  # NaN/Inf in the base's or the reference's outputs: where they come from
         self.unreached: list[str] = []  # adapted modules no probe runs through
         self.untied: dict[str, str] = {}  # parameter the adapter changes -> the tied partner PEFT leaves at the base
-        self.base_plora: dict[str, torch.Tensor] = {}
+        self.base_plora: dict[str, tuple] = {}  # PLoRA parameter -> (shape, dtype, digest) of its base value
         self.base_classes: dict[str, str] = {}
+        self.noise: dict[str, float] = {"image": 0.0, "text": 0.0}  # the dtype's own relative error on this model
+        self.effect: dict[str, float] = {"image": 0.0, "text": 0.0}  # the adapter's relative effect (fp32)
+        self.bands: dict[str, float] = {}  # the rel tolerance per row class, from noise and effect (band())
+        self.reference_mode = "streamed"  # how the fp32 reference ran (numerics.streamed.MODES)
+        self.reference_peak_bytes = 0  # the most fp32 bytes the streamed reference held beside the model
         self.init_buffers = init_buffers or {}  # what the model's own constructor computes (BaseModelInfo)
         self.notes: list[str] = []  # what the reference could not apply or the probes could not reach
         self._prepare()
@@ -84,13 +93,26 @@ class DynamicRun:
 
     @property
     def tolerance(self) -> float:
-        return tolerance_for(self.dtype)
+        """The largest of the per-row-class bands (the table's floor before the run is prepared)."""
+        return max(self.bands.values()) if self.bands else tolerance_for(self.dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def basis(self) -> str:
+        """How the bands were calibrated, for messages."""
+        policy = policy_for(self.dtype)
+        return (f"max of the table's {policy.rel:.0e}, {policy.noise_factor:g}x the {self.dtype_name} noise of this "
+                f"model (image {self.noise['image']:.1e}, text {self.noise['text']:.1e})"
+                + (f" and {policy.effect_share:g}x the adapter's effect" if policy.effect_share else ""))
 
     def _prepare(self) -> None:
         keep_large_frees_returnable()
-        self.progress("loading the base model in fp32 for the reference")
+        self.progress(f"loading the base model in {self.dtype_name} (the fp32 reference runs on it layer by layer)")
         try:
-            model = load_base(self.base_dir, dtype=torch.float32, device=self.device, private=True)  # ΔW in place
+            model = load_base(self.base_dir, dtype=self.dtype, device=self.device)
         except UnusableInput:
             raise  # the model code needs the network: the run stops with its one line
         except Exception as err:  # remote code that crashes: one line, not a traceback, naming file and line
@@ -98,39 +120,67 @@ class DynamicRun:
 
             self.load_error = explain_load_error(err, self.base_dir)
             return
-        self.load_error = uninitialised_buffers(model, self.init_buffers, self.base_dir)
+        self.load_error = uninitialised_buffers(model, self.init_buffers, self.base_dir,
+                                                dtypes=(self.dtype, DTYPES.get(stored_dtype(self.base_dir) or "")))
         if self.load_error:
             return
         self.uses_im_mask = accepts_im_mask(model)
         self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
-        self.base_plora = {n: p.detach().clone() for n, p in model.named_parameters() if families.is_branch_param(n)}
+        self.base_plora = {n: _fingerprint(p) for n, p in model.named_parameters() if families.is_branch_param(n)}
         config = read_json_object(self.adapter_dir / "adapter_config.json")
         tensors = read_adapter_tensors(self.adapter_dir)
         self._make_probes(model, trained_token_ids(model, config, tensors))
-        self.base_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
-        self.text_base_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+        fold = ReferenceFold(model, config, tensors)
+        self.notes.extend(f"reference: {line}" for line in fold.notes)
+        self.untied = _untied_by(model, fold)
+        self.progress("running the fp32 reference layer by layer")
+        self.base_dtype_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+        self.base_logits = self._streamed(model, self.probe, None)
+        self.text_base_logits = self._streamed(model, self.text_probe, None)
         self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits,
-                                                  "the base model itself")
-        tied_before = _tied_params(model)
-        changed = apply_adapter_reference(model, config, tensors, notes=self.notes)
-        del tensors
-        self.untied = _untied_by_adapter(model, tied_before)
+                                                  "the base model itself", None)
         modules = dict(model.named_modules())
-        adapted = sorted({name if name in modules else name.rsplit(".", 1)[0] for name in changed})  # params -> module
+        adapted = sorted({name if name in modules else name.rsplit(".", 1)[0] for name in fold.changed})
         del modules
         with reached_modules(model, adapted) as reached:
-            self.reference_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
-            self.text_reference_logits = probe_logits(model, self.text_probe, im_mask=self.uses_im_mask)
+            self.reference_logits = self._streamed(model, self.probe, fold)
+            self.text_reference_logits = self._streamed(model, self.text_probe, fold)
         self.unreached = [name for name in adapted if name not in reached]
         if self.unreached:
             self.notes.append(f"probes: {len(self.unreached)} adapted module(s) never run on the probes (e.g. "
                               f"{self.unreached[0]}): their effect is not measured (probes feed token ids and "
                               "embeddings, not images through a vision tower)")
         self.non_finite = self.non_finite or self._locate_non_finite(
-            model, self.reference_logits, self.text_reference_logits, "the fp32 reference (base + adapter)")
+            model, self.reference_logits, self.text_reference_logits, "the fp32 reference (base + adapter)", fold)
+        self._calibrate()
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
-        del model
+        del tensors, fold, model
         release_memory()
+
+    def _streamed(self, model: torch.nn.Module, probe: ProbeBatch, fold: ReferenceFold | None) -> torch.Tensor:
+        """fp32 logits of ``model`` (+ ``fold``) on ``probe``, one layer's fp32 weights at a time."""
+        logits, stream = run_streamed(
+            model, lambda: probe_logits(model, probe, im_mask=self.uses_im_mask, dtype=torch.float32),
+            fold=fold, buffers=self.init_buffers, mode=self.reference_mode)
+        if stream.mode != self.reference_mode:
+            self.reference_mode = stream.mode
+            self.notes.append(f"reference: the model's code reads weights outside the module that owns them, so the "
+                              f"fp32 reference ran {stream.mode} (more memory than one layer at a time)")
+        self.reference_peak_bytes = max(self.reference_peak_bytes, stream.peak_extra_bytes)
+        return logits
+
+    def _calibrate(self) -> None:
+        """The dtype's own noise on this model (the base in the check dtype against its fp32 run) and the adapter's
+        effect, per row class of the mixed probe; from them the band each path must stay in."""
+        if self.non_finite:
+            self.bands = {row: band(self.dtype) for row in ("image", "text")}
+            return
+        noise = compare(self.base_dtype_logits, self.base_logits, self.probe, dtype=self.dtype, label="noise")
+        effect = compare(self.reference_logits, self.base_logits, self.probe, dtype=torch.float32, label="effect")
+        self.noise = {"image": noise.image_max_rel, "text": noise.text_max_rel}
+        self.effect = {"image": effect.image_max_rel, "text": effect.text_max_rel}
+        self.bands = {row: band(self.dtype, noise=self.noise[row], effect=self.effect[row])
+                      for row in ("image", "text")}
 
     def _make_probes(self, model: torch.nn.Module, token_ids: list[int]) -> None:
         """A mixed probe (image rows, text rows embedded by each model under test, left padding) and a text-only
@@ -142,11 +192,15 @@ class DynamicRun:
         self.text_probe = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[], left_padding=[0, 3],
                                      seed=1234, feed="input_ids", token_ids=token_ids)
 
-    def _locate_non_finite(self, model, logits: torch.Tensor, text_logits: torch.Tensor, what: str) -> str | None:
-        """None when both probes' outputs are finite; else the message naming the first module producing NaN/Inf."""
+    def _locate_non_finite(self, model, logits: torch.Tensor, text_logits: torch.Tensor, what: str,
+                           fold: ReferenceFold | None) -> str | None:
+        """None when both probes' outputs are finite; else the message naming the first module producing NaN/Inf
+        (located in the same fp32 run that produced them)."""
         for probe, out in ((self.probe, logits), (self.text_probe, text_logits)):
             if not finite_rows(out, probe):
-                module = first_non_finite_module(model, probe, im_mask=self.uses_im_mask)
+                stream = StreamedFp32(model, fold=fold, buffers=self.init_buffers, mode=self.reference_mode)
+                with stream.active():
+                    module = first_non_finite_module(model, probe, im_mask=self.uses_im_mask, dtype=torch.float32)
                 return f"non-finite outputs (NaN/Inf) from {what}, " + _first_produced_by(module)
         return None
 
@@ -184,7 +238,8 @@ class DynamicRun:
                                                                             im_mask=self.uses_im_mask))
         outcome.comparison = compare(outcome.logits, self.reference_logits, self.probe, dtype=self.dtype,
                                      label=outcome.name, non_finite=outcome.non_finite,
-                                     cause=self._tie_cause(loaded.model, outcome.name))
+                                     cause=self._tie_cause(loaded.model, outcome.name), tolerance=self.bands,
+                                     basis=self.basis)
         if outcome.name in MERGED_PATHS:
             self._inspect_merged(loaded.model, outcome)
 
@@ -218,7 +273,7 @@ class DynamicRun:
         params = dict(model.named_parameters())
         for name, before in self.base_plora.items():
             after = params.get(name)
-            if after is None or after.shape != before.shape or not torch.equal(after.detach().cpu(), before.to(after.dtype)):
+            if after is None or _fingerprint(after) != before:
                 outcome.plora_changed.append(name)
         modules = dict(model.named_modules())
         for name, class_name in self.base_classes.items():
@@ -246,16 +301,20 @@ class DynamicRun:
         self._workdir.cleanup()
 
 
-def uninitialised_buffers(model: torch.nn.Module, expected: dict[str, torch.Tensor], base_dir: Path) -> str | None:
+def uninitialised_buffers(model: torch.nn.Module, expected: dict[str, torch.Tensor], base_dir: Path,
+                          dtypes: tuple[torch.dtype | None, ...] = ()) -> str | None:
     """Why the loaded ``model`` cannot be trusted when buffers outside its checkpoint (non-persistent, e.g. RoPE
     tables) differ from what its own constructor computes: transformers 5 leaves such buffers uninitialised
-    when it loads, and every output is then meaningless (NaN, or garbage that differs from load to load)."""
+    when it loads, and every output is then meaningless (NaN, or garbage that differs from load to load).
+
+    The constructor's values are fp32; model code computes such tables in the dtype it is loaded in (the real
+    IXC2.5 code does), so a buffer holding their rounding to its own dtype, the checkpoint's or the check dtype
+    (``dtypes``), within that dtype's rounding, is what its code computes, not uninitialised."""
     import transformers
 
     buffers = dict(model.named_buffers())
-    wrong = [name for name, want in expected.items() if name in buffers and (
-        buffers[name].shape != want.shape or not torch.allclose(buffers[name].detach().float().cpu(), want,
-                                                                 rtol=1e-5, atol=1e-6, equal_nan=False))]
+    wrong = [name for name, want in expected.items() if name in buffers
+             and not _computed_as(buffers[name].detach().cpu(), want, dtypes)]
     if not wrong:
         return None
     from harness.model.remote_code import buffer_definition
@@ -267,22 +326,41 @@ def uninitialised_buffers(model: torch.nn.Module, expected: dict[str, torch.Tens
             "meaningless; load this model with transformers 4.x, or make those buffers persistent")
 
 
-def _tied_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Every tied parameter name -> its (shared) Parameter."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return {name: params[name] for pair in tied_parameters(model).items() for name in pair}
+def _computed_as(got: torch.Tensor, want: torch.Tensor, dtypes: tuple[torch.dtype | None, ...]) -> bool:
+    """``got`` is ``want`` as computed in fp32 or rounded to one of ``dtypes`` (within that dtype's rounding)."""
+    if got.shape != want.shape:
+        return False
+    got = got.float()
+    for dtype in dict.fromkeys((torch.float32, got.dtype, *[d for d in dtypes if d is not None])):
+        rounded = want.to(dtype).float()
+        rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+        if torch.allclose(got, rounded, rtol=rtol, atol=1e-6, equal_nan=False):
+            return True
+    return False
 
 
-def _untied_by_adapter(model: torch.nn.Module, before: dict[str, torch.nn.Parameter]) -> dict[str, str]:
-    """Tied pairs the reference split: the parameter the adapter changed (it got its own weight) -> the partner
-    that kept the shared base weight, as in PEFT's unmerged model."""
-    after = dict(model.named_parameters(remove_duplicate=False))
-    kept = sorted(name for name in before if after.get(name) is before[name])
+def _fingerprint(param: torch.Tensor) -> tuple:
+    """(shape, dtype, digest) of a tensor's bytes: "bit-identical after merging" without keeping a copy (PLoRA is
+    ~7% of a 7B XComposer)."""
+    data = param.detach().cpu().contiguous()
+    raw = data.view(torch.uint8) if data.numel() else data
+    return tuple(data.shape), str(data.dtype), hashlib.blake2b(raw.numpy().tobytes() if raw.numel() else b"",
+                                                                digest_size=16).hexdigest()
+
+
+def _untied_by(model: torch.nn.Module, fold: ReferenceFold) -> dict[str, str]:
+    """Tied pairs the reference splits: the parameter the adapter changes (a LoRA on it or a ``modules_to_save``
+    copy gives it its own weight) -> the partner that keeps the shared base weight, as in PEFT's unmerged model.
+    Trainable token rows and loaded embedding layers change the shared weight for both, so they split nothing."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    changed = {lora.weight for lora in fold.lora} | {c.param for c in fold.copies if c.role == "modules_to_save"}
     split = {}
-    for name, shared in before.items():
-        partner = next((other for other in kept if before[other] is shared), None)
-        if name not in kept and partner is not None:
-            split[name] = partner
+    for names in groups.values():
+        kept = [name for name in names if name not in changed]
+        if len(names) > 1 and kept:
+            split.update({name: kept[0] for name in names if name in changed})
     return split
 
 
