@@ -448,3 +448,41 @@ def test_merged_modules_to_save_copy_left_at_the_base_is_dropped(copy_bundle, tm
     save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
     got = merged_result(copy_bundle, merged)
     assert got.status == "fail" and [e.split(" ")[0] for e in got.details["copies_dropped"]] == [COPY]
+
+
+@pytest.mark.parametrize(("effect", "status"), [(0.55, "warn"), (0.65, "pass")])
+def test_effect_within_the_dtype_noise_of_the_model_warns_naming_float32(probe, effect, status) -> None:
+    """bf16 at depth: the base alone is 10% from its fp32 run on text rows, so an effect under 2x the resolution
+    floor (3x that noise) cannot be told from rounding: a warning naming the dtype that resolves it."""
+    run = fake_run(probe, torch.bfloat16, image_effect=1.0, text_effect=effect)
+    run.noise = {"image": 0.01, "text": 0.1}
+    result = run_on("effect", context_with(run))
+    assert result.status == status, result.message
+    if status == "warn":
+        assert "within what bfloat16 rounding does to this model" in result.message
+        assert "the base in bfloat16 against fp32 differs by 1.0e-01" in result.message
+        assert result.fix == "rerun with --dtype float32, which resolves it"
+        assert result.details["dtype_noise"] == {"image": 0.01, "text": 0.1}
+
+
+@pytest.mark.parametrize(("gap", "status"), [(0.9, "pass"), (1.1, "fail")])
+def test_merge_equivalence_band_follows_the_dtype_noise(probe, gap, status) -> None:
+    """With the noise measured at 0.1 on text rows the band there is 3x that: merged vs unmerged apart by 0.9x of
+    it passes, by 1.1x fails, naming how the band was calibrated."""
+    noise = {"image": 0.0, "text": 0.1}
+    width = band(torch.bfloat16, noise=0.1)
+    reference = fake_run(probe, torch.bfloat16).reference_logits
+    unmerged, merged = reference.clone(), reference.clone()
+    unmerged[TEXT_POS[0], TEXT_POS[1], 1] -= gap * width / 2
+    merged[TEXT_POS[0], TEXT_POS[1], 1] += gap * width / 2
+    run = fake_run(probe, torch.bfloat16, path_logits={"peft": unmerged, "peft-merged": merged,
+                                                        "peft-safe-merged": merged})
+    run.noise = noise
+    for name in ("peft", "peft-merged", "peft-safe-merged"):
+        outcome = run.outcomes[name]
+        outcome.comparison = compare(outcome.logits, run.reference_logits, probe, dtype=torch.bfloat16, label=name,
+                                     tolerance=run.bands, basis=run.basis)
+    result = run_on("merge-equivalence", context_with(run))
+    assert result.status == status, result.message
+    if status == "fail":
+        assert result.message.startswith("merged and unmerged outputs differ by") and "calibrated on noise" in result.message

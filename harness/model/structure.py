@@ -263,15 +263,15 @@ def stored_dtype(base_dir: Path) -> str | None:
     """The floating dtype the checkpoint is stored in (what users load it as): config.json's ``dtype`` /
     ``torch_dtype`` when it names one of ``CHECK_DTYPES``, else the dtype holding most of the weights' elements;
     None when neither tells (then float32)."""
-    from harness.inputs.model_dir import ModelDir
+    from harness.inputs.files import read_model_config
 
     try:
-        model_dir = ModelDir(Path(base_dir))
-        declared = model_dir.declared_dtype()
+        config = read_model_config(Path(base_dir))
+        declared = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
         if declared in CHECK_DTYPES:
             return declared
         counts: dict[str, int] = {}
-        for shape, dtype in model_dir.shapes().values():
+        for shape, dtype in read_weight_index(Path(base_dir)).values():
             if dtype in CHECK_DTYPES:
                 counts[dtype] = counts.get(dtype, 0) + int(torch.Size(shape).numel())
     except Exception:  # noqa: BLE001 - an unreadable directory is reported by the checks that read it
