@@ -10,7 +10,6 @@ import torch
 
 from harness.checks import static
 
-
 # -- static helpers --------------------------------------------------------------------------------
 
 

@@ -22,7 +22,6 @@ from harness.numerics.probes import make_probe
 from harness.numerics.reference import ReferenceFold, apply_adapter_reference, probe_logits
 from harness.numerics.streamed import StreamedFp32, block_units, run_streamed
 from harness.numerics.tolerances import band, policy_for, resolution_floor
-from harness.synthetic import BundleSpec
 from harness.synthetic.family import TINY
 
 BF16 = torch.bfloat16

@@ -21,14 +21,14 @@ from safetensors.torch import load_file, save_file
 
 import harness
 from harness.checks import CheckContext
-from harness.checks.registry import CheckResult, get_check, run_check
 from harness.checks.measure.dynamic_run import PathOutcome
 from harness.checks.measure.training_audit import TrainedAudit
+from harness.checks.registry import CheckResult, get_check, run_check
 from harness.loading.paths import PATHS
 from harness.loading.records import LoadRecord
 from harness.numerics.compare import compare, pairwise_disagreements
 from harness.numerics.probes import ProbeBatch, make_probe
-from harness.numerics.tolerances import EFFECT_FLOOR, band, TOLERANCE_TABLE, policy_for, tolerance_for
+from harness.numerics.tolerances import EFFECT_FLOOR, TOLERANCE_TABLE, band, policy_for, tolerance_for
 
 DTYPES = [getattr(torch, name) for name in TOLERANCE_TABLE]
 DTYPE_IDS = list(TOLERANCE_TABLE)

@@ -29,8 +29,9 @@ class CheckOptions:
     """What the user asked for (CLI flags, API keywords, plugin options)."""
 
     allow_plora_targets: bool = False
-    dtype: str | None = None  # float32 | bfloat16 | float16; None: float32 on CPU, bfloat16 on CUDA
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: the dtype the checkpoint is stored in
     device: str = "cpu"
+    max_memory: int | None = None  # bytes the dynamic checks may use; None: the RAM (or GPU memory) available
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ these functions only judge its outcomes, so each check is a few lines to read.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
@@ -15,6 +17,7 @@ from harness.numerics.tolerances import EFFECT_FLOOR, resolution_floor
 
 if TYPE_CHECKING:
     from harness.checks.measure.dynamic_run import DynamicRun
+    from harness.report import CheckResult
 
 # A check that needs these to have passed cannot say anything useful when they failed.
 PREREQUISITES = ("config-valid", "weights-readable", "unsafe-pickle", "empty-tensors")
@@ -50,6 +53,98 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
     return run
 
 
+def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
+    """The depth slices the dynamic checks run on when the base does not fit the memory budget (None: it fits)."""
+    if ctx.base is None:
+        return None
+
+    def plan():
+        import tempfile
+
+        from harness.inputs.adapter_dir import read_adapter_tensors
+        from harness.loading.slices import (
+            adapted_layers,
+            available_bytes,
+            layer_layout,
+            needed_bytes,
+            plan_slices,
+            write_slice,
+        )
+        from harness.model.structure import stored_dtype
+
+        budget = ctx.options.max_memory or available_bytes(ctx.options.device)
+        dtype = ctx.options.dtype or stored_dtype(ctx.base.base_dir) or "float32"
+        layout = layer_layout(ctx.base)
+        try:
+            adapted = adapted_layers(list(read_adapter_tensors(ctx.adapter.root)), layout) if layout else set()
+            chosen = plan_slices(ctx.base, dtype, budget, adapted)
+        except ValueError as err:
+            return Unavailable(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} for the "
+                               f"dynamic checks and the memory budget is {budget / 2**30:.1f} GiB; depth slices "
+                               f"cannot help: {err}", is_failure=True)
+        if chosen is None:
+            return None
+        workdir = ctx.cleanup.enter_context(tempfile.TemporaryDirectory(prefix="plora-harness-slices-"))
+        ctx.note(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} and the memory budget is "
+                 f"{budget / 2**30:.1f} GiB: the dynamic checks ran on {len(chosen)} depth slice(s) of "
+                 f"{len(chosen[0])} layer(s) covering every layer the adapter touches (README, Depth slices)")
+        slices = []
+        for layers in chosen:
+            ctx.say(f"writing the depth slice of layers {layers[0]}-{layers[-1]}")
+            slices.append(write_slice(ctx.base, ctx.adapter.root, layers, Path(workdir) / f"layers-{layers[0]}"))
+        return slices
+
+    return ctx.cached("dynamic.slices", plan)
+
+
+def _slice_context(ctx: CheckContext, depth_slice) -> CheckContext:
+    """A context whose base and adapter are ``depth_slice``'s, with a cache of its own (its own dynamic run)."""
+    import dataclasses
+
+    from harness.inputs.adapter_dir import read_adapter
+    from harness.model.structure import inspect_base
+
+    def build() -> CheckContext:
+        return dataclasses.replace(ctx, base=inspect_base(depth_slice.base_dir),
+                                   adapter=read_adapter(depth_slice.adapter_dir), cache={})
+
+    return ctx.cached(f"dynamic.slice.{depth_slice.label}", build)
+
+
+def over_depth_slices(body):
+    """Run a dynamic check on the whole base, or once per depth slice when the base does not fit the budget; the
+    verdict is the worst slice's, and says which layers it rests on."""
+
+    @functools.wraps(body)
+    def check(ctx: CheckContext):
+        slices = depth_slices(ctx)
+        if isinstance(slices, Unavailable):
+            return _unavailable(slices)
+        if not slices:
+            return body(ctx)
+        results = [(s, body(_slice_context(ctx, s))) for s in slices]
+        return combine_slices(results)
+
+    return check
+
+
+def combine_slices(results: list) -> CheckResult:
+    """One verdict from per-slice results: fail if any slice fails (naming its layers), else warn, else pass."""
+    order = {"fail": 0, "warn": 1, "pass": 2, "skip": 3}
+    worst_slice, worst = min(results, key=lambda pair: order.get(pair[1].status, 0))
+    labels = ", ".join(s.label for s, _ in results)
+    details = {"depth_slices": {s.label: {"status": r.status, "message": r.message, **r.details} for s, r in results}}
+    others = sum(1 for _, r in results if r.status == worst.status) - 1
+    more = f" (+{others} more slice(s) {worst.status})" if others > 0 and worst.status in ("fail", "warn") else ""
+    if worst.status == "fail":
+        return failed(f"{worst_slice.label}: {worst.message}{more}", fix=worst.fix, **details)
+    if worst.status == "warn":
+        return warned(f"{worst_slice.label}: {worst.message}{more}", fix=worst.fix, **details)
+    if worst.status == "skip":
+        return skipped(worst.message, **details)
+    return passed(f"on {len(results)} depth slice(s) ({labels}): {worst.message}", **details)
+
+
 def _unavailable(why: Unavailable):
     if why.is_failure:
         return failed(why.reason, fix="make the base directory load on its own first: the message names the file "
@@ -67,6 +162,7 @@ def _unavailable(why: Unavailable):
     fix="save with peft_model.save_pretrained() and load with PeftModel.from_pretrained(); do not rename keys or "
     "use model.load_state_dict() on an adapter file",
 )
+@over_depth_slices
 def check_key_coverage(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -93,6 +189,7 @@ def check_key_coverage(ctx: CheckContext):
     "test while doing nothing; text rows see the LoRA only when it sits outside PLoRA's image-only branch",
     fix="check target_modules and lora_alpha; targets inside Plora_A/Plora_B never act on text tokens",
 )
+@over_depth_slices
 def check_effect(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -163,6 +260,7 @@ def _path_problem(outcome) -> str | None:
     fix="merge in fp32 (then cast), keep targets outside Plora_A/Plora_B, and use the PEFT version that trained "
     "the adapter",
 )
+@over_depth_slices
 def check_merge_equivalence(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -208,6 +306,7 @@ def check_merge_equivalence(ctx: CheckContext):
     fix="merge with PeftModel.from_pretrained → merge_and_unload → save_pretrained and copy the base's *.py and "
     "tokenizer files; keep targets outside PLoRA",
 )
+@over_depth_slices
 def check_reload_roundtrip(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -239,6 +338,7 @@ def check_reload_roundtrip(ctx: CheckContext):
     fix="target the PLoRA modules (attention.wqkv, ...) not their Plora_A/Plora_B children; never fold PLoRA into "
     "the base weight",
 )
+@over_depth_slices
 def check_plora_preserved(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -272,6 +372,7 @@ def check_plora_preserved(ctx: CheckContext):
     fix="see the failing path's record in the details: missing/unexpected keys point at key names, output "
     "differences at scaling or dtype",
 )
+@over_depth_slices
 def check_path_agreement(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):

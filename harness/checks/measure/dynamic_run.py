@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from harness.loading.memory import keep_large_frees_returnable, release_memory
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.inputs.errors import UnusableInput
 from harness.inputs.files import read_json_object
 from harness.loading.base import load_base, note_adjustment
+from harness.loading.memory import keep_large_frees_returnable, release_memory
 from harness.loading.paths import PATHS, merge_loaded, save_and_reload
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
 from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers

@@ -1,0 +1,224 @@
+"""Depth slices: the dynamic checks of a base too large for the memory budget, run on a few layers at a time.
+
+A slice is a real model directory made from the base: its own code and small files, a config with fewer layers,
+the non-layer tensors (embeddings, norms, head, vision tower) and the chosen decoder layers renumbered from 0,
+read tensor by tensor from the base's safetensors (a private mmap; never the whole checkpoint), and an adapter
+with the tensors of those layers renumbered the same way (``layers_to_transform``, ``rank_pattern`` and
+``alpha_pattern`` keys naming layers follow). Every loading path then runs on the slice exactly as users run it
+on the whole model. The slices together hold every layer the adapter touches.
+
+What a slice does not show: interactions across slices (a layer's error reaching later layers outside its
+slice) and the full depth's accumulated rounding; the merged checkpoint (``merged-matches``) and the static checks
+still read every tensor of the whole model, streamed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.model.structure import BaseModelInfo
+
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# what one dynamic run holds beyond the model under test: PEFT's wrappers, one layer's fp32 copy in the streamed
+# reference, ΔW of one module, the probes (README, Depth slices: measured on the synthetic family)
+MODEL_OVERHEAD = 1.25
+ENGINE_BYTES = 1_500_000_000  # the engine child's imports (torch, transformers, peft) and allocator slack
+
+
+@dataclass(frozen=True)
+class DepthSlice:
+    """Layers ``layers`` of the base (original indices, in order) as a model and an adapter of their own."""
+
+    layers: tuple[int, ...]
+    base_dir: Path
+    adapter_dir: Path
+
+    @property
+    def label(self) -> str:
+        first, last = self.layers[0], self.layers[-1]
+        return f"layers {first}-{last}" if last != first else f"layer {first}"
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where the decoder layers sit: the ModuleList's name (also the checkpoint keys' prefix) and how many."""
+
+    prefix: str  # e.g. "model.layers"
+    count: int
+    count_field: str  # the config field that says how many
+
+
+def layer_layout(info: BaseModelInfo) -> LayerLayout | None:
+    """The decoder layers of ``info`` (the ModuleList as long as the config's layer count whose indices prefix the
+    checkpoint's keys); None when the base has no such list (then it is not sliced)."""
+    field = next((f for f in LAYER_COUNT_FIELDS if isinstance(info.config.get(f), int)), None)
+    if field is None:
+        return None
+    count = info.config[field]
+    pattern = re.compile(r"^(.*)\.(\d+)\.")
+    prefixes: dict[str, set[int]] = {}
+    for key in info.weights:
+        match = pattern.match(key)
+        while match:
+            prefixes.setdefault(match.group(1), set()).add(int(match.group(2)))
+            match = pattern.match(match.group(1) + ".")
+    candidates = [p for p, indices in prefixes.items() if indices == set(range(count)) and not p[-1:].isdigit()]
+    if not candidates:
+        return None
+    return LayerLayout(prefix=min(candidates, key=len), count=count, count_field=field)
+
+
+def model_bytes(info: BaseModelInfo, dtype: str, layers: int | None = None, layout: LayerLayout | None = None) -> int:
+    """Bytes of the base's floating tensors in ``dtype`` (only ``layers`` decoder layers when given)."""
+    size = BYTES.get(dtype, 4)
+    total = 0
+    for key, (shape, _) in info.weights.items():
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if layout is not None and layers is not None and key.startswith(layout.prefix + "."):
+            numel = numel * layers / layout.count  # every layer is alike: the share of ``layers`` of them
+        total += numel * size
+    return int(total)
+
+
+def needed_bytes(info: BaseModelInfo, dtype: str, layers: int | None = None,
+                 layout: LayerLayout | None = None) -> int:
+    """What one dynamic run needs at its peak: the model under test once, its overheads, the engine."""
+    return int(model_bytes(info, dtype, layers, layout) * MODEL_OVERHEAD) + ENGINE_BYTES
+
+
+def plan_slices(info: BaseModelInfo, dtype: str, budget: int, adapted_layers: set[int]) -> list[tuple[int, ...]] | None:
+    """Consecutive runs of layers whose dynamic run fits ``budget`` bytes, covering ``adapted_layers``; None when the
+    whole base fits (no slicing). Raises ``ValueError`` when not even one layer fits."""
+    if needed_bytes(info, dtype) <= budget:
+        return None
+    layout = layer_layout(info)
+    if layout is None:
+        raise ValueError("the base has no decoder layer list to slice by depth")
+    per_slice = max((k for k in range(1, layout.count) if needed_bytes(info, dtype, k, layout) <= budget), default=0)
+    if per_slice == 0:
+        raise ValueError(f"even one decoder layer with the rest of the model needs "
+                         f"{needed_bytes(info, dtype, 1, layout) / 2**30:.1f} GiB")
+    chunks = [tuple(range(start, min(start + per_slice, layout.count)))
+              for start in range(0, layout.count, per_slice)]
+    return [chunk for chunk in chunks if adapted_layers & set(chunk)] or [chunks[0]]
+
+
+def adapted_layers(adapter_keys: list[str], layout: LayerLayout) -> set[int]:
+    """The decoder layers the adapter holds tensors for."""
+    pattern = re.compile(rf"(?:^|\.){re.escape(layout.prefix)}\.(\d+)\.")
+    return {int(m.group(1)) for key in adapter_keys if (m := pattern.search(key))}
+
+
+def _renumber(key: str, prefix: str, mapping: dict[int, int]) -> str | None:
+    """``key`` with its layer index mapped (None: a layer outside the slice); keys outside the layers unchanged."""
+    pattern = re.compile(rf"((?:^|\.){re.escape(prefix)}\.)(\d+)(\.)")
+    match = pattern.search(key)
+    if match is None:
+        return key
+    new = mapping.get(int(match.group(2)))
+    return None if new is None else key[:match.start(2)] + str(new) + key[match.end(2):]
+
+
+def write_slice(info: BaseModelInfo, adapter_dir: Path, layers: tuple[int, ...], out: Path) -> DepthSlice:
+    """Write the slice of ``layers`` of the base in ``info`` and of the adapter into ``out`` (a fresh directory)."""
+    from safetensors.torch import save_file
+
+    from harness.inputs.adapter_dir import read_adapter_tensors
+    from harness.inputs.files import read_json_object
+    from harness.inputs.model_dir import ModelDir
+
+    layout = layer_layout(info)
+    if layout is None:
+        raise ValueError(f"{info.base_dir}: no decoder layer list to slice by depth")
+    mapping = {old: new for new, old in enumerate(layers)}
+    base_out, adapter_out = out / "base", out / "adapter"
+    base_out.mkdir(parents=True)
+    adapter_out.mkdir(parents=True)
+    for path in sorted(Path(info.base_dir).iterdir()):  # code, tokenizer, generation config: small files
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != "config.json":
+            shutil.copyfile(path, base_out / path.name)
+    config = read_json_object(Path(info.base_dir) / "config.json")
+    config[layout.count_field] = len(layers)
+    for name, value in list(config.items()):  # per-layer lists (layer_types, sliding windows): the slice's share
+        if isinstance(value, list) and len(value) == layout.count:
+            config[name] = [value[i] for i in layers]
+    (base_out / "config.json").write_text(json.dumps(config, indent=2))
+    model_dir = ModelDir(Path(info.base_dir))
+    tensors = {}
+    for key in model_dir.shapes():
+        new = _renumber(key, layout.prefix, mapping)
+        if new is not None:
+            tensors[new] = model_dir.get(key)  # a view of the private mmap: the slice is written, not held
+    save_file(tensors, str(base_out / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    adapter_config = read_json_object(adapter_dir / "adapter_config.json")
+    adapter_out.joinpath("adapter_config.json").write_text(json.dumps(slice_adapter_config(adapter_config, layout,
+                                                                                           mapping), indent=2))
+    adapter = {}
+    for key, value in read_adapter_tensors(adapter_dir).items():
+        new = _renumber(key, layout.prefix, mapping)
+        if new is not None:
+            adapter[new] = value.contiguous().clone()
+    save_file(adapter, str(adapter_out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return DepthSlice(tuple(layers), base_out, adapter_out)
+
+
+def slice_adapter_config(config: dict, layout: LayerLayout, mapping: dict[int, int]) -> dict:
+    """``config`` for the renumbered layers: ``layers_to_transform`` and layer-naming pattern keys follow."""
+    config = dict(config)
+    chosen = config.get("layers_to_transform")
+    if isinstance(chosen, int):
+        chosen = [chosen]
+    if isinstance(chosen, list):
+        config["layers_to_transform"] = [mapping[i] for i in chosen if i in mapping]
+    for field in ("rank_pattern", "alpha_pattern"):
+        if isinstance(config.get(field), dict):
+            renamed = {}
+            tail = layout.prefix.rsplit(".", 1)[-1]  # pattern keys name layers relative ("layers.3.x")
+            for key, value in config[field].items():
+                new = _renumber(key, tail, mapping)
+                if new is not None:
+                    renamed[new] = value
+            config[field] = renamed
+    return config
+
+
+def available_bytes(device: str = "cpu") -> int:
+    """The memory a run may use by default: free GPU memory on CUDA, else the system's available RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
+          "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """``"8GiB"``, ``"500MB"``, ``"8G"`` or a number of bytes -> bytes; ValueError with the accepted forms."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"memory size {text!r} is not a number with an optional unit (e.g. 8GiB, 500MB, 16G)")
+    return int(float(match.group(1)) * _UNITS[unit])

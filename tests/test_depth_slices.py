@@ -1,0 +1,124 @@
+"""Depth slices: a base that does not fit the memory budget is checked a few layers at a time, each slice a real
+model and adapter with the layers renumbered, every loading path run on it as on the whole model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.checks.context import CheckContext, CheckOptions
+from harness.checks.dynamic import combine_slices
+from harness.checks.registry import get_check, run_check
+from harness.inputs.adapter_dir import read_adapter
+from harness.loading.slices import (
+    DepthSlice,
+    LayerLayout,
+    adapted_layers,
+    layer_layout,
+    needed_bytes,
+    parse_memory,
+    plan_slices,
+    slice_adapter_config,
+    write_slice,
+)
+from harness.model.structure import inspect_base
+from harness.report import CheckResult
+
+
+@pytest.fixture(scope="module")
+def info(default_bundle):
+    return inspect_base(default_bundle.base_dir)
+
+
+def test_the_decoder_layers_are_found_from_the_config_and_the_checkpoint(info) -> None:
+    layout = layer_layout(info)
+    assert layout == LayerLayout(prefix="model.layers", count=2, count_field="num_hidden_layers")
+
+
+def test_no_slicing_when_the_base_fits_and_a_clear_error_when_one_layer_does_not(info) -> None:
+    layout = layer_layout(info)
+    assert plan_slices(info, "float32", needed_bytes(info, "float32"), {0, 1}) is None
+    assert plan_slices(info, "float32", needed_bytes(info, "float32", 1, layout), {0, 1}) == [(0,), (1,)]
+    assert plan_slices(info, "float32", needed_bytes(info, "float32", 1, layout), {1}) == [(1,)]  # only adapted
+    with pytest.raises(ValueError, match="even one decoder layer"):
+        plan_slices(info, "float32", needed_bytes(info, "float32", 1, layout) - 1, {0})
+
+
+def test_memory_sizes_parse_with_units() -> None:
+    assert parse_memory("8GiB") == 8 * 2**30 and parse_memory("500MB") == 500 * 10**6
+    assert parse_memory("16G") == 16 * 2**30 and parse_memory(1024) == 1024
+    with pytest.raises(ValueError, match="e.g. 8GiB"):
+        parse_memory("eight gigs")
+
+
+def test_a_slice_is_a_model_and_an_adapter_with_the_layers_renumbered(info, default_bundle, tmp_path) -> None:
+    depth_slice = write_slice(info, default_bundle.adapter_dir, (1,), tmp_path / "s")
+    config = json.loads((depth_slice.base_dir / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    base = load_file(str(depth_slice.base_dir / "model.safetensors"))
+    whole = load_file(str(next(default_bundle.base_dir.glob("*.safetensors"))))
+    key = "model.layers.0.attention.wqkv.weight"
+    assert torch.equal(base[key], whole["model.layers.1.attention.wqkv.weight"])  # layer 1 became layer 0
+    assert not any(k.startswith("model.layers.1.") for k in base)
+    assert torch.equal(base["output.weight"], whole["output.weight"])  # non-layer tensors kept
+    assert sorted(p.name for p in depth_slice.base_dir.glob("*.py")) == sorted(
+        p.name for p in default_bundle.base_dir.glob("*.py"))
+    adapter = load_file(str(depth_slice.adapter_dir / "adapter_model.safetensors"))
+    assert adapter and all(".layers.0." in k for k in adapter)
+    assert adapted_layers(list(adapter), layer_layout(info)) == {0}
+    assert not any(default_bundle.base_dir.glob("layers-*"))  # nothing written beside the user's input
+
+
+def test_layer_naming_config_fields_follow_the_renumbering() -> None:
+    layout = LayerLayout("model.layers", 4, "num_hidden_layers")
+    config = {"layers_to_transform": [1, 3], "rank_pattern": {"layers.3.attention.wqkv": 8, "wo": 4},
+              "alpha_pattern": {"model.layers.1.feed_forward.w1": 2}}
+    sliced = slice_adapter_config(config, layout, {2: 0, 3: 1})
+    assert sliced["layers_to_transform"] == [1]
+    assert sliced["rank_pattern"] == {"layers.1.attention.wqkv": 8, "wo": 4}
+    assert sliced["alpha_pattern"] == {}  # layer 1 is not in the slice
+
+
+def test_the_verdict_is_the_worst_slice_naming_its_layers(tmp_path) -> None:
+    def slice_of(*layers):
+        return DepthSlice(layers, tmp_path, tmp_path)
+
+    good = CheckResult(id="", status="pass", message="all agree")
+    bad = CheckResult(id="", status="fail", message="peft: OUTSIDE", fix="re-merge")
+    result = combine_slices([(slice_of(0, 1), good), (slice_of(2, 3), bad)])
+    assert (result.status, result.message, result.fix) == ("fail", "layers 2-3: peft: OUTSIDE", "re-merge")
+    assert result.details["depth_slices"]["layers 0-1"]["status"] == "pass"
+    passed = combine_slices([(slice_of(0, 1), good), (slice_of(2), good)])
+    assert passed.status == "pass" and passed.message == "on 2 depth slice(s) (layers 0-1, layer 2): all agree"
+
+
+def _context(default_bundle, info, budget: int) -> CheckContext:
+    return CheckContext(adapter=read_adapter(default_bundle.adapter_dir), base=info,
+                        options=CheckOptions(max_memory=budget))
+
+
+def test_dynamic_checks_run_per_slice_when_the_base_does_not_fit(default_bundle, info) -> None:
+    layout = layer_layout(info)
+    ctx = _context(default_bundle, info, needed_bytes(info, "float32", 1, layout))
+    try:
+        for check_id in ("key-coverage", "merge-equivalence", "path-agreement"):
+            result = run_check(get_check(check_id), ctx)
+            assert result.status == "pass", result.message
+            assert result.message.startswith("on 2 depth slice(s) (layer 0, layer 1): ")
+            assert set(result.details["depth_slices"]) == {"layer 0", "layer 1"}
+        assert any("2 depth slice(s) of 1 layer(s)" in note for note in ctx.notes)
+    finally:
+        ctx.cleanup.close()
+
+
+def test_a_budget_below_one_layer_fails_the_dynamic_checks_in_one_line(default_bundle, info) -> None:
+    ctx = _context(default_bundle, info, 10_000)
+    try:
+        result = run_check(get_check("path-agreement"), ctx)
+        assert result.status == "fail"
+        assert "the memory budget is 0.0 GiB; depth slices cannot help: even one decoder layer" in result.message
+    finally:
+        ctx.cleanup.close()
