@@ -46,8 +46,8 @@ def test_check_result_validates_status_and_keeps_one_line():
 
 def test_json_has_exactly_the_documented_shape():
     data = json.loads(_report().to_json())
-    assert list(data) == ["harness_version", "exit_code", "inputs", "environment", "notes", "not_checked", "code",
-                          "checks", "summary"]
+    assert list(data) == ["harness_version", "exit_code", "demo", "started_at", "duration_s", "inputs", "environment",
+                          "notes", "not_checked", "code", "checks", "summary"]
     assert data["harness_version"] == "9.9.9" and data["exit_code"] == 1
     assert set(data["environment"]) == {"torch", "transformers", "peft"}
     for check in data["checks"]:
@@ -128,7 +128,8 @@ def test_run_report_has_one_exit_code_and_a_section_per_adapter(tmp_path):
     run = RunReport(reports=[good, _report()])
     assert run.exit_code == 1 and run.summary["failed"] == 1 and run.summary["passed"] == 2
     data = json.loads(run.to_json())
-    assert list(data) == ["harness_version", "exit_code", "environment", "notes", "reports", "summary"]
+    assert list(data) == ["harness_version", "exit_code", "demo", "started_at", "duration_s", "environment", "notes",
+                          "reports", "summary"]
     assert [r["inputs"]["adapter"] for r in data["reports"]] == ["/a", "/x/adapter"]
     text = run.render()
     assert "== adapter 1 of 2: /a ==" in text and "1 of 2 adapters failed" in text
