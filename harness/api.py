@@ -140,6 +140,11 @@ def check_adapters(
     plan, code = plan_run(adapters, base_model, merged, dtype=dtype, device=device,
                           allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
                           skip=skip, timeout=timeout, demo=demo, progress=progress)
+    return _execute(plan, code, isolated=isolated, progress=progress, verbose=verbose)
+
+
+def _execute(plan: Plan, code: list[dict], *, isolated: bool | None, progress: Callable[[str], None] | None,
+             verbose: bool = False) -> RunReport:
     if isolated is None:
         isolated = plan.runs_model_code()
     if isolated:
@@ -176,12 +181,13 @@ def check(
     problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when torch/transformers/PEFT
     are outside the tested range.
     """
-    run = check_adapters([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
-                         allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                         skip=skip, timeout=timeout, demo=demo, isolated=isolated, progress=progress)
-    if len(run.reports) != 1:
-        raise InputError(f"{adapter}: holds {len(run.reports)} adapters; check a folder with check_adapters")
-    return run.reports[0]
+    plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
+                          allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
+                          skip=skip, timeout=timeout, demo=demo, progress=progress)
+    if len(plan.adapters) != 1:
+        raise InputError(f"{plan.adapters[0]}: is one of {len(plan.adapters)} adapters in {adapter}; check a folder "
+                         "of adapters with check_adapters")
+    return _execute(plan, code, isolated=isolated, progress=progress).reports[0]
 
 
 def run_in_process(plan: Plan, progress: Callable[[str], None] | None = None) -> RunReport:

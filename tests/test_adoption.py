@@ -115,3 +115,17 @@ def test_the_default_timeout_follows_the_model_size(default_bundle, tmp_path):
     assert default_timeout_s(big) == MIN_TIMEOUT_S + 14 * SECONDS_PER_GIB
     assert plan_run([default_bundle.adapter_dir], timeout=30)[0].timeout_s == 30
     assert plan_run([default_bundle.adapter_dir], timeout=None)[0].timeout_s is None
+
+
+def test_the_one_adapter_api_refuses_a_folder_before_running(default_bundle, tmp_path, monkeypatch):
+    import harness.api
+    from harness.inputs.errors import InputError
+
+    release = tmp_path / "release"
+    for name in ("v1", "v2"):
+        _adapter_copy(default_bundle, release / name)
+    run = harness.check_adapters([release], only=["finite"])
+    assert [r.inputs["adapter"] for r in run.reports] == [str(release / "v1"), str(release / "v2")]
+    monkeypatch.setattr(harness.api, "run_in_process", lambda *a, **k: pytest.fail("ran before refusing"))
+    with pytest.raises(InputError, match="check_adapters"):
+        harness.check(release)
