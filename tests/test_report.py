@@ -171,3 +171,24 @@ def test_a_fresh_report_is_stamped_now():
     import re
 
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", Report().started_at)
+
+
+def test_the_report_time_includes_the_engine_start_up(default_bundle):
+    """The first adapter's time counts from the start of the run (the child's start-up and imports included),
+    so a single adapter's "took" is the run's, not only the part after the engine started."""
+    import time
+
+    from harness.engine.plan import Plan
+    from harness.engine.recorder import Recorder
+
+    plan = Plan(adapters=(str(default_bundle.adapter_dir), str(default_bundle.adapter_dir)))
+    recorder = Recorder(plan)
+    time.sleep(0.3)  # the engine process starting
+    for index in (0, 1):
+        recorder.handle({"type": "start", "adapter": index, "planned": []})
+        time.sleep(0.1)
+        recorder.handle({"type": "notes", "adapter": index, "notes": []})
+    recorder.handle({"type": "done"})
+    run = recorder.finish()
+    first, second = (r.duration_s for r in run.reports)
+    assert first >= 0.4 and 0.1 <= second < 0.3 and run.duration_s >= first + second

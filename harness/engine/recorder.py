@@ -34,7 +34,7 @@ class Recorder:
         self.reports = [Report(inputs={"adapter": adapter}, demo=plan.demo, started_at=self.started_at)
                         for adapter in plan.adapters]
         self.planned = {index: plan.planned_ids(index) for index in range(len(plan.adapters))}
-        self.adapter_started: dict[int, float] = {}
+        self.adapter_started: dict[int, float] = {0: self.started}  # the first adapter's time includes start-up
         self.current: dict[int, str] = {}  # adapter -> the last progress line (what was running)
         self.current_adapter: int | None = None
         self.input_error: str | None = None
@@ -53,7 +53,7 @@ class Recorder:
         report = self.reports[index] if isinstance(index, int) and 0 <= index < len(self.reports) else None
         if index is not None:
             self.current_adapter = index
-        if kind == "start" and report is not None:
+        if kind == "start" and report is not None and index > 0:
             self.adapter_started[index] = time.monotonic()
             report.started_at = utc_now()
         elif kind == "inputs" and report is not None:
