@@ -35,7 +35,10 @@ def find_pyproject(start: Path | None = None) -> Path | None:
 
 def load_settings(pyproject: Path | None) -> dict:
     """The table as argparse destinations and values (paths made absolute); {} when there is none."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest, a dependency, brings tomli there
+        import tomli as tomllib
 
     if pyproject is None:
         return {}
