@@ -61,10 +61,12 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("what to run")
     run.add_argument("--only", action="append", default=None, metavar="ID",
                      help="run only this check id (repeatable; `plora-harness list` shows the ids)")
-    run.add_argument("--skip", action="append", default=None, metavar="ID", help="do not run this check id (repeatable)")
+    run.add_argument("--skip", action="append", default=None, metavar="ID",
+                     help="do not run this check id (repeatable)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="dtype for the dynamic checks (default float32 on CPU, bfloat16 on CUDA)")
-    run.add_argument("--device", choices=["cpu", "cuda"], default=None, help="device for the dynamic checks (default cpu)")
+    run.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                     help="device for the dynamic checks (default cpu)")
     run.add_argument("--allow-plora-targets", action="store_true", default=None,
                      help="turn lora-on-plora from a failure into a warning")
     run.add_argument("--timeout", type=_timeout, default=None, metavar="SECONDS",

@@ -4,7 +4,8 @@ Wiring only, the way pytest's own plugins do it: every option carries the ``--pl
 own group, so nothing clashes with a repository's ``--device`` or ``--adapter``; without any
 ``--plora-*`` option or ``PLORA_HARNESS_*`` input variable the plugin adds nothing and imports nothing
 heavy. Any of them without an adapter (or a variable set but empty) is a usage error: a gate whose
-adapter variable is misspelt or empty must not pass having checked nothing. The engine runs once per adapter per test run (under pytest-xdist too: the first worker to
+adapter variable is misspelt or empty must not pass having checked nothing. The engine runs once
+per adapter per test run (under pytest-xdist too: the first worker to
 need an adapter's report computes it under a file lock, the others read it), in a child process.
 
 Item outcome: a check that passed passes; one that warned passes with a ``ConformanceWarning``; one
@@ -245,7 +246,8 @@ def outcome_of(result) -> None:
         warnings.warn(ConformanceWarning(f"{result.id}: {printable(result.message)}"), stacklevel=2)
     elif result.status == "fail":
         problems = result.details.get("problems")
-        more = "".join(f"\n- {printable(p)}" for p in problems) if isinstance(problems, list) and len(problems) > 1 else ""
+        several = isinstance(problems, list) and len(problems) > 1  # each visible, not "(+1 more problem(s))"
+        more = "".join(f"\n- {printable(p)}" for p in problems) if several else ""
         fix = f"\nfix: {printable(result.fix)}" if result.fix else ""
         raise ConformanceFailure(f"{result.id}: {printable(result.message)}{more}{fix}")
     elif result.status != "pass":

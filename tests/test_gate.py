@@ -85,8 +85,8 @@ def user_repo(tmp_path: Path) -> Path:
 
 
 def _pytest(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PLORA_HARNESS_ADAPTER",
-                                                                          "PLORA_HARNESS_BASE", "PLORA_HARNESS_MERGED"))}
+    inputs = ("PLORA_HARNESS_ADAPTER", "PLORA_HARNESS_BASE_MODEL", "PLORA_HARNESS_MERGED")
+    full_env = {k: v for k, v in os.environ.items() if k not in inputs}
     full_env.update(env or {})
     full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args], cwd=repo,

@@ -37,7 +37,7 @@ def _fail_if_loaded(monkeypatch):
 
 
 def test_device_cuda_without_cuda_is_a_usage_error(default_bundle, monkeypatch, capsys):
-    """Before: exit 1 with six failed checks (`Torch not compiled with CUDA enabled`, advice about trust_remote_code)."""
+    """Before: exit 1 with six failed checks (`Torch not compiled with CUDA enabled`, fix about trust_remote_code)."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -100,8 +100,8 @@ def pair_merged(adapters: Sequence[str | Path], merged: str | Path | Sequence[st
         raise InputError("merged checkpoints given both as --adapter A=M and as --merged; use one way to pair them")
     if len(merged_list) != len(pairs):
         raise InputError(f"{len(pairs)} adapter(s) and {len(merged_list)} merged checkpoint(s) cannot be paired: give "
-                         "one --merged per --adapter, in the same order, or write --adapter A=M for each adapter with a "
-                         "merged checkpoint")
+                         "one --merged per --adapter, in the same order, or write --adapter A=M for each adapter "
+                         "with a merged checkpoint")
     return [(adapter, str(m)) for (adapter, _), m in zip(pairs, merged_list)]
 
 

@@ -39,6 +39,7 @@ def adapters_in_folder(directory: Path) -> list[Path]:
         return []
     found = []
     for child in sorted(directory.iterdir()):
-        if child.is_dir() and not child.is_symlink() and (_has(child, "adapter_config.json") or is_zero_checkpoint(child)):
-            found.append(child)
+        if child.is_dir() and not child.is_symlink():
+            if _has(child, "adapter_config.json") or is_zero_checkpoint(child):
+                found.append(child)
     return found
