@@ -1,28 +1,25 @@
 """plora-harness: conformance checks for LoRA adapters of XComposer (PLoRA) and HF causal LMs.
 
 ``check`` (one adapter) and ``check_adapters`` (several against one base) run the checks, model code in a
-child process; ``check_trained`` is the end-of-training gate. Importing the package imports no torch.
+child process; ``check_trained`` is the end-of-training gate. Importing the package imports no torch: the
+three are the functions of ``harness.api`` themselves (real signatures for ``help()`` and editors), imported
+on first use.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 __version__ = "0.2.0"
+__all__ = ["check", "check_adapters", "check_trained"]
+
+if TYPE_CHECKING:
+    from harness.api import check, check_adapters, check_trained
 
 
-def check(*args, **kwargs):
-    """Run the conformance checks on one adapter; see ``harness.api.check``."""
-    from harness.api import check as _check
+def __getattr__(name: str):
+    if name in __all__:
+        import harness.api
 
-    return _check(*args, **kwargs)
-
-
-def check_adapters(*args, **kwargs):
-    """Run the conformance checks on several adapters against one base; see ``harness.api.check_adapters``."""
-    from harness.api import check_adapters as _check_adapters
-
-    return _check_adapters(*args, **kwargs)
-
-
-def check_trained(*args, **kwargs):
-    """End-of-training gate; see ``harness.api.check_trained``."""
-    from harness.api import check_trained as _check_trained
-
-    return _check_trained(*args, **kwargs)
+        return getattr(harness.api, name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

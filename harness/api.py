@@ -8,13 +8,15 @@ nothing here imports torch until a run needs it. Nothing here knows about pytest
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.checks.context import CheckOptions
-from harness.engine.plan import DEFAULT_TIMEOUT_S, Plan, absolute, unknown_ids
+from harness.engine.plan import DEFAULT_TIMEOUT_S, Plan, absolute, default_timeout_s, pair_merged, unknown_ids
 from harness.inputs.code import require_trust
 from harness.inputs.errors import InputError
+from harness.inputs.roles import adapters_in_folder, is_adapter_dir, is_model_dir
 from harness.report import Report, RunReport
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -24,7 +26,7 @@ DEVICES = ("cpu", "cuda")
 def plan_run(
     adapters: Sequence[str | Path] | None,
     base_model: str | Path | None = None,
-    merged: str | Path | None = None,
+    merged: str | Path | Sequence[str | Path] | None = None,
     *,
     dtype: str | None = None,
     device: str = "cpu",
@@ -32,14 +34,17 @@ def plan_run(
     trust_remote_code: bool = False,
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
-    timeout: float | None = DEFAULT_TIMEOUT_S,
+    timeout: float | str | None = DEFAULT_TIMEOUT_S,
+    demo: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Validate everything a run needs, cheaply and before any model code or heavy import, and plan it.
 
-    Raises ``InputError`` (one line: file, problem, fix) for a path that does not exist or is not a
-    directory, a check id that does not exist, or model code the user did not trust; returns the plan
-    and the model code files that will run (with their sha256).
+    Raises ``InputError`` (one line: file, problem, fix) for a path that does not exist, is of the wrong kind
+    (a base or merged path that is an adapter, an adapter path that is a model), merged checkpoints that cannot
+    be paired with the adapters, a check id that does not exist, a device the machine lacks, no adapter without
+    ``demo=True``, or model code the user did not trust; returns the plan and the model code files that will run
+    (with their sha256).
     """
     from harness.compat import require_supported
 
@@ -48,48 +53,98 @@ def plan_run(
         raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if device not in DEVICES:
         raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}")
-    if timeout is not None and not timeout > 0:
+    if timeout != "auto" and timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
     unknown = unknown_ids(list(only) + list(skip))
     if unknown:
         raise InputError(f"unknown check id(s) {', '.join(map(repr, unknown))}; `plora-harness list` shows them all")
-    if not adapters:
-        if base_model is not None or merged is not None:
-            raise InputError("--base-model/--merged need --adapter; run without arguments for the built-in demo")
+    for value, flag in [*((a, "--adapter") for a in adapters or ()), (base_model, "--base-model"),
+                        *((m, "--merged") for m in _as_list(merged))]:
+        if value is not None and not str(value).strip():
+            raise InputError(f"{flag} is empty (an unset or empty variable?); pass the directory")
+    if demo:
+        if adapters or base_model is not None or merged is not None:
+            raise InputError("the built-in demo checks its own synthetic adapter; drop --demo to check yours")
         adapters, base_model, merged = _built_in_demo(progress)
         trust_remote_code = True  # the demo's model code is ours
-    paths = [_require(a, "adapter", allow_file=True) for a in adapters]
-    base = _require(base_model, "base model") if base_model is not None else None
-    merged_dir = _require(merged, "merged checkpoint") if merged is not None else None
-    if merged_dir is not None and base is None:
-        raise InputError(f"{merged_dir}: --merged is compared with base + adapter; pass --base-model too")
+    elif not adapters:
+        raise InputError("no adapter to check: pass --adapter DIR (is the variable that holds it empty?), "
+                         "or run `plora-harness demo` for the built-in demo")
+    base = _require(base_model, "base model", role="model") if base_model is not None else None
+    pairs = []
+    for adapter, partner in pair_merged(adapters, merged):
+        path = _require(adapter, "adapter", allow_file=True, role="adapter")
+        folder = adapters_in_folder(path) if path.is_dir() else []
+        if folder and partner is not None:
+            raise InputError(f"{path}: is a folder of {len(folder)} adapters and cannot be paired with one merged "
+                             f"checkpoint; pair each adapter in it with --adapter A=M")
+        partner_dir = _require(partner, "merged checkpoint", role="model") if partner is not None else None
+        pairs += [(p, None) for p in folder] if folder else [(path, partner_dir)]
+    if base is None and any(m is not None for _, m in pairs):
+        first = next(m for _, m in pairs if m is not None)
+        raise InputError(f"{first}: --merged is compared with base + adapter; pass --base-model too")
+    if device == "cuda":
+        _require_cuda()
+    merged_dirs = tuple(str(m) if m is not None else None for _, m in pairs)
+    if timeout == "auto":
+        timeout = default_timeout_s(base, *(m for m in merged_dirs if m))
     # Only the base's code runs: merged-matches reads the merged checkpoint's tensors and config, and the
     # merge-script path reloads a directory the harness saved itself, with the base's code files.
     code = [f.to_dict() for f in require_trust({"base model": base} if base else {}, trust_remote_code)]
-    plan = Plan(adapters=tuple(str(p) for p in paths), base_model=str(base) if base else None,
-                merged=str(merged_dir) if merged_dir else None,
+    plan = Plan(adapters=tuple(str(p) for p, _ in pairs), base_model=str(base) if base else None,
+                merged=merged_dirs if any(merged_dirs) else (),
                 options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device),
-                only=tuple(only), skip=tuple(skip), trust_remote_code=trust_remote_code, timeout_s=timeout)
+                only=tuple(only), skip=tuple(skip), trust_remote_code=trust_remote_code, timeout_s=timeout, demo=demo)
     return plan, code
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, (str, Path)) else list(value)
+
+
+def _require_cuda() -> None:
+    """``--device cuda`` on a machine without a usable CUDA device: refused now, not as six failed checks."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise InputError(f"--device cuda: torch {torch.__version__} ({build}) finds no CUDA device on this machine; "
+                         "use --device cpu, or run on a machine with a GPU and a CUDA build of torch")
 
 
 def check_adapters(
     adapters: Sequence[str | Path] | None,
     base_model: str | Path | None = None,
-    merged: str | Path | None = None,
+    merged: str | Path | Sequence[str | Path] | None = None,
     *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    allow_plora_targets: bool = False,
+    trust_remote_code: bool = False,
+    only: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    timeout: float | str | None = DEFAULT_TIMEOUT_S,
+    demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
     verbose: bool = False,
-    **options,
 ) -> RunReport:
-    """Check every adapter against one base (and merged checkpoint): one report each, one exit code.
+    """Check every adapter against one base: one report each, one exit code.
 
-    ``isolated`` (default: whenever the plan loads a model or converts a DeepSpeed checkpoint) runs the
-    engine in a child process; ``False`` runs it in this process, model code included: for tests and
-    debugging, or when this process already runs that code. Options: see ``check``.
+    ``merged``: one merged checkpoint per adapter, in the same order (or write an adapter as ``"A=M"``); a
+    folder of adapters is checked adapter by adapter. ``demo=True`` (and no adapter) checks the built-in
+    synthetic demo. ``isolated`` (default: whenever the plan loads a model or converts a DeepSpeed
+    checkpoint) runs the engine in a child process; ``False`` runs it in this process, model code included:
+    for tests and debugging, or when this process already runs that code. Other options: see ``check``.
     """
-    plan, code = plan_run(adapters, base_model, merged, progress=progress, **options)
+    plan, code = plan_run(adapters, base_model, merged, dtype=dtype, device=device,
+                          allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
+                          skip=skip, timeout=timeout, demo=demo, progress=progress)
+    return _execute(plan, code, isolated=isolated, progress=progress, verbose=verbose)
+
+
+def _execute(plan: Plan, code: list[dict], *, isolated: bool | None, progress: Callable[[str], None] | None,
+             verbose: bool = False) -> RunReport:
     if isolated is None:
         isolated = plan.runs_model_code()
     if isolated:
@@ -110,24 +165,29 @@ def check(
     trust_remote_code: bool = False,
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
-    timeout: float | None = DEFAULT_TIMEOUT_S,
+    timeout: float | str | None = DEFAULT_TIMEOUT_S,
+    demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Run every applicable check on one adapter and return its report.
 
-    Without ``adapter`` the built-in synthetic XComposer base, adapter and merged model are checked.
-    A base or merged directory whose ``config.json`` maps custom classes (``auto_map``) ships Python code
-    that loading runs: it is run only with ``trust_remote_code=True``, in a child process (see
-    ``check_adapters`` for ``isolated``), and the report lists each file with its sha256. ``timeout``
-    (seconds, per adapter) bounds the child's run. Raises ``InputError``
-    (one line: file, problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when
-    torch/transformers/PEFT are outside the tested range.
+    ``adapter`` is required unless ``demo=True``, which checks the built-in synthetic XComposer base,
+    adapter and merged model (the report says so in its first line). A base or merged directory whose
+    ``config.json`` maps custom classes (``auto_map``) ships Python code that loading runs: it is run only with
+    ``trust_remote_code=True``, in a child process (see ``check_adapters`` for ``isolated``), and the report
+    lists each file with its sha256. ``timeout`` (seconds per adapter; ``"auto"``: derived from the size of
+    the model files; ``None``: no limit) bounds the child's run. Raises ``InputError`` (one line: file,
+    problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when torch/transformers/PEFT
+    are outside the tested range.
     """
-    run = check_adapters([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
-                         allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                         skip=skip, timeout=timeout, isolated=isolated, progress=progress)
-    return run.reports[0]
+    plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
+                          allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
+                          skip=skip, timeout=timeout, demo=demo, progress=progress)
+    if len(plan.adapters) != 1:
+        raise InputError(f"{plan.adapters[0]}: is one of {len(plan.adapters)} adapters in {adapter}; check a folder "
+                         "of adapters with check_adapters")
+    return _execute(plan, code, isolated=isolated, progress=progress).reports[0]
 
 
 def run_in_process(plan: Plan, progress: Callable[[str], None] | None = None) -> RunReport:
@@ -176,12 +236,21 @@ def _built_in_demo(progress: Callable[[str], None] | None) -> tuple[list[Path], 
     return [bundle.adapter_dir], bundle.base_dir, build_merged_dir(bundle)
 
 
-def _require(path: str | Path, what: str, *, allow_file: bool = False) -> Path:
-    """``path`` made absolute, refused in one line when it is missing or of the wrong kind."""
+def _require(path: str | Path, what: str, *, allow_file: bool = False, role: str | None = None) -> Path:
+    """``path`` made absolute, refused in one line when it is missing or of the wrong kind (``role``: "adapter"
+    refuses a model directory, "model" an adapter directory)."""
     resolved = Path(absolute(path))
     if not resolved.exists():
         raise InputError(f"{resolved}: {what} does not exist; pass the directory that holds it")
     if resolved.is_dir():
+        if role == "model" and is_adapter_dir(resolved):
+            flag = "--merged" if "merged" in what else "--base-model"
+            raise InputError(f"{resolved}: {flag} is an adapter directory (adapter_config.json, no config.json), not "
+                             f"a model; pass it as --adapter, and the full model directory as {flag}")
+        if role == "adapter" and is_model_dir(resolved):
+            raise InputError(f"{resolved}: --adapter is a model directory (config.json, no adapter_config.json), not "
+                             "a PEFT adapter; pass the directory save_pretrained of the PeftModel wrote, and this one "
+                             "as --base-model or --merged")
         return resolved
     if allow_file and resolved.is_file() and resolved.suffix in (".safetensors", ".bin", ".pt", ".pth"):
         return resolved
@@ -213,6 +282,7 @@ def check_trained(
     from harness.inputs.adapter_dir import read_adapter
 
     require_supported()
+    started = time.monotonic()
     saved_dir = _require(saved_dir, "saved adapter")
     param = next(peft_model.parameters())
     dtype = param.dtype if param.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
@@ -230,4 +300,5 @@ def check_trained(
         for group in ("static", "trained"):
             report.extend(run_check(c, ctx) for c in checks(group))
         report.notes = list(ctx.notes)
+    report.duration_s = round(time.monotonic() - started, 3)
     return report

@@ -1,9 +1,11 @@
 """pytest plugin (entry point ``pytest11``): ``--plora-*`` options and one item per adapter × check id.
 
 Wiring only, the way pytest's own plugins do it: every option carries the ``--plora-`` prefix in its
-own group, so nothing clashes with a repository's ``--device`` or ``--adapter``; without
-``--plora-adapter`` (or ``PLORA_HARNESS_ADAPTER``) the plugin adds nothing and imports nothing
-heavy. The engine runs once per adapter per test run (under pytest-xdist too: the first worker to
+own group, so nothing clashes with a repository's ``--device`` or ``--adapter``; without any
+``--plora-*`` option or ``PLORA_HARNESS_*`` input variable the plugin adds nothing and imports nothing
+heavy. Any of them without an adapter (or a variable set but empty) is a usage error: a gate whose
+adapter variable is misspelt or empty must not pass having checked nothing. The engine runs once
+per adapter per test run (under pytest-xdist too: the first worker to
 need an adapter's report computes it under a file lock, the others read it), in a child process.
 
 Item outcome: a check that passed passes; one that warned passes with a ``ConformanceWarning``; one
@@ -21,8 +23,9 @@ import pytest
 OPTION_ENV = {
     "plora_adapter": "PLORA_HARNESS_ADAPTER",  # several adapters: separated by os.pathsep
     "plora_base_model": "PLORA_HARNESS_BASE_MODEL",
-    "plora_merged": "PLORA_HARNESS_MERGED",
+    "plora_merged": "PLORA_HARNESS_MERGED",  # several: separated by os.pathsep, one per adapter in order
 }
+LISTS = ("plora_adapter", "plora_merged")
 COLLECTOR_NAME = "plora-conformance"
 
 
@@ -32,12 +35,14 @@ class ConformanceWarning(UserWarning):
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("plora-harness", "LoRA adapter conformance (plora-harness)")
-    group.addoption("--plora-adapter", action="append", type=Path, metavar="DIR",
-                    help="adapter directory to check (repeatable; env PLORA_HARNESS_ADAPTER, os.pathsep-separated)")
-    group.addoption("--plora-base-model", type=Path, metavar="DIR",
+    group.addoption("--plora-adapter", action="append", metavar="DIR[=MERGED]",
+                    help="adapter directory (or a folder of adapters) to check; repeatable; DIR=MERGED pairs it with "
+                    "its merged checkpoint (env PLORA_HARNESS_ADAPTER, os.pathsep-separated)")
+    group.addoption("--plora-base-model", metavar="DIR",
                     help="base model directory: adds loading and numerical checks (env PLORA_HARNESS_BASE_MODEL)")
-    group.addoption("--plora-merged", type=Path, metavar="DIR",
-                    help="merged checkpoint directory to verify (env PLORA_HARNESS_MERGED)")
+    group.addoption("--plora-merged", action="append", metavar="DIR",
+                    help="merged checkpoint directory to verify, one per --plora-adapter in the same order "
+                    "(env PLORA_HARNESS_MERGED)")
     group.addoption("--plora-trust-remote-code", action="store_true",
                     help="allow the base/merged directory's own Python code to run (in a child process)")
     group.addoption("--plora-report", type=Path, metavar="PATH", help="write the JSON conformance report here")
@@ -49,6 +54,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--plora-timeout", type=float, default=None, metavar="SECONDS",
                     help="limit per adapter for the engine process")
     group.addoption("--plora-allow-plora-targets", action="store_true", help="lora-on-plora warns instead of failing")
+    parser.addini("plora_inputs_without_adapter", type="bool", default=False,
+                  help="plora-harness: this repository's own tests read the --plora-* inputs (e.g. a GPU suite), so "
+                  "inputs without --plora-adapter are not a usage error")
 
 
 def option(config: pytest.Config, name: str):
@@ -56,29 +64,79 @@ def option(config: pytest.Config, name: str):
     value = config.getoption(name)
     if value is None and name in OPTION_ENV and os.environ.get(OPTION_ENV[name]):
         raw = os.environ[OPTION_ENV[name]]
-        value = [Path(p) for p in raw.split(os.pathsep) if p] if name == "plora_adapter" else Path(raw)
+        value = [p for p in raw.split(os.pathsep) if p] if name in LISTS else raw
     return value
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "plora_conformance: a plora-harness conformance check item")
+    if not hasattr(config, "workerinput"):  # the controller validates once; workers trust it
+        config._plora_pairs = _validated_pairs(config)
+    else:
+        config._plora_pairs = _pairs(config) if option(config, "plora_adapter") else []
+
+
+def _validated_pairs(config: pytest.Config) -> list[tuple[str, str | None]]:
+    """The adapters with their merged checkpoints, or a ``pytest.UsageError`` (one line) when the inputs given
+    cannot make a run: any ``--plora-*`` input or ``PLORA_HARNESS_*`` variable without an adapter, a variable set
+    but empty, an empty path, merged checkpoints that do not pair with the adapters."""
+    for name, env in OPTION_ENV.items():
+        if env in os.environ and not os.environ[env].strip(os.pathsep + " "):
+            raise pytest.UsageError(f"plora-harness: {env} is set but empty; set it to the directory (or unset it "
+                                    "to run without conformance checks)")
+    given = [f"--{n.replace('_', '-')}" for n in _INPUT_OPTIONS if config.getoption(n) not in (None, False, [])]
+    given += [env for env in OPTION_ENV.values() if env in os.environ]
+    adapters = option(config, "plora_adapter")
+    if not adapters:
+        if given and not config.getini("plora_inputs_without_adapter"):
+            raise pytest.UsageError(f"plora-harness: {', '.join(given)} given without an adapter, so nothing would be "
+                                    "checked; pass --plora-adapter=DIR (or set PLORA_HARNESS_ADAPTER)")
+        return []
+    for name in ("plora_adapter", "plora_base_model", "plora_merged"):
+        value = option(config, name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not str(item).strip():
+                raise pytest.UsageError(f"plora-harness: --{name.replace('_', '-')} is empty (an unset variable?); "
+                                        "pass the directory")
+    from harness.inputs.errors import InputError
+
+    try:
+        return _pairs(config)
+    except InputError as err:
+        raise pytest.UsageError(f"plora-harness: {err}") from None
+
+
+def _pairs(config: pytest.Config) -> list[tuple[str, str | None]]:
+    """Adapters (folders of adapters expanded) with their merged checkpoints, paired as the CLI pairs them."""
+    from harness.engine.plan import pair_merged
+    from harness.inputs.roles import adapters_in_folder
+
+    pairs = []
+    for adapter, merged in pair_merged(option(config, "plora_adapter"), option(config, "plora_merged")):
+        folder = adapters_in_folder(Path(adapter).expanduser()) if merged is None else []
+        pairs += [(str(a), None) for a in folder] if folder else [(adapter, merged)]
+    return pairs
+
+
+_INPUT_OPTIONS = ("plora_base_model", "plora_merged", "plora_trust_remote_code", "plora_report", "plora_device",
+                  "plora_dtype", "plora_only", "plora_skip", "plora_timeout", "plora_allow_plora_targets")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Collect the conformance items like any other collector (reported, counted, selectable with -k/-m)."""
-    adapters = option(config, "plora_adapter")
-    if not adapters:
+    pairs = getattr(config, "_plora_pairs", None)
+    if not pairs:
         return
-    root = ConformanceRoot.from_parent(session, name=COLLECTOR_NAME, nodeid=COLLECTOR_NAME, adapters=adapters)
+    root = ConformanceRoot.from_parent(session, name=COLLECTOR_NAME, nodeid=COLLECTOR_NAME, pairs=pairs)
     items.extend(session.genitems(root))
 
 
 class AdapterRun:
     """One adapter's report, computed once per test run (across xdist workers), on first use."""
 
-    def __init__(self, config: pytest.Config, adapter: Path, label: str) -> None:
-        self.config, self.adapter, self.label = config, adapter, label
+    def __init__(self, config: pytest.Config, adapter: str, merged: str | None, label: str) -> None:
+        self.config, self.adapter, self.merged, self.label = config, Path(adapter), merged, label
         self.error: str | None = None
         self._report = None
 
@@ -96,7 +154,7 @@ class AdapterRun:
     def _options(self) -> dict:
         config = self.config
         options = {
-            "base_model": option(config, "plora_base_model"), "merged": option(config, "plora_merged"),
+            "base_model": option(config, "plora_base_model"), "merged": self.merged,
             "dtype": config.getoption("plora_dtype"), "device": config.getoption("plora_device") or "cpu",
             "allow_plora_targets": config.getoption("plora_allow_plora_targets"),
             "trust_remote_code": config.getoption("plora_trust_remote_code"),
@@ -129,14 +187,14 @@ class AdapterRun:
 class ConformanceRoot(pytest.Collector):
     """``plora-conformance``: one child per adapter."""
 
-    def __init__(self, *, adapters: list[Path], **kwargs) -> None:
+    def __init__(self, *, pairs: list[tuple[str, str | None]], **kwargs) -> None:
         super().__init__(**kwargs)
-        self.adapters = adapters
+        self.pairs = pairs
 
     def collect(self):
-        labels = _labels(self.adapters)
-        for adapter, label in zip(self.adapters, labels):
-            run = AdapterRun(self.config, adapter, label)
+        labels = _labels([Path(a) for a, _ in self.pairs])
+        for (adapter, merged), label in zip(self.pairs, labels):
+            run = AdapterRun(self.config, adapter, merged, label)
             yield AdapterCollector.from_parent(self, name=label, run=run)
 
 
@@ -148,7 +206,7 @@ class AdapterCollector(pytest.Collector):
         self.run = run
 
     def collect(self):
-        for check_id in _planned_ids(self.config, self.run.adapter):
+        for check_id in _planned_ids(self.config, self.run):
             yield ConformanceItem.from_parent(self, name=check_id, check_id=check_id, run=self.run)
 
 
@@ -187,8 +245,11 @@ def outcome_of(result) -> None:
     if result.status == "warn":
         warnings.warn(ConformanceWarning(f"{result.id}: {printable(result.message)}"), stacklevel=2)
     elif result.status == "fail":
+        problems = result.details.get("problems")
+        several = isinstance(problems, list) and len(problems) > 1  # each visible, not "(+1 more problem(s))"
+        more = "".join(f"\n- {printable(p)}" for p in problems) if several else ""
         fix = f"\nfix: {printable(result.fix)}" if result.fix else ""
-        raise ConformanceFailure(f"{result.id}: {printable(result.message)}{fix}")
+        raise ConformanceFailure(f"{result.id}: {printable(result.message)}{more}{fix}")
     elif result.status != "pass":
         raise ConformanceFailure(f"{result.id}: unknown status {result.status!r}")
 
@@ -197,13 +258,13 @@ class ConformanceFailure(Exception):
     """A failed conformance check: reported as its one-line message and fix, no traceback."""
 
 
-def _planned_ids(config: pytest.Config, adapter: Path) -> list[str]:
+def _planned_ids(config: pytest.Config, run: AdapterRun) -> list[str]:
     from harness.engine.plan import Plan, absolute
 
-    plan = Plan(adapters=(absolute(adapter),), base_model=absolute(option(config, "plora_base_model")),
-                merged=absolute(option(config, "plora_merged")), only=tuple(config.getoption("plora_only")),
+    plan = Plan(adapters=(absolute(run.adapter),), base_model=absolute(option(config, "plora_base_model")),
+                merged=(absolute(run.merged),) if run.merged else (), only=tuple(config.getoption("plora_only")),
                 skip=tuple(config.getoption("plora_skip")))
-    return plan.planned_ids(plan.adapters[0])
+    return plan.planned_ids(0)
 
 
 def _labels(adapters: list[Path]) -> list[str]:

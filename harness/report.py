@@ -88,6 +88,29 @@ def environment() -> dict:
     return versions
 
 
+def utc_now() -> str:
+    """The time now, UTC, to the second (ISO 8601): when a run started, in every report."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+DEMO_TITLE = ("built-in demo: the synthetic XComposer base, a trained adapter and its merged checkpoint that "
+              "plora-harness builds itself (not your adapter; pass --adapter DIR to check yours)")
+
+
+def _timing(started_at: str | None, duration_s: float | None) -> str | None:
+    if started_at is None and duration_s is None:
+        return None
+    took = f"took {duration_s:.1f} s" if duration_s is not None else ""
+    return ", ".join(t for t in (f"started {started_at}" if started_at else "", took) if t)
+
+
+def _empty(value) -> bool:
+    """A detail with nothing in it (None, "", [], {}): left out of the terminal's details, kept in the JSON."""
+    return value is None or (isinstance(value, (str, list, tuple, dict, set)) and not value)
+
+
 def _harness_version() -> str:
     from harness import __version__
 
@@ -112,6 +135,9 @@ class Report:
     notes: list[str] = field(default_factory=list)  # adjustments made (eager attention, dtype, untying ...)
     not_checked: list[str] = field(default_factory=list)  # what this run could not cover, and why
     code: list[dict] = field(default_factory=list)  # model code files run: {"file", "sha256", "executed"}
+    demo: bool = False  # the built-in synthetic demo, not a user's adapter (said in the first line)
+    started_at: str | None = field(default_factory=utc_now)  # UTC, ISO 8601
+    duration_s: float | None = None  # wall time of this adapter's run, loading included
 
     @property
     def summary(self) -> dict:
@@ -145,6 +171,9 @@ class Report:
         return {
             "harness_version": self.harness_version,
             "exit_code": self.exit_code,
+            "demo": self.demo,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
             "inputs": _jsonable(self.inputs),
             "environment": _jsonable(self.environment),
             "notes": list(self.notes),
@@ -164,15 +193,16 @@ class Report:
                    checks=[CheckResult.from_dict(item) for item in data.get("checks", [])],
                    harness_version=data.get("harness_version", _harness_version()),
                    notes=list(data.get("notes") or []), not_checked=list(data.get("not_checked") or []),
-                   code=list(data.get("code") or []))
+                   code=list(data.get("code") or []), demo=bool(data.get("demo")),
+                   started_at=data.get("started_at"), duration_s=data.get("duration_s"))
 
     def render(self, *, verbose: bool = False) -> str:
         """A table (id, status, message), then details and the fix of each failure and warning."""
-        lines = []
+        lines = [DEMO_TITLE, ""] if self.demo else []
         for key, value in self.inputs.items():
             if value is not None and not isinstance(value, (list, dict)):
                 lines.append(f"{key}: {printable(value)}")
-        if lines:
+        if lines and lines[-1]:
             lines.append("")
         width = max([len("check")] + [len(r.id) for r in self.checks])
         lines.append(f"{'check':<{width}}  {'status':<6}  {'time':>6}  message")
@@ -186,6 +216,8 @@ class Report:
             for result in problems:
                 lines += ["", f"[{result.status.upper()}] {result.id}: {printable(result.message)}"]
                 for key, value in result.details.items():
+                    if _empty(value):
+                        continue
                     lines.append(f"    {printable(key, 80)}: {printable(_short(value), None)}")
                 if result.fix and result.status in ("fail", "warn"):
                     lines.append(f"    fix: {printable(result.fix)}")
@@ -197,21 +229,27 @@ class Report:
             lines += [f"- {printable(c.get('file'))} sha256 {c.get('sha256')} ({ran.get(c.get('executed'), 'ran')})"
                       for c in self.code]
         summary = self.summary
-        lines += ["", f"{summary['passed']} passed, {summary['failed']} failed, "
-                      f"{summary['warned']} warnings, {summary['skipped']} skipped"]
+        timing = _timing(self.started_at, self.duration_s)
+        lines += ["", f"run: {timing}"] if timing else [""]
+        lines += [f"{summary['passed']} passed, {summary['failed']} failed, "
+                  f"{summary['warned']} warnings, {summary['skipped']} skipped"]
         lines += [f"not checked: {printable(text)}" for text in self.not_checked]
         return "\n".join(lines)
 
     def junit_suite(self, name: str = "plora-harness") -> ET.Element:
         """One ``testsuite``: a ``testcase`` per check; fail -> ``failure``, skip -> ``skipped``, warn -> system-out."""
         summary = self.summary
-        total = sum(r.duration_s or 0.0 for r in self.checks)
+        total = self.duration_s if self.duration_s is not None else sum(r.duration_s or 0.0 for r in self.checks)
         suite = ET.Element("testsuite", name=_xml_text(name, 500), tests=str(len(self.checks)),
                            failures=str(summary["failed"]), errors="0", skipped=str(summary["skipped"]),
                            time=f"{total:.3f}")
+        if self.started_at:
+            suite.set("timestamp", self.started_at.rstrip("Z"))  # JUnit's schema: ISO 8601 without a zone (UTC)
         properties = ET.SubElement(suite, "properties")
         ET.SubElement(properties, "property", name="harness_version", value=str(self.harness_version))
         ET.SubElement(properties, "property", name="exit_code", value=str(self.exit_code))
+        if self.demo:
+            ET.SubElement(properties, "property", name="demo", value=DEMO_TITLE)
         for key, value in {**self.environment, **{f"input.{k}": v for k, v in self.inputs.items()}}.items():
             if not isinstance(value, (list, dict)):
                 ET.SubElement(properties, "property", name=_xml_text(key, 200), value=_xml_text(value))
@@ -241,6 +279,8 @@ class RunReport:
 
     reports: list[Report] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    started_at: str | None = field(default_factory=utc_now)  # UTC, ISO 8601
+    duration_s: float | None = None  # wall time of the whole run
 
     @property
     def exit_code(self) -> int:
@@ -253,6 +293,7 @@ class RunReport:
     def to_dict(self) -> dict:
         first = self.reports[0] if self.reports else Report()
         return {"harness_version": first.harness_version, "exit_code": self.exit_code,
+                "demo": any(r.demo for r in self.reports), "started_at": self.started_at, "duration_s": self.duration_s,
                 "environment": _jsonable(first.environment), "notes": list(self.notes),
                 "reports": [report.to_dict() for report in self.reports], "summary": self.summary}
 
@@ -260,7 +301,7 @@ class RunReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
 
     def render(self, *, verbose: bool = False) -> str:
-        parts = []
+        parts = [DEMO_TITLE] if any(r.demo for r in self.reports) else []
         for index, report in enumerate(self.reports, 1):
             label = report.inputs.get("adapter", f"adapter {index}")
             parts.append(f"== adapter {index} of {len(self.reports)}: {printable(label)} ==\n"
@@ -271,6 +312,9 @@ class RunReport:
             f"all {len(self.reports)} adapters passed"
         parts.append(f"== overall: {verdict}; {summary['passed']} passed, {summary['failed']} failed, "
                      f"{summary['warned']} warnings, {summary['skipped']} skipped ==")
+        timing = _timing(self.started_at, self.duration_s)
+        if timing:
+            parts[-1] += f"\nrun: {timing}"
         return "\n\n".join(parts)
 
     def to_junit(self, path: str | Path) -> Path:

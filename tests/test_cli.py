@@ -21,8 +21,9 @@ def test_good_adapter_exits_0_with_a_table(default_bundle, capsys, tmp_path):
     assert code == 0
     assert "check" in out and "status" in out and "empty-tensors     PASS" in out
     data = json.loads((tmp_path / "r.json").read_text())
-    assert set(data) == {"harness_version", "exit_code", "inputs", "environment", "notes", "not_checked", "code",
-                         "checks", "summary"}
+    assert set(data) == {"harness_version", "exit_code", "demo", "started_at", "duration_s", "inputs", "environment",
+                         "notes", "not_checked", "code", "checks", "summary"}
+    assert data["demo"] is False and data["started_at"].endswith("Z") and data["duration_s"] > 0
     assert data["exit_code"] == 0 and data["code"] == []
     assert data["not_checked"] and "no --base-model" in data["not_checked"][0]
     assert set(data["environment"]) >= {"torch", "transformers", "peft"}
@@ -120,10 +121,11 @@ def test_plugin_without_adapter_adds_nothing(pytester):
 
 
 def test_main_job_checks_the_embedded_default_end_to_end(monkeypatch, synthetic_cache, capsys):
-    """`plora-harness check` with no arguments: synthetic base + adapter + merged model, every check."""
+    """`plora-harness demo`: synthetic base + adapter + merged model, every check, said to be the demo."""
     monkeypatch.setenv("PLORA_HARNESS_CACHE", str(synthetic_cache))
-    assert main(["check", "--quiet"]) == 0
+    assert main(["demo", "--quiet"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("built-in demo: ") and "not your adapter" in out.splitlines()[0]
     for check_id in planned_check_ids(base_model=True, merged=True):
         assert f"\n{check_id} " in out, check_id
     assert "merged-matches     PASS" in out and "0 failed" in out
@@ -135,7 +137,9 @@ def test_every_broken_fixture_exits_with_the_right_code_and_id(name, default_bun
     broken = mutation.apply(default_bundle.adapter_dir, tmp_path / "broken")
     code = main(["check", "--adapter", str(broken), "--quiet"])
     captured = capsys.readouterr()
-    if mutation.input_error:
+    if name == "merged-model-dir":  # a model directory given as --adapter: a usage error, before any check
+        assert code == 2 and "--adapter is a model directory" in captured.err and "Traceback" not in captured.err
+    elif mutation.input_error:
         assert code == 2 and len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
         assert mutation.fragment.lower() in captured.err.lower()
     elif mutation.status == "fail":

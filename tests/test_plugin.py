@@ -116,3 +116,14 @@ def test_a_warning_check_passes_with_a_pytest_warning(pytester, default_bundle, 
                                 str(pytester.path), "-W", "always")
     result.assert_outcomes(passed=len(planned_check_ids(base_model=False, merged=False)) - 1, skipped=1)
     result.stdout.fnmatch_lines(["*ConformanceWarning: noop:*lora_B tensors are exactly zero*"])
+
+
+def test_under_pytest_every_problem_of_a_failure_is_visible():
+    """Before: the second problem hid behind "(+1 more problem(s))"."""
+    result = CheckResult("merged-matches", "fail", "ΔW missing in w.0 (+1 more problem(s))",
+                         {"problems": ["ΔW missing in w.0", "dtype float16, expected bfloat16"]}, fix="re-merge")
+    with pytest.raises(ConformanceFailure) as info:
+        outcome_of(result)
+    text = str(info.value)
+    assert "- ΔW missing in w.0" in text and "- dtype float16, expected bfloat16" in text
+    assert text.endswith("fix: re-merge")

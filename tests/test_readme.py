@@ -20,6 +20,6 @@ def test_quick_start_has_exactly_two_commands():
     quick = next(s for s in section if s.lower().startswith("quick start"))
     block = quick.split("```", 2)[1]
     commands = [line for line in block.splitlines()[1:] if line.strip() and not line.startswith("#")]
-    assert commands == ["bash scripts/in-venv plora-harness check", "bash scripts/in-venv pytest -n auto"]
+    assert commands == ["bash scripts/in-venv plora-harness demo", "bash scripts/in-venv pytest -n auto"]
     ci = (README.parent / ".ci" / "run").read_text()
     assert "bash scripts/in-venv pytest -n auto" in ci

@@ -46,8 +46,8 @@ def test_check_result_validates_status_and_keeps_one_line():
 
 def test_json_has_exactly_the_documented_shape():
     data = json.loads(_report().to_json())
-    assert list(data) == ["harness_version", "exit_code", "inputs", "environment", "notes", "not_checked", "code",
-                          "checks", "summary"]
+    assert list(data) == ["harness_version", "exit_code", "demo", "started_at", "duration_s", "inputs", "environment",
+                          "notes", "not_checked", "code", "checks", "summary"]
     assert data["harness_version"] == "9.9.9" and data["exit_code"] == 1
     assert set(data["environment"]) == {"torch", "transformers", "peft"}
     for check in data["checks"]:
@@ -128,9 +128,67 @@ def test_run_report_has_one_exit_code_and_a_section_per_adapter(tmp_path):
     run = RunReport(reports=[good, _report()])
     assert run.exit_code == 1 and run.summary["failed"] == 1 and run.summary["passed"] == 2
     data = json.loads(run.to_json())
-    assert list(data) == ["harness_version", "exit_code", "environment", "notes", "reports", "summary"]
+    assert list(data) == ["harness_version", "exit_code", "demo", "started_at", "duration_s", "environment", "notes",
+                          "reports", "summary"]
     assert [r["inputs"]["adapter"] for r in data["reports"]] == ["/a", "/x/adapter"]
     text = run.render()
     assert "== adapter 1 of 2: /a ==" in text and "1 of 2 adapters failed" in text
     suites = ET.parse(run.to_junit(tmp_path / "r.xml")).getroot().findall("testsuite")
     assert [s.get("name") for s in suites] == ["plora-harness::/a", "plora-harness::/x/adapter"]
+
+
+def test_details_leave_out_empty_fields_on_the_terminal_and_keep_them_in_the_json():
+    """Before: a merged-matches failure printed a dozen empty fields (missing: [], unexpected: [], ...)."""
+    result = CheckResult("merged-matches", "fail", "1 weight differs", {"missing": [], "unexpected": [], "ties": {},
+                                                                         "note": "", "worst": None, "wrong": ["w.0"]},
+                         fix="re-merge")
+    report = Report(inputs={"adapter": "/a"}, checks=[result])
+    details = report.render().split("Details", 1)[1]
+    assert "wrong: " in details and "w.0" in details
+    for empty in ("missing:", "unexpected:", "ties:", "note:", "worst:"):
+        assert empty not in details
+    assert json.loads(report.to_json())["checks"][0]["details"]["missing"] == []
+
+
+def test_every_report_has_its_start_time_and_total_duration(tmp_path):
+    """Before: no total time and no timestamp anywhere; JUnit's suite time was the sum of the check times."""
+    from harness.report import RunReport
+
+    report = _report()
+    report.started_at, report.duration_s = "2026-12-07T18:00:00Z", 17.25
+    assert "run: started 2026-12-07T18:00:00Z, took 17.2 s" in report.render()
+    data = json.loads(report.to_json())
+    assert data["started_at"] == "2026-12-07T18:00:00Z" and data["duration_s"] == 17.25
+    suite = ET.parse(report.to_junit(tmp_path / "r.xml")).getroot().find("testsuite")
+    assert suite.get("timestamp") == "2026-12-07T18:00:00" and suite.get("time") == "17.250"
+    assert Report.from_dict(data).to_dict() == data
+    run = RunReport(reports=[report], started_at="2026-12-07T18:00:00Z", duration_s=20.0)
+    assert run.render().endswith("run: started 2026-12-07T18:00:00Z, took 20.0 s")
+    assert json.loads(run.to_json())["duration_s"] == 20.0
+
+
+def test_a_fresh_report_is_stamped_now():
+    import re
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", Report().started_at)
+
+
+def test_the_report_time_includes_the_engine_start_up(default_bundle):
+    """The first adapter's time counts from the start of the run (the child's start-up and imports included),
+    so a single adapter's "took" is the run's, not only the part after the engine started."""
+    import time
+
+    from harness.engine.plan import Plan
+    from harness.engine.recorder import Recorder
+
+    plan = Plan(adapters=(str(default_bundle.adapter_dir), str(default_bundle.adapter_dir)))
+    recorder = Recorder(plan)
+    time.sleep(0.3)  # the engine process starting
+    for index in (0, 1):
+        recorder.handle({"type": "start", "adapter": index, "planned": []})
+        time.sleep(0.1)
+        recorder.handle({"type": "notes", "adapter": index, "notes": []})
+    recorder.handle({"type": "done"})
+    run = recorder.finish()
+    first, second = (r.duration_s for r in run.reports)
+    assert first >= 0.4 and 0.1 <= second < 0.3 and run.duration_s >= first + second

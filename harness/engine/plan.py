@@ -8,47 +8,58 @@ the engine did not report is a failure, never a silent gap. Importing this modul
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.checks.context import CheckOptions
 from harness.checks.registry import GROUPS, REGISTRY, checks
 
-DEFAULT_TIMEOUT_S = 4 * 3600.0  # per adapter: a 7B base on a CPU loads ~10 times (about an hour on 2 cores)
+DEFAULT_TIMEOUT_S = "auto"  # per adapter: derived from the size of the model files (``default_timeout_s``)
+MIN_TIMEOUT_S = 600.0  # static checks, or a tiny model on a busy machine
+SECONDS_PER_GIB = 900.0  # a run loads the base ~10 times: a 7B bf16 base (13 GiB) on 2 CPU cores takes about an hour
 
 
 @dataclass(frozen=True)
 class Plan:
     adapters: tuple[str, ...]  # absolute paths, in the order given
     base_model: str | None = None
-    merged: str | None = None
+    merged: tuple[str | None, ...] = ()  # each adapter's merged checkpoint, aligned with adapters (empty: none)
     options: CheckOptions = field(default_factory=CheckOptions)
     only: tuple[str, ...] = ()  # check ids to run (empty: all that apply)
     skip: tuple[str, ...] = ()  # check ids not to run
     trust_remote_code: bool = False
-    timeout_s: float | None = DEFAULT_TIMEOUT_S  # per adapter; None: no limit
+    timeout_s: float | None = MIN_TIMEOUT_S  # per adapter; None: no limit
+    demo: bool = False  # the built-in synthetic demo, not a user's adapter
+
+    def merged_for(self, index: int) -> str | None:
+        """The merged checkpoint paired with adapter ``index`` (None: no merged-model check for it)."""
+        return self.merged[index] if index < len(self.merged) else None
+
+    def merged_dirs(self) -> list[str]:
+        return [m for m in dict.fromkeys(self.merged) if m is not None]
 
     def selected(self, check_id: str) -> bool:
         return (not self.only or check_id in self.only) and check_id not in self.skip
 
-    def groups(self, adapter: str) -> list[str]:
-        """The check groups that apply to ``adapter`` with these inputs, in run order."""
+    def groups(self, index: int) -> list[str]:
+        """The check groups that apply to adapter ``index`` with these inputs, in run order."""
         from harness.inputs.deepspeed import is_zero_checkpoint
 
-        groups = (["deepspeed"] if is_zero_checkpoint(adapter) else []) + ["static"]
+        groups = (["deepspeed"] if is_zero_checkpoint(self.adapters[index]) else []) + ["static"]
         groups += (["against-base", "dynamic"] if self.base_model is not None else [])
-        return groups + (["merged"] if self.merged is not None else [])
+        return groups + (["merged"] if self.merged_for(index) is not None else [])
 
-    def planned_ids(self, adapter: str) -> list[str]:
-        """Every check id the engine must report for ``adapter`` (a missing one becomes a failure)."""
-        return [c.id for group in self.groups(adapter) for c in checks(group) if self.selected(c.id)]
+    def planned_ids(self, index: int) -> list[str]:
+        """Every check id the engine must report for adapter ``index`` (a missing one becomes a failure)."""
+        return [c.id for group in self.groups(index) for c in checks(group) if self.selected(c.id)]
 
     def runs_model_code(self) -> bool:
         """Whether this run imports model code or unpickles DeepSpeed shards (then it belongs in a child
         process); a static-only run reads files with the safe readers and runs nothing of the inputs'."""
         from harness.inputs.deepspeed import is_zero_checkpoint
 
-        return self.base_model is not None or self.merged is not None or any(map(is_zero_checkpoint, self.adapters))
+        return self.base_model is not None or bool(self.merged_dirs()) or any(map(is_zero_checkpoint, self.adapters))
 
     def deadline_s(self) -> float | None:
         return None if self.timeout_s is None else self.timeout_s * len(self.adapters)
@@ -60,9 +71,51 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         data["options"] = CheckOptions(**data["options"])
-        for key in ("adapters", "only", "skip"):
+        for key in ("adapters", "merged", "only", "skip"):
             data[key] = tuple(data[key])
         return cls(**data)
+
+
+def pair_merged(adapters: Sequence[str | Path], merged: str | Path | Sequence[str | Path] | None) -> list[
+        tuple[str, str | None]]:
+    """Each adapter with its own merged checkpoint: ``A=M`` pairs one adapter with ``M``; otherwise the merged
+    checkpoints pair with the adapters by position, one each. Raises ``InputError`` when they cannot be paired:
+    comparing a merged checkpoint with an adapter that did not make it fails for the wrong reason."""
+    from harness.inputs.errors import InputError
+
+    merged_list = [] if merged is None else [merged] if isinstance(merged, (str, Path)) else list(merged)
+    pairs: list[tuple[str, str | None]] = []
+    explicit = False
+    for adapter in adapters:
+        text = str(adapter)
+        if isinstance(adapter, str) and "=" in text and not Path(text).expanduser().exists():
+            text, partner = text.split("=", 1)
+            explicit = True
+            pairs.append((text, partner))
+        else:
+            pairs.append((text, None))
+    if not merged_list:
+        return pairs
+    if explicit:
+        raise InputError("merged checkpoints given both as --adapter A=M and as --merged; use one way to pair them")
+    if len(merged_list) != len(pairs):
+        raise InputError(f"{len(pairs)} adapter(s) and {len(merged_list)} merged checkpoint(s) cannot be paired: give "
+                         "one --merged per --adapter, in the same order, or write --adapter A=M for each adapter "
+                         "with a merged checkpoint")
+    return [(adapter, str(m)) for (adapter, _), m in zip(pairs, merged_list)]
+
+
+def default_timeout_s(*model_dirs: str | Path | None) -> float:
+    """A limit per adapter that fits the models given: ``MIN_TIMEOUT_S`` plus ``SECONDS_PER_GIB`` per GiB of
+    their weight files (a run loads the base about ten times), instead of one figure for every size."""
+    size = 0
+    for directory in model_dirs:
+        if directory is None:
+            continue
+        for path in Path(directory).iterdir():
+            if path.suffix in (".safetensors", ".bin", ".pt", ".pth") and path.is_file():
+                size += path.stat().st_size
+    return round(MIN_TIMEOUT_S + SECONDS_PER_GIB * size / 2**30)
 
 
 def unknown_ids(ids: list[str]) -> list[str]:
@@ -77,4 +130,4 @@ def absolute(path: str | Path | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().absolute())
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "GROUPS", "Plan", "absolute", "unknown_ids"]
+__all__ = ["DEFAULT_TIMEOUT_S", "GROUPS", "Plan", "absolute", "default_timeout_s", "pair_merged", "unknown_ids"]

@@ -18,8 +18,10 @@ why, so a run that ended early can never look like a run that passed.
 
 from __future__ import annotations
 
+import time
+
 from harness.engine.plan import Plan
-from harness.report import CheckResult, Report, RunReport
+from harness.report import CheckResult, Report, RunReport, utc_now
 
 NOT_REPORTED_FIX = ("read the message: it names what ended the run; rerun with --verbose to see the engine's own "
                     "output")
@@ -28,35 +30,43 @@ NOT_REPORTED_FIX = ("read the message: it names what ended the run; rerun with -
 class Recorder:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.reports = [Report(inputs={"adapter": adapter}) for adapter in plan.adapters]
-        self.planned = {index: plan.planned_ids(adapter) for index, adapter in enumerate(plan.adapters)}
+        self.started, self.started_at = time.monotonic(), utc_now()
+        self.reports = [Report(inputs={"adapter": adapter}, demo=plan.demo, started_at=self.started_at)
+                        for adapter in plan.adapters]
+        self.planned = {index: plan.planned_ids(index) for index in range(len(plan.adapters))}
+        self.adapter_started: dict[int, float] = {0: self.started}  # the first adapter's time includes start-up
         self.current: dict[int, str] = {}  # adapter -> the last progress line (what was running)
         self.current_adapter: int | None = None
         self.input_error: str | None = None
         self.fatal: str | None = None
         self.done = False
         self.run_notes: list[str] = []
-        for report in self.reports:
-            report.not_checked = _not_checked(plan)
+        for index, report in enumerate(self.reports):
+            report.not_checked = _not_checked(plan, index)
             if plan.base_model is not None:
                 report.inputs["base_model"] = plan.base_model
-            if plan.merged is not None:
-                report.inputs["merged"] = plan.merged
+            if plan.merged_for(index) is not None:
+                report.inputs["merged"] = plan.merged_for(index)
 
     def handle(self, event: dict) -> None:
         kind, index = event.get("type"), event.get("adapter")
         report = self.reports[index] if isinstance(index, int) and 0 <= index < len(self.reports) else None
         if index is not None:
             self.current_adapter = index
-        if kind == "inputs" and report is not None:
+        if kind == "start" and report is not None and index > 0:
+            self.adapter_started[index] = time.monotonic()
+            report.started_at = utc_now()
+        elif kind == "inputs" and report is not None:
             report.inputs.update(event["inputs"])
         elif kind == "progress" and report is not None:
             self.current[index] = event["text"]
         elif kind == "result" and report is not None:
             result = CheckResult.from_dict(event["result"])
             report.checks = [r for r in report.checks if r.id != result.id] + [result]
-        elif kind == "notes" and report is not None:
+        elif kind == "notes" and report is not None:  # the adapter's last event
             report.notes += [n for n in event["notes"] if n not in report.notes]
+            if index in self.adapter_started:
+                report.duration_s = round(time.monotonic() - self.adapter_started[index], 3)
         elif kind == "code":
             for report in self.reports:
                 report.code = list(event["files"])
@@ -86,14 +96,17 @@ class Recorder:
                                                  {"not_reported": True}, fix=NOT_REPORTED_FIX))
             order = {check_id: n for n, check_id in enumerate(self.planned[index])}
             report.checks.sort(key=lambda r: order.get(r.id, len(order)))
-        return RunReport(reports=self.reports, notes=self.run_notes)
+            if report.duration_s is None:  # ended early: the time until now
+                report.duration_s = round(time.monotonic() - self.adapter_started.get(index, self.started), 3)
+        return RunReport(reports=self.reports, notes=self.run_notes, started_at=self.started_at,
+                         duration_s=round(time.monotonic() - self.started, 3))
 
 
-def _not_checked(plan: Plan) -> list[str]:
+def _not_checked(plan: Plan, index: int) -> list[str]:
     lines = []
     if plan.base_model is None:
         lines.append("loading and numerics: no --base-model (static checks of the adapter files only)")
-    if plan.merged is None:
+    if plan.merged_for(index) is None:
         lines.append("a merged checkpoint: no --merged")
     if plan.only:
         lines.append(f"every check but {', '.join(plan.only)} (--only)")

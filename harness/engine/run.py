@@ -51,13 +51,13 @@ def execute(plan: Plan, emit: Emit) -> None:
 
 
 def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
-    planned = plan.planned_ids(adapter)
+    planned = plan.planned_ids(index)
     emit({"type": "start", "adapter": index, "planned": planned})
     ctx = CheckContext(options=plan.options,
                        progress=lambda text: emit({"type": "progress", "adapter": index, "text": text}))
     with ctx.cleanup:
         _read_inputs(ctx, Path(adapter), emit, index)
-        groups = _groups(ctx, plan, adapter)
+        groups = _groups(ctx, plan, index)
         for group in groups:
             if group == "against-base" and ctx.adapter is not None:
                 if base_info is None:
@@ -67,7 +67,7 @@ def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
                     base_info = inspect_base(plan.base_model)
                 ctx.base = base_info
             if group == "merged":
-                ctx.merged = Path(plan.merged)
+                ctx.merged = Path(plan.merged_for(index))
             for check in checks(group):
                 if plan.selected(check.id) or group in GATING_GROUPS:
                     _run_one(ctx, check, report=plan.selected(check.id), emit=emit, index=index)
@@ -81,10 +81,10 @@ def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
     return base_info
 
 
-def _groups(ctx: CheckContext, plan: Plan, adapter: str) -> list[str]:
+def _groups(ctx: CheckContext, plan: Plan, index: int) -> list[str]:
     if ctx.deepspeed_error is not None:  # a refused or failed conversion: nothing else can be checked
         return ["deepspeed"]
-    return plan.groups(adapter)
+    return plan.groups(index)
 
 
 def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int) -> None:

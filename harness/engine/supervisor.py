@@ -41,7 +41,7 @@ def run_isolated(plan: Plan, *, progress: Progress | None = None, verbose: bool 
     from harness.loading.model_code import trust_code_dirs
 
     recorder = Recorder(plan)
-    trust_code_dirs([Path(d) for d in (plan.base_model, plan.merged) if d is not None])
+    trust_code_dirs([Path(d) for d in (plan.base_model, *plan.merged_dirs()) if d is not None])
     with tempfile.TemporaryDirectory(prefix="plora-harness-engine-") as work:
         work = Path(work)
         plan_file = work / "plan.json"
