@@ -36,7 +36,7 @@ class Plan:
         from harness.inputs.deepspeed import is_zero_checkpoint
 
         groups = (["deepspeed"] if is_zero_checkpoint(adapter) else []) + ["static"]
-        groups += (["against-base", "dynamic"] if self.base_model is not None else [])
+        groups += (["against-base", "dynamic", "serving"] if self.base_model is not None else [])
         return groups + (["merged"] if self.merged is not None else [])
 
     def planned_ids(self, adapter: str) -> list[str]:
