@@ -112,7 +112,15 @@ def test_good_adapters_are_served_as_the_reference(vllm_installed, serving_arch,
 
 def test_an_adapter_served_differently_fails_naming_the_largest_logprob_gap(vllm_installed, serving_arch):
     llama = serving_arch("llama")
-    got = serving_result(llama.adapter("tokens"), llama.base)  # vLLM drops trainable_token_indices' rows
+    got = serving_result(llama.adapter("stale_tensors"), llama.base)  # vLLM applies tensors PEFT leaves out
     assert got.status == "fail", got.message
     assert "serves the adapter differently from the fp32 reference: largest logprob gap" in got.message
     assert got.details["max_logprob_gap"] > measure.LOGPROB_ATOL
+
+
+def test_an_adapter_vllm_refuses_at_load_fails_with_vllms_message(vllm_installed, serving_arch):
+    llama = serving_arch("llama")
+    got = serving_result(llama.adapter("tokens"), llama.base)  # admitted config, weights refused at load
+    assert got.status == "fail", got.message
+    assert "admits the adapter but cannot serve it" in got.message
+    assert "trainable_tokens_delta is unsupported LoRA weight" in got.message
