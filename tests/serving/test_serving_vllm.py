@@ -16,15 +16,15 @@ from fixtures.serving_zoo import BIG_RANK, GOOD_KINDS
 from harness.checks.measure import serving_vllm as measure
 
 
-def serving_result(adapter_dir, base_dir):
-    report = harness.check(adapter_dir, base_model=base_dir, only=["serving-vllm"], isolated=False)
+def serving_result(adapter_dir, base_dir, **options):
+    report = harness.check(adapter_dir, base_model=base_dir, only=["serving-vllm"], isolated=False, **options)
     return report.get("serving-vllm")
 
 
 # -- without vLLM ---------------------------------------------------------------------------------
 
 
-def test_skipped_with_the_install_command_when_vllm_is_absent(default_bundle, monkeypatch, serving_arch):
+def test_skipped_with_the_install_command_when_vllm_is_absent(monkeypatch, serving_arch):
     real = importlib.util.find_spec
     monkeypatch.setattr(measure.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     llama = serving_arch("llama")
@@ -34,7 +34,7 @@ def test_skipped_with_the_install_command_when_vllm_is_absent(default_bundle, mo
 
 
 def test_xcomposer_family_is_skipped_naming_vllm_and_lmdeploy(default_bundle):
-    got = serving_result(default_bundle.adapter_dir, default_bundle.base_dir)
+    got = serving_result(default_bundle.adapter_dir, default_bundle.base_dir, trust_remote_code=True)
     assert got.status == "skip", got.message
     assert "vLLM has no XComposer2 class" in got.message and "LMDeploy" in got.message
     assert "no CPU engine" in got.message
