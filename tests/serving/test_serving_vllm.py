@@ -61,6 +61,7 @@ def test_logprob_gap_names_the_largest_gap_and_where():
     gap = measure.logprob_gap(served, logits)
     assert (gap.prompt, gap.position, gap.token_id) == (1, 1, 2) and gap.gap == pytest.approx(0.5)
     assert measure.logprob_gap([[{0: uniform}] * 3], logits[:1]).gap == pytest.approx(0.0, abs=1e-7)
+    assert measure.logprob_gap([[{0: float("nan")}] * 3], logits[:1]).gap == float("inf")  # NaN never passes
 
 
 # -- vLLM's admission rules (no engine) -----------------------------------------------------------

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -131,8 +132,10 @@ def logprob_gap(served: list[list[dict[int, float]]], logits_rows: list[Any]) ->
         for j, tokens in enumerate(positions):
             for token_id, value in tokens.items():
                 want = float(reference[j, token_id])
-                if abs(value - want) > worst.gap or worst.token_id < 0:
-                    worst = LogprobGap(abs(value - want), p, j, token_id, value, want)
+                gap = abs(value - want)
+                gap = gap if math.isfinite(gap) or value == want else math.inf  # NaN is a gap, not a pass
+                if gap > worst.gap or worst.token_id < 0:
+                    worst = LogprobGap(gap, p, j, token_id, value, want)
     return worst
 
 
