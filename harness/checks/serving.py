@@ -49,7 +49,9 @@ def check_serving_vllm(ctx: CheckContext):
                       fix="; ".join(r.fix for r in outcome.refusals), refusals=rules, **details)
     if outcome.error:
         return failed(f"vLLM {outcome.vllm_version or ''} admits the adapter but cannot serve it: {outcome.error}",
-                      **details)
+                      fix="target only modules vLLM supports LoRA on for this architecture (its message lists them) "
+                      "and leave out weights it cannot load (trainable tokens, full copies), or merge the adapter "
+                      "(merge_and_unload) and serve the merged model without --enable-lora", **details)
     if reference is None:
         return skipped(f"vLLM {outcome.vllm_version} admits the adapter; its logprobs are not compared: {run.reason}",
                        **details)
@@ -61,12 +63,18 @@ def check_serving_vllm(ctx: CheckContext):
     details.update(max_logprob_gap=gap.gap, tolerance=measure.LOGPROB_ATOL, gap_to_base=base_gap.gap,
                    prompts=len(prompts), positions=sum(map(len, prompts)))
     if gap.gap > measure.LOGPROB_ATOL:
+        nothing = base_gap.gap <= measure.LOGPROB_ATOL
         hint = (": vLLM served the base model's logprobs, so it loaded the adapter and applied it to nothing (module "
-                "names under a prefix vLLM's model class does not use?)" if base_gap.gap <= measure.LOGPROB_ATOL else "")
+                "names under a prefix vLLM's model class does not use?)" if nothing else "")
+        fix = ("save the adapter with the module names of the class vLLM serves (for a multimodal wrapper, its "
+               "language model's prefix), or serve the merged model" if nothing else
+               "vLLM applies every tensor in the adapter file, PEFT only what the config names: see key-coverage for "
+               "tensors PEFT leaves out and remove them or name them in target_modules; or merge the adapter "
+               "(merge_and_unload) and serve the merged model without --enable-lora")
         return failed(f"vLLM {outcome.vllm_version} serves the adapter differently from the fp32 reference: largest "
                       f"logprob gap {gap.gap:.3g} (token {gap.token_id} after {gap.position + 1} tokens of probe row "
                       f"{gap.prompt}: vLLM {gap.served:.4f}, reference {gap.reference:.4f}; tolerance "
-                      f"{measure.LOGPROB_ATOL:g}){hint}", **details)
+                      f"{measure.LOGPROB_ATOL:g}){hint}", fix=fix, **details)
     return passed(f"vLLM {outcome.vllm_version} serves the adapter as the fp32 reference: prompt logprobs within "
                   f"{gap.gap:.2g} (tolerance {measure.LOGPROB_ATOL:g}) on {len(prompts)} probe rows", **details)
 

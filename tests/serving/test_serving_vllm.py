@@ -117,6 +117,7 @@ def test_an_adapter_served_differently_fails_naming_the_largest_logprob_gap(vllm
     assert got.status == "fail", got.message
     assert "serves the adapter differently from the fp32 reference: largest logprob gap" in got.message
     assert got.details["max_logprob_gap"] > measure.LOGPROB_ATOL
+    assert "applied it to nothing" not in got.message and "key-coverage" in got.fix
 
 
 def test_an_adapter_vllm_refuses_at_load_fails_with_vllms_message(vllm_installed, serving_arch):
