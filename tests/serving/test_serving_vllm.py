@@ -64,6 +64,42 @@ def test_logprob_gap_names_the_largest_gap_and_where():
     assert measure.logprob_gap([[{0: float("nan")}] * 3], logits[:1]).gap == float("inf")  # NaN never passes
 
 
+def _engine_stand_in(with_adapter: bool):
+    """A stand-in for the vLLM grandchild (``serve``) that serves the base alone or base + adapter with PEFT, so
+    the check's judging runs without vLLM: an engine that loads an adapter and applies it to nothing."""
+
+    def serve(base_dir, adapter_dir, prompts):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+        if with_adapter:
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+        served = []
+        with torch.no_grad():
+            for ids in prompts:
+                logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+                top = logprobs.topk(measure.TOP_LOGPROBS, -1).indices
+                served.append([{int(i): float(row[i]) for i in ids_at} for row, ids_at in zip(logprobs, top)])
+        return measure.ServingOutcome(vllm_version="stand-in", served=served)
+
+    return serve
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_an_engine_that_applies_the_adapter_to_nothing_fails_saying_so(serving_arch, monkeypatch, with_adapter):
+    monkeypatch.setattr(measure, "vllm_missing", lambda: None)
+    monkeypatch.setattr(measure, "serve", _engine_stand_in(with_adapter))
+    llama = serving_arch("llama")
+    got = serving_result(llama.adapter("plain"), llama.base)
+    if with_adapter:
+        assert got.status == "pass", got.message
+        return
+    assert got.status == "fail", got.message
+    assert "largest logprob gap" in got.message and "applied it to nothing" in got.message
+    assert "module names" in got.fix
+
+
 # -- vLLM's admission rules (no engine) -----------------------------------------------------------
 
 REFUSED = {
