@@ -26,7 +26,8 @@ def serving_result(adapter_dir, base_dir, **options):
 
 def test_skipped_with_the_install_command_when_vllm_is_absent(monkeypatch, serving_arch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(measure.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(measure.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
     llama = serving_arch("llama")
     got = serving_result(llama.adapter("plain"), llama.base)
     assert got.status == "skip", got.message

