@@ -100,7 +100,7 @@ def serve(base_dir: Path, adapter_dir: Path, prompts: list[list[int]] | None, *,
     with tempfile.TemporaryDirectory(prefix="plora-harness-vllm-") as work:
         request, result = Path(work) / "request.json", Path(work) / "result.json"
         request.write_text(json.dumps({"base": str(base_dir), "adapter": str(adapter_dir), "prompts": prompts,
-                                       "result": str(result)}))
+                                       "result": str(result), "limit_s": limit_s}))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -295,6 +295,9 @@ def _grandchild(request: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[0]).read_text())
+    # its own session is out of reach of a supervisor that kills the engine child's group: end itself a little
+    # after the parent's timeout, so no engine outlives the run
+    signal.alarm(math.ceil(request.get("limit_s") or DEFAULT_TIMEOUT_S) + 30)
     result = _grandchild(request)
     Path(request["result"]).write_text(json.dumps(result))
     sys.stdout.flush()
