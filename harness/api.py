@@ -220,7 +220,7 @@ def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> 
     from harness.checks.registry import checks
 
     groups = (["deepspeed"] if zero else []) + ["static"]
-    groups += (["against-base", "dynamic"] if base_model else []) + (["merged"] if merged else [])
+    groups += (["against-base", "dynamic", "serving"] if base_model else []) + (["merged"] if merged else [])
     return [c.id for group in groups for c in checks(group)]
 
 

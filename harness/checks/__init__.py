@@ -1,4 +1,4 @@
-"""Checks: a registry of stable ids, grouped deepspeed / static / against-base / dynamic / merged / trained.
+"""Checks: a registry of stable ids, grouped deepspeed / static / against-base / dynamic / serving / merged / trained.
 
 Importing the registry or any check module imports no torch: a check imports what it computes with
 when it runs, so listing, planning and documenting checks stays fast.

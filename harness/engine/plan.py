@@ -47,7 +47,7 @@ class Plan:
         from harness.inputs.deepspeed import is_zero_checkpoint
 
         groups = (["deepspeed"] if is_zero_checkpoint(self.adapters[index]) else []) + ["static"]
-        groups += (["against-base", "dynamic"] if self.base_model is not None else [])
+        groups += (["against-base", "dynamic", "serving"] if self.base_model is not None else [])
         return groups + (["merged"] if self.merged_for(index) is not None else [])
 
     def planned_ids(self, index: int) -> list[str]:
