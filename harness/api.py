@@ -23,6 +23,21 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 
 
+def _memory_budget(max_memory: str | int | None) -> int | None:
+    """``--max-memory`` in bytes (None: the RAM or GPU memory available when the dynamic checks start)."""
+    if max_memory is None:
+        return None
+    from harness.loading.slices import parse_memory
+
+    try:
+        budget = parse_memory(max_memory)
+    except ValueError as err:
+        raise InputError(f"--max-memory: {err}") from None
+    if budget <= 0:
+        raise InputError(f"--max-memory must be a positive size, not {max_memory!r}")
+    return budget
+
+
 def plan_run(
     adapters: Sequence[str | Path] | None,
     base_model: str | Path | None = None,
@@ -35,6 +50,7 @@ def plan_run(
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
     timeout: float | str | None = DEFAULT_TIMEOUT_S,
+    max_memory: str | int | None = None,
     demo: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[Plan, list[dict]]:
@@ -55,6 +71,7 @@ def plan_run(
         raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     if timeout != "auto" and timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    max_memory_bytes = _memory_budget(max_memory)
     unknown = unknown_ids(list(only) + list(skip))
     if unknown:
         raise InputError(f"unknown check id(s) {', '.join(map(repr, unknown))}; `plora-harness list` shows them all")
@@ -93,7 +110,8 @@ def plan_run(
     code = [f.to_dict() for f in require_trust({"base model": base} if base else {}, trust_remote_code)]
     plan = Plan(adapters=tuple(str(p) for p, _ in pairs), base_model=str(base) if base else None,
                 merged=merged_dirs if any(merged_dirs) else (),
-                options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device),
+                options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device,
+                                     max_memory=max_memory_bytes),
                 only=tuple(only), skip=tuple(skip), trust_remote_code=trust_remote_code, timeout_s=timeout, demo=demo)
     return plan, code
 
@@ -124,6 +142,7 @@ def check_adapters(
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
     timeout: float | str | None = DEFAULT_TIMEOUT_S,
+    max_memory: str | int | None = None,
     demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
@@ -139,7 +158,7 @@ def check_adapters(
     """
     plan, code = plan_run(adapters, base_model, merged, dtype=dtype, device=device,
                           allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                          skip=skip, timeout=timeout, demo=demo, progress=progress)
+                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress)
     return _execute(plan, code, isolated=isolated, progress=progress, verbose=verbose)
 
 
@@ -166,6 +185,7 @@ def check(
     only: Sequence[str] = (),
     skip: Sequence[str] = (),
     timeout: float | str | None = DEFAULT_TIMEOUT_S,
+    max_memory: str | int | None = None,
     demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
@@ -177,13 +197,15 @@ def check(
     ``config.json`` maps custom classes (``auto_map``) ships Python code that loading runs: it is run only with
     ``trust_remote_code=True``, in a child process (see ``check_adapters`` for ``isolated``), and the report
     lists each file with its sha256. ``timeout`` (seconds per adapter; ``"auto"``: derived from the size of
-    the model files; ``None``: no limit) bounds the child's run. Raises ``InputError`` (one line: file,
+    the model files; ``None``: no limit) bounds the child's run. ``max_memory`` ("8GiB", "500MB" or bytes;
+    default: the RAM or GPU memory available) bounds the dynamic checks: a base that does not fit is checked on
+    depth slices (README, Depth slices). Raises ``InputError`` (one line: file,
     problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when torch/transformers/PEFT
     are outside the tested range.
     """
     plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
                           allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                          skip=skip, timeout=timeout, demo=demo, progress=progress)
+                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress)
     if len(plan.adapters) != 1:
         raise InputError(f"{plan.adapters[0]}: is one of {len(plan.adapters)} adapters in {adapter}; check a folder "
                          "of adapters with check_adapters")

@@ -64,11 +64,14 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--skip", action="append", default=None, metavar="ID",
                      help="do not run this check id (repeatable)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="dtype for the dynamic checks (default float32 on CPU, bfloat16 on CUDA)")
+                     help="dtype for the dynamic checks (default: the dtype the checkpoint is stored in)")
     run.add_argument("--device", choices=["cpu", "cuda"], default=None,
                      help="device for the dynamic checks (default cpu)")
     run.add_argument("--allow-plora-targets", action="store_true", default=None,
                      help="turn lora-on-plora from a failure into a warning")
+    run.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory the dynamic checks may use, e.g. 8GiB (default: the RAM or GPU memory available); "
+                     "a base that does not fit is checked on depth slices of its layers")
     run.add_argument("--timeout", type=_timeout, default=None, metavar="SECONDS",
                      help="limit per adapter for the engine process (default 'auto': 10 minutes plus 15 minutes per "
                      "GiB of model weights; 'none': no limit); checks it did not finish fail")
@@ -213,6 +216,7 @@ def _check(args: argparse.Namespace) -> int:
             run = check_adapters(args.adapters, args.base_model, args.merged, dtype=args.dtype, device=args.device,
                                  allow_plora_targets=args.allow_plora_targets, trust_remote_code=args.trust_remote_code,
                                  only=args.only, skip=args.skip, timeout=args.timeout, demo=args.demo,
+                                 max_memory=args.max_memory,
                                  progress=progress, verbose=args.verbose)
     except (InputError, UnsupportedStack) as err:
         from harness.report import printable

@@ -48,9 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--plora-report", type=Path, metavar="PATH", help="write the JSON conformance report here")
     group.addoption("--plora-device", choices=["cpu", "cuda"], default=None, help="device for the dynamic checks")
     group.addoption("--plora-dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="dtype for the dynamic checks (default float32 on CPU, bfloat16 on CUDA)")
+                    help="dtype for the dynamic checks (default: the dtype the checkpoint is stored in)")
     group.addoption("--plora-only", action="append", default=[], metavar="ID", help="run only this check id")
     group.addoption("--plora-skip", action="append", default=[], metavar="ID", help="do not run this check id")
+    group.addoption("--plora-max-memory", default=None, metavar="SIZE",
+                    help="memory the dynamic checks may use, e.g. 8GiB (default: what is available); a larger base "
+                    "is checked on depth slices")
     group.addoption("--plora-timeout", type=float, default=None, metavar="SECONDS",
                     help="limit per adapter for the engine process")
     group.addoption("--plora-allow-plora-targets", action="store_true", help="lora-on-plora warns instead of failing")
@@ -119,7 +122,8 @@ def _pairs(config: pytest.Config) -> list[tuple[str, str | None]]:
 
 
 _INPUT_OPTIONS = ("plora_base_model", "plora_merged", "plora_trust_remote_code", "plora_report", "plora_device",
-                  "plora_dtype", "plora_only", "plora_skip", "plora_timeout", "plora_allow_plora_targets")
+                  "plora_dtype", "plora_only", "plora_skip", "plora_timeout", "plora_allow_plora_targets",
+                  "plora_max_memory")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -162,6 +166,8 @@ class AdapterRun:
         }
         if config.getoption("plora_timeout") is not None:
             options["timeout"] = config.getoption("plora_timeout")
+        if config.getoption("plora_max_memory") is not None:
+            options["max_memory"] = config.getoption("plora_max_memory")
         return options
 
     def _key(self) -> str:

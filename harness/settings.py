@@ -19,6 +19,7 @@ KEYS = {
     "merged": ("merged", "paths"), "trust-remote-code": ("trust_remote_code", "bool"),
     "only": ("only", "strs"), "skip": ("skip", "strs"), "dtype": ("dtype", "str"), "device": ("device", "str"),
     "allow-plora-targets": ("allow_plora_targets", "bool"), "timeout": ("timeout", "number"),
+    "max-memory": ("max_memory", "str"),
     "json": ("json_path", "path"), "junit": ("junit_path", "path"),
 }
 

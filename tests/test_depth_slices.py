@@ -122,3 +122,20 @@ def test_a_budget_below_one_layer_fails_the_dynamic_checks_in_one_line(default_b
         assert "the memory budget is 0.0 GiB; depth slices cannot help: even one decoder layer" in result.message
     finally:
         ctx.cleanup.close()
+
+
+def test_max_memory_reaches_the_checks_from_the_api(default_bundle, info) -> None:
+    import harness
+
+    budget = needed_bytes(info, "float32", 1, layer_layout(info))
+    report = harness.check(default_bundle.adapter_dir, base_model=default_bundle.base_dir, isolated=False,
+                           trust_remote_code=True, only=("path-agreement",), max_memory=budget)
+    result = report.get("path-agreement")
+    assert result.status == "pass" and result.message.startswith("on 2 depth slice(s) (layer 0, layer 1)")
+
+
+@pytest.mark.parametrize("value", ["lots", "0"])
+def test_an_unreadable_max_memory_is_a_usage_error(default_bundle, value) -> None:
+    from harness.cli import main
+
+    assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--max-memory", value]) == 2

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from harness.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
