@@ -15,6 +15,7 @@ from harness.checks.context import CheckOptions
 from harness.engine.plan import DEFAULT_TIMEOUT_S, Plan, absolute, unknown_ids
 from harness.inputs.code import require_trust
 from harness.inputs.errors import InputError
+from harness.model.quantization import TRAINED_ON_CHOICES
 from harness.report import Report, RunReport
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,6 +35,7 @@ def plan_run(
     skip: Sequence[str] = (),
     timeout: float | None = DEFAULT_TIMEOUT_S,
     progress: Callable[[str], None] | None = None,
+    trained_on_quantized: str | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Validate everything a run needs, cheaply and before any model code or heavy import, and plan it.
 
@@ -46,6 +48,8 @@ def plan_run(
     require_supported()  # from package metadata: no import of the libraries themselves
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if trained_on_quantized is not None and trained_on_quantized not in TRAINED_ON_CHOICES:
+        raise InputError(f"trained_on_quantized {trained_on_quantized!r} is not one of {', '.join(TRAINED_ON_CHOICES)}")
     if device not in DEVICES:
         raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     if timeout is not None and not timeout > 0:
@@ -68,7 +72,8 @@ def plan_run(
     code = [f.to_dict() for f in require_trust({"base model": base} if base else {}, trust_remote_code)]
     plan = Plan(adapters=tuple(str(p) for p in paths), base_model=str(base) if base else None,
                 merged=str(merged_dir) if merged_dir else None,
-                options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device),
+                options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device,
+                                         trained_on_quantized=trained_on_quantized),
                 only=tuple(only), skip=tuple(skip), trust_remote_code=trust_remote_code, timeout_s=timeout)
     return plan, code
 
@@ -113,6 +118,7 @@ def check(
     timeout: float | None = DEFAULT_TIMEOUT_S,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    trained_on_quantized: str | None = None,
 ) -> Report:
     """Run every applicable check on one adapter and return its report.
 
@@ -126,7 +132,8 @@ def check(
     """
     run = check_adapters([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
                          allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                         skip=skip, timeout=timeout, isolated=isolated, progress=progress)
+                         skip=skip, timeout=timeout, isolated=isolated, progress=progress,
+                         trained_on_quantized=trained_on_quantized)
     return run.reports[0]
 
 

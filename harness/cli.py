@@ -20,6 +20,7 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     from harness import __version__
     from harness.engine.plan import DEFAULT_TIMEOUT_S
+    from harness.model.quantization import TRAINED_ON_CHOICES
 
     parser = argparse.ArgumentParser(
         prog="plora-harness",
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip", action="append", default=[], metavar="ID", help="do not run this check id (repeatable)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="dtype for the dynamic checks (default float32 on CPU, bfloat16 on CUDA)")
+    run.add_argument("--trained-on-quantized", choices=TRAINED_ON_CHOICES, default=None,
+                     help="the adapter was trained on the base quantized this way (QLoRA): measure qlora-merge-gap")
     run.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for the dynamic checks")
     run.add_argument("--allow-plora-targets", action="store_true",
                      help="turn lora-on-plora from a failure into a warning")
@@ -101,7 +104,7 @@ def _check(args: argparse.Namespace) -> int:
             run = check_adapters(args.adapters, args.base_model, args.merged, dtype=args.dtype, device=args.device,
                                  allow_plora_targets=args.allow_plora_targets, trust_remote_code=args.trust_remote_code,
                                  only=args.only, skip=args.skip, timeout=args.timeout, progress=progress,
-                                 verbose=args.verbose)
+                                 verbose=args.verbose, trained_on_quantized=args.trained_on_quantized)
     except (InputError, UnsupportedStack) as err:
         from harness.report import printable
 

@@ -31,6 +31,7 @@ class CheckOptions:
     allow_plora_targets: bool = False
     dtype: str | None = None  # float32 | bfloat16 | float16; None: float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"
+    trained_on_quantized: str | None = None  # nf4 | fp4 | int8: the base the adapter was trained on (QLoRA)
 
 
 @dataclass(frozen=True)
