@@ -168,6 +168,7 @@ def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> 
 
     groups = (["deepspeed"] if zero else []) + ["static"]
     groups += (["against-base", "dynamic"] if base_model else []) + (["merged"] if merged else [])
+    groups += ["quantized"] if base_model else []
     return [c.id for group in groups for c in checks(group)]
 
 

@@ -37,7 +37,7 @@ class Plan:
 
         groups = (["deepspeed"] if is_zero_checkpoint(adapter) else []) + ["static"]
         groups += (["against-base", "dynamic"] if self.base_model is not None else [])
-        return groups + (["merged"] if self.merged is not None else [])
+        return groups + (["merged"] if self.merged is not None else []) + (["quantized"] if self.base_model else [])
 
     def planned_ids(self, adapter: str) -> list[str]:
         """Every check id the engine must report for ``adapter`` (a missing one becomes a failure)."""
