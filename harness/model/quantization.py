@@ -118,10 +118,6 @@ def is_storage_key(key: str) -> bool:
 def bnb_unavailable_reason() -> str | None:
     """Why bitsandbytes models cannot be loaded on this CPU here (None: they can)."""
     import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return ("bitsandbytes is not installed (pip install 'plora-harness[bitsandbytes]'; "
-                "requirements/bitsandbytes.txt pins the tested CPU build)")
     from importlib.metadata import version
 
     from packaging.version import Version
@@ -129,6 +125,9 @@ def bnb_unavailable_reason() -> str | None:
     if Version(version("transformers")) < Version("4.46"):
         return (f"transformers {version('transformers')} loads bitsandbytes models only on CUDA "
                 "(CPU support came with transformers 4.46 and bitsandbytes 0.48)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("bitsandbytes is not installed (pip install 'plora-harness[bitsandbytes]'; "
+                "requirements/bitsandbytes.txt pins the tested CPU build)")
     if Version(version("bitsandbytes")) < Version("0.48"):
         return f"bitsandbytes {version('bitsandbytes')} has no CPU kernels (0.48 or newer has them)"
     return None

@@ -114,7 +114,8 @@ def measure_qlora_gap(base_dir: Path, adapter_dir: Path, merged_dir: Path | None
         trained = _logits(model, probes)
         with model.disable_adapter():
             base_logits = _logits(model, probes)
-        _free(model)
+        del model
+        gc.collect()
         result.effect = _diff(trained, base_logits, probes)
         if max(result.effect.values()) == 0:
             result.skipped = "the adapter has no effect on the quantized base: there is no merge gap to judge"
@@ -123,7 +124,8 @@ def measure_qlora_gap(base_dir: Path, adapter_dir: Path, merged_dir: Path | None
             say("qlora-merge-gap: the 16-bit merge (PeftModel on the 16-bit base, merge_and_unload)")
             merged = PeftModel.from_pretrained(_load(base_dir), str(adapter_dir)).merge_and_unload()
             result.gaps[SHIPPED16] = Gap(SHIPPED16, _diff(_logits(merged, probes), trained, probes), result.effect)
-            _free(merged)
+            del merged
+            gc.collect()
         else:
             result.notes.append(f"{base_dir} is saved quantized: the 16-bit merge needs the 16-bit base it was made "
                                 "from (check that base with --trained-on-quantized to measure it)")
@@ -132,7 +134,8 @@ def measure_qlora_gap(base_dir: Path, adapter_dir: Path, merged_dir: Path | None
             dequant = _load(base_dir, **load_q).dequantize().to(torch.float32)
             merged = PeftModel.from_pretrained(dequant, str(adapter_dir)).merge_and_unload()
             result.gaps[DEQUANT] = Gap(DEQUANT, _diff(_logits(merged, probes), trained, probes), result.effect)
-            _free(merged)
+            del merged, dequant
+            gc.collect()
         else:
             result.notes.append("int8: bitsandbytes' int8 layers compute with outlier columns in 16 bits; the "
                                 "dequantized merge is measured for 4-bit bases only")
@@ -153,7 +156,8 @@ def _measure_given(result: QLoraGap, merged_dir: Path, probes, trained: list[tor
         result.notes.append(f"{merged_dir}: could not be loaded: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
         return
     result.gaps[GIVEN] = Gap(GIVEN, _diff(_logits(merged, probes), trained, probes), result.effect)
-    _free(merged)
+    del merged
+    gc.collect()
     given = result.gaps[GIVEN]
     effect = max(result.effect.values())
     closest = min((name for name in (SHIPPED16, DEQUANT) if name in result.gaps),
@@ -212,7 +216,3 @@ def _diff(got: list[torch.Tensor], want: list[torch.Tensor], probes) -> dict[str
             out[name] = float((got[index] - want[index]).abs()[mask.cpu()].max())
     return out
 
-
-def _free(model: torch.nn.Module) -> None:
-    del model
-    gc.collect()
