@@ -188,8 +188,8 @@ def test_fp4_and_int8_bases_are_measured(qlora, scheme: str):
 
 
 def test_a_merged_checkpoint_claiming_gptq_fails(qlora):
-    result = _check(qlora.adapter, qlora.base, qlora.broken("claims-gptq"), only=["merged-quantization"]).get(
-        "merged-quantization")
+    result = _check(qlora.adapter, qlora.base, qlora.broken("claims-gptq"), only=["merged-quantized"]).get(
+        "merged-quantized")
     assert result.status == "fail"
     assert result.message.startswith(f"{qlora.broken('claims-gptq') / 'config.json'}: declares a gptq-4bit")
     assert "quantize the merged model with gptq again" in result.fix
@@ -198,7 +198,7 @@ def test_a_merged_checkpoint_claiming_gptq_fails(qlora):
 @NEEDS_BNB
 def test_a_merge_and_unload_into_packed_4bit_weights_fails(qlora):
     result = _check(qlora.adapter, qlora.base, qlora.broken("merged-into-4bit"), trained_on_quantized="nf4",
-                    only=["merged-quantization"]).get("merged-quantization")
+                    only=["merged-quantized"]).get("merged-quantized")
     assert result.status == "fail", result.message
     assert "merge_and_unload into packed nf4 weights requantized dequant(W) + ΔW and lost" in result.message
     assert result.details["delta_lost"] > 0.5 and not result.details["mismatched"]
@@ -207,13 +207,13 @@ def test_a_merge_and_unload_into_packed_4bit_weights_fails(qlora):
 @NEEDS_BNB
 def test_a_4bit_merged_directory_that_is_not_the_requantized_merge_fails(qlora):
     result = _check(qlora.adapter, qlora.quantized("nf4"), qlora.broken("tampered-4bit"),
-                    only=["merged-quantization"]).get("merged-quantization")
+                    only=["merged-quantized"]).get("merged-quantized")
     assert result.status == "fail", result.message
     assert "are not what dequant(W) + ΔW requantizes to" in result.message
     assert "model.layers.0.self_attn.q_proj" in result.message
 
 
 def test_a_plain_merged_checkpoint_passes(qlora):
-    result = _check(qlora.adapter, qlora.base, qlora.merged("shipped16"), only=["merged-quantization"]).get(
-        "merged-quantization")
+    result = _check(qlora.adapter, qlora.base, qlora.merged("shipped16"), only=["merged-quantized"]).get(
+        "merged-quantized")
     assert result.status == "pass" and "declares no quantization" in result.message

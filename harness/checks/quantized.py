@@ -34,7 +34,7 @@ def packed_reason(ctx: CheckContext, what: str) -> str | None:
         if packs_weights(q):
             return (f"the {role} {directory} is saved quantized ({q.scheme}, {q.method}): its checkpoint holds packed "
                     f"integers and scales, not weights, so {what} cannot be checked on it; qlora-merge-gap and "
-                    "merged-quantization measure a quantized base and its merges instead")
+                    "merged-quantized measure a quantized base and its merges instead")
     return None
 
 
@@ -96,7 +96,7 @@ def check_qlora_merge_gap(ctx: CheckContext):
 
 
 @register(
-    id="merged-quantization",
+    id="merged-quantized",
     group="quantized",
     summary="merges that cannot work: a merged checkpoint claiming a GPTQ/AWQ (packed integer) quantization, a "
     "merge_and_unload into packed 4-bit weights that rounded ΔW away, a 4-bit merged directory that is not "
@@ -133,7 +133,7 @@ def check_merged_quantization(ctx: CheckContext):
         return skipped(f"{config} declares bitsandbytes {q.scheme} and {reason}")
     from harness.checks.measure.quantized_merge import REQUANT_MISMATCH, measure_quantized_merge
 
-    ctx.say("merged-quantization: comparing the 4-bit merged weights with requant(dequant(W) + ΔW)")
+    ctx.say("merged-quantized: comparing the 4-bit merged weights with requant(dequant(W) + ΔW)")
     found = ctx.cached("quantized.merge", lambda: measure_quantized_merge(ctx.base.base_dir, ctx.adapter.root,
                                                                           ctx.merged, q))
     details = {"quantization": q.describe(), "modules": found.modules, "mismatched": found.mismatched,

@@ -147,7 +147,7 @@ def measure_qlora_gap(base_dir: Path, adapter_dir: Path, merged_dir: Path | None
 def _measure_given(result: QLoraGap, merged_dir: Path, probes, trained: list[torch.Tensor], say) -> None:
     declared = read_quantization(merged_dir)
     if declared is not None and not declared.is_bitsandbytes and packs_weights(declared):
-        result.notes.append(f"{merged_dir} declares {declared.scheme}: not loaded (see merged-quantization)")
+        result.notes.append(f"{merged_dir} declares {declared.scheme}: not loaded (see merged-quantized)")
         return
     say(f"qlora-merge-gap: the given merged checkpoint {merged_dir}")
     try:
