@@ -10,7 +10,6 @@ are usually trained on a base quantized on the fly (nothing in the 16-bit base d
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,17 +52,17 @@ class Quantization:
 def read_quantization(model_dir: str | Path) -> Quantization | None:
     """The quantization ``model_dir/config.json`` declares, or None (no config, no ``quantization_config``).
 
-    Reads the JSON text only (no config class, no remote code): a directory whose config.json cannot be read
-    is answered None here, the loaders report it with their own message.
+    Reads the JSON text only, with the safe bounded reader (no config class, no remote code): a directory
+    whose config.json cannot be read is answered None here, the loaders report it with their own message.
     """
-    path = Path(model_dir) / "config.json"
+    from harness.inputs.errors import InputError
+    from harness.inputs.files import read_model_config
+
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = read_model_config(model_dir)
+    except InputError:
         return None
-    if not isinstance(config, dict):
-        return None
-    return from_config_dict(config.get("quantization_config"), source=f"config.json quantization_config of {path.parent}")
+    return from_config_dict(config.get("quantization_config"), source=f"config.json quantization_config of {model_dir}")
 
 
 def from_config_dict(qc, *, source: str) -> Quantization | None:

@@ -77,7 +77,7 @@ class QLoraGap:
 def the_quantization(base_dir: Path, trained_on_choice: str | None) -> Quantization | None:
     """The quantization the adapter was trained on: the base directory's own, else ``--trained-on-quantized``."""
     declared = read_quantization(base_dir)
-    if declared is not None:
+    if declared is not None:  # the base as saved wins over --trained-on-quantized (the report says so)
         return declared
     return trained_on(trained_on_choice) if trained_on_choice else None
 
@@ -88,6 +88,9 @@ def measure_qlora_gap(base_dir: Path, adapter_dir: Path, merged_dir: Path | None
     say = progress or (lambda _text: None)
     quant = the_quantization(base_dir, trained_on_choice)
     result = QLoraGap(quantization=quant)
+    if trained_on_choice and quant is not None and quant.scheme != trained_on_choice:
+        result.notes.append(f"--trained-on-quantized {trained_on_choice} ignored: {quant.describe()} is what the base "
+                            "directory holds")
     if quant is None:
         result.skipped = (f"nothing is quantized: {base_dir}/config.json declares no quantization_config and "
                           "--trained-on-quantized was not given (pass it for an adapter trained with QLoRA)")
