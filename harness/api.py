@@ -17,6 +17,7 @@ from harness.engine.plan import DEFAULT_TIMEOUT_S, Plan, absolute, default_timeo
 from harness.inputs.code import require_trust
 from harness.inputs.errors import InputError
 from harness.inputs.roles import adapters_in_folder, is_adapter_dir, is_model_dir
+from harness.model.quantization import TRAINED_ON_CHOICES
 from harness.report import Report, RunReport
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -53,6 +54,7 @@ def plan_run(
     max_memory: str | int | None = None,
     demo: bool = False,
     progress: Callable[[str], None] | None = None,
+    trained_on_quantized: str | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Validate everything a run needs, cheaply and before any model code or heavy import, and plan it.
 
@@ -67,6 +69,9 @@ def plan_run(
     require_supported()  # from package metadata: no import of the libraries themselves
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if trained_on_quantized is not None and trained_on_quantized not in TRAINED_ON_CHOICES:
+        raise InputError(f"trained_on_quantized {trained_on_quantized!r} is not one of "
+                         f"{', '.join(TRAINED_ON_CHOICES)}")
     if device not in DEVICES:
         raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     if timeout != "auto" and timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -111,7 +116,8 @@ def plan_run(
     plan = Plan(adapters=tuple(str(p) for p, _ in pairs), base_model=str(base) if base else None,
                 merged=merged_dirs if any(merged_dirs) else (),
                 options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device,
-                                     max_memory=max_memory_bytes),
+                                     max_memory=max_memory_bytes,
+                                     trained_on_quantized=trained_on_quantized),
                 only=tuple(only), skip=tuple(skip), trust_remote_code=trust_remote_code, timeout_s=timeout, demo=demo)
     return plan, code
 
@@ -143,6 +149,7 @@ def check_adapters(
     skip: Sequence[str] = (),
     timeout: float | str | None = DEFAULT_TIMEOUT_S,
     max_memory: str | int | None = None,
+    trained_on_quantized: str | None = None,
     demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
@@ -158,7 +165,8 @@ def check_adapters(
     """
     plan, code = plan_run(adapters, base_model, merged, dtype=dtype, device=device,
                           allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress)
+                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress,
+                          trained_on_quantized=trained_on_quantized)
     return _execute(plan, code, isolated=isolated, progress=progress, verbose=verbose)
 
 
@@ -189,6 +197,7 @@ def check(
     demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    trained_on_quantized: str | None = None,
 ) -> Report:
     """Run every applicable check on one adapter and return its report.
 
@@ -205,7 +214,8 @@ def check(
     """
     plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
                           allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress)
+                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress,
+                          trained_on_quantized=trained_on_quantized)
     if len(plan.adapters) != 1:
         raise InputError(f"{plan.adapters[0]}: is one of {len(plan.adapters)} adapters in {adapter}; check a folder "
                          "of adapters with check_adapters")
@@ -243,6 +253,7 @@ def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> 
 
     groups = (["deepspeed"] if zero else []) + ["static"]
     groups += (["against-base", "dynamic", "serving"] if base_model else []) + (["merged"] if merged else [])
+    groups += ["quantized"] if base_model else []
     return [c.id for group in groups for c in checks(group)]
 
 

@@ -58,6 +58,8 @@ def _timeout(text: str) -> float | str | None:
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
     """The options of every run, the demo's included: what to run and where the report goes."""
+    from harness.model.quantization import TRAINED_ON_CHOICES
+
     run = parser.add_argument_group("what to run")
     run.add_argument("--only", action="append", default=None, metavar="ID",
                      help="run only this check id (repeatable; `plora-harness list` shows the ids)")
@@ -65,6 +67,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                      help="do not run this check id (repeatable)")
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="dtype for the dynamic checks (default: the dtype the checkpoint is stored in)")
+    run.add_argument("--trained-on-quantized", choices=TRAINED_ON_CHOICES, default=None,
+                     help="the adapter was trained on the base quantized this way (QLoRA): measure qlora-merge-gap")
     run.add_argument("--device", choices=["cpu", "cuda"], default=None,
                      help="device for the dynamic checks (default cpu)")
     run.add_argument("--allow-plora-targets", action="store_true", default=None,
@@ -217,6 +221,7 @@ def _check(args: argparse.Namespace) -> int:
                                  allow_plora_targets=args.allow_plora_targets, trust_remote_code=args.trust_remote_code,
                                  only=args.only, skip=args.skip, timeout=args.timeout, demo=args.demo,
                                  max_memory=args.max_memory,
+                                 trained_on_quantized=args.trained_on_quantized,
                                  progress=progress, verbose=args.verbose)
     except (InputError, UnsupportedStack) as err:
         from harness.report import printable

@@ -49,6 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--plora-device", choices=["cpu", "cuda"], default=None, help="device for the dynamic checks")
     group.addoption("--plora-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="dtype for the dynamic checks (default: the dtype the checkpoint is stored in)")
+    group.addoption("--plora-trained-on-quantized", choices=["nf4", "fp4", "int8"], default=None,
+                    help="the adapter was trained on the base quantized this way (QLoRA)")
     group.addoption("--plora-only", action="append", default=[], metavar="ID", help="run only this check id")
     group.addoption("--plora-skip", action="append", default=[], metavar="ID", help="do not run this check id")
     group.addoption("--plora-max-memory", default=None, metavar="SIZE",
@@ -162,6 +164,7 @@ class AdapterRun:
             "dtype": config.getoption("plora_dtype"), "device": config.getoption("plora_device") or "cpu",
             "allow_plora_targets": config.getoption("plora_allow_plora_targets"),
             "trust_remote_code": config.getoption("plora_trust_remote_code"),
+            "trained_on_quantized": config.getoption("plora_trained_on_quantized"),
             "only": tuple(config.getoption("plora_only")), "skip": tuple(config.getoption("plora_skip")),
         }
         if config.getoption("plora_timeout") is not None:

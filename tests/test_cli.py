@@ -165,7 +165,8 @@ def test_version_and_list():
     assert listed.returncode == 0 and listed.stderr == ""
     lines = listed.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [c.id for c in checks()]
-    assert all(line.split()[1] in ("deepspeed", "static", "against-base", "dynamic", "serving", "merged", "trained")
+    assert all(line.split()[1] in ("deepspeed", "static", "against-base", "dynamic", "serving", "merged", "quantized",
+                                   "trained")
                for line in lines)
 
 

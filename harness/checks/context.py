@@ -32,6 +32,7 @@ class CheckOptions:
     dtype: str | None = None  # float32 | bfloat16 | float16; None: the dtype the checkpoint is stored in
     device: str = "cpu"
     max_memory: int | None = None  # bytes the dynamic checks may use; None: the RAM (or GPU memory) available
+    trained_on_quantized: str | None = None  # nf4 | fp4 | int8: the base the adapter was trained on (QLoRA)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
     blocked = [c for c in ctx.failed_prerequisites if c in PREREQUISITES]
     if blocked:
         return Unavailable(f"the adapter cannot be loaded until {', '.join(blocked)} pass(es)")
+    from harness.checks.quantized import packed_reason
+
+    if reason := packed_reason(ctx, "the loading paths' outputs against the fp32 reference read from its weights"):
+        return Unavailable(reason)
 
     def start() -> DynamicRun:
         from harness.checks.measure.dynamic_run import DynamicRun

@@ -336,8 +336,11 @@ def check_merged_matches(ctx: CheckContext):
         return skipped("--merged needs --base-model to compare against")
     if ctx.adapter is None or ctx.adapter.primary is None or not isinstance(ctx.adapter.config, dict):
         return skipped("the adapter's tensors or config are unreadable (see the static checks)")
+    from harness.checks.quantized import packed_reason
     from harness.inputs.model_dir import ModelDir
 
+    if reason := packed_reason(ctx, "comparing merged weights with W + ΔW tensor by tensor"):
+        return skipped(reason)
     try:
         base, merged = ModelDir(ctx.base.base_dir), ModelDir(ctx.merged)
     except InputError as err:  # unreadable, corrupt or escaping files: say which, never a traceback

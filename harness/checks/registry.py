@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from harness.checks.context import CheckContext
 from harness.report import CheckResult
 
-GROUPS = ("deepspeed", "static", "against-base", "dynamic", "serving", "merged", "trained")
+GROUPS = ("deepspeed", "static", "against-base", "dynamic", "serving", "merged", "quantized", "trained")
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,8 @@ def run_checks(ctx: CheckContext, group: str | None = None, only: list[str] | No
 
 
 # group -> the module of this package that registers its built-in checks
-_GROUP_MODULES = {"deepspeed": "deepspeed", "static": "static", "against-base": "against_base", "dynamic": "dynamic", "serving": "serving",
-                 "merged": "merged",
-                  "trained": "trained"}
+_GROUP_MODULES = {"deepspeed": "deepspeed", "static": "static", "against-base": "against_base", "dynamic": "dynamic",
+                  "serving": "serving", "merged": "merged", "quantized": "quantized", "trained": "trained"}
 
 
 def _load_builtin_checks(group: str | None = None) -> None:

@@ -48,7 +48,8 @@ class Plan:
 
         groups = (["deepspeed"] if is_zero_checkpoint(self.adapters[index]) else []) + ["static"]
         groups += (["against-base", "dynamic", "serving"] if self.base_model is not None else [])
-        return groups + (["merged"] if self.merged_for(index) is not None else [])
+        groups += ["merged"] if self.merged_for(index) is not None else []
+        return groups + (["quantized"] if self.base_model is not None else [])
 
     def planned_ids(self, index: int) -> list[str]:
         """Every check id the engine must report for adapter ``index`` (a missing one becomes a failure)."""

@@ -80,6 +80,9 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
 
     base_dir = Path(base_dir)
     sink: list[str] = [] if warnings_into is None else warnings_into
+    quantized = _quantized_load(base_dir, kwargs)
+    if quantized:  # bitsandbytes places its packed weights itself (users pass device_map); .to() is refused
+        kwargs.setdefault("device_map", device)
     with capture_warnings(sink), building_model(base_dir):
         try:
             if "config" not in kwargs:
@@ -99,10 +102,21 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
                 ) from None
             raise
     loaded, info = model if isinstance(model, tuple) else (model, None)  # output_loading_info=True gives both
-    if private and device == "cpu":
+    if private and device == "cpu" and not quantized:
         privatize_weights(loaded, base_dir)
-    loaded = loaded.to(device).eval()
+    loaded = (loaded if quantized else loaded.to(device)).eval()
     return (loaded, info) if info is not None else loaded
+
+
+def _quantized_load(base_dir: Path, kwargs: dict) -> bool:
+    """Whether this load goes through bitsandbytes: a ``quantization_config`` passed (QLoRA's on-the-fly
+    quantization) or declared by the directory's config.json (a base saved quantized)."""
+    from harness.model.quantization import read_quantization
+
+    if kwargs.get("quantization_config") is not None:
+        return True
+    declared = read_quantization(base_dir)
+    return declared is not None and declared.is_bitsandbytes
 
 
 def copy_model_extras(base_dir: Path, out_dir: Path) -> list[str]:
