@@ -1,4 +1,5 @@
-"""``merged-matches``: the official merge passes; each way a merged checkpoint goes wrong fails by name."""
+"""``merged-matches`` and ``merged-ships-whole``: the official merge passes; each way a merged checkpoint goes wrong
+fails by name (the file and the fix)."""
 
 import json
 import shutil
@@ -112,29 +113,117 @@ def test_retied_head_is_caught(default_bundle, merged_dir, tmp_path):
     assert got.status == "fail" and "does not touch changed, e.g. output.weight" in got.message
 
 
+def ships_whole(bundle, merged, base=None):
+    return harness.check(bundle.adapter_dir, base_model=base or bundle.base_dir, merged=merged, trust_remote_code=True,
+                         only=["merged-ships-whole"], isolated=False).get("merged-ships-whole")
+
+
+def assert_names(got, file, fragment, fix_fragment):
+    """The check fails, and its first (or one listed) problem names ``file``, what is wrong and the fix."""
+    assert got.status == "fail", got
+    named = [p for p in got.details["problems"] if p["file"] == file and fragment in p["problem"]]
+    assert named, got.details["problems"]
+    assert fix_fragment in named[0]["fix"] and fix_fragment in got.fix, (named[0], got.fix)
+    assert file in got.message
+
+
+def test_official_merge_ships_whole(default_bundle, merged_dir):
+    got = ships_whole(default_bundle, merged_dir)
+    assert got.status == "pass", got
+
+
+def test_adapter_left_inside_the_merged_directory_is_caught(default_bundle, merged_dir, tmp_path):
+    """What was seen 1: the merged weights plus adapter_config.json / adapter_model.safetensors in one directory;
+    transformers' from_pretrained applies the adapter again on top. merged-matches compares tensors and passes."""
+    broken = clone(merged_dir, tmp_path / "m")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(default_bundle.adapter_dir / name, broken / name)
+    assert result(default_bundle, broken).status == "pass"
+    got = ships_whole(default_bundle, broken)
+    assert_names(got, "adapter_config.json", "applies the adapter a second time", "delete adapter_config.json, "
+                 "adapter_model.safetensors")
+
+
+def test_peft_model_saved_instead_of_the_merged_one_is_caught(default_bundle, merged_dir, tmp_path):
+    broken = clone(merged_dir, tmp_path / "m")
+    adapter = load_file(default_bundle.adapter_dir / "adapter_model.safetensors")
+
+    def unmerge(t):
+        t[f"{LAYER}.base_layer.weight"] = t.pop(f"{LAYER}.weight")
+        t[f"{LAYER}.lora_A.default.weight"] = adapter[f"base_model.model.{LAYER}.lora_A.weight"]
+
+    edit_weights(broken, unmerge)
+    got = ships_whole(default_bundle, broken)
+    assert_names(got, "model.safetensors", "PEFT structure, not merged weights", "merge_and_unload()")
+
+
+def test_plora_weights_are_not_taken_for_lora_keys(default_bundle, merged_dir):
+    from harness.checks.measure.shipping import _PEFT_KEY
+
+    assert not _PEFT_KEY.search(f"{LAYER}.Plora_A.weight") and not _PEFT_KEY.search("plora_glb_GN")
+    assert _PEFT_KEY.search(f"{LAYER}.lora_A.weight") and _PEFT_KEY.search(f"{LAYER}.base_layer.weight")
+
+
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        (lambda c: c.update(architectures=["LlamaForCausalLM"]), "config architectures"),
-        (lambda c: c.pop("auto_map"), "config auto_map"),
-        (lambda c: c.update(dtype="bfloat16", torch_dtype="bfloat16"), "declares dtype bfloat16"),
+        (lambda c: c.update(architectures=["LlamaForCausalLM"]), "architectures is ['LlamaForCausalLM']"),
+        (lambda c: c.pop("auto_map"), "auto_map is None"),
+        (lambda c: c.update(model_type="llama"), "model_type is 'llama'"),
+        (lambda c: c.update(vocab_size=c["vocab_size"] * 2), "vocab_size is"),
+        (lambda c: c.update(dtype="bfloat16", torch_dtype="bfloat16"), "declares dtype bfloat16 but the weights are "
+                                                                       "stored as float32"),
     ],
-    ids=["architectures", "auto_map", "dtype"],
+    ids=["architectures", "auto_map", "model_type", "vocab_size", "dtype"],
 )
 def test_config_drift_is_caught(default_bundle, merged_dir, tmp_path, change, fragment):
     broken = clone(merged_dir, tmp_path / "m")
     edit_config(broken, change)
-    got = result(default_bundle, broken)
-    assert got.status == "fail" and any(fragment in p for p in got.details["problems"]), got.details["problems"]
+    got = ships_whole(default_bundle, broken)
+    fix = "to float32" if "dtype" in fragment else "the base's"
+    assert_names(got, "config.json", fragment, fix)
 
 
-@pytest.mark.parametrize("name, fragment", [("modeling_internlm2.py", "custom code files"),
-                                            ("tokenizer.json", "tokenizer files")])
-def test_files_not_copied_are_caught(default_bundle, merged_dir, tmp_path, name, fragment):
+@pytest.mark.parametrize("name, fragment, fix", [
+    ("modeling_internlm2.py", "custom code files not copied", "copy modeling_internlm2.py from the base"),
+    ("tokenizer.json", "tokenizer files not copied", "save_pretrained(merged_dir)"),
+    ("generation_config.json", "not copied", "copy generation_config.json from the base"),
+])
+def test_files_not_copied_are_caught(default_bundle, merged_dir, tmp_path, name, fragment, fix):
     broken = clone(merged_dir, tmp_path / "m")
     (broken / name).unlink()
-    got = result(default_bundle, broken)
-    assert got.status == "fail" and any(fragment in p and name in p for p in got.details["problems"])
+    assert_names(ships_whole(default_bundle, broken), name, fragment, fix)
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda c: c.update(eos_token="<pad>"), "the special tokens"),
+    (lambda c: c.update(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"), "the chat template"),
+], ids=["eos-token", "chat-template"])
+def test_a_tokenizer_that_differs_from_the_base_is_caught(default_bundle, merged_dir, tmp_path, change, fragment):
+    broken = clone(merged_dir, tmp_path / "m")
+    edit_json(broken / "tokenizer_config.json", change)
+    assert_names(ships_whole(default_bundle, broken), "tokenizer.json", f"differs from the base's: {fragment}",
+                 "save_pretrained(merged_dir)")
+
+
+def test_generation_config_with_other_stop_ids_is_caught(default_bundle, merged_dir, tmp_path):
+    broken = clone(merged_dir, tmp_path / "m")
+    edit_json(broken / "generation_config.json", lambda c: c.update(eos_token_id=7))
+    assert_names(ships_whole(default_bundle, broken), "generation_config.json", "eos_token_id 7 (base 2)",
+                 "copy generation_config.json from the base")
+
+
+def test_processor_files_of_a_multimodal_base_must_be_copied(default_bundle, merged_dir, tmp_path):
+    base = clone(default_bundle.base_dir, tmp_path / "base")
+    (base / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+    assert_names(ships_whole(default_bundle, merged_dir, base=base), "preprocessor_config.json",
+                 "processor files not copied", "processor.save_pretrained(merged_dir)")
 
 
 def test_merged_check_never_writes_into_inputs(default_bundle, merged_dir):

@@ -299,32 +299,20 @@ def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Te
 
 
 def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) -> list[str]:
-    problems = []
-    for field_name in ("architectures", "auto_map", "model_type", "tie_word_embeddings"):
-        if field_name == "tie_word_embeddings" and found.untie_expected and merged.config.get(field_name) is False:
-            continue  # the adapter changes one side of the tie: untying is the correct merge
-        if base.config.get(field_name) != merged.config.get(field_name):
-            problems.append(f"config {field_name} is {merged.config.get(field_name)!r}, base has "
-                            f"{base.config.get(field_name)!r}")
-    declared = merged.declared_dtype()
-    floats = {d for d in found.dtypes if "float" in d}
-    if declared and floats and floats != {declared}:
-        problems.append(f"config declares dtype {declared} but the weights are {sorted(floats)}")
-    lost_code = sorted(set(base.custom_code_files()) - set(merged.custom_code_files()))
-    if lost_code:
-        problems.append(f"custom code files not copied: {lost_code} (trust_remote_code loading will fail)")
-    lost_tok = sorted(set(base.tokenizer_files()) - set(merged.tokenizer_files()))
-    if lost_tok:
-        problems.append(f"tokenizer files not copied: {lost_tok}")
-    return problems
+    """tie_word_embeddings against what the weights need (the other files: ``merged-ships-whole``)."""
+    if found.untie_expected and merged.config.get("tie_word_embeddings") is False:
+        return []  # the adapter changes one side of the tie: untying is the correct merge
+    if base.config.get("tie_word_embeddings") != merged.config.get("tie_word_embeddings"):
+        return [f"config tie_word_embeddings is {merged.config.get('tie_word_embeddings')!r}, base has "
+                f"{base.config.get('tie_word_embeddings')!r}"]
+    return []
 
 
 @register(
     id="merged-matches",
     group="merged",
     summary="a merged checkpoint that is not base + adapter: mis-scaled or skipped layers, PLoRA folded into the "
-    "base weight, changed or missing tensors (re-initialised on reload), re-tied weights, wrong dtype, "
-    "drifted architectures/auto_map, custom code or tokenizer files not copied",
+    "base weight, changed or missing tensors (re-initialised on reload), re-tied weights, wrong dtype",
     why="merge scripts do no validation; a broken merged model loads without error and answers differently",
     fix="re-merge with PeftModel.from_pretrained(base) → merge_and_unload() → save_pretrained, copying the "
     "base's *.py and tokenizer files; keep PLoRA modules out of target_modules",
@@ -392,5 +380,39 @@ def check_merged_matches(ctx: CheckContext):
     if found.unresolved and not plan.copies and not plan.tokens and len(found.unresolved) >= len(plan.lora):
         return warned(f"ΔW is below the {sorted(found.dtypes)} resolution in every adapted weight; the merge cannot "
                       "be verified from weights alone", **details)
-    return passed(f"{len(merged.keys)} tensors match base + adapter (max rel error {found.worst[0]:.1e}); config, "
-                  "code and tokenizer files intact", **details)
+    return passed(f"{len(merged.keys)} tensors match base + adapter (max rel error {found.worst[0]:.1e})", **details)
+
+
+@register(
+    id="merged-ships-whole",
+    group="merged",
+    summary="a merged directory that a plain from_pretrained does not load to the verified model: adapter files left "
+    "beside the merged weights (the adapter is applied twice), LoRA keys or base_layer wrappers saved instead of "
+    "merged weights, config.json drift (architectures, auto_map, model_type, vocab size, a dtype other than the "
+    "stored tensors'), custom code, tokenizer, generation_config.json or processor files missing or different",
+    why="users load the merged directory with AutoModelForCausalLM.from_pretrained (and its tokenizer) and get "
+    "whatever the files say, not the weights the harness compared",
+    fix="save the merged model alone into its own directory (merge_and_unload() → save_pretrained) and copy the "
+    "base's *.py, tokenizer, generation_config.json and processor files",
+)
+def check_merged_ships_whole(ctx: CheckContext):
+    if ctx.merged is None:
+        return skipped("no --merged given")
+    if ctx.base is None:
+        return skipped("--merged needs --base-model to compare against")
+    from harness.checks.measure.shipping import shipping_problems
+    from harness.inputs.model_dir import ModelDir
+
+    try:
+        base, merged = ModelDir(ctx.base.base_dir), ModelDir(ctx.merged)
+    except InputError as err:
+        return failed(str(err))
+    ctx.say("reading the merged directory's files as from_pretrained will")
+    problems = shipping_problems(base, merged)
+    details = {"problems": [{"file": p.file, "problem": p.problem, "fix": p.fix} for p in problems]}
+    if problems:
+        more = f" (+{len(problems) - 1} more: {'; '.join(p.text() for p in problems[1:])})" if len(problems) > 1 else ""
+        fixes = list(dict.fromkeys(p.fix for p in problems))
+        return failed(problems[0].text() + more, fix="; ".join(fixes), **details)
+    return passed("no adapter files or PEFT keys; config.json, code, tokenizer, generation config and processor files "
+                  "as the base has them", **details)
