@@ -134,8 +134,16 @@ def _tokenizer(base: ModelDir, merged: ModelDir, trust_remote_code: bool) -> lis
     except Exception as err:  # noqa: BLE001 - a tokenizer that does not load is the finding
         return [ShippingProblem(have[0], f"the tokenizer does not load: {type(err).__name__}: "
                                 f"{str(err).splitlines()[0][:200] if str(err) else ''}", fix)]
-    return [ShippingProblem(have[0], f"the tokenizer differs from the base's: {what} is {got[what]!r}, the base's "
-                            f"is {want[what]!r}", fix) for what in want if want[what] != got[what]][:1]
+    differ = [f"{what} is {_short(got[what])}, the base's is {_short(want[what])}" for what in want
+              if want[what] != got[what]]
+    if not differ:
+        return []
+    return [ShippingProblem(have[0], "the tokenizer differs from the base's: " + "; ".join(differ), fix)]
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
