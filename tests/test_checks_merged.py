@@ -271,3 +271,87 @@ def test_trainable_tokens_on_a_tied_embedding_reach_the_head_too(synthetic_cache
     assert got.status == "fail", got
     assert any(entry.startswith(f"{head} (trainable tokens of {built.info['embedding_module']}")
                for entry in got.details["tokens_dropped"]), got.details
+
+
+# ---------------------------------------------------------------------------------------------
+# merged-matches: the fix follows the cause (scaling, dtype, missing tensors) and the family (PLoRA only for PLoRA)
+
+
+def adapted_modules(bundle) -> list[str]:
+    keys = load_file(bundle.adapter_dir / "adapter_model.safetensors")
+    return sorted(k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in keys
+                  if k.endswith(".lora_A.weight"))
+
+
+def merged_with_factor(bundle, merged_dir, out: Path, factor: float) -> Path:
+    """Every adapted weight W + factor·s·B·A, as a merge with another scaling writes it."""
+    broken = clone(merged_dir, out)
+    base = base_tensors(bundle)
+
+    def scale(t):
+        for module in adapted_modules(bundle):
+            t[f"{module}.weight"] = base[f"{module}.weight"] + factor * adapter_delta(bundle, module)
+
+    edit_weights(broken, scale)
+    return broken
+
+
+@pytest.mark.parametrize("factor, words", [(0.5, "half the adapter's s·B·A"), (2.0, "twice the adapter's s·B·A")],
+                         ids=["halved-alpha", "doubled-alpha"])
+def test_a_merge_off_by_a_clean_ratio_names_the_scaling(default_bundle, merged_dir, tmp_path, factor, words):
+    got = result(default_bundle, merged_with_factor(default_bundle, merged_dir, tmp_path / "m", factor))
+    assert got.status == "fail" and words in got.message, got.message
+    assert f"every wrong weight is exactly {factor:.4g}x off" in got.message
+    assert "lora_alpha" in got.fix and "as if lora_alpha were" in got.fix, got.fix
+    assert all(v == pytest.approx(factor, rel=1e-3) for v in got.details["delta_ratios"].values())
+
+
+def test_rslora_scaling_applied_to_a_plain_adapter_is_named(default_bundle, merged_dir, tmp_path):
+    rank = json.loads((default_bundle.adapter_dir / "adapter_config.json").read_text())["r"]
+    got = result(default_bundle, merged_with_factor(default_bundle, merged_dir, tmp_path / "m", rank ** 0.5))
+    assert got.status == "fail" and "rsLoRA" in got.fix and "use_rslora false" in got.fix, got.fix
+
+
+def test_an_unclean_error_gets_no_scaling_story(default_bundle, merged_dir, tmp_path):
+    broken = clone(merged_dir, tmp_path / "m")
+    edit_weights(broken, lambda t: t.update({f"{LAYER}.weight": t[f"{LAYER}.weight"] + 0.3 * torch.randn_like(
+        t[f"{LAYER}.weight"], generator=torch.Generator().manual_seed(0))}))
+    got = result(default_bundle, broken)
+    assert got.status == "fail" and "lora_alpha" not in got.fix and "re-merge in float32" in got.fix, got.fix
+
+
+def test_a_float16_merge_that_overflows_names_the_dtypes(default_bundle, merged_dir, tmp_path):
+    """A base weight beyond float16's range: the float16 merged checkpoint holds inf there, and the fix names the
+    dtypes, not a re-merge or PLoRA."""
+    base = clone(default_bundle.base_dir, tmp_path / "base")
+    big = "model.norm.weight"
+    edit_weights(base, lambda t: t[big].__setitem__(0, 1e5))
+    broken = clone(merged_dir, tmp_path / "m")
+    edit_weights(broken, lambda t: t[big].__setitem__(0, 1e5))
+    edit_weights(broken, lambda t: t.update({k: v.to(torch.float16) for k, v in t.items()}))
+    edit_config(broken, lambda c: c.update(dtype="float16", torch_dtype="float16"))
+    got = harness.check(default_bundle.adapter_dir, base_model=base, merged=broken, trust_remote_code=True,
+                        only=["merged-matches"], isolated=False).get("merged-matches")
+    assert got.status == "fail" and big in got.message, got.message
+    assert "stored as float16, the base's as float32" in got.fix and "overflows" in got.fix, got.fix
+    assert "PLoRA" not in got.fix
+
+
+def test_plora_advice_only_for_plora_models(default_bundle, merged_dir, tmp_path, synthetic_cache):
+    """A skipped layer: on the XComposer base the fix names PeFT's lora_ name collision with Plora_A/Plora_B; on a
+    text-only model (the zoo's Qwen2) it names no PLoRA and no image rows."""
+    from fixtures import zoo
+
+    broken = clone(merged_dir, tmp_path / "m")
+    base = base_tensors(default_bundle)
+    edit_weights(broken, lambda t: t.update({f"{LAYER}.weight": base[f"{LAYER}.weight"]}))
+    plora = result(default_bundle, broken)
+    assert plora.status == "fail" and "Plora_A/Plora_B" in plora.fix, plora.fix
+    if reason := zoo.arch_unavailable("qwen2"):
+        pytest.skip(reason)
+    built = zoo.build_arch("qwen2", synthetic_cache)
+    text = harness.check(built.adapter("plain"), base_model=built.base, merged=built.broken("layer-skipped"),
+                         only=["merged-matches"], isolated=False).get("merged-matches")
+    assert text.status == "fail" and "not merged" in text.message, text.message
+    assert "merge every adapted module" in text.fix
+    assert not any(word in text.fix.lower() for word in ("plora", "image")), text.fix

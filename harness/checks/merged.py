@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
+from harness.checks.merged_advice import DeltaRatio, dtype_cause, fixes, scaling_cause
 from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.inputs.errors import InputError
 from harness.model import families
@@ -51,6 +52,7 @@ class MergedFindings:
     ignored: list[str] = field(default_factory=list)  # saved tensors PEFT does not apply (why)
     dtypes: set = field(default_factory=set)
     worst: tuple[float, str] = (0.0, "")
+    ratios: list[DeltaRatio] = field(default_factory=list)  # wrong ΔW that are exactly a multiple of s·B·A
 
 
 @dataclass
@@ -163,6 +165,9 @@ class _Merge:
     def _same_as_base(self, key: str, got, want, rtol: float) -> None:
         import torch
 
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all()):
+            self.found.changed.append(key)  # overflow in the merged dtype (the cast base overflows the same way)
+            return
         if got.shape == want.shape and torch.equal(got, want.to(got.dtype)):
             return
         if not (got.shape == want.shape and _rel((got.float() - want.float()).abs().max(), want.abs().max()) <= rtol):
@@ -254,6 +259,15 @@ class _Merge:
                 self.found.plora_folded.append(key)
             else:
                 self.found.wrong_delta.append(f"{key} (error {err:.2e} of max|W|, ΔW is {resolution:.2e})")
+                if lora.magnitude(self.get) is None and expected.what == "lora":
+                    self._ratio(key, got, base, want, lora, rtol)
+
+    def _ratio(self, key: str, got, base, want, lora: LoraModule, rtol: float) -> None:
+        """Record the factor when the merged change from the base is exactly k·ΔW (a scaling cause)."""
+        applied, expected = got.float() - base.float(), want - base.float()
+        k = float((applied * expected).sum() / (expected * expected).sum().clamp_min(1e-30))
+        if _rel((applied - k * expected).abs().max(), want.abs().max()) <= rtol:
+            self.found.ratios.append(DeltaRatio(key, k, lora.rank, lora.scaling))
 
     def _ties(self, merged_keys: set[str]) -> None:
         """A tied pair the adapter changes on one side must come out as two tensors, and stay untied on reload."""
@@ -314,8 +328,8 @@ def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) ->
     summary="a merged checkpoint that is not base + adapter: mis-scaled or skipped layers, PLoRA folded into the "
     "base weight, changed or missing tensors (re-initialised on reload), re-tied weights, wrong dtype",
     why="merge scripts do no validation; a broken merged model loads without error and answers differently",
-    fix="re-merge with PeftModel.from_pretrained(base) → merge_and_unload() → save_pretrained, copying the "
-    "base's *.py and tokenizer files; keep PLoRA modules out of target_modules",
+    fix="re-merge with PeftModel.from_pretrained(base, adapter) → merge_and_unload() → save_pretrained; each "
+    "failure names the fix for its cause (scaling, dtype, missing tensors, PLoRA for XComposer bases)",
 )
 def check_merged_matches(ctx: CheckContext):
     if ctx.merged is None:
@@ -343,8 +357,11 @@ def check_merged_matches(ctx: CheckContext):
     if found.unmerged:
         problems.append(f"{len(found.unmerged)} adapted weight(s) equal the base (layer not merged), e.g. "
                         f"{found.unmerged[0]}")
+    scaling = scaling_cause(found.ratios, len(found.wrong_delta), ctx.adapter.config)
+    dtype = dtype_cause({d for _, d in base.shapes().values()}, found.dtypes)
     if found.wrong_delta:
-        problems.append(f"{len(found.wrong_delta)} adapted weight(s) differ from W + s·B·A, e.g. {found.wrong_delta[0]}")
+        problems.append(f"{len(found.wrong_delta)} adapted weight(s) differ from W + s·B·A, e.g. {found.wrong_delta[0]}"
+                        + (f"; {scaling}" if scaling else ""))
     if found.copies_dropped:
         problems.append(f"{len(found.copies_dropped)} trained modules_to_save tensor(s) not merged, e.g. "
                         f"{found.copies_dropped[0]}")
@@ -372,10 +389,12 @@ def check_merged_matches(ctx: CheckContext):
         "untie_expected": found.untie_expected, "ignored_adapter_tensors": found.ignored,
         "max_rel_error": found.worst[0], "worst_tensor": found.worst[1], "dtypes": sorted(found.dtypes),
         "tolerance": merged_weight_tolerances(), "problems": problems,
+        "delta_ratios": {r.key: round(r.ratio, 6) for r in found.ratios[:10]},
     }
     if problems:
+        advice = fixes(found, plora=bool(ctx.base.branch_modules()), scaling=scaling, dtype=dtype, ties=found.ties)
         return failed(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),
-                      **details)
+                      fix="; ".join(dict.fromkeys(advice)) or None, **details)
     plan = adapter_plan(ctx)
     if found.unresolved and not plan.copies and not plan.tokens and len(found.unresolved) >= len(plan.lora):
         return warned(f"ΔW is below the {sorted(found.dtypes)} resolution in every adapted weight; the merge cannot "
