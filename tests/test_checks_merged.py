@@ -1,4 +1,4 @@
-"""``merged-matches`` and ``merged-ships-whole``: the official merge passes; each way a merged checkpoint goes wrong
+"""``merged-matches`` and ``merged-whole``: the official merge passes; each way a merged checkpoint goes wrong
 fails by name (the file and the fix)."""
 
 import json
@@ -115,7 +115,7 @@ def test_retied_head_is_caught(default_bundle, merged_dir, tmp_path):
 
 def ships_whole(bundle, merged, base=None):
     return harness.check(bundle.adapter_dir, base_model=base or bundle.base_dir, merged=merged, trust_remote_code=True,
-                         only=["merged-ships-whole"], isolated=False).get("merged-ships-whole")
+                         only=["merged-whole"], isolated=False).get("merged-whole")
 
 
 def assert_names(got, file, fragment, fix_fragment):
@@ -339,7 +339,7 @@ def test_a_float16_merge_that_overflows_names_the_dtypes(default_bundle, merged_
 
 def test_plora_advice_only_for_plora_models(default_bundle, merged_dir, tmp_path, synthetic_cache):
     """A skipped layer: on the XComposer base the fix names PeFT's lora_ name collision with Plora_A/Plora_B; on a
-    text-only model (the zoo's Qwen2) it names no PLoRA and no image rows."""
+    text-only model (the zoo's GPT-2) it names no PLoRA and no image rows."""
     from fixtures import zoo
 
     broken = clone(merged_dir, tmp_path / "m")
@@ -347,9 +347,9 @@ def test_plora_advice_only_for_plora_models(default_bundle, merged_dir, tmp_path
     edit_weights(broken, lambda t: t.update({f"{LAYER}.weight": base[f"{LAYER}.weight"]}))
     plora = result(default_bundle, broken)
     assert plora.status == "fail" and "Plora_A/Plora_B" in plora.fix, plora.fix
-    if reason := zoo.arch_unavailable("qwen2"):
+    if reason := zoo.arch_unavailable("gpt2"):
         pytest.skip(reason)
-    built = zoo.build_arch("qwen2", synthetic_cache)
+    built = zoo.build_arch("gpt2", synthetic_cache)
     text = harness.check(built.adapter("plain"), base_model=built.base, merged=built.broken("layer-skipped"),
                          only=["merged-matches"], isolated=False).get("merged-matches")
     assert text.status == "fail" and "not merged" in text.message, text.message

@@ -313,7 +313,7 @@ def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Te
 
 
 def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) -> list[str]:
-    """tie_word_embeddings against what the weights need (the other files: ``merged-ships-whole``)."""
+    """tie_word_embeddings against what the weights need (the other files: ``merged-whole``)."""
     if found.untie_expected and merged.config.get("tie_word_embeddings") is False:
         return []  # the adapter changes one side of the tie: untying is the correct merge
     if base.config.get("tie_word_embeddings") != merged.config.get("tie_word_embeddings"):
@@ -403,7 +403,7 @@ def check_merged_matches(ctx: CheckContext):
 
 
 @register(
-    id="merged-ships-whole",
+    id="merged-whole",
     group="merged",
     summary="a merged directory that a plain from_pretrained does not load to the verified model: adapter files left "
     "beside the merged weights (the adapter is applied twice), LoRA keys or base_layer wrappers saved instead of "
@@ -414,7 +414,7 @@ def check_merged_matches(ctx: CheckContext):
     fix="save the merged model alone into its own directory (merge_and_unload() → save_pretrained) and copy the "
     "base's *.py, tokenizer, generation_config.json and processor files",
 )
-def check_merged_ships_whole(ctx: CheckContext):
+def check_merged_whole(ctx: CheckContext):
     if ctx.merged is None:
         return skipped("no --merged given")
     if ctx.base is None:
