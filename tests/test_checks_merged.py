@@ -144,6 +144,26 @@ def test_adapter_left_inside_the_merged_directory_is_caught(default_bundle, merg
                  "adapter_model.safetensors")
 
 
+def test_adapter_files_beside_merged_weights_do_change_what_from_pretrained_loads(default_bundle, merged_dir, tmp_path):
+    """The premise of the check above, on the installed transformers: from_pretrained of the directory with the
+    adapter files applies the adapter again, so its outputs are not the merged model's."""
+    from harness.loading.base import load_base
+    from harness.numerics.probes import make_probe
+    from harness.numerics.reference import probe_logits
+
+    broken = clone(merged_dir, tmp_path / "m")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(default_bundle.adapter_dir / name, broken / name)
+    clean = load_base(merged_dir, dtype=torch.float32)
+    probe = make_probe(clean.get_input_embeddings(), batch_size=1, seq_len=8, image_spans=[(2, 5)], seed=3)
+    want = probe_logits(clean, probe, im_mask=True)
+    got = probe_logits(load_base(broken, dtype=torch.float32), probe, im_mask=True)
+    if (got - want).abs().max() <= 1e-4 * want.abs().max():  # transformers 4.33: it does not look for them
+        pytest.skip("this transformers does not look for adapter files beside a model's weights (the check still "
+                    "fails: newer ones do, and so do PEFT's AutoPeftModel classes)")
+    assert (got - want).abs().max() > 1e-2 * want.abs().max()
+
+
 def test_peft_model_saved_instead_of_the_merged_one_is_caught(default_bundle, merged_dir, tmp_path):
     broken = clone(merged_dir, tmp_path / "m")
     adapter = load_file(default_bundle.adapter_dir / "adapter_model.safetensors")
