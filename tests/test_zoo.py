@@ -22,6 +22,7 @@ import pytest
 
 import harness
 from fixtures import zoo
+from fixtures.judging import only_transformers_dora_failure
 
 OK = ("pass", "warn", "skip")
 PLACEHOLDER = re.compile(r"\b(?:none row|batch -1|position -1)\b")
@@ -141,22 +142,10 @@ def test_good_adapter_and_official_merge_pass(run, zoo_arch, arch, kind):
                     "test_tied_head_recipe_that_keeps_tying_fails")
     report = run(built.adapter(kind), built.base, built.merged(kind))
     code = report.exit_code
-    if kind == "dora" and code and _only_transformers_dora_failure(report):
+    if kind == "dora" and code and only_transformers_dora_failure(report):
         return  # transformers' PEFT integration drops DoRA magnitudes: a real failure, reported on that path alone
     assert code == 0, f"{arch}/{kind}: exit code {code}, failing checks:\n{failing(report)}"
 
-
-def _only_transformers_dora_failure(report) -> bool:
-    """transformers 5.x's load_adapter leaves DoRA's lora_magnitude_vector at init (measured on 5.24.0): the only
-    failure is path-agreement on the transformers-integration paths, naming the not-loaded keys."""
-    failed = [r for r in report.checks if r.status == "fail"]
-    if [r.id for r in failed] != ["path-agreement"]:
-        return False
-    table, tolerance = failed[0].details["paths"], failed[0].details["tolerance"]
-    bad = {name for name, row in table.items() if row.get("error") or row["not_loaded"] or row["missing"]
-           or row["unexpected"] or max(row["image_max_rel"], row["text_max_rel"]) > tolerance}
-    return bool(bad) and bad <= {"transformers-load-adapter", "transformers-from-adapter-dir"} and all(
-        table[name].get("not_loaded") for name in bad)
 
 
 # ---------------------------------------------------------------------------------------------
