@@ -66,3 +66,53 @@ def test_adapter_with_modules_the_base_lacks(make_bundle, default_bundle):
 def test_without_base_the_against_base_checks_are_not_run(default_bundle):
     ids = {r.id for r in harness.check(default_bundle.adapter_dir, isolated=False).checks}
     assert "targets-resolve" not in ids and "base-match" not in ids
+
+
+def with_declared_base(default_bundle, tmp_path, declared):
+    dst = copy_adapter(default_bundle.adapter_dir, tmp_path / "adapter")
+    edit_config(dst, lambda c: c.update(base_model_name_or_path=declared))
+    return dst
+
+
+def test_base_name_naming_the_checked_base_passes(default_bundle):
+    result = run(default_bundle.adapter_dir, default_bundle.base_dir, only=["base-name"])["base-name"]
+    assert result.status == "pass" and "names the base being checked" in result.message, result
+
+
+def test_base_name_naming_another_local_directory_warns_naming_both_and_the_loaders(default_bundle, tmp_path):
+    other = tmp_path / "stale-base"
+    other.mkdir()
+    result = run(with_declared_base(default_bundle, tmp_path, str(other)), default_bundle.base_dir,
+                 only=["base-name"])["base-name"]
+    assert result.status == "warn", result
+    assert str(other) in result.message and str(default_bundle.base_dir.resolve()) in result.message
+    assert "AutoPeftModelForCausalLM.from_pretrained(adapter_dir)" in result.message
+    assert "AutoModelForCausalLM.from_pretrained(adapter_dir)" in result.message and "pipeline" in result.message
+    assert "set base_model_name_or_path" in result.fix
+
+
+def test_base_name_naming_a_path_that_no_longer_exists_warns(default_bundle, tmp_path):
+    result = run(with_declared_base(default_bundle, tmp_path, "/data/old/checkpoints/base-v1"),
+                 default_bundle.base_dir, only=["base-name"])["base-name"]
+    assert result.status == "warn" and "does not exist here" in result.message, result
+    assert "/data/old/checkpoints/base-v1" in result.message
+
+
+def test_base_name_as_a_relative_path_to_the_checked_base_passes(default_bundle, tmp_path, monkeypatch):
+    monkeypatch.chdir(default_bundle.base_dir.parent)
+    result = run(with_declared_base(default_bundle, tmp_path, f"./{default_bundle.base_dir.name}"),
+                 default_bundle.base_dir, only=["base-name"])["base-name"]
+    assert result.status == "pass", result
+
+
+def test_base_name_as_a_hub_id_is_a_note(default_bundle, tmp_path):
+    result = run(with_declared_base(default_bundle, tmp_path, "internlm/internlm-xcomposer2d5-7b"),
+                 default_bundle.base_dir, only=["base-name"])["base-name"]
+    assert result.status == "pass" and result.message.startswith("note: "), result
+    assert "internlm/internlm-xcomposer2d5-7b" in result.message and "download that model" in result.message
+
+
+def test_base_name_unset_warns(default_bundle, tmp_path):
+    result = run(with_declared_base(default_bundle, tmp_path, None), default_bundle.base_dir,
+                 only=["base-name"])["base-name"]
+    assert result.status == "warn" and "no base_model_name_or_path" in result.message, result

@@ -32,7 +32,7 @@ from fixtures.judging import build_reference, judge
 from harness import compat
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.loading.base import load_base, recording_adjustments
-from harness.loading.paths import PATHS
+from harness.loading.paths import PATHS, UNAVAILABLE, LoaderRefused
 from harness.loading.raw_load import PEFT_NOT_STATE_DICT, diagnose_raw_load
 from harness.loading.records import find_unmerged_lora_wrappers
 from harness.numerics.compare import pairwise_disagreements
@@ -43,6 +43,8 @@ from harness.synthetic.family import TINY, build_model
 
 torch.set_num_threads(1)
 
+TRANSFORMERS_INTEGRATION = {"transformers-load-adapter", "transformers-from-adapter-dir"}
+NATIVE_PATHS = TRANSFORMERS_INTEGRATION | {"auto-peft"}
 EXPECTED_PATHS = {"peft", "peft-merged", "peft-safe-merged", "merge-script", "load-adapter", "state-dict", "bin",
                   "safetensors"}
 
@@ -92,14 +94,85 @@ def test_registry_has_every_path() -> None:
     assert EXPECTED_PATHS <= set(PATHS)
 
 
+def test_transformers_native_paths_are_registered_or_skipped_with_the_reason() -> None:
+    """Each native path is in the matrix where the installed stack has it, else listed with why (never dropped
+    silently): transformers < 4.33 has no PEFT integration, peft < 0.9's
+    AutoPeftModelForCausalLM cannot load a local adapter directory without a tokenizer."""
+    import transformers
+
+    for name in NATIVE_PATHS:
+        assert (name in PATHS) != (name in UNAVAILABLE), name
+        if name in UNAVAILABLE:
+            assert "transformers" in UNAVAILABLE[name] or "peft" in UNAVAILABLE[name], UNAVAILABLE[name]
+    if hasattr(transformers.PreTrainedModel, "load_adapter"):
+        assert {"transformers-load-adapter", "transformers-from-adapter-dir"} <= set(PATHS)
+    else:
+        assert "4.33" in UNAVAILABLE["transformers-load-adapter"]
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_PATHS))
+def test_native_paths_load_the_checked_base_whatever_the_config_names(name, default_bundle, tmp_path) -> None:
+    """AutoPeftModelForCausalLM / from_pretrained(adapter_dir) read base_model_name_or_path; the path resolves it
+    to the base being checked (a copy of the adapter in its workdir), never writing into the user's directory."""
+    if name not in PATHS:
+        pytest.skip(UNAVAILABLE[name])
+    adapter = tmp_path / "adapter"
+    shutil.copytree(default_bundle.adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "stale" / "base-that-moved")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    before = dir_digest(adapter)
+    problems, records = run_matrix(default_bundle.base_dir, adapter, paths={name: PATHS[name]},
+                                   workdir=tmp_path / "work")
+    assert not problems, "\n".join(problems)
+    assert dir_digest(adapter) == before, "a path wrote into the adapter directory"
+    assert "adapter_model.safetensors" in records[name].files_used
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_PATHS))
+def test_native_paths_see_a_decoy_adapter(name, default_bundle, tmp_path) -> None:
+    """A native path that loaded nothing (or the base alone) must disagree with the reference: zeroing lora_B in a
+    copy changes every native path's outputs, so the matrix comparison is not vacuous for them."""
+    if name not in PATHS:
+        pytest.skip(UNAVAILABLE[name])
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(default_bundle.adapter_dir, adapter)
+    reference = build_reference(default_bundle.base_dir, default_bundle.adapter_dir)
+    probe = probe_for_dir(reference.model)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: (v * 0 if ".lora_B." in k else v).contiguous() for k, v in tensors.items()},
+              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    loaded = PATHS[name](default_bundle.base_dir, adapter, dtype=torch.float32, device="cpu", workdir=tmp_path / "w")
+    assert not judge(name, loaded.model, reference, probe, dtype=torch.float32).ok
+
+
+def paths_that_load(base_dir: Path, adapter_dir: Path) -> tuple[dict, dict[str, str]]:
+    """Every path, less the transformers-integration ones that refuse a .bin-only adapter (transformers 5.x's
+    load_adapter finds no adapter_model.bin): those must refuse by name, with the fix."""
+    paths, refused = dict(PATHS), {}
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        for name in TRANSFORMERS_INTEGRATION & set(PATHS):
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    PATHS[name](base_dir, adapter_dir, dtype=torch.float32, device="cpu", workdir=Path(tmp))
+                except LoaderRefused as err:
+                    refused[name] = str(err)
+                    del paths[name]
+    assert all("safe_serialization=True" in text for text in refused.values()), refused
+    return paths, refused
+
+
 @pytest.mark.parametrize("variant,safe", [("ixc2.5", True), ("ixc2", False), ("ixc2-4khd", True)])
 def test_trained_adapter_loads_identically_on_every_path(make_bundle, variant: str, safe: bool) -> None:
     bundle = make_bundle(variant=variant, safe_serialization=safe)
     before = dir_digest(bundle.base_dir), dir_digest(bundle.adapter_dir)
-    problems, records = run_matrix(bundle.base_dir, bundle.adapter_dir)
+    paths, refused = paths_that_load(bundle.base_dir, bundle.adapter_dir)
+    problems, records = run_matrix(bundle.base_dir, bundle.adapter_dir, paths=paths)
     assert not problems, "\n".join(problems)
     assert (dir_digest(bundle.base_dir), dir_digest(bundle.adapter_dir)) == before, "a path wrote into its inputs"
-    assert set(records) == set(PATHS)
+    assert set(records) | set(refused) == set(PATHS)
     for name, record in records.items():
         assert record.path == name
         assert isinstance(record.warnings, list)
@@ -178,7 +251,8 @@ def test_generated_adapters_agree_on_every_path(make_bundle, sc: Scenario, safe:
         adapter_dir = write_adapter(sc, Path(tmp) / "adapter", safe=safe)
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         assert config["use_rslora"] == sc.rslora and config["rank_pattern"] == dict(sc.rank_pattern)
-        problems, _ = run_matrix(base_dir, adapter_dir, workdir=Path(tmp) / "work")
+        problems, _ = run_matrix(base_dir, adapter_dir, paths=paths_that_load(base_dir, adapter_dir)[0],
+                                 workdir=Path(tmp) / "work")
     assert not problems, f"{sc!r}\n" + "\n".join(problems)
 
 

@@ -7,6 +7,9 @@ meta-device build and the weight index from the safetensors headers.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
@@ -228,3 +231,67 @@ def _kind_counts(base: BaseModelInfo, by_module) -> dict[str, int]:
         name = layer[0].name if layer else "unknown"
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+# Loaders that read adapter_config.json's base_model_name_or_path to find the base themselves.
+BASE_NAME_READERS = ("AutoPeftModelForCausalLM.from_pretrained(adapter_dir)",
+                     "AutoModelForCausalLM.from_pretrained(adapter_dir)", "pipeline(model=adapter_dir)")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class DeclaredBase:
+    """What adapter_config.json's base_model_name_or_path names, relative to the base being checked."""
+
+    kind: str  # "same" | "other-dir" | "missing-path" | "hub-id" | "unset"
+    declared: str | None
+    resolved: Path | None = None  # for a local path: where it points (relative to the working directory)
+
+
+def declared_base(declared: object, base_dir: Path) -> DeclaredBase:
+    """Classify ``declared`` the way loaders read it: an existing local directory first, else a hub id."""
+    if not isinstance(declared, str) or not declared.strip():
+        return DeclaredBase("unset", None if declared is None else str(declared))
+    path = Path(declared).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        same = resolved == Path(base_dir).resolve()
+        return DeclaredBase("same" if same else "other-dir", declared, resolved)
+    if _HUB_ID.match(declared) and not declared.startswith((".", "~")):
+        return DeclaredBase("hub-id", declared)
+    return DeclaredBase("missing-path", declared, path.absolute())
+
+
+@register(
+    id="base-name",
+    group="against-base",
+    summary="adapter_config.json's base_model_name_or_path names another base than the one checked (another "
+    "local directory, a path that no longer exists, or nothing)",
+    why="AutoPeftModelForCausalLM.from_pretrained(adapter_dir), AutoModelForCausalLM.from_pretrained(adapter_dir) "
+    "and pipelines load the base that field names, not the one the harness checked",
+    fix="set base_model_name_or_path in adapter_config.json to the base the adapter was trained and checked on "
+    "(its hub id when it is published), or load the base yourself and use PeftModel.from_pretrained(base, "
+    "adapter_dir)",
+)
+def check_base_name(ctx: CheckContext):
+    if reason := _needs_base(ctx):
+        return skipped(reason)
+    base_dir = Path(ctx.base.base_dir)
+    found = declared_base(ctx.adapter.config.get("base_model_name_or_path"), base_dir)
+    readers = ", ".join(BASE_NAME_READERS)
+    details = {"declared": found.declared, "resolved": str(found.resolved) if found.resolved else None,
+               "checked_base": str(base_dir.resolve()), "kind": found.kind, "loaders_reading_it": list(BASE_NAME_READERS)}
+    if found.kind == "same":
+        return passed(f"base_model_name_or_path names the base being checked ({found.declared})", **details)
+    if found.kind == "hub-id":
+        named = ctx.base.config.get("_name_or_path")
+        also = f"; the base's config.json names {named!r}" if named else ""
+        return passed(f"note: base_model_name_or_path is the hub id {found.declared!r}: {readers} download that model, "
+                      f"not the local base checked ({base_dir}); make sure they are the same weights{also}", **details)
+    if found.kind == "unset":
+        return warned(f"adapter_config.json has no base_model_name_or_path: {readers} cannot find a base for it "
+                      f"(checked against {base_dir})", **details)
+    where = ("another local directory, " + str(found.resolved) if found.kind == "other-dir"
+             else f"a path that does not exist here ({found.resolved})")
+    return warned(f"base_model_name_or_path {found.declared!r} names {where}, not the base being checked "
+                  f"({base_dir.resolve()}): {readers} load that one instead", **details)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from harness.checks.context import CheckContext
+from harness.checks.merged_advice import DeltaRatio, dtype_cause, fixes, scaling_cause
 from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.inputs.errors import InputError
 from harness.model import families
@@ -51,6 +52,7 @@ class MergedFindings:
     ignored: list[str] = field(default_factory=list)  # saved tensors PEFT does not apply (why)
     dtypes: set = field(default_factory=set)
     worst: tuple[float, str] = (0.0, "")
+    ratios: list[DeltaRatio] = field(default_factory=list)  # wrong ΔW that are exactly a multiple of s·B·A
 
 
 @dataclass
@@ -163,6 +165,9 @@ class _Merge:
     def _same_as_base(self, key: str, got, want, rtol: float) -> None:
         import torch
 
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all()):
+            self.found.changed.append(key)  # overflow in the merged dtype (the cast base overflows the same way)
+            return
         if got.shape == want.shape and torch.equal(got, want.to(got.dtype)):
             return
         if not (got.shape == want.shape and _rel((got.float() - want.float()).abs().max(), want.abs().max()) <= rtol):
@@ -254,6 +259,15 @@ class _Merge:
                 self.found.plora_folded.append(key)
             else:
                 self.found.wrong_delta.append(f"{key} (error {err:.2e} of max|W|, ΔW is {resolution:.2e})")
+                if lora.magnitude(self.get) is None and expected.what == "lora":
+                    self._ratio(key, got, base, want, lora, rtol)
+
+    def _ratio(self, key: str, got, base, want, lora: LoraModule, rtol: float) -> None:
+        """Record the factor when the merged change from the base is exactly k·ΔW (a scaling cause)."""
+        applied, expected = got.float() - base.float(), want - base.float()
+        k = float((applied * expected).sum() / (expected * expected).sum().clamp_min(1e-30))
+        if _rel((applied - k * expected).abs().max(), want.abs().max()) <= rtol:
+            self.found.ratios.append(DeltaRatio(key, k, lora.rank, lora.scaling))
 
     def _ties(self, merged_keys: set[str]) -> None:
         """A tied pair the adapter changes on one side must come out as two tensors, and stay untied on reload."""
@@ -299,35 +313,23 @@ def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Te
 
 
 def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) -> list[str]:
-    problems = []
-    for field_name in ("architectures", "auto_map", "model_type", "tie_word_embeddings"):
-        if field_name == "tie_word_embeddings" and found.untie_expected and merged.config.get(field_name) is False:
-            continue  # the adapter changes one side of the tie: untying is the correct merge
-        if base.config.get(field_name) != merged.config.get(field_name):
-            problems.append(f"config {field_name} is {merged.config.get(field_name)!r}, base has "
-                            f"{base.config.get(field_name)!r}")
-    declared = merged.declared_dtype()
-    floats = {d for d in found.dtypes if "float" in d}
-    if declared and floats and floats != {declared}:
-        problems.append(f"config declares dtype {declared} but the weights are {sorted(floats)}")
-    lost_code = sorted(set(base.custom_code_files()) - set(merged.custom_code_files()))
-    if lost_code:
-        problems.append(f"custom code files not copied: {lost_code} (trust_remote_code loading will fail)")
-    lost_tok = sorted(set(base.tokenizer_files()) - set(merged.tokenizer_files()))
-    if lost_tok:
-        problems.append(f"tokenizer files not copied: {lost_tok}")
-    return problems
+    """tie_word_embeddings against what the weights need (the other files: ``merged-whole``)."""
+    if found.untie_expected and merged.config.get("tie_word_embeddings") is False:
+        return []  # the adapter changes one side of the tie: untying is the correct merge
+    if base.config.get("tie_word_embeddings") != merged.config.get("tie_word_embeddings"):
+        return [f"config tie_word_embeddings is {merged.config.get('tie_word_embeddings')!r}, base has "
+                f"{base.config.get('tie_word_embeddings')!r}"]
+    return []
 
 
 @register(
     id="merged-matches",
     group="merged",
     summary="a merged checkpoint that is not base + adapter: mis-scaled or skipped layers, PLoRA folded into the "
-    "base weight, changed or missing tensors (re-initialised on reload), re-tied weights, wrong dtype, "
-    "drifted architectures/auto_map, custom code or tokenizer files not copied",
+    "base weight, changed or missing tensors (re-initialised on reload), re-tied weights, wrong dtype",
     why="merge scripts do no validation; a broken merged model loads without error and answers differently",
-    fix="re-merge with PeftModel.from_pretrained(base) → merge_and_unload() → save_pretrained, copying the "
-    "base's *.py and tokenizer files; keep PLoRA modules out of target_modules",
+    fix="re-merge with PeftModel.from_pretrained(base, adapter) → merge_and_unload() → save_pretrained; each "
+    "failure names the fix for its cause (scaling, dtype, missing tensors, PLoRA for XComposer bases)",
 )
 def check_merged_matches(ctx: CheckContext):
     if ctx.merged is None:
@@ -358,8 +360,11 @@ def check_merged_matches(ctx: CheckContext):
     if found.unmerged:
         problems.append(f"{len(found.unmerged)} adapted weight(s) equal the base (layer not merged), e.g. "
                         f"{found.unmerged[0]}")
+    scaling = scaling_cause(found.ratios, len(found.wrong_delta), ctx.adapter.config)
+    dtype = dtype_cause({d for _, d in base.shapes().values()}, found.dtypes)
     if found.wrong_delta:
-        problems.append(f"{len(found.wrong_delta)} adapted weight(s) differ from W + s·B·A, e.g. {found.wrong_delta[0]}")
+        problems.append(f"{len(found.wrong_delta)} adapted weight(s) differ from W + s·B·A, e.g. {found.wrong_delta[0]}"
+                        + (f"; {scaling}" if scaling else ""))
     if found.copies_dropped:
         problems.append(f"{len(found.copies_dropped)} trained modules_to_save tensor(s) not merged, e.g. "
                         f"{found.copies_dropped[0]}")
@@ -387,13 +392,49 @@ def check_merged_matches(ctx: CheckContext):
         "untie_expected": found.untie_expected, "ignored_adapter_tensors": found.ignored,
         "max_rel_error": found.worst[0], "worst_tensor": found.worst[1], "dtypes": sorted(found.dtypes),
         "tolerance": merged_weight_tolerances(), "problems": problems,
+        "delta_ratios": {r.key: round(r.ratio, 6) for r in found.ratios[:10]},
     }
     if problems:
+        advice = fixes(found, plora=bool(ctx.base.branch_modules()), scaling=scaling, dtype=dtype, ties=found.ties)
         return failed(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),
-                      **details)
+                      fix="; ".join(dict.fromkeys(advice)) or None, **details)
     plan = adapter_plan(ctx)
     if found.unresolved and not plan.copies and not plan.tokens and len(found.unresolved) >= len(plan.lora):
         return warned(f"ΔW is below the {sorted(found.dtypes)} resolution in every adapted weight; the merge cannot "
                       "be verified from weights alone", **details)
-    return passed(f"{len(merged.keys)} tensors match base + adapter (max rel error {found.worst[0]:.1e}); config, "
-                  "code and tokenizer files intact", **details)
+    return passed(f"{len(merged.keys)} tensors match base + adapter (max rel error {found.worst[0]:.1e})", **details)
+
+
+@register(
+    id="merged-whole",
+    group="merged",
+    summary="a merged directory that a plain from_pretrained does not load to the verified model: adapter files left "
+    "beside the merged weights (the adapter is applied twice), LoRA keys or base_layer wrappers saved instead of "
+    "merged weights, config.json drift (architectures, auto_map, model_type, vocab size, a dtype other than the "
+    "stored tensors'), custom code, tokenizer, generation_config.json or processor files missing or different",
+    why="users load the merged directory with AutoModelForCausalLM.from_pretrained (and its tokenizer) and get "
+    "whatever the files say, not the weights the harness compared",
+    fix="save the merged model alone into its own directory (merge_and_unload() → save_pretrained) and copy the "
+    "base's *.py, tokenizer, generation_config.json and processor files",
+)
+def check_merged_whole(ctx: CheckContext):
+    if ctx.merged is None:
+        return skipped("no --merged given")
+    if ctx.base is None:
+        return skipped("--merged needs --base-model to compare against")
+    from harness.checks.measure.shipping import shipping_problems
+    from harness.inputs.model_dir import ModelDir
+
+    try:
+        base, merged = ModelDir(ctx.base.base_dir), ModelDir(ctx.merged)
+    except InputError as err:
+        return failed(str(err))
+    ctx.say("reading the merged directory's files as from_pretrained will")
+    problems = shipping_problems(base, merged)
+    details = {"problems": [{"file": p.file, "problem": p.problem, "fix": p.fix} for p in problems]}
+    if problems:
+        more = f" (+{len(problems) - 1} more: {'; '.join(p.text() for p in problems[1:])})" if len(problems) > 1 else ""
+        fixes = list(dict.fromkeys(p.fix for p in problems))
+        return failed(problems[0].text() + more, fix="; ".join(fixes), **details)
+    return passed("no adapter files or PEFT keys; config.json, code, tokenizer, generation config and processor files "
+                  "as the base has them", **details)

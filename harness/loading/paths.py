@@ -9,6 +9,7 @@ holding, independent of the PEFT version's own reporting.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 from collections.abc import Callable
@@ -23,14 +24,22 @@ from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.loading.base import copy_model_extras, load_base
 from harness.loading.memory import release_memory
 from harness.loading.records import LoadedModel, LoadRecord, _note_load_result, _record_coverage, capture_warnings
+from harness.model.peft_keys import PREFIX as PEFT_PREFIX
 
 PathFn = Callable[..., LoadedModel]
 PATHS: dict[str, PathFn] = {}
+UNAVAILABLE: dict[str, str] = {}  # path name -> why it cannot exist on the installed stack (not registered)
 
 
-def loading_path(name: str) -> Callable[[PathFn], PathFn]:
+def loading_path(name: str, *, unavailable: Callable[[], str | None] | None = None) -> Callable[[PathFn], PathFn]:
+    """Register ``name``; ``unavailable()`` returns why the installed libraries lack the path (then it is listed in
+    ``UNAVAILABLE`` with that reason instead of ``PATHS``, so every list of paths derived from the registry skips it)."""
     def register(func: PathFn) -> PathFn:
-        PATHS[name] = func
+        reason = unavailable() if unavailable is not None else None
+        if reason:
+            UNAVAILABLE[name] = reason
+        else:
+            PATHS[name] = func
         return func
 
     return register
@@ -190,3 +199,178 @@ def load_safetensors(base_dir: Path, adapter_dir: Path, *, dtype, device, workdi
                                  source_dir=source)
 
 
+# -- transformers' own PEFT integration and PEFT's auto classes: what TRL, pipelines and inference scripts use ----
+
+
+def _without_transformers_peft() -> str | None:
+    """Why transformers' PEFT integration (PeftAdapterMixin: model.load_adapter, from_pretrained(adapter_dir)) is
+    missing, or None."""
+    import transformers
+
+    if hasattr(transformers.PreTrainedModel, "load_adapter"):
+        return None
+    return (f"transformers {transformers.__version__} has no PEFT integration (PreTrainedModel.load_adapter and "
+            "from_pretrained(adapter_dir) arrived in transformers 4.33)")
+
+
+def _without_auto_peft() -> str | None:
+    try:
+        from peft import AutoPeftModelForCausalLM  # noqa: F401
+    except ImportError:
+        import peft
+
+        return f"peft {peft.__version__} has no AutoPeftModelForCausalLM (added in peft 0.6)"
+    from peft.utils import other
+
+    if not hasattr(other, "check_file_exists_on_hf_hub"):
+        import peft
+
+        return (f"peft {peft.__version__}'s AutoPeftModelForCausalLM asks the hub whether a local adapter directory "
+                "without tokenizer_config.json has a tokenizer and raises HFValidationError on the local path "
+                "(peft 0.9 guards that lookup)")
+    return None
+
+
+class LoaderRefused(RuntimeError):
+    """The loader a user would call fails on this adapter for a reason the message names (with the fix)."""
+
+
+@contextlib.contextmanager
+def _explaining_bin_only(adapter_dir: Path):
+    """transformers 5.x's load_adapter asks for adapter_model.safetensors by explicit name in a local directory and
+    does not check it exists, so an adapter saved as adapter_model.bin fails with a bare FileNotFoundError: say so."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        only_bin = (adapter_dir / ADAPTER_BIN).is_file() and not (adapter_dir / ADAPTER_SAFETENSORS).is_file()
+        if not only_bin or ADAPTER_SAFETENSORS not in str(err):
+            raise
+        import transformers
+
+        raise LoaderRefused(
+            f"transformers {transformers.__version__}'s load_adapter looks only for {ADAPTER_SAFETENSORS} in a local "
+            f"directory and this adapter has only {ADAPTER_BIN}: users of model.load_adapter / "
+            f"from_pretrained(adapter_dir) cannot load it; save the adapter with safe_serialization=True") from None
+
+
+def _adapter_files(adapter_dir: Path) -> list[str]:
+    return sorted(p.name for p in adapter_dir.iterdir() if p.name.startswith("adapter_"))
+
+
+@loading_path("transformers-load-adapter", unavailable=_without_transformers_peft)
+def load_transformers_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
+    """``model.load_adapter(adapter_dir)`` on the base ``PreTrainedModel`` (transformers' PEFT integration: LoRA
+    layers injected into the model itself, no PeftModel wrapper)."""
+    record = LoadRecord(path="transformers-load-adapter")
+    with capture_warnings(record.warnings), _explaining_bin_only(adapter_dir):
+        model = load_base(base_dir, dtype=dtype, device=device)
+        model.load_adapter(str(adapter_dir))
+    record.files_used = _adapter_files(adapter_dir)
+    _record_coverage(record, model, read_adapter_tensors(adapter_dir), "default", held_prefix=PEFT_PREFIX)
+    return LoadedModel(model.eval(), record)
+
+
+def adapter_naming_base(adapter_dir: Path, base_dir: Path, workdir: Path) -> Path:
+    """A copy of the adapter (config, weights, tokenizer files: what the loaders read) in ``workdir`` whose
+    ``base_model_name_or_path`` is ``base_dir``: loaders that find the base themselves then load the base being
+    checked (``base-name`` reports what the user's own config names). Never writes into ``adapter_dir``."""
+    import json
+
+    from harness.inputs.files import read_json_object
+    from harness.inputs.model_dir import TOKENIZER_FILES
+
+    out = Path(workdir) / "adapter-naming-base"
+    out.mkdir(parents=True, exist_ok=True)
+    config = read_json_object(adapter_dir / ADAPTER_CONFIG)
+    config["base_model_name_or_path"] = str(Path(base_dir).resolve())
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    for name in (ADAPTER_SAFETENSORS, ADAPTER_BIN, *TOKENIZER_FILES):
+        if (adapter_dir / name).is_file():
+            shutil.copyfile(adapter_dir / name, out / name)
+    return out
+
+
+def _base_as_loaded(base_dir: Path, workdir: Path, record: LoadRecord) -> Path:
+    """``base_dir``, or a view of it (symlinks, config.json rewritten) when the harness loads it with an adjusted
+    config (eager attention where the config asks for flash_attn and it is not installed): loaders that build the
+    base themselves take no config object, so the adjustment must be in the directory they read."""
+    import json
+
+    from harness.inputs.files import read_json_object
+    from harness.loading.base import model_config
+
+    config = model_config(base_dir)
+    raw = read_json_object(Path(base_dir) / "config.json")
+    wanted = getattr(config, "attn_implementation", None)
+    if "attn_implementation" not in raw or raw["attn_implementation"] == wanted:
+        return Path(base_dir)
+    view = Path(workdir) / "base"
+    view.mkdir(parents=True, exist_ok=True)
+    for path in Path(base_dir).iterdir():
+        if path.name != "config.json" and not (view / path.name).exists():
+            (view / path.name).symlink_to(path.resolve())
+    (view / "config.json").write_text(json.dumps({**raw, "attn_implementation": wanted}, indent=2))
+    record.notes.append(f"base loaded from a view of {base_dir} with attn_implementation={wanted!r} (as the other "
+                        "paths load it)")
+    return view
+
+
+def _base_kwargs(base_dir: Path, dtype) -> dict:
+    """What ``load_base`` passes to from_pretrained, less the config object."""
+    from harness.compat import ATTN_IMPLEMENTATION_KWARG, DTYPE_KW
+    from harness.loading.base import _attention_asked, model_config
+
+    kwargs = {"trust_remote_code": True, DTYPE_KW: dtype}
+    if ATTN_IMPLEMENTATION_KWARG and _attention_asked(model_config(base_dir)) == "eager":
+        kwargs["attn_implementation"] = "eager"
+    return kwargs
+
+
+@loading_path("auto-peft", unavailable=_without_auto_peft)
+def load_auto_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
+    """``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)``, the base resolved to the one being checked (a copy
+    of the adapter whose base_model_name_or_path names it)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from harness.loading.model_code import building_model
+
+    record = LoadRecord(path="auto-peft")
+    source = adapter_naming_base(adapter_dir, base_dir, workdir)
+    with capture_warnings(record.warnings):
+        base = _base_as_loaded(base_dir, workdir, record)
+        if base != Path(base_dir):
+            _point_at(source, base)
+        with building_model(base_dir):
+            model = AutoPeftModelForCausalLM.from_pretrained(str(source), **_base_kwargs(base_dir, dtype))
+    record.files_used = _adapter_files(adapter_dir)
+    _record_coverage(record, model, read_adapter_tensors(source), "default")
+    return LoadedModel(model.to(device).eval(), record)
+
+
+def _point_at(adapter_copy: Path, base: Path) -> None:
+    import json
+
+    from harness.inputs.files import read_json_object
+
+    config = read_json_object(adapter_copy / ADAPTER_CONFIG)
+    config["base_model_name_or_path"] = str(base)
+    (adapter_copy / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+@loading_path("transformers-from-adapter-dir", unavailable=_without_transformers_peft)
+def load_transformers_from_adapter_dir(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
+    """``AutoModelForCausalLM.from_pretrained(adapter_dir)``: transformers finds adapter_config.json, loads the base
+    it names (resolved to the one being checked) and applies the adapter in place (pipelines do the same)."""
+    record = LoadRecord(path="transformers-from-adapter-dir")
+    source = adapter_naming_base(adapter_dir, base_dir, workdir)
+    with capture_warnings(record.warnings), _explaining_bin_only(adapter_dir):
+        model = load_base(source, dtype=dtype, device=device, config=_model_config_of(base_dir))
+    record.files_used = _adapter_files(adapter_dir)
+    _record_coverage(record, model, read_adapter_tensors(source), "default", held_prefix=PEFT_PREFIX)
+    return LoadedModel(model, record)
+
+
+def _model_config_of(base_dir: Path):
+    from harness.loading.base import model_config
+
+    return model_config(base_dir)

@@ -64,11 +64,14 @@ def capture_warnings(into: list[str]):
     into.extend(f"{r.levelname}: {r.getMessage().splitlines()[0][:300]}" for r in records)
 
 
-def _record_coverage(record: LoadRecord, model, saved: dict[str, torch.Tensor], adapter_name: str) -> None:
-    """Compare the file's keys and values with the adapter the PEFT model now holds."""
+def _record_coverage(record: LoadRecord, model, saved: dict[str, torch.Tensor], adapter_name: str,
+                     held_prefix: str = "") -> None:
+    """Compare the file's keys and values with the adapter the PEFT model now holds (``held_prefix``: what the
+    saved keys have in front of the model's own names, "base_model.model." for a model transformers' PEFT
+    integration adapted in place, which has no PeftModel wrapper)."""
     from peft.utils import get_peft_model_state_dict
 
-    held = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    held = {held_prefix + k: v for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     record.missing_keys = sorted(set(record.missing_keys) | (set(held) - set(saved)))
     record.unexpected_keys = sorted(set(record.unexpected_keys) | (set(saved) - set(held)))
     for key in sorted(set(held) & set(saved)):
