@@ -46,6 +46,11 @@ RANK = 64
 BROKEN = {"unmerged-27": 27, "doubled-30": 30, "plora-folded-5": 5}
 
 
+def broken_layer(layer: int, dims: Dims) -> int:
+    """The layer of a fault on the 32-layer model, at the same relative depth on a shallower rehearsal."""
+    return layer if layer < dims.num_hidden_layers else layer * dims.num_hidden_layers // FULL_7B.num_hidden_layers
+
+
 def dims_from(text: str) -> Dims:
     if text == "full":
         return FULL_7B
@@ -120,7 +125,7 @@ def lora_parts(shapes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             out_features, in_features = shape
             gen = torch.Generator().manual_seed(zlib.crc32(module.encode()))
             parts[module] = (torch.randn(RANK, in_features, generator=gen) * (1 / in_features ** 0.5),
-                             torch.randn(out_features, RANK, generator=gen) * 0.002)
+                             torch.randn(out_features, RANK, generator=gen) * 0.004)
     return parts
 
 
@@ -238,13 +243,13 @@ def main() -> None:
         build_adapter(parts, adapter)
         build_merged(base, shapes, parts, merged)
         for name, layer in BROKEN.items():
-            if layer < dims.num_hidden_layers:
-                build_merged(base, shapes, parts, work / name, good=merged, fault=name.rsplit("-", 1)[0], layer=layer)
+            build_merged(base, shapes, parts, work / name, good=merged, fault=name.rsplit("-", 1)[0],
+                         layer=broken_layer(layer, dims))
         timings["build_s"] = time.perf_counter() - start
     size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**30
     print(f"base: {base} ({size:.1f} GiB in bf16, {dims.num_hidden_layers} layers, hidden {dims.hidden_size}); "
           f"build {timings.get('build_s', 0):.0f} s", flush=True)
-    variants = ["merged", *[n for n, layer in BROKEN.items() if layer < dims.num_hidden_layers]]
+    variants = ["merged", *BROKEN]
     for variant in args.only or variants:
         for options in ([], ["--max-memory", args.max_memory]):
             result = run_check(["--adapter", str(adapter), "--base-model", str(base), "--merged", str(work / variant),
