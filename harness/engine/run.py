@@ -34,7 +34,7 @@ def execute(plan: Plan, emit: Emit) -> None:
     base_info = None
     dirs = [Path(plan.base_model)] if plan.base_model is not None else []
     guards.trust_code_dirs(dirs)
-    with guards.network_blocked():
+    with guards.network_blocked(), guards.remote_code_consent(plan.trust_remote_code):
         try:
             for index, adapter in enumerate(plan.adapters):
                 base_info = _run_adapter(plan, index, adapter, base_info, emit)
