@@ -27,15 +27,26 @@ class Plan:
     skip: tuple[str, ...] = ()  # check ids not to run
     trust_remote_code: bool = False
     timeout_s: float | None = DEFAULT_TIMEOUT_S  # per adapter; None: no limit
+    # The adapters that are DeepSpeed checkpoints: read from disk once, when the plan is made, and carried (to the
+    # engine process too) so no later step scans the directories again. None: not known yet (filled in here).
+    zero_checkpoints: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.zero_checkpoints is None:
+            from harness.inputs.deepspeed import is_zero_checkpoint
+
+            object.__setattr__(self, "zero_checkpoints", tuple(a for a in self.adapters if is_zero_checkpoint(a)))
+
+    def is_zero_checkpoint(self, adapter: str) -> bool:
+        """Whether ``adapter`` is a DeepSpeed checkpoint directory (decided once, when the plan was made)."""
+        return adapter in self.zero_checkpoints
 
     def selected(self, check_id: str) -> bool:
         return (not self.only or check_id in self.only) and check_id not in self.skip
 
     def groups(self, adapter: str) -> list[str]:
         """The check groups that apply to ``adapter`` with these inputs, in run order."""
-        from harness.inputs.deepspeed import is_zero_checkpoint
-
-        groups = (["deepspeed"] if is_zero_checkpoint(adapter) else []) + ["static"]
+        groups = (["deepspeed"] if self.is_zero_checkpoint(adapter) else []) + ["static"]
         groups += (["against-base", "dynamic"] if self.base_model is not None else [])
         return groups + (["merged"] if self.merged is not None else [])
 
@@ -46,9 +57,7 @@ class Plan:
     def runs_model_code(self) -> bool:
         """Whether this run imports model code or unpickles DeepSpeed shards (then it belongs in a child
         process); a static-only run reads files with the safe readers and runs nothing of the inputs'."""
-        from harness.inputs.deepspeed import is_zero_checkpoint
-
-        return self.base_model is not None or self.merged is not None or any(map(is_zero_checkpoint, self.adapters))
+        return self.base_model is not None or self.merged is not None or bool(self.zero_checkpoints)
 
     def deadline_s(self) -> float | None:
         return None if self.timeout_s is None else self.timeout_s * len(self.adapters)
@@ -60,7 +69,7 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         data["options"] = CheckOptions(**data["options"])
-        for key in ("adapters", "only", "skip"):
+        for key in ("adapters", "only", "skip", "zero_checkpoints"):
             data[key] = tuple(data[key])
         return cls(**data)
 

@@ -56,7 +56,7 @@ def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
     ctx = CheckContext(options=plan.options,
                        progress=lambda text: emit({"type": "progress", "adapter": index, "text": text}))
     with ctx.cleanup:
-        _read_inputs(ctx, Path(adapter), emit, index)
+        _read_inputs(ctx, Path(adapter), emit, index, zero=plan.is_zero_checkpoint(adapter))
         groups = _groups(ctx, plan, adapter)
         for group in groups:
             if group == "against-base" and ctx.adapter is not None:
@@ -87,12 +87,13 @@ def _groups(ctx: CheckContext, plan: Plan, adapter: str) -> list[str]:
     return plan.groups(adapter)
 
 
-def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int) -> None:
+def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int, *, zero: bool) -> None:
+    """Read the adapter (``zero``: a DeepSpeed checkpoint, as the plan found it; converted first)."""
     from harness.inputs import deepspeed
     from harness.inputs.adapter_dir import read_adapter
 
     inputs: dict = {"adapter": str(adapter)}
-    if deepspeed.is_zero_checkpoint(adapter):
+    if zero:
         ctx.say(f"converting DeepSpeed checkpoint {adapter} with zero_to_fp32")
         inputs["deepspeed_checkpoint"] = str(adapter)
         try:
