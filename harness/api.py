@@ -132,16 +132,17 @@ def check(
 
 def run_in_process(plan: Plan, progress: Callable[[str], None] | None = None) -> RunReport:
     """The engine in this process, its events judged exactly as the supervisor judges a child's."""
+    from harness.engine.events import Event, Progress
     from harness.engine.recorder import Recorder
     from harness.engine.run import execute
     from harness.engine.supervisor import EngineInputError
 
     recorder = Recorder(plan)
 
-    def emit(event: dict) -> None:
+    def emit(event: Event) -> None:
         recorder.handle(event)
-        if event.get("type") == "progress" and progress is not None:
-            progress(event["text"])
+        if isinstance(event, Progress) and progress is not None:
+            progress(event.text)
 
     execute(plan, emit)
     if recorder.input_error is not None:
