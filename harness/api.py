@@ -150,21 +150,6 @@ def run_in_process(plan: Plan, progress: Callable[[str], None] | None = None) ->
     return recorder.finish()
 
 
-def run_static(adapter: str | Path) -> Report:
-    """The static checks of one adapter, in this process (no model is loaded, no model code runs)."""
-    plan = Plan(adapters=(str(_require(adapter, "adapter", allow_file=True)),))
-    return run_in_process(plan).reports[0]
-
-
-def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> list[str]:
-    """The check ids a run with these inputs reports (static always; the rest when given)."""
-    from harness.checks.registry import checks
-
-    groups = (["deepspeed"] if zero else []) + ["static"]
-    groups += (["against-base", "dynamic"] if base_model else []) + (["merged"] if merged else [])
-    return [c.id for group in groups for c in checks(group)]
-
-
 def _built_in_demo(progress: Callable[[str], None] | None) -> tuple[list[Path], Path, Path]:
     """No adapter given: build (or reuse) the embedded synthetic XComposer base, trained adapter, merged model."""
     from harness.synthetic import BundleSpec, build_bundle, default_cache_root

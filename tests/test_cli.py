@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from fixtures.mutations import MUTATIONS
-from harness.api import planned_check_ids
+from fixtures.runs import planned_check_ids
 from harness.cli import main
 
 pytest_plugins = ["pytester"]

@@ -284,7 +284,7 @@ def check_expectation(outcome: Outcome, expect: Expect, built: Built) -> None:
             assert check_id not in failing, f"{check_id} must not fail here (wrong diagnosis): " \
                                             f"{failing[check_id]['message']}"
         if expect.full_report:
-            from harness.api import planned_check_ids
+            from fixtures.runs import planned_check_ids
 
             planned = planned_check_ids(base_model=built.base is not None, merged=built.merged is not None)
             reported = [c["id"] for c in outcome.report["checks"]]

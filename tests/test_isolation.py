@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.api import planned_check_ids
+from fixtures.runs import planned_check_ids
 
 CONFIG_MODULE = "configuration_internlm_xcomposer2.py"
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from harness.api import planned_check_ids
+from fixtures.runs import planned_check_ids
 from harness.pytest_plugin import ConformanceFailure, ConformanceWarning, outcome_of
 from harness.report import CheckResult
 

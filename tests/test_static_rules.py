@@ -18,8 +18,8 @@ import torch
 import harness
 from fixtures import MUTATIONS
 from fixtures.mutations import BIN, SAFETENSORS, copy_adapter, edit_config, load_tensors, save_tensors
+from fixtures.runs import run_static
 from harness import compat
-from harness.api import run_static
 from harness.report import CheckResult
 
 PREFIX = "base_model.model."

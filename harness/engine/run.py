@@ -145,9 +145,3 @@ def executed_code(dirs: list[Path]) -> list[dict]:
                 files.append({**code.to_dict(), "executed": (code.path.name, code.sha256) in loaded})
     return files
 
-
-def collect(plan: Plan) -> list[dict]:
-    """``execute`` into a list (the in-process mode)."""
-    events: list[dict] = []
-    execute(plan, events.append)
-    return events
