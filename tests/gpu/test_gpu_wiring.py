@@ -32,6 +32,7 @@ def test_gpu_items_are_selected_by_the_marker_and_skipped_without_cuda():
     assert "8 skipped" in run.stdout and "passed" not in run.stdout.split("skipped")[-1]
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_to_run_without_cuda(tmp_path):
     assert subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True).returncode == 2
     run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
