@@ -34,6 +34,18 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trusted_synthetic_code():
+    """The suite's synthetic bases ship model code the suite itself wrote: a test that loads one directly
+    (``load_base``, ``DynamicRun``, ``inspect_base``) acts as a user who passed ``--trust-remote-code``. The
+    gate is not bypassed where it is under test: ``check``/the CLI/``check_trained`` set the decision from
+    their own arguments for their whole run."""
+    from harness.loading.model_code import remote_code_consent
+
+    with remote_code_consent(True):
+        yield
+
+
 @pytest.fixture(scope="session")
 def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache directory shared by every xdist worker of this run."""

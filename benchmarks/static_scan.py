@@ -5,7 +5,7 @@ Builds a 7B-shaped adapter (official recipe: r=64 on wqkv, wo, w1, w2, w3 over 3
 fresh worker processes, interleaved round by round (warm page cache):
   read   - read the file to nowhere (the floor: memory bandwidth);
   naive  - safetensors.torch.load_file + per-tensor numel / isfinite / any-nonzero in Python;
-  harness- harness.api.run_static (every byte looked at for finite / noop / empty-tensors).
+  harness- harness.api.check on the adapter alone (every byte looked at for finite / noop / empty-tensors).
 Prints medians, MB/s, ratios and peak RSS above the worker's baseline; ``--json`` writes them.
 
     python benchmarks/static_scan.py [--layers 32] [--repeats 5] [--json out.json]
@@ -75,11 +75,11 @@ def worker(method: str, adapter: Path) -> dict:
     else:
         import peft  # noqa: F401
 
-        from harness.api import run_static  # noqa: F401  (import cost is not the scan's)
+        from harness.api import check  # noqa: F401  (import cost is not the scan's)
 
         baseline = reset_peak_rss()
         start = time.perf_counter()
-        report = run_static(adapter)
+        report = check(adapter)  # adapter only: the static checks, in this process
         seconds = time.perf_counter() - start
         assert report.exit_code == 0, report.render()
     return {"seconds": seconds, "rss_mb": peak_rss_mb() - baseline}

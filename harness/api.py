@@ -224,37 +224,22 @@ def check(
 
 def run_in_process(plan: Plan, progress: Callable[[str], None] | None = None) -> RunReport:
     """The engine in this process, its events judged exactly as the supervisor judges a child's."""
+    from harness.engine.events import Event, Progress
     from harness.engine.recorder import Recorder
     from harness.engine.run import execute
     from harness.engine.supervisor import EngineInputError
 
     recorder = Recorder(plan)
 
-    def emit(event: dict) -> None:
+    def emit(event: Event) -> None:
         recorder.handle(event)
-        if event.get("type") == "progress" and progress is not None:
-            progress(event["text"])
+        if isinstance(event, Progress) and progress is not None:
+            progress(event.text)
 
     execute(plan, emit)
     if recorder.input_error is not None:
         raise EngineInputError(recorder.input_error)
     return recorder.finish()
-
-
-def run_static(adapter: str | Path) -> Report:
-    """The static checks of one adapter, in this process (no model is loaded, no model code runs)."""
-    plan = Plan(adapters=(str(_require(adapter, "adapter", allow_file=True)),))
-    return run_in_process(plan).reports[0]
-
-
-def planned_check_ids(*, base_model: bool, merged: bool, zero: bool = False) -> list[str]:
-    """The check ids a run with these inputs reports (static always; the rest when given)."""
-    from harness.checks.registry import checks
-
-    groups = (["deepspeed"] if zero else []) + ["static"]
-    groups += (["against-base", "dynamic", "serving"] if base_model else []) + (["merged"] if merged else [])
-    groups += ["quantized"] if base_model else []
-    return [c.id for group in groups for c in checks(group)]
 
 
 def _built_in_demo(progress: Callable[[str], None] | None) -> tuple[list[Path], Path, Path]:
@@ -297,33 +282,41 @@ def check_trained(
     *,
     adapter_name: str = "default",
     device: str | None = None,
+    trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
     """End-of-training gate: the static checks on ``saved_dir``, then ``trained-vs-shipped`` and
     ``trained-params-saved`` against the in-memory ``peft_model``.
 
     Runs in this process: the trained model lives here, and so does the code it runs. ``base_model``
-    defaults to the adapter config's ``base_model_name_or_path`` when that is a local directory.
+    defaults to the adapter config's ``base_model_name_or_path`` when that is a local directory; a base that
+    ships Python code is reloaded only with ``trust_remote_code=True`` (the same gate as ``check``: without it,
+    ``UntrustedCode`` names the files and nothing of them runs).
     Comparisons run in the trained model's dtype (its tolerance from the table in the README) on its
     device unless ``device`` is given. Nothing is written into ``saved_dir``.
     """
     import torch
 
     from harness.checks.context import CheckContext, TrainedInputs
+    from harness.checks.measure.training_audit import resolve_base_dir
     from harness.checks.registry import checks, run_check
     from harness.compat import require_supported
     from harness.inputs.adapter_dir import read_adapter
+    from harness.loading.model_code import remote_code_consent
 
     require_supported()
     started = time.monotonic()
     saved_dir = _require(saved_dir, "saved adapter")
     param = next(peft_model.parameters())
     dtype = param.dtype if param.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-    base_dir = Path(absolute(base_model)) if base_model is not None else None
+    base_dir = resolve_base_dir(peft_model, adapter_name, absolute(base_model) if base_model is not None else None)
+    if base_dir is not None:
+        base_dir = Path(absolute(base_dir))
+        require_trust({"base model": base_dir}, trust_remote_code, flag="trust_remote_code=True")
     trained = TrainedInputs(model=peft_model, saved_dir=saved_dir, base_dir=base_dir, adapter_name=adapter_name,
                             dtype=dtype)
     ctx = CheckContext(options=CheckOptions(device=device or param.device.type), progress=progress, trained=trained)
-    with ctx.cleanup:
+    with remote_code_consent(trust_remote_code), ctx.cleanup:
         ctx.say(f"reading adapter {saved_dir}")
         ctx.adapter = read_adapter(saved_dir)
         ctx.cleanup.callback(ctx.adapter.close)

@@ -56,7 +56,7 @@ def test_frozen_parameter_changed_in_place_is_reported(default_bundle, tmp_path,
     with torch.no_grad():
         target.add_(0.25)
     saved = save_adapter(peft_model, tmp_path / "adapter")
-    report = harness.check_trained(peft_model, saved, default_bundle.base_dir)
+    report = harness.check_trained(peft_model, saved, default_bundle.base_dir, trust_remote_code=True)
     params = report.get("trained-params-saved")
     assert params.id == "trained-params-saved" and params.status == "fail", params.message
     assert params.details["changed_not_saved"] == [{"name": key, "max_abs_change": pytest.approx(0.25, rel=1e-3),
@@ -76,7 +76,7 @@ def test_check_trained_on_a_bf16_model_compares_in_bf16(default_bundle, tmp_path
     (fp32 reload, fp32 tolerance), bf16 rounding alone would fail this correctly saved adapter."""
     peft_model = peft_model_of(default_bundle.base_dir, torch.bfloat16)
     saved = save_adapter(peft_model, tmp_path / "adapter")
-    report = harness.check_trained(peft_model, saved, default_bundle.base_dir)
+    report = harness.check_trained(peft_model, saved, default_bundle.base_dir, trust_remote_code=True)
     shipped = report.get("trained-vs-shipped")
     assert shipped.status == "pass", shipped.message
     assert shipped.details["comparison"]["dtype"] == "bfloat16"

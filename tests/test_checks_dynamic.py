@@ -32,12 +32,14 @@ def test_good_adapter_passes_every_dynamic_check(default_bundle):
     assert "PeftModel.from_pretrained or merge it" in got["key-coverage"].details["raw_load_state_dict"]
 
 
+@pytest.mark.slow
 def test_bf16_run_passes_with_the_bf16_tolerance(default_bundle):
     got = results(default_bundle.adapter_dir, default_bundle.base_dir, dtype="bfloat16")
     assert got["path-agreement"].status == "pass", got["path-agreement"].message
     assert got["path-agreement"].details["tolerance"] == 5e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["rank-alpha-pattern", "rslora", "modules-to-save"])
 def test_good_variants_pass_dynamic_checks(variant, make_bundle, tmp_path):
     """No false alarms: rank/alpha patterns, rsLoRA, DoRA and modules_to_save agree with the reference."""
@@ -47,6 +49,7 @@ def test_good_variants_pass_dynamic_checks(variant, make_bundle, tmp_path):
     assert {i: got[i].status for i in DYNAMIC} == {i: "pass" for i in DYNAMIC}, {i: got[i].message for i in DYNAMIC}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not compat.peft_supports("use_dora"), reason=f"PEFT {compat.PEFT_VERSION} has no DoRA")
 def test_dora_on_plora_cannot_merge_faithfully(make_bundle, tmp_path):
     """A real incompatibility: unmerged DoRA rescales PLoRA's image-row output, merged DoRA does not."""
@@ -65,6 +68,7 @@ def test_untrained_adapter_has_no_effect(default_bundle, tmp_path):
     assert got.status == "fail" and "no measurable effect on image and text rows" in got.message
 
 
+@pytest.mark.slow
 def test_lora_inside_plora_is_flagged_three_ways(make_bundle):
     bundle = make_bundle(target_modules=r".*\.Plora_[AB]")
     got = results(bundle.adapter_dir, bundle.base_dir)
@@ -85,6 +89,7 @@ def doubled_scaling_merge(base_dir, adapter_dir, **kw):
     return loaded
 
 
+@pytest.mark.slow
 def test_double_scaling_in_a_merge_path_fails_readably(default_bundle, monkeypatch):
     monkeypatch.setitem(paths.PATHS, "peft-merged", doubled_scaling_merge)
     got = results(default_bundle.adapter_dir, default_bundle.base_dir)
@@ -121,6 +126,7 @@ def lossy_merge_script(base_dir, adapter_dir, *, dtype, device, workdir):
     return LoadedModel(model, record)
 
 
+@pytest.mark.slow
 def test_reinitialised_tensor_after_reload_fails(default_bundle, monkeypatch):
     monkeypatch.setitem(paths.PATHS, "merge-script", lossy_merge_script)
     got = results(default_bundle.adapter_dir, default_bundle.base_dir)["reload-roundtrip"]
@@ -128,6 +134,7 @@ def test_reinitialised_tensor_after_reload_fails(default_bundle, monkeypatch):
     assert "re-initialised on load, e.g. model.layers.0.attention.wqkv.Plora_A.weight" in got.message
 
 
+@pytest.mark.slow
 def test_folded_plora_fails_plora_preserved(default_bundle, monkeypatch):
     def folding_merge(base_dir, adapter_dir, **kw):
         loaded = paths.load_peft_merged(base_dir, adapter_dir, **kw)
@@ -181,6 +188,7 @@ def llama_bundle(tmp_path_factory):
     return root / "base", root / "adapter"
 
 
+@pytest.mark.slow
 def test_plain_llama_passes_every_check(llama_bundle):
     base, adapter = llama_bundle
     report = harness.check(adapter, base_model=base, trust_remote_code=True, isolated=False)
@@ -192,6 +200,7 @@ def test_plain_llama_passes_every_check(llama_bundle):
     assert report.get("path-agreement").status == "pass"
 
 
+@pytest.mark.slow
 def test_load_adapter_that_never_switches_is_caught(default_bundle, monkeypatch):
     """The decoy default adapter is non-zero, so forgetting set_adapter() cannot pass as a no-op."""
 

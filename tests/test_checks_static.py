@@ -11,8 +11,8 @@ import torch
 
 from fixtures import ALL_GOOD_VARIANTS, MUTATIONS, both_formats_identical, marker_path, unsupported_reason
 from fixtures.mutations import BIN, copy_adapter, edit_config, load_tensors, save_tensors, source_digest
+from fixtures.runs import run_static
 from harness import compat
-from harness.api import run_static
 from harness.checks import CheckContext, CheckOptions, checks
 from harness.checks.registry import Check, register, run_check
 from harness.inputs.adapter_dir import read_adapter

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from fixtures.mutations import MUTATIONS
-from harness.api import planned_check_ids
+from fixtures.runs import planned_check_ids
 from harness.cli import main
 
 pytest_plugins = ["pytester"]
@@ -79,6 +79,7 @@ def test_plugin_fails_the_broken_check_by_name(pytester, default_bundle, tmp_pat
     assert result.ret == 1
 
 
+@pytest.mark.slow
 def test_plugin_under_xdist_runs_the_engine_once(default_bundle, tmp_path):
     """Every worker collects the conformance items; only one may run the engine (model loads are costly)."""
     calls = tmp_path / "engine-calls.txt"
@@ -170,6 +171,7 @@ def test_version_and_list():
                for line in lines)
 
 
+@pytest.mark.slow
 def test_json_to_stdout_leaves_nothing_else_on_stdout(default_bundle):
     run = _cli("check", "--adapter", str(default_bundle.adapter_dir), "--json", "-")
     assert run.returncode == 0
@@ -224,6 +226,7 @@ def test_static_only_run_says_what_was_not_checked(default_bundle, capsys):
     assert "not checked: loading and numerics: no --base-model" in out
 
 
+@pytest.mark.slow
 def test_several_adapters_one_base_one_exit_code(default_bundle, tmp_path, capsys):
     broken = MUTATIONS["empty-tensors"].apply(default_bundle.adapter_dir, tmp_path / "broken")
     report = tmp_path / "r.json"

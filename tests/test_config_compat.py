@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.runs import run_static
 from harness import compat
-from harness.api import run_static
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
 WRITERS = sorted(p.name for p in GOLDEN.iterdir() if (p / "adapter_config.json").is_file())

@@ -4,8 +4,8 @@ Each directory under ``fixtures/golden/`` holds an adapter written by one PEFT v
 ``save_pretrained``, the outputs that version produced with it, and a manifest (keys, shapes, dtypes,
 versions, base checksum, expectations per PEFT range and path). The base model is not committed: it is
 rebuilt here from the manifest's spec and must reproduce the recorded checksum. Every golden adapter
-goes through every loading path of ``harness.paths.PATHS`` under the installed PEFT and is judged by
-``harness.golden.check_path``: a match within the fp32 tolerance, a documented difference that is still
+goes through every loading path of ``harness.loading.paths.PATHS`` under the installed PEFT and is judged by
+``fixtures.golden_adapters.check_path``: a match within the fp32 tolerance, a documented difference that is still
 there, or a documented refusal that is loud (then the test skips with that reason). Regenerate with
 ``python fixtures/golden/regenerate.py`` (fixtures/golden/README.md).
 """

@@ -284,7 +284,7 @@ def check_expectation(outcome: Outcome, expect: Expect, built: Built) -> None:
             assert check_id not in failing, f"{check_id} must not fail here (wrong diagnosis): " \
                                             f"{failing[check_id]['message']}"
         if expect.full_report:
-            from harness.api import planned_check_ids
+            from fixtures.runs import planned_check_ids
 
             planned = planned_check_ids(base_model=built.base is not None, merged=built.merged is not None)
             reported = [c["id"] for c in outcome.report["checks"]]
@@ -715,3 +715,43 @@ def test_targets_are_unresolved_not_hung_on_a_costly_pattern():
     assert "not a valid regular expression" in result.error
     result = resolve_targets({**config, "target_modules": r".*\.wqkv"}, base)
     assert result.error is None and result.matched == ["model.layers.0.attention.wqkv"]
+
+
+# -- config strings of megabytes (issue 22): one line naming the file and the field, before any check reads them ---
+
+
+@pytest.mark.parametrize(
+    ("config_change", "where"),
+    [
+        ({"target_modules": "x" * (9 * 1024 * 1024)}, "the value of target_modules"),
+        ({"base_model_name_or_path": "x" * (9 * 1024 * 1024)}, "the value of base_model_name_or_path"),
+        ({"rank_pattern": {"w" * (9 * 1024 * 1024): 4}}, "a key in rank_pattern"),
+        ({"target_modules": ["wqkv", "y" * 200_000]}, "the value of target_modules[1]"),
+    ],
+)
+def test_megabyte_config_strings_are_refused_naming_file_and_field(default_bundle, tmp_path, config_change, where):
+    import shutil
+
+    from harness.inputs.adapter_dir import read_adapter
+    from harness.inputs.errors import InputError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(default_bundle.adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **config_change}))
+    with pytest.raises(InputError) as refused:
+        read_adapter(adapter)
+    text = str(refused.value)
+    assert "\n" not in text and len(text) < 400, text
+    assert text.startswith(f"{adapter / 'adapter_config.json'}: {where} is a string of "), text
+    assert "over the 100,000-character limit" in text and "save_pretrained" in text, text
+    # read leniently (the static checks' mode), config-valid fails with the same sentence
+    from harness.checks import CheckContext, CheckOptions
+    from harness.checks.registry import get_check, run_check
+
+    ctx = CheckContext(adapter=read_adapter(adapter, strict_config=False), options=CheckOptions())
+    try:
+        result = run_check(get_check("config-valid"), ctx)
+    finally:
+        ctx.adapter.close()
+    assert result.status == "fail" and result.message == text, result.message

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.api import planned_check_ids
+from fixtures.runs import planned_check_ids
 
 CONFIG_MODULE = "configuration_internlm_xcomposer2.py"
 
@@ -69,7 +69,9 @@ PAYLOADS = {  # name: (payload, what the failures must say, the payload's line t
 }
 
 
-@pytest.mark.parametrize("name", sorted(PAYLOADS))
+# os._exit stays in the fast tier (the exit_called event end to end); the other ways run in the slow tier.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name == "os._exit(0)" else [pytest.mark.slow])
+                                  for name in sorted(PAYLOADS)])
 def test_model_code_that_ends_the_engine_fails_every_unfinished_check(name, default_bundle, tmp_path):
     payload, phrase, line = PAYLOADS[name]
     base = _base_with_payload(default_bundle.base_dir, tmp_path, payload)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from harness.api import planned_check_ids
+from fixtures.runs import planned_check_ids
 from harness.pytest_plugin import ConformanceFailure, ConformanceWarning, outcome_of
 from harness.report import CheckResult
 
@@ -73,6 +73,7 @@ def test_each_status_maps_to_exactly_one_pytest_outcome(status, expected, recwar
             assert str(info.value) == "finite: one line \\x1b[31m\nfix: do this"
 
 
+@pytest.mark.slow
 def test_several_adapters_are_items_of_their_own_and_each_engine_runs_once_under_xdist(default_bundle, make_bundle,
                                                                                       tmp_path):
     other = make_bundle(lora_r=4, lora_alpha=8).adapter_dir

@@ -4,7 +4,7 @@ Every example builds a tiny synthetic XComposer (variant, dims, GQA ratio drawn)
 drawn LoraConfig (rank, alpha, rsLoRA, rank_pattern, alpha_pattern, targets), fills the adapter
 tensors deterministically per name (crc32-seeded, so a fresh random init can never pass), and
 judges each in-memory loading path against the fp32 reference computed by hand from the base
-weights and the adapter tensors (``harness.reference``), never only against another path.
+weights and the adapter tensors (``harness.numerics.reference``), never only against another path.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ def quirky(make_bundle):
     return lambda *quirks: make_bundle(quirks=tuple(quirks))
 
 
+@pytest.mark.slow
 def test_flash_attention_by_default_loads_eager_and_every_report_says_so(quirky, synthetic_cache, tmp_path):
     bundle = quirky("flash-default")
     assert json.loads((bundle.base_dir / "config.json").read_text())["attn_implementation"] == "flash_attention_2"
@@ -53,6 +54,7 @@ def test_flash_attention_by_default_loads_eager_and_every_report_says_so(quirky,
     assert "flash_attn is not installed" in properties["note.0"]
 
 
+@pytest.mark.slow
 def test_a_config_without_attn_implementation_is_decided_by_its_config_class(quirky, tmp_path):
     bundle = quirky("flash-default")
     base = shutil.copytree(bundle.base_dir, tmp_path / "base")
@@ -66,6 +68,7 @@ def test_a_config_without_attn_implementation_is_decided_by_its_config_class(qui
     assert any("flash_attention_2" in note for note in json.loads(report.read_text())["notes"])
 
 
+@pytest.mark.slow
 def test_im_mask_through_kwargs_reaches_plora(quirky, tmp_path):
     bundle = quirky("im-mask-kwargs")
     report = tmp_path / "r.json"
@@ -76,6 +79,7 @@ def test_im_mask_through_kwargs_reaches_plora(quirky, tmp_path):
     assert effect["details"]["relative_effect"]["image"] > 1e-3
 
 
+@pytest.mark.slow
 def test_a_url_fetched_while_building_is_one_line_naming_file_and_line(quirky):
     bundle = quirky("url-fetch")
     run = _cli("--adapter", str(bundle.adapter_dir), "--base-model", str(bundle.base_dir))
@@ -86,6 +90,7 @@ def test_a_url_fetched_while_building_is_one_line_naming_file_and_line(quirky):
     assert "Traceback" not in run.stderr and run.stdout == ""
 
 
+@pytest.mark.slow
 def test_a_vision_tower_loaded_from_a_cwd_relative_path(quirky, tmp_path):
     bundle = quirky("relative-vision-tower")
     elsewhere = _cli("--adapter", str(bundle.adapter_dir), "--base-model", str(bundle.base_dir), cwd=tmp_path)

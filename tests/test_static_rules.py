@@ -18,8 +18,8 @@ import torch
 import harness
 from fixtures import MUTATIONS
 from fixtures.mutations import BIN, SAFETENSORS, copy_adapter, edit_config, load_tensors, save_tensors
+from fixtures.runs import run_static
 from harness import compat
-from harness.api import run_static
 from harness.report import CheckResult
 
 PREFIX = "base_model.model."
@@ -109,6 +109,17 @@ STATIC_CASES: dict[str, Case] = {
     "config-valid/alpha-pattern-negative": Case(config_edit(lambda c: c.update(alpha_pattern={"wo": -2})),
                                                 "config-valid", "fail", "alpha_pattern['wo'] is negative",
                                                 lambda d: d["fields"] == ["alpha_pattern"]),
+    "config-valid/target-regex-matches-none": Case(
+        config_edit(lambda c: c.update(target_modules=r".*\.(q_proj|v_proj)")), "config-valid", "fail",
+        r"target_modules regex '.*\\.(q_proj|v_proj)' matches none of the 10 module(s) the adapter holds LoRA "
+        "weights for (e.g. model.layers.0.attention.wo)", lambda d: d["fields"] == ["target_modules"]),
+    "config-valid/target-regex-misses-some": Case(
+        config_edit(lambda c: c.update(target_modules=r".*\.(wqkv|wo)")), "config-valid", "fail",
+        "misses 6 of the 10 module(s) the adapter holds LoRA weights for (e.g. model.layers.0.feed_forward.w1)",
+        lambda d: d["fields"] == ["target_modules"]),
+    "config-valid/target-regex-matches-every-module": Case(
+        config_edit(lambda c: c.update(target_modules=r"model\.layers\.\d+\.(attention|feed_forward)\.w.*")),
+        "config-valid", "pass", "LoRA config: r=8, lora_alpha=8, 1 target pattern(s)"),
     "config-valid/two-problems-counted": Case(config_edit(lambda c: c.update(r=0, bias="x")), "config-valid", "fail",
                                               "(+1 more)", lambda d: d["fields"] == ["bias", "r"]),
     "config-valid/unknown-field-non-default": Case(

@@ -32,7 +32,7 @@ print(json.dumps({"harness_imported": any(m == "harness" or m.startswith("harnes
 """
 
 
-@pytest.mark.parametrize("variant", ["ixc2", "ixc2-4khd"])
+@pytest.mark.parametrize("variant", ["ixc2", pytest.param("ixc2-4khd", marks=pytest.mark.slow)])  # one fast, one slow
 def test_export_loads_in_a_fresh_process_without_harness(variant, make_bundle, tmp_path):
     base_dir = make_bundle(variant=variant).base_dir
     names = {p.name for p in base_dir.iterdir()}

@@ -71,7 +71,7 @@ def test_correctly_saved_adapter_passes(default_bundle, tmp_path):
     peft_model = train(fresh_peft_model(default_bundle.base_dir))
     saved = save_adapter(peft_model, tmp_path / "adapter")
     before = digest(saved)
-    report = harness.check_trained(peft_model, saved)  # base found through base_model_name_or_path
+    report = harness.check_trained(peft_model, saved, trust_remote_code=True)  # base found through base_model_name_or_path
     assert statuses(report) == {"trained-vs-shipped": "pass", "trained-params-saved": "pass"}, report.render()
     assert report.exit_code == 0
     shipped = report.get("trained-vs-shipped")
@@ -95,7 +95,7 @@ def test_plora_trained_through_the_lora_name_collision_is_named(default_bundle, 
                 param.requires_grad_(True)
     train(peft_model)
     saved = save_adapter(peft_model, tmp_path / "adapter")
-    report = harness.check_trained(peft_model, saved, default_bundle.base_dir)
+    report = harness.check_trained(peft_model, saved, default_bundle.base_dir, trust_remote_code=True)
     assert statuses(report) == {"trained-vs-shipped": "fail", "trained-params-saved": "fail"}
     params = report.get("trained-params-saved")
     assert "changed during training but are not in the adapter" in params.message
@@ -114,7 +114,7 @@ def test_projector_unfrozen_without_modules_to_save_is_named(default_bundle, tmp
     peft_model.base_model.model.vision_proj.requires_grad_(True)
     train(peft_model)
     saved = save_adapter(peft_model, tmp_path / "adapter")
-    report = harness.check_trained(peft_model, saved, default_bundle.base_dir)
+    report = harness.check_trained(peft_model, saved, default_bundle.base_dir, trust_remote_code=True)
     params = report.get("trained-params-saved")
     assert params.status == "fail" and "projector (vision_proj)" in params.message
     assert "modules_to_save" in params.fix
@@ -128,7 +128,7 @@ def test_projector_in_modules_to_save_passes(default_bundle, tmp_path):
     peft_model = train(fresh_peft_model(default_bundle.base_dir, modules_to_save=["vision_proj"]))
     saved = save_adapter(peft_model, tmp_path / "adapter")
     assert any("vision_proj" in k for k in load_file(saved / "adapter_model.safetensors"))
-    report = harness.check_trained(peft_model, saved, default_bundle.base_dir)
+    report = harness.check_trained(peft_model, saved, default_bundle.base_dir, trust_remote_code=True)
     assert statuses(report) == {"trained-vs-shipped": "pass", "trained-params-saved": "pass"}, report.render()
 
 
@@ -139,7 +139,7 @@ def test_adapter_file_changed_after_training_fails_only_the_output_check(default
     key = next(k for k in sorted(tensors) if k.endswith("w2.lora_B.weight"))
     tensors[key] = tensors[key] * 2  # e.g. a stale checkpoint, or a save from the wrong rank
     save_file(tensors, saved / "adapter_model.safetensors", metadata={"format": "pt"})
-    report = harness.check_trained(peft_model, saved, default_bundle.base_dir)
+    report = harness.check_trained(peft_model, saved, default_bundle.base_dir, trust_remote_code=True)
     assert statuses(report) == {"trained-vs-shipped": "fail", "trained-params-saved": "pass"}
 
 
@@ -147,11 +147,11 @@ def test_trainable_but_unchanged_warns_and_no_base_skips_the_reload(default_bund
     peft_model = fresh_peft_model(default_bundle.base_dir)
     peft_model.base_model.model.vision_proj.requires_grad_(True)  # trainable, but no step taken
     saved = save_adapter(peft_model.eval(), tmp_path / "adapter")
-    report = harness.check_trained(peft_model, saved, default_bundle.base_dir)
+    report = harness.check_trained(peft_model, saved, default_bundle.base_dir, trust_remote_code=True)
     params = report.get("trained-params-saved")
     assert params.status == "warn" and "unchanged so far" in params.message
     peft_model.peft_config["default"].base_model_name_or_path = None
-    report = harness.check_trained(peft_model, saved)
+    report = harness.check_trained(peft_model, saved, trust_remote_code=True)
     assert report.get("trained-vs-shipped").status == "skip" and "base_model=" in report.get("trained-vs-shipped").message
     params = report.get("trained-params-saved")
     assert params.status == "fail" and "no base files" in params.message
@@ -187,7 +187,7 @@ def test_official_recipe_loses_the_hd_separators_on_old_peft(default_bundle, tmp
     peft_model = get_peft_model(model, official_lora_config(r=4))
     peft_model.peft_config["default"].base_model_name_or_path = str(default_bundle.base_dir)
     train(peft_model)
-    report = harness.check_trained(peft_model, save_adapter(peft_model, tmp_path / "adapter"))
+    report = harness.check_trained(peft_model, save_adapter(peft_model, tmp_path / "adapter"), trust_remote_code=True)
     params = report.get("trained-params-saved")
     if compat.peft_leaves_lora_named_params_trainable():
         assert params.status == "fail", params.message
@@ -197,3 +197,47 @@ def test_official_recipe_loses_the_hd_separators_on_old_peft(default_bundle, tmp
         assert report.get("trained-vs-shipped").status == "fail"
     else:
         assert statuses(report) == {"trained-vs-shipped": "pass", "trained-params-saved": "pass"}, report.render()
+
+
+# -- consent (issue 22): check_trained follows check's gate; code in a base directory runs only when allowed ----------
+
+
+def _base_with_payload(base_dir: Path, where: Path) -> tuple[Path, Path]:
+    """A copy of ``base_dir`` whose model code writes a marker file when imported; (copy, marker)."""
+    import json
+    import shutil
+    import uuid
+
+    copy = where / f"payload_base_{uuid.uuid4().hex[:12]}"  # a fresh name: transformers caches modules by name
+    shutil.copytree(base_dir, copy)
+    marker = where / "PAYLOAD_RAN"
+    payload = f"\nimport pathlib as _payload\n_payload.Path({str(marker)!r}).write_text('ran')\n"
+    for entry in json.loads((copy / "config.json").read_text())["auto_map"].values():
+        module = (entry[0] if isinstance(entry, list) else entry).split(".")[0]
+        with open(copy / f"{module}.py", "a") as handle:
+            handle.write(payload)
+    return copy, marker
+
+
+def test_check_trained_refuses_a_base_that_ships_code_without_the_flag(default_bundle, tmp_path):
+    from harness.checks.measure.training_audit import audit_trained
+    from harness.inputs.code import UntrustedCode
+    from harness.loading.model_code import remote_code_consent
+
+    base, marker = _base_with_payload(default_bundle.base_dir, tmp_path)
+    peft_model = fresh_peft_model(default_bundle.base_dir)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base)
+    saved = save_adapter(peft_model, tmp_path / "adapter")
+    for given in (base, None):  # passed, or found through the config's base_model_name_or_path
+        with pytest.raises(UntrustedCode) as refused:
+            harness.check_trained(peft_model, saved, given)
+        text = str(refused.value)
+        assert "\n" not in text and text.startswith(f"{base}: the base model ships Python code"), text
+        assert "modeling_" in text and "pass trust_remote_code=True to allow it" in text, text
+    # the training audit's own loaders hold the same gate, whoever calls them
+    with remote_code_consent(False):
+        audit = audit_trained(peft_model, saved, base)
+    assert audit.reload_error.startswith("UntrustedCode: ") and str(base) in audit.reload_error, audit.reload_error
+    assert not marker.exists(), "the base directory's code ran without consent"
+    load_base(base, dtype=torch.float32, trust_remote_code=True)  # control: the payload runs when allowed
+    assert marker.exists()

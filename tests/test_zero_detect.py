@@ -304,3 +304,26 @@ def test_library_never_imports_deepspeed_or_pytest_at_import_time() -> None:
             "assert 'deepspeed' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_whether_an_adapter_is_a_deepspeed_checkpoint_is_read_from_disk_once(default_bundle, tmp_path, monkeypatch):
+    """Issue 22: the plan decides it once per adapter; the groups, the planned ids, the isolation decision, the
+    engine's reading of the inputs and the engine process (through the plan's JSON) reuse that answer."""
+    from harness.api import check_adapters
+    from harness.engine.plan import Plan
+
+    calls: list[str] = []
+    real = zero.is_zero_checkpoint
+    monkeypatch.setattr(zero, "is_zero_checkpoint", lambda path: calls.append(str(path)) or real(path))
+    run = check_adapters([default_bundle.adapter_dir], isolated=False)  # a whole static run, in this process
+    assert run.reports[0].get("config-valid").status == "pass"
+    assert calls == [str(default_bundle.adapter_dir)]
+
+    calls.clear()
+    ckpt = fake_checkpoint(tmp_path / "ckpt")
+    plan = Plan(adapters=(str(ckpt), str(default_bundle.adapter_dir)))
+    assert calls == [str(ckpt), str(default_bundle.adapter_dir)]
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.zero_checkpoints == (str(ckpt),) and len(calls) == 2
+    assert again.groups(str(ckpt))[0] == "deepspeed" and again.groups(str(default_bundle.adapter_dir)) == ["static"]
+    assert again.runs_model_code() and len(calls) == 2

@@ -28,11 +28,12 @@ OK = ("pass", "warn", "skip")
 PLACEHOLDER = re.compile(r"\b(?:none row|batch -1|position -1)\b")
 
 
-def _arch_param(name: str, *rest, id_suffix: str = "", kind: str | None = None):
+def _arch_param(name: str, *rest, id_suffix: str = "", kind: str | None = None, slow: bool = False):
     """A parameter that skips with the reason when this stack lacks the architecture or the adapter kind's
-    PEFT feature (lora_bias, DoRA)."""
+    PEFT feature (lora_bias, DoRA); ``slow``: in the slow tier (``-m slow``, run by .ci/run)."""
     reason = zoo.arch_unavailable(name) or (zoo.feature_unavailable(kind) if kind else None)
     marks = [pytest.mark.skip(reason=reason)] if reason else []
+    marks += [pytest.mark.slow] if slow else []
     return pytest.param(name, *rest, id=f"{name}{id_suffix}", marks=marks)
 
 
@@ -129,7 +130,9 @@ def _recipe_unties(built: zoo.ZooArch) -> bool:
 
 
 # Embedding LoRA on tied embeddings cannot be merged faithfully: test_tied_embedding_lora_merge_is_reported.
-GOOD_CASES = [_arch_param(name, kind, id_suffix=f"-{kind}", kind=kind)
+# The fast tier keeps a Linear and a Conv1D architecture end to end; every other pair runs in the slow tier.
+FAST_GOOD_CASES = {("llama", "plain"), ("gpt2", "plain")}
+GOOD_CASES = [_arch_param(name, kind, id_suffix=f"-{kind}", kind=kind, slow=(name, kind) not in FAST_GOOD_CASES)
               for name in zoo.ARCHS for kind in zoo.suite_kinds(name)
               if not (kind == "embedding" and zoo.ARCHS[name].tied)]
 

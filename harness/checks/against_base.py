@@ -1,6 +1,6 @@
 """Checks of the adapter against the base model's structure (no weights loaded).
 
-``ctx.base`` is a ``harness.base_model.BaseModelInfo``: the module tree from a
+``ctx.base`` is a ``harness.model.structure.BaseModelInfo``: the module tree from a
 meta-device build and the weight index from the safetensors headers.
 """
 

@@ -1,6 +1,6 @@
 """Dynamic checks: load base + adapter through every path and compare with the fp32 reference.
 
-All heavy lifting lives in ``harness.dynamic.DynamicRun`` (one per context, cached);
+All heavy lifting lives in ``harness.checks.measure.dynamic_run.DynamicRun`` (one per context, cached);
 these functions only judge its outcomes, so each check is a few lines to read.
 """
 

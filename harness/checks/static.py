@@ -8,6 +8,7 @@ share one streaming pass over the tensor data (``AdapterInputs.scan``, cached on
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import TYPE_CHECKING
 
@@ -216,6 +217,44 @@ def _module_names(ctx: CheckContext) -> list[str]:
     return names
 
 
+def _unmatched_targets(ctx: CheckContext, config: dict) -> tuple[str, str] | None:
+    """(message, fix) when ``target_modules`` is a regex that misses modules the adapter holds LoRA weights for.
+
+    PEFT creates a LoRA layer only where ``re.fullmatch(target_modules, name)`` holds; the saved tensors of
+    every other module become unexpected keys and are dropped with a warning (none loaded when it matches
+    none). The adapter's own keys name those modules, so no base model is needed. Only the regex form: a list
+    is matched by suffix and narrowed by layers_to_transform, and "all-linear" is a shorthand, not a regex.
+    """
+    from harness.inputs.patterns import ConfigPattern, PatternTooCostly, bounded_matches
+
+    targets = config.get("target_modules")
+    if not isinstance(targets, str) or targets == "all-linear" or config.get("target_parameters"):
+        return None
+    if ctx.adapter is None or ctx.adapter.primary is None:
+        return None
+    modules = sorted({i.module for i in analyse_keys(ctx).lora if i.module and i.prefixes == 1 and not i.adapter_name})
+    if not modules:
+        return None
+    try:
+        hits = set(bounded_matches(ConfigPattern("target_modules", targets, targets, "fullmatch"), modules))
+    except (PatternTooCostly, re.error):  # reported by _pattern_problems
+        return None
+    missed = [m for m in modules if m not in hits]
+    if not missed:
+        return None
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})[:5]
+    example = rf".*\.({'|'.join(re.escape(leaf) for leaf in leaves)})"
+    fix = ("set target_modules to a regex that matches each trained module's full name (PEFT uses re.fullmatch, "
+           f"e.g. {example}) or to the list of their names, as get_peft_model was given at training time")
+    if not hits:
+        return (f"adapter_config.json: target_modules regex {_shown(targets)} matches none of the {len(modules)} "
+                f"module(s) the adapter holds LoRA weights for (e.g. {missed[0]}): PEFT would create no LoRA layer "
+                "and load none of the adapter's tensors", fix)
+    return (f"adapter_config.json: target_modules regex {_shown(targets)} misses {len(missed)} of the {len(modules)} "
+            f"module(s) the adapter holds LoRA weights for (e.g. {missed[0]}): PEFT would drop their tensors and "
+            "load the adapter only in part", fix)
+
+
 def _config_fix(problems: list[tuple[str, str]]) -> str:
     if any("regular expression" in text or "too costly" in text or "to compile" in text for _, text in problems):
         return ("write target_modules as a list of module names, or a simple regex PEFT can match (no nested "
@@ -237,7 +276,8 @@ def _shown(value, limit: int = 60) -> str:
     id="config-valid",
     group="static",
     summary="adapter_config.json is missing, lacks required fields (peft_type, r, lora_alpha, target_modules), "
-    "is not a LoRA config, has invalid values, or has fields the installed PEFT does not know",
+    "is not a LoRA config, has invalid values (or a target_modules regex that misses modules the adapter holds "
+    "weights for), or has fields the installed PEFT does not know",
     why="PEFT builds the LoRA layers from this file: a missing field fails the load, and a field from a newer "
     "PEFT raises TypeError in older versions or is silently dropped in newer ones (changing the adapter's behaviour)",
     fix="regenerate adapter_config.json with save_pretrained, or install the PEFT version that wrote it "
@@ -331,6 +371,11 @@ def check_config_valid(ctx: CheckContext):
         return _rejected(installed, err)
     except Exception as err:  # noqa: BLE001
         return _rejected(installed, err)
+
+    unmatched = _unmatched_targets(ctx, config)
+    if unmatched is not None:
+        message, fix = unmatched
+        return failed(message, fix=fix, fields=["target_modules"])
 
     if unknown:
         non_default = {k: v for k, v in unknown.items() if k not in METADATA_FIELDS and not _default_looking(v)}

@@ -33,15 +33,17 @@ def main(argv: list[str]) -> int:
     events = os.fdopen(events_fd, "w", buffering=1, encoding="utf-8")
     lock = threading.Lock()
 
-    def emit(event: dict) -> None:
+    from harness.engine import events as ev
+
+    def emit(event: ev.Event) -> None:
         with lock:
-            events.write(json.dumps(event, allow_nan=False, default=str) + "\n")
+            events.write(json.dumps(ev.to_dict(event), allow_nan=False, default=str) + "\n")
             events.flush()
 
     from harness.loading import model_code as guards
 
     def recorded_exit(code: int) -> None:  # model code ending the process: say where, then do it
-        emit({"type": "exit_called", "code": code, "where": guards.model_code_frame(sys._getframe(1))})
+        emit(ev.ExitCalled(code, guards.model_code_frame(sys._getframe(1))))
         _real_exit(code)
 
     os._exit = recorded_exit
@@ -53,7 +55,7 @@ def main(argv: list[str]) -> int:
     try:
         require_supported()
     except UnsupportedStack as err:
-        emit({"type": "input_error", "message": str(err)})
+        emit(ev.InputRefused(str(err)))
         return 0
     _quiet_libraries()
     from harness.engine.run import execute
@@ -64,8 +66,8 @@ def main(argv: list[str]) -> int:
         execute(plan, emit)
     except BaseException as err:  # noqa: BLE001 - KeyboardInterrupt etc. can only come from the code run here
         where = guards.model_code_frame(err.__traceback__)
-        emit({"type": "fatal", "message": f"model code raised {type(err).__name__}"
-              + (f"({err})" if str(err) else "") + (f" at {where}" if where else "")})
+        emit(ev.Fatal(f"model code raised {type(err).__name__}" + (f"({err})" if str(err) else "")
+                      + (f" at {where}" if where else "")))
         return 3
     return 0
 

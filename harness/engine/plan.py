@@ -31,6 +31,19 @@ class Plan:
     trust_remote_code: bool = False
     timeout_s: float | None = MIN_TIMEOUT_S  # per adapter; None: no limit
     demo: bool = False  # the built-in synthetic demo, not a user's adapter
+    # The adapters that are DeepSpeed checkpoints: read from disk once, when the plan is made, and carried (to the
+    # engine process too) so no later step scans the directories again. None: not known yet (filled in here).
+    zero_checkpoints: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.zero_checkpoints is None:
+            from harness.inputs.deepspeed import is_zero_checkpoint
+
+            object.__setattr__(self, "zero_checkpoints", tuple(a for a in self.adapters if is_zero_checkpoint(a)))
+
+    def is_zero_checkpoint(self, adapter: str) -> bool:
+        """Whether ``adapter`` is a DeepSpeed checkpoint directory (decided once, when the plan was made)."""
+        return adapter in self.zero_checkpoints
 
     def merged_for(self, index: int) -> str | None:
         """The merged checkpoint paired with adapter ``index`` (None: no merged-model check for it)."""
@@ -44,9 +57,7 @@ class Plan:
 
     def groups(self, index: int) -> list[str]:
         """The check groups that apply to adapter ``index`` with these inputs, in run order."""
-        from harness.inputs.deepspeed import is_zero_checkpoint
-
-        groups = (["deepspeed"] if is_zero_checkpoint(self.adapters[index]) else []) + ["static"]
+        groups = (["deepspeed"] if self.is_zero_checkpoint(self.adapters[index]) else []) + ["static"]
         groups += (["against-base", "dynamic", "serving"] if self.base_model is not None else [])
         groups += ["merged"] if self.merged_for(index) is not None else []
         return groups + (["quantized"] if self.base_model is not None else [])
@@ -58,9 +69,7 @@ class Plan:
     def runs_model_code(self) -> bool:
         """Whether this run imports model code or unpickles DeepSpeed shards (then it belongs in a child
         process); a static-only run reads files with the safe readers and runs nothing of the inputs'."""
-        from harness.inputs.deepspeed import is_zero_checkpoint
-
-        return self.base_model is not None or bool(self.merged_dirs()) or any(map(is_zero_checkpoint, self.adapters))
+        return self.base_model is not None or bool(self.merged_dirs()) or bool(self.zero_checkpoints)
 
     def deadline_s(self) -> float | None:
         return None if self.timeout_s is None else self.timeout_s * len(self.adapters)
@@ -72,7 +81,7 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         data["options"] = CheckOptions(**data["options"])
-        for key in ("adapters", "merged", "only", "skip"):
+        for key in ("adapters", "merged", "only", "skip", "zero_checkpoints"):
             data[key] = tuple(data[key])
         return cls(**data)
 

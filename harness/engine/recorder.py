@@ -1,16 +1,8 @@
 """Engine events in, reports out: the one place that turns what the engine said into the verdict.
 
-The engine (in this process or a child) reports by events, each a small JSON-able dict::
-
-    {"type": "start", "adapter": 0, "planned": [ids]}       the engine starts adapter 0 (this process's plan rules)
-    {"type": "inputs", "adapter": 0, "inputs": {...}}       what was read
-    {"type": "progress", "adapter": 0, "text": "..."}       what runs now (shown, not recorded)
-    {"type": "result", "adapter": 0, "result": {...}}       one finished check (``CheckResult.to_dict``)
-    {"type": "notes", "adapter": 0, "notes": [...]}         adjustments the harness made
-    {"type": "code", "files": [{"file", "sha256", "executed"}]}  model code files
-    {"type": "input_error", "message": "..."}               an input cannot be used at all (exit 2)
-    {"type": "fatal", "message": "..."}                     the engine stopped early (model code ended it)
-    {"type": "done"}
+The engine (in this process or a child) reports by the typed events of ``harness.engine.events``
+(``Start``, ``Inputs``, ``Progress``, ``Result``, ``Notes``, ``Code``, ``InputRefused``, ``Fatal``,
+``ExitCalled``, ``Done``; one JSON object per line across the process boundary).
 
 ``finish`` turns every planned check the engine did not report into a ``fail`` with one line saying
 why, so a run that ended early can never look like a run that passed.
@@ -20,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from harness.engine import events as ev
 from harness.engine.plan import Plan
 from harness.report import CheckResult, Report, RunReport, utc_now
 
@@ -39,6 +32,7 @@ class Recorder:
         self.current_adapter: int | None = None
         self.input_error: str | None = None
         self.fatal: str | None = None
+        self.exit_call: ev.ExitCalled | None = None  # model code called os._exit: where
         self.done = False
         self.run_notes: list[str] = []
         for index, report in enumerate(self.reports):
@@ -48,33 +42,34 @@ class Recorder:
             if plan.merged_for(index) is not None:
                 report.inputs["merged"] = plan.merged_for(index)
 
-    def handle(self, event: dict) -> None:
-        kind, index = event.get("type"), event.get("adapter")
+    def handle(self, event: ev.Event) -> None:
+        index = getattr(event, "adapter", None)
         report = self.reports[index] if isinstance(index, int) and 0 <= index < len(self.reports) else None
         if index is not None:
             self.current_adapter = index
-        if kind == "start" and report is not None and index > 0:
+        if isinstance(event, ev.Start) and report is not None and index > 0:
             self.adapter_started[index] = time.monotonic()
             report.started_at = utc_now()
-        elif kind == "inputs" and report is not None:
-            report.inputs.update(event["inputs"])
-        elif kind == "progress" and report is not None:
-            self.current[index] = event["text"]
-        elif kind == "result" and report is not None:
-            result = CheckResult.from_dict(event["result"])
-            report.checks = [r for r in report.checks if r.id != result.id] + [result]
-        elif kind == "notes" and report is not None:  # the adapter's last event
-            report.notes += [n for n in event["notes"] if n not in report.notes]
+        elif isinstance(event, ev.Inputs) and report is not None:
+            report.inputs.update(event.inputs)
+        elif isinstance(event, ev.Progress) and report is not None:
+            self.current[index] = event.text
+        elif isinstance(event, ev.Result) and report is not None:
+            report.checks = [r for r in report.checks if r.id != event.result.id] + [event.result]
+        elif isinstance(event, ev.Notes) and report is not None:  # the adapter's last event
+            report.notes += [n for n in event.notes if n not in report.notes]
             if index in self.adapter_started:
                 report.duration_s = round(time.monotonic() - self.adapter_started[index], 3)
-        elif kind == "code":
+        elif isinstance(event, ev.Code):
             for report in self.reports:
-                report.code = list(event["files"])
-        elif kind == "input_error":
-            self.input_error = event["message"]
-        elif kind == "fatal":
-            self.fatal = event["message"]
-        elif kind == "done":
+                report.code = list(event.files)
+        elif isinstance(event, ev.InputRefused):
+            self.input_error = event.message
+        elif isinstance(event, ev.Fatal):
+            self.fatal = event.message
+        elif isinstance(event, ev.ExitCalled):
+            self.exit_call = event
+        elif isinstance(event, ev.Done):
             self.done = True
 
     def running(self) -> str:

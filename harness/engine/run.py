@@ -19,11 +19,12 @@ from pathlib import Path
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import Check, checks, get_check, run_check
+from harness.engine import events as ev
 from harness.engine.plan import Plan
 from harness.inputs.errors import InputError
 from harness.report import CheckResult
 
-Emit = Callable[[dict], None]
+Emit = Callable[[ev.Event], None]
 GATING_GROUPS = ("deepspeed", "static", "against-base")  # cheap, and what the dynamic group waits for
 
 
@@ -34,29 +35,28 @@ def execute(plan: Plan, emit: Emit) -> None:
     base_info = None
     dirs = [Path(plan.base_model)] if plan.base_model is not None else []
     guards.trust_code_dirs(dirs)
-    with guards.network_blocked():
+    with guards.network_blocked(), guards.remote_code_consent(plan.trust_remote_code):
         try:
             for index, adapter in enumerate(plan.adapters):
                 base_info = _run_adapter(plan, index, adapter, base_info, emit)
         except InputError as err:
-            emit({"type": "input_error", "message": str(err)})
+            emit(ev.InputRefused(str(err)))
             return
         except SystemExit as err:  # model code called sys.exit(): the run cannot go on in this process
             where = guards.model_code_frame(err.__traceback__)
-            emit({"type": "fatal", "message": f"model code raised SystemExit({err.code!r})"
-                  + (f" at {where}" if where else "")})
+            emit(ev.Fatal(f"model code raised SystemExit({err.code!r})" + (f" at {where}" if where else "")))
             return
-    emit({"type": "code", "files": executed_code(dirs)})
-    emit({"type": "done"})
+    emit(ev.Code(executed_code(dirs)))
+    emit(ev.Done())
 
 
 def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
     planned = plan.planned_ids(index)
-    emit({"type": "start", "adapter": index, "planned": planned})
+    emit(ev.Start(index, planned))
     ctx = CheckContext(options=plan.options,
-                       progress=lambda text: emit({"type": "progress", "adapter": index, "text": text}))
+                       progress=lambda text: emit(ev.Progress(index, text)))
     with ctx.cleanup:
-        _read_inputs(ctx, Path(adapter), emit, index)
+        _read_inputs(ctx, Path(adapter), emit, index, zero=plan.is_zero_checkpoint(adapter))
         groups = _groups(ctx, plan, index)
         for group in groups:
             if group == "against-base" and ctx.adapter is not None:
@@ -75,9 +75,8 @@ def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
             reason = "the DeepSpeed checkpoint could not be converted into an adapter (see zero-checkpoint)"
             for check_id in planned:
                 if get_check(check_id).group not in groups:
-                    emit({"type": "result", "adapter": index,
-                          "result": CheckResult(check_id, "skip", reason).to_dict()})
-        emit({"type": "notes", "adapter": index, "notes": list(ctx.notes)})
+                    emit(ev.Result(index, CheckResult(check_id, "skip", reason)))
+        emit(ev.Notes(index, list(ctx.notes)))
     return base_info
 
 
@@ -87,12 +86,13 @@ def _groups(ctx: CheckContext, plan: Plan, index: int) -> list[str]:
     return plan.groups(index)
 
 
-def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int) -> None:
+def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int, *, zero: bool) -> None:
+    """Read the adapter (``zero``: a DeepSpeed checkpoint, as the plan found it; converted first)."""
     from harness.inputs import deepspeed
     from harness.inputs.adapter_dir import read_adapter
 
     inputs: dict = {"adapter": str(adapter)}
-    if deepspeed.is_zero_checkpoint(adapter):
+    if zero:
         ctx.say(f"converting DeepSpeed checkpoint {adapter} with zero_to_fp32")
         inputs["deepspeed_checkpoint"] = str(adapter)
         try:
@@ -101,13 +101,13 @@ def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int) -> No
             raise InputError(f"{adapter}: is a DeepSpeed checkpoint and {err}") from None
         except deepspeed.ZeroCheckpointError as err:
             ctx.deepspeed_error = str(err).splitlines()[0]
-            emit({"type": "inputs", "adapter": index, "inputs": inputs})
+            emit(ev.Inputs(index, inputs))
             return
         adapter = ctx.deepspeed.output_dir
     ctx.say(f"reading adapter {adapter}")
     ctx.adapter = read_adapter(adapter)
     ctx.cleanup.callback(ctx.adapter.close)
-    emit({"type": "inputs", "adapter": index, "inputs": {**ctx.adapter.describe(), **inputs}})
+    emit(ev.Inputs(index, {**ctx.adapter.describe(), **inputs}))
 
 
 def _run_one(ctx: CheckContext, check: Check, *, report: bool, emit: Emit, index: int) -> None:
@@ -121,7 +121,7 @@ def _run_one(ctx: CheckContext, check: Check, *, report: bool, emit: Emit, index
     if result.status == "fail" and check.group in GATING_GROUPS:
         ctx.failed_prerequisites.append(check.id)
     if report:
-        emit({"type": "result", "adapter": index, "result": result.to_dict()})
+        emit(ev.Result(index, result))
 
 
 def executed_code(dirs: list[Path]) -> list[dict]:
@@ -145,9 +145,3 @@ def executed_code(dirs: list[Path]) -> list[dict]:
                 files.append({**code.to_dict(), "executed": (code.path.name, code.sha256) in loaded})
     return files
 
-
-def collect(plan: Plan) -> list[dict]:
-    """``execute`` into a list (the in-process mode)."""
-    events: list[dict] = []
-    execute(plan, events.append)
-    return events

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from harness.engine import events as ev
 from harness.engine.plan import Plan
 from harness.engine.recorder import Recorder
 from harness.inputs.errors import InputError
@@ -89,7 +90,6 @@ def _supervise(child: subprocess.Popen, read_end: int, recorder: Recorder, plan:
     limit = plan.deadline_s()
     deadline = None if limit is None else time.monotonic() + limit
     buffer = b""
-    exit_call: dict | None = None
     while True:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, _, _ = select.select([read_end], [], [], wait if wait is None else min(wait, 1.0))
@@ -110,19 +110,17 @@ def _supervise(child: subprocess.Popen, read_end: int, recorder: Recorder, plan:
             event = _parse(line)
             if event is None:
                 continue
-            if event.get("type") == "exit_called":
-                exit_call = event
-                continue
             recorder.handle(event)
-            if event.get("type") == "progress" and progress is not None:
-                progress(event["text"])
+            if isinstance(event, ev.Progress) and progress is not None:
+                progress(event.text)
     code = child.wait()
     if recorder.done or recorder.input_error is not None:
         return None
-    return _describe_end(code, recorder, exit_call, fault_path)
+    return _describe_end(code, recorder, fault_path)
 
 
-def _describe_end(code: int, recorder: Recorder, exit_call: dict | None, fault_path: Path) -> str:
+def _describe_end(code: int, recorder: Recorder, fault_path: Path) -> str:
+    exit_call = recorder.exit_call
     running = recorder.running()
     if recorder.fatal:
         return f"{recorder.fatal} while {running}; the engine stopped"
@@ -134,18 +132,18 @@ def _describe_end(code: int, recorder: Recorder, exit_call: dict | None, fault_p
         return (f"the engine process died by {name}{why} while {running}"
                 + (f"; in model code at {where}" if where else ""))
     if exit_call is not None:
-        where = exit_call.get("where")
-        return (f"the engine process ended with exit code {exit_call.get('code')} while {running}: "
+        where = exit_call.where
+        return (f"the engine process ended with exit code {exit_call.code} while {running}: "
                 + (f"model code called os._exit at {where}" if where else "os._exit was called"))
     return f"the engine process ended with exit code {code} before reporting, while {running}"
 
 
-def _parse(line: bytes) -> dict | None:
+def _parse(line: bytes) -> ev.Event | None:
+    """One line of the engine's event stream; None for anything that is not an event (dropped)."""
     try:
-        event = json.loads(line.decode("utf-8", "replace"))
+        return ev.from_dict(json.loads(line.decode("utf-8", "replace")))
     except ValueError:
         return None
-    return event if isinstance(event, dict) else None
 
 
 def _dump_stacks_and_kill(child: subprocess.Popen) -> None:

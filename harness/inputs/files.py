@@ -21,6 +21,9 @@ from harness.inputs.errors import InputError
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
 MAX_JSON_DEPTH = 64  # configs nest 4-5 deep, safetensors headers 3; serde_json (safetensors) stops at 128
 MAX_NUMBER_CHARS = 100  # a JSON number literal longer than this is no config value (Python refuses 4300+ digits)
+# A config string (a module name, a regex, a version, a path) longer than this is no config value: a 9 MB string
+# fits under MAX_CONFIG_BYTES and would be printed, matched and copied by every reader downstream.
+MAX_CONFIG_STRING_CHARS = 100_000
 # Files in a model / trainer directory that are pickles but not weights: never collected.
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json"}
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
@@ -104,12 +107,13 @@ def read_bounded(path: Path, limit: int) -> bytes:
 # -- strict, bounded JSON -----------------------------------------------------------------------------
 
 
-def parse_json(data: bytes | str):
+def parse_json(data: bytes | str, *, max_string: int | None = None):
     """Strict JSON (RFC 8259) with bounds; ``JsonError`` says what is wrong.
 
     Refused: invalid UTF-8, a BOM, NaN / Infinity / numbers that overflow a float (1e309), number
     literals over ``MAX_NUMBER_CHARS``, nesting over ``MAX_JSON_DEPTH``, strings holding lone UTF-16
-    surrogates ("\\ud800", which no UTF-8 file can hold), and a key repeated in one object.
+    surrogates ("\\ud800", which no UTF-8 file can hold), a key repeated in one object, and (when
+    ``max_string`` is given) a string or key longer than ``max_string`` characters, named by its field.
     """
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
@@ -121,7 +125,7 @@ def parse_json(data: bytes | str):
         raise JsonError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
     except json.JSONDecodeError as err:
         raise JsonError(f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    _check_tree(value)
+    _check_tree(value, max_string)
     return value
 
 
@@ -153,25 +157,42 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return value
 
 
-def _check_tree(value) -> None:
-    """Depth and lone surrogates, without recursion."""
-    stack = [(value, 1)]
+def _check_tree(value, max_string: int | None = None) -> None:
+    """Depth, lone surrogates and (optionally) string lengths, without recursion."""
+    stack: list[tuple[object, int, tuple]] = [(value, 1, ())]
     while stack:
-        item, depth = stack.pop()
+        item, depth, where = stack.pop()
         if isinstance(item, str):
-            _check_string(item)
+            _check_string(item, max_string, where)
         elif isinstance(item, (dict, list)):
             if depth > MAX_JSON_DEPTH:
                 raise JsonError(f"nested deeper than {MAX_JSON_DEPTH} levels")
             if isinstance(item, dict):
                 for key, child in item.items():
-                    _check_string(key)
-                    stack.append((child, depth + 1))
+                    _check_string(key, max_string, where, is_key=True)
+                    stack.append((child, depth + 1, (*where, key)))
             else:
-                stack.extend((child, depth + 1) for child in item)
+                stack.extend((child, depth + 1, (*where, index)) for index, child in enumerate(item))
 
 
-def _check_string(text: str) -> None:
+def field_name(where: tuple) -> str:
+    """A JSON location for a message: ``target_modules``, ``rank_pattern["a.b"]``, ``layers[3]`` (parts cut)."""
+    text = ""
+    for part in where:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            shown = part if len(part) <= 40 else f"{part[:39]}…"
+            text += shown if not text and shown.isidentifier() else f"[{json.dumps(shown)}]"
+    return text or "the top level"
+
+
+def _check_string(text: str, max_string: int | None = None, where: tuple = (), is_key: bool = False) -> None:
+    if max_string is not None and len(text) > max_string:
+        what = f"a key in {field_name(where)}" if is_key and where else "a key" if is_key else \
+            f"the value of {field_name(where)}"
+        raise JsonError(f"{what} is a string of {len(text):,} characters, over the {max_string:,}-character "
+                        "limit for a config value")
     if text.isascii():
         return
     try:
@@ -188,7 +209,7 @@ def read_json_object(path: Path, *, limit: int = MAX_CONFIG_BYTES) -> dict:
     """
     fix = "regenerate it with save_pretrained"
     try:
-        value = parse_json(read_bounded(path, limit))
+        value = parse_json(read_bounded(path, limit), max_string=MAX_CONFIG_STRING_CHARS)
     except NotRegularFile as err:
         raise InputError(f"{path}: {err}; replace it with the file save_pretrained writes") from None
     except JsonError as err:

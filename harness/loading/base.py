@@ -1,4 +1,4 @@
-"""Loading a base (or merged) model directory the way users do: AutoModelForCausalLM with remote code."""
+"""Loading a base (or merged) model directory the way users do: AutoModelForCausalLM, remote code when trusted."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from harness.compat import ATTN_IMPLEMENTATION_KWARG, DTYPE_KW, FLASH_ATTENTION, flash_attn_installed
-from harness.loading.model_code import building_model
+from harness.loading.model_code import building_model, refuse_untrusted_code, remote_code_allowed
 from harness.loading.private_weights import privatize_weights
 from harness.loading.records import capture_warnings
 
@@ -35,15 +35,19 @@ def note_adjustment(text: str) -> None:
         sink.append(text)
 
 
-def model_config(model_dir: Path):
+def model_config(model_dir: Path, *, trust_remote_code: bool | None = None):
     """The config object ``from_pretrained`` will build for ``model_dir`` (the model's own config class when it
     ships one), with flash attention replaced by eager where flash_attn is missing. Decisions are taken on this
     object, never on config.json's text: config classes rewrite fields (the real XComposer one turns a missing
-    or None ``attn_implementation`` into flash_attention_2, and transformers 4.57+ passes None on every load)."""
+    or None ``attn_implementation`` into flash_attention_2, and transformers 4.57+ passes None on every load).
+    ``trust_remote_code``: the user's decision (default: the run's, ``model_code.remote_code_consent``); a
+    directory that ships code is refused without it (``UntrustedCode``)."""
     from transformers import AutoConfig
 
+    trusted = remote_code_allowed() if trust_remote_code is None else trust_remote_code
+    refuse_untrusted_code(model_dir, trusted)
     with building_model(model_dir):
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trusted)
     asked = _attention_asked(config)
     if asked in FLASH_ATTENTION and not flash_attn_installed():
         _set_attention(config, "eager")
@@ -66,12 +70,13 @@ def _set_attention(config, value: str) -> None:
 
 
 def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnings_into: list[str] | None = None,
-              private: bool = False, **kwargs) -> torch.nn.Module:
-    """AutoModelForCausalLM with trust_remote_code, an explicit dtype (never "auto") and the config object
-    decided by ``model_config`` (so what was inspected is what runs).
+              private: bool = False, trust_remote_code: bool | None = None, **kwargs) -> torch.nn.Module:
+    """AutoModelForCausalLM with the user's trust decision, an explicit dtype (never "auto") and the config
+    object decided by ``model_config`` (so what was inspected is what runs).
 
-    This runs the directory's own code: callers outside the engine's child process must have the user's
-    consent (``--trust-remote-code``). ``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before; warnings
+    This runs the directory's own code only with the user's consent: ``trust_remote_code`` (default: the run's
+    decision, set from the plan by the engine and by ``check_trained``); without it a directory that ships code
+    is refused (``UntrustedCode``, one line naming the files) before transformers sees it. ``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before; warnings
     and transformers log records go to ``warnings_into`` when given. ``output_loading_info=True`` returns
     (model, info). ``private=True`` (for a model about to be merged in place on the CPU) re-reads the weights
     into private memory (``harness.loading.private_weights``): same values, no copy-on-write faults.
@@ -79,6 +84,8 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
     from transformers import AutoModelForCausalLM
 
     base_dir = Path(base_dir)
+    trusted = remote_code_allowed() if trust_remote_code is None else trust_remote_code
+    refuse_untrusted_code(base_dir, trusted)
     sink: list[str] = [] if warnings_into is None else warnings_into
     quantized = _quantized_load(base_dir, kwargs)
     if quantized:  # bitsandbytes places its packed weights itself (users pass device_map); .to() is refused
@@ -86,10 +93,10 @@ def load_base(base_dir: Path, *, dtype: torch.dtype, device: str = "cpu", warnin
     with capture_warnings(sink), building_model(base_dir):
         try:
             if "config" not in kwargs:
-                kwargs["config"] = model_config(base_dir)
+                kwargs["config"] = model_config(base_dir, trust_remote_code=trusted)
             if ATTN_IMPLEMENTATION_KWARG and _attention_asked(kwargs["config"]) == "eager":
                 kwargs.setdefault("attn_implementation", "eager")  # or transformers passes None, mapped to flash
-            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, **{DTYPE_KW: dtype},
+            model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=trusted, **{DTYPE_KW: dtype},
                                                          **kwargs)
         except ModuleNotFoundError as err:
             if "transformers_modules" in str(err) and "." in base_dir.name:

@@ -22,6 +22,33 @@ from types import FrameType, TracebackType
 
 _MODULES_MARKER = f"{os.sep}transformers_modules{os.sep}"
 _code_dirs: list[Path] = []  # model directories whose *.py the user trusted for this run
+_consent: list[bool] = [False]  # the user's decision on running model code (a plan's trust_remote_code)
+
+
+@contextlib.contextmanager
+def remote_code_consent(trusted: bool):
+    """The user's decision (``--trust-remote-code``, ``trust_remote_code=``) for every load inside the block:
+    the engine sets it from the plan, ``check_trained`` from its argument. Outside any block it is "no"."""
+    previous = _consent[0]
+    _consent[0] = bool(trusted)
+    try:
+        yield
+    finally:
+        _consent[0] = previous
+
+
+def remote_code_allowed() -> bool:
+    """Whether the run in progress may execute code shipped in a model directory."""
+    return _consent[0]
+
+
+def refuse_untrusted_code(model_dir: Path, trusted: bool) -> None:
+    """``UntrustedCode`` (one line naming the files) when ``model_dir`` ships code and ``trusted`` is False:
+    checked here, before transformers sees the directory, so no loader can run code the user did not allow."""
+    if not trusted:
+        from harness.inputs.code import require_trust
+
+        require_trust({"model": Path(model_dir)}, False)
 
 
 def trust_code_dirs(dirs: list[Path]) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from harness.inputs.code import UntrustedCode
 from harness.inputs.errors import UnusableInput
 from harness.model import families
 from harness.model.layer_kinds import Dims, LayerKind, dims_of_module, kind_named, kind_of_module
@@ -111,12 +112,13 @@ def build_on_meta(base_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from harness.loading.base import model_config
-    from harness.loading.model_code import building_model
+    from harness.loading.model_code import building_model, remote_code_allowed
 
-    config = model_config(base_dir)
+    trusted = remote_code_allowed()  # the run's decision; model_config refuses a directory with code without it
+    config = model_config(base_dir, trust_remote_code=trusted)
     with warnings.catch_warnings(), _parameters_on_meta(), building_model(base_dir):
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trusted)
 
 
 @contextlib.contextmanager
@@ -248,8 +250,8 @@ def inspect_base(base_dir: str | Path, *, build_tree: bool = True) -> BaseModelI
             info = describe_model(model, base_dir, weights)
             info.config = config
             info.init_buffers = constructor_buffers(model)
-        except UnusableInput:
-            raise  # the model code needs the network: no check can use this base
+        except (UnusableInput, UntrustedCode):
+            raise  # the model code needs the network, or the user did not allow it to run: no check can use it
         except Exception as exc:  # remote code may download or crash in __init__
             info.meta_build_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             info.notes.append("module tree unavailable (meta build failed); used the weight index instead")

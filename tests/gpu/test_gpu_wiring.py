@@ -8,6 +8,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 GPU_FILES = ("tests/gpu/test_full_size_gpu.py", "tests/gpu/test_real_model_gpu.py")
@@ -19,6 +21,7 @@ def no_cuda_env(**extra) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_gpu_items_are_selected_by_the_marker_and_skipped_without_cuda():
     run = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-p", "no:cacheprovider",
                           "-p", "no:xdist", "-q", "-rs"], cwd=ROOT, env=no_cuda_env(), capture_output=True,
@@ -29,6 +32,7 @@ def test_gpu_items_are_selected_by_the_marker_and_skipped_without_cuda():
     assert "8 skipped" in run.stdout and "passed" not in run.stdout.split("skipped")[-1]
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_to_run_without_cuda(tmp_path):
     assert subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True).returncode == 2
     run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
@@ -41,6 +45,7 @@ def test_gpu_check_refuses_to_run_without_cuda(tmp_path):
     assert (tmp_path / "out" / "environment.txt").read_text().startswith("python ")
 
 
+@pytest.mark.slow
 def test_gpu_check_writes_junit_and_figures(tmp_path):
     """With the CUDA gate lifted (a switch for testing the script itself) the pipeline runs through:
     pytest -m gpu, JUnit, figures; the tests themselves skip for want of a device."""

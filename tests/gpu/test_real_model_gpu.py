@@ -11,8 +11,8 @@ import warnings
 import pytest
 
 from fixtures.gpu.figures import write_figures
+from fixtures.gpu.quirks import RealModelError
 from fixtures.gpu.real_model import RealModelRun
-from harness.model.remote_code import RealModelError
 
 pytestmark = pytest.mark.gpu
 

@@ -11,8 +11,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
+from fixtures.gpu.quirks import RealModelError, diagnose_dir
 from fixtures.gpu.real_model import RealModelRun, compare_generations, image_text_prompt, load_real_model
-from harness.model.remote_code import RealModelError, diagnose_dir, explain_load_error
+from harness.model.remote_code import explain_load_error
 from harness.synthetic import BundleSpec, build_bundle, build_model, export_model
 
 CLIP = "openai/clip-vit-large-patch14-336"

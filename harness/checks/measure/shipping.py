@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness.inputs.errors import InputError
 from harness.inputs.files import read_json_object
-from harness.inputs.model_dir import TOKENIZER_FILES, ModelDir
+from harness.inputs.model_dir import ModelDir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
