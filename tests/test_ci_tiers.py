@@ -18,6 +18,11 @@ key="${PLORA_HARNESS_STACK}_$([[ " $* " == *" -m slow "* ]] && echo slow || echo
 code=$(grep "^$key=" codes.txt | cut -d= -f2)
 exit "${code:-0}"
 """
+FAKE_VLLM_VENV = """#!/usr/bin/env bash
+echo "vllm $*" >> calls.txt
+code=$(grep "^serving=" codes.txt | cut -d= -f2)
+exit "${code:-0}"
+"""
 
 
 def run_ci(tmp_path: Path, codes: dict[str, int], *, slow_marked: bool = True) -> tuple[int, list[str], str]:
@@ -27,6 +32,7 @@ def run_ci(tmp_path: Path, codes: dict[str, int], *, slow_marked: bool = True) -
     (tree / "tests").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tree / ".ci" / "run")
     (tree / "scripts" / "in-venv").write_text(FAKE_IN_VENV)
+    (tree / "scripts" / "vllm-venv").write_text(FAKE_VLLM_VENV)
     (tree / "codes.txt").write_text("".join(f"{k}={v}\n" for k, v in codes.items()))
     marker = "@pytest.mark.slow\n" if slow_marked else ""
     (tree / "tests" / "test_x.py").write_text(f"import pytest\n\n\n{marker}def test_x():\n    pass\n")
@@ -39,14 +45,20 @@ def test_both_tiers_run_on_both_stacks_and_all_pass(tmp_path):
     code, calls, _ = run_ci(tmp_path, {})
     assert code == 0
     assert calls == ["current pytest -n auto", "current pytest -n auto -m slow",
-                     "oldest pytest -n auto", "oldest pytest -n auto -m slow"]
+                     "oldest pytest -n auto", "oldest pytest -n auto -m slow",
+                     "vllm pytest -p no:cacheprovider -n 0 tests/serving"]
+
+
+def test_a_failing_serving_step_fails_ci(tmp_path):
+    code, calls, _ = run_ci(tmp_path, {"serving": 1})
+    assert code == 1 and len(calls) == 5
 
 
 @pytest.mark.parametrize("failing", ["current_fast", "current_slow", "oldest_fast", "oldest_slow"])
 def test_any_failing_run_fails_ci_and_the_others_still_run(tmp_path, failing):
     code, calls, err = run_ci(tmp_path, {failing: 1})
     stack, tier = failing.split("_")
-    assert code == 1 and len(calls) == 4
+    assert code == 1 and len(calls) == 5
     assert f"the {tier} tier failed on the {stack} stack (pytest exit 1)" in err
 
 

@@ -178,6 +178,7 @@ def test_the_report_time_includes_the_engine_start_up(default_bundle):
     so a single adapter's "took" is the run's, not only the part after the engine started."""
     import time
 
+    from harness.engine import events as ev
     from harness.engine.plan import Plan
     from harness.engine.recorder import Recorder
 
@@ -185,10 +186,10 @@ def test_the_report_time_includes_the_engine_start_up(default_bundle):
     recorder = Recorder(plan)
     time.sleep(0.3)  # the engine process starting
     for index in (0, 1):
-        recorder.handle({"type": "start", "adapter": index, "planned": []})
+        recorder.handle(ev.Start(index, []))
         time.sleep(0.1)
-        recorder.handle({"type": "notes", "adapter": index, "notes": []})
-    recorder.handle({"type": "done"})
+        recorder.handle(ev.Notes(index, []))
+    recorder.handle(ev.Done())
     run = recorder.finish()
     first, second = (r.duration_s for r in run.reports)
     assert first >= 0.4 and 0.1 <= second < 0.3 and run.duration_s >= first + second

@@ -58,8 +58,9 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
 
 
 def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
-    """The depth slices the dynamic checks run on when the base does not fit the memory budget (None: it fits)."""
-    if ctx.base is None:
+    """The depth slices the dynamic checks run on when the base does not fit the memory budget (None: it fits, or
+    the run over the whole base already exists)."""
+    if ctx.base is None or "dynamic.run" in ctx.cache:
         return None
 
     def plan():
