@@ -14,6 +14,7 @@ import torch
 import harness
 from fixtures.serving_zoo import BIG_RANK, GOOD_KINDS
 from harness.checks.measure import serving_vllm as measure
+from harness.compat import DTYPE_KW
 
 
 def serving_result(adapter_dir, base_dir, **options):
@@ -73,7 +74,7 @@ def _engine_stand_in(with_adapter: bool):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), **{DTYPE_KW: torch.float32}).eval()
         if with_adapter:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
         served = []
