@@ -244,3 +244,28 @@ def test_deep_bf16_check_exits_zero(deep_bundle) -> None:
     assert report.exit_code == 0, bad
     details = report.get("path-agreement").details
     assert details["calibration"]["dtype"] == "bfloat16" and details["calibration"]["reference"] == "streamed"
+
+
+def test_the_peft_path_takes_the_model_the_reference_ran_on(default_bundle, monkeypatch) -> None:
+    """The base is loaded once for the reference and the peft -> merge -> merge-script chain (one load fewer than
+    before); the verdicts are those of a fresh load."""
+    from harness.loading import paths
+
+    real, base_loads = paths.load_base, []
+
+    def counting(directory, *args, **kwargs):
+        base_loads.append(Path(directory))
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(paths, "load_base", counting)
+    run = DynamicRun(default_bundle.base_dir, default_bundle.adapter_dir, dtype="float32", device="cpu")
+    try:
+        for name in ("peft", "peft-merged", "merge-script"):
+            outcome = run.outcome(name)
+            assert outcome.comparison.ok and outcome.record.clean, (name, outcome.error)
+        assert Path(default_bundle.base_dir) not in base_loads  # the merge script reloads its own output only
+        assert run._pristine is None
+        run.outcome("bin")  # a path of its own loads the base itself
+        assert Path(default_bundle.base_dir) in base_loads
+    finally:
+        run.close()

@@ -126,11 +126,22 @@ def over_depth_slices(body):
         if isinstance(slices, Unavailable):
             return _unavailable(slices)
         if not slices:
-            return body(ctx)
-        results = [(s, body(_slice_context(ctx, s))) for s in slices]
+            return _releasing(body, ctx)
+        results = [(s, _releasing(body, _slice_context(ctx, s))) for s in slices]
         return combine_slices(results)
 
     return check
+
+
+def _releasing(body, ctx: CheckContext):
+    """``body(ctx)``, then the base kept for the peft path is let go when the check did not use it (so the next
+    slice's run, or a path that loads on its own, never meets a second model in memory)."""
+    try:
+        return body(ctx)
+    finally:
+        run = ctx.cache.get("dynamic.run")
+        if hasattr(run, "release_pristine"):
+            run.release_pristine()
 
 
 def combine_slices(results: list) -> CheckResult:

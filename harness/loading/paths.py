@@ -47,13 +47,17 @@ def loading_path(name: str, *, unavailable: Callable[[], str | None] | None = No
 
 
 def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype, device, workdir,
-                          source_dir: Path | None = None, private: bool = False) -> LoadedModel:
+                          source_dir: Path | None = None, private: bool = False,
+                          base: torch.nn.Module | None = None) -> LoadedModel:
+    """``base``: the base already loaded from ``base_dir`` as this path would load it, untouched (the dynamic run's
+    reference model): used instead of a second load."""
     from peft import PeftModel
 
     record = LoadRecord(path=name)
     source = source_dir or adapter_dir
     with capture_warnings(record.warnings):
-        base = load_base(base_dir, dtype=dtype, device=device, private=private)
+        if base is None:
+            base = load_base(base_dir, dtype=dtype, device=device, private=private)
         model = PeftModel.from_pretrained(base, source).eval()
     record.files_used = sorted(p.name for p in source.iterdir() if p.name.startswith("adapter_"))
     _record_coverage(record, model, read_adapter_tensors(source), "default")
@@ -61,9 +65,11 @@ def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype
 
 
 @loading_path("peft")
-def load_peft(base_dir: Path, adapter_dir: Path, *, private: bool = False, **kw) -> LoadedModel:
-    """``PeftModel.from_pretrained``, unmerged (``private``: weights in private memory, to be merged next)."""
-    return _peft_from_pretrained("peft", base_dir, adapter_dir, private=private, **kw)
+def load_peft(base_dir: Path, adapter_dir: Path, *, private: bool = False, base: torch.nn.Module | None = None,
+              **kw) -> LoadedModel:
+    """``PeftModel.from_pretrained``, unmerged (``private``: weights in private memory, to be merged next; ``base``:
+    the base model already loaded, untouched)."""
+    return _peft_from_pretrained("peft", base_dir, adapter_dir, private=private, base=base, **kw)
 
 
 @loading_path("peft-merged")

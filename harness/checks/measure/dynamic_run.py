@@ -87,6 +87,7 @@ class DynamicRun:
         self.reference_peak_bytes = 0  # the most fp32 bytes the streamed reference held beside the model
         self.init_buffers = init_buffers or {}  # what the model's own constructor computes (BaseModelInfo)
         self.notes: list[str] = []  # what the reference could not apply or the probes could not reach
+        self._pristine: torch.nn.Module | None = None  # the base the reference ran on, until the peft path takes it
         self._prepare()
         for note in self.notes:  # into the report of the check that started this run
             note_adjustment(note)
@@ -112,7 +113,7 @@ class DynamicRun:
         keep_large_frees_returnable()
         self.progress(f"loading the base model in {self.dtype_name} (the fp32 reference runs on it layer by layer)")
         try:
-            model = load_base(self.base_dir, dtype=self.dtype, device=self.device)
+            model = load_base(self.base_dir, dtype=self.dtype, device=self.device, private=True)  # merged later
         except UnusableInput:
             raise  # the model code needs the network: the run stops with its one line
         except Exception as err:  # remote code that crashes: one line, not a traceback, naming file and line
@@ -154,8 +155,19 @@ class DynamicRun:
             model, self.reference_logits, self.text_reference_logits, "the fp32 reference (base + adapter)", fold)
         self._calibrate()
         self.raw_load = diagnose_raw_load(model, self.adapter_dir)
+        self._pristine = model  # untouched (every swap was put back): the peft path's base, one load saved
         del tensors, fold, model
         release_memory()
+
+    def release_pristine(self) -> None:
+        """Free the base kept for the peft path (before another model loads: one model alive at a time)."""
+        if self._pristine is not None:
+            self._pristine = None
+            release_memory()
+
+    def _take_pristine(self) -> torch.nn.Module | None:
+        model, self._pristine = self._pristine, None
+        return model
 
     def _streamed(self, model: torch.nn.Module, probe: ProbeBatch, fold: ReferenceFold | None) -> torch.Tensor:
         """fp32 logits of ``model`` (+ ``fold``) on ``probe``, one layer's fp32 weights at a time."""
@@ -217,6 +229,7 @@ class DynamicRun:
             self._run_chain()
             return self.outcomes[name]
         outcome = PathOutcome(name)
+        self.release_pristine()
         self.progress(f"loading path {name} ({str(self.dtype).replace('torch.', '')}, {self.device})")
         try:
             loaded = PATHS[name](self.base_dir, self.adapter_dir, dtype=self.dtype, device=self.device,
@@ -247,7 +260,8 @@ class DynamicRun:
         """peft -> merge in place (peft-merged) -> save + reload (merge-script); a failing step fails the rest."""
         steps = [
             ("peft", lambda _: PATHS["peft"](self.base_dir, self.adapter_dir, dtype=self.dtype, device=self.device,
-                                             workdir=self.workdir / "peft", private=True)),
+                                             workdir=self.workdir / "peft", private=True,
+                                             base=self._take_pristine())),
             ("peft-merged", lambda loaded: merge_loaded(loaded, "peft-merged")),
             ("merge-script", lambda loaded: save_and_reload(loaded, self.base_dir, dtype=self.dtype,
                                                             device=self.device, workdir=self.workdir / "merge-script")),
@@ -298,6 +312,7 @@ class DynamicRun:
         return None
 
     def close(self) -> None:
+        self.release_pristine()
         self._workdir.cleanup()
 
 
