@@ -1,4 +1,5 @@
-"""The cost of ``serving-vllm`` per adapter: admission only (a refused adapter) and a full engine run.
+"""The cost of ``serving-vllm`` per adapter: admission only (a refused adapter), a full engine run, and the saving
+when a run's adapters share one engine.
 
 Builds the vLLM-servable tiny Llama of ``fixtures.serving_zoo`` (head_dim 64, local tokenizer) and measures, in
 the vLLM venv, each of these ``--repeats`` times, interleaved:
@@ -7,7 +8,9 @@ the vLLM venv, each of these ``--repeats`` times, interleaved:
   served   - ``serve`` on the plain adapter: import, admission, an engine (float32, eager), one generate with
              prompt logprobs (what an admitted adapter costs);
   check    - ``harness.check(..., only=["serving-vllm"])`` in this process on the plain adapter: the above plus the
-             dynamic run's fp32 reference the logprobs are compared with.
+             dynamic run's fp32 reference the logprobs are compared with;
+  run3     - ``harness.check_adapters`` on three admissible adapters (plain, patterns, embedding) in one run: one
+             grandchild, one engine for the three; reported per adapter (the run's time / 3), to set beside check.
 Prints the medians and the grandchild's own phases (import, admission, engine, generate).
 
     bash scripts/vllm-venv python benchmarks/serving_vllm.py [--repeats 3] [--json out.json]
@@ -39,8 +42,8 @@ def main() -> None:
 
     if missing := measure.vllm_missing():
         raise SystemExit(f"{missing}; run this with: bash scripts/vllm-venv python benchmarks/serving_vllm.py")
-    times: dict[str, list[float]] = {"refused": [], "served": [], "check": []}
-    phases: dict[str, list[dict]] = {"refused": [], "served": []}
+    times: dict[str, list[float]] = {"refused": [], "served": [], "check": [], "run3": []}
+    phases: dict[str, list[dict]] = {"refused": [], "served": [], "run3": []}
     with tempfile.TemporaryDirectory() as tmp:
         llama = build_serving_arch("llama", tmp)
         prompts = [[5 + i for i in range(16)], [20 + i for i in range(13)]]
@@ -48,6 +51,7 @@ def main() -> None:
             for name, kind in (("refused", "rank32"), ("served", "plain")):
                 started = time.perf_counter()
                 outcome = measure.serve(llama.base, llama.adapter(kind), prompts)
+                measure.close_engines()  # each adapter on its own: a fresh grandchild every time
                 times[name].append(time.perf_counter() - started)
                 phases[name].append(outcome.seconds)
                 assert (name == "refused") == bool(outcome.refusals), outcome
@@ -56,11 +60,20 @@ def main() -> None:
                                    isolated=False).get("serving-vllm")
             times["check"].append(time.perf_counter() - started)
             assert result.status == "pass", result.message
+            kinds = ("plain", "patterns", "embedding")
+            started = time.perf_counter()
+            run = harness.check_adapters([llama.adapter(kind) for kind in kinds], base_model=llama.base,
+                                         only=["serving-vllm"], isolated=False)
+            times["run3"].append((time.perf_counter() - started) / len(kinds))
+            results = [report.get("serving-vllm") for report in run.reports]
+            assert all(r.status == "pass" for r in results), [r.message for r in results]
+            assert sum("engine" in r.details["seconds"] for r in results) == 1, [r.details for r in results]
+            phases["run3"] = [r.details["seconds"] for r in results]
     summary = {"machine": machine(), "repeats": args.repeats,
                "median_s": {name: round(median(values), 2) for name, values in times.items()},
                "phases_s": phases}
     for name, value in summary["median_s"].items():
-        print(f"{name:8s} {value:6.1f} s (median of {args.repeats})")
+        print(f"{name:8s} {value:6.1f} s{' per adapter' if name == 'run3' else ''} (median of {args.repeats})")
     for name, runs in phases.items():
         print(f"{name} phases: {runs[-1]}")
     if args.json:

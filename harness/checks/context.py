@@ -62,6 +62,7 @@ class CheckContext:
     notes: list[str] = field(default_factory=list)  # adjustments the harness made (eager attention, ...)
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     cache: dict[str, Any] = field(default_factory=dict)
+    run_adapters: tuple[Path, ...] = ()  # every adapter of the run, this one included: for work shared across them
 
     def cached(self, key: str, compute: Callable[[], T]) -> T:
         """``compute()`` once per run under ``key`` ("<group>.<what>"), shared by every check."""

@@ -1,6 +1,7 @@
 """Serving checks: the adapter in a real serving engine (vLLM), against the fp32 reference.
 
-The measurement (``harness.checks.measure.serving_vllm``) runs vLLM in a process of its own per adapter; this
+The measurement (``harness.checks.measure.serving_vllm``) runs vLLM in a process of its own (one engine for the run's
+admissible adapters); this
 module only judges it. The reference logits and the probe token ids are the dynamic run's text probe, so the
 served logprobs are compared with the same fp32 reference every loading path is.
 """
@@ -40,8 +41,9 @@ def check_serving_vllm(ctx: CheckContext):
     run = dynamic_run(ctx)
     reference = None if isinstance(run, Unavailable) else _text_rows(run)
     prompts = None if reference is None else reference[0]
-    ctx.say("serving the adapter in a vLLM engine (a process of its own)")
-    outcome = ctx.cached("serving.vllm", lambda: measure.serve(ctx.base.base_dir, ctx.adapter.root, prompts))
+    ctx.say("serving the adapter in a vLLM engine (a process of its own, shared by the run's adapters)")
+    outcome = ctx.cached("serving.vllm", lambda: measure.serve(ctx.base.base_dir, ctx.adapter.root, prompts,
+                                                               siblings=ctx.run_adapters))
     details = {"vllm": outcome.vllm_version, "seconds": outcome.seconds}
     if outcome.refusals:
         rules = [r.message for r in outcome.refusals]

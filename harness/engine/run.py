@@ -46,6 +46,8 @@ def execute(plan: Plan, emit: Emit) -> None:
             where = guards.model_code_frame(err.__traceback__)
             emit(ev.Fatal(f"model code raised SystemExit({err.code!r})" + (f" at {where}" if where else "")))
             return
+        finally:
+            _close_shared()
     emit(ev.Code(executed_code(dirs)))
     emit(ev.Done())
 
@@ -53,7 +55,7 @@ def execute(plan: Plan, emit: Emit) -> None:
 def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
     planned = plan.planned_ids(index)
     emit(ev.Start(index, planned))
-    ctx = CheckContext(options=plan.options,
+    ctx = CheckContext(options=plan.options, run_adapters=tuple(Path(a) for a in plan.adapters),
                        progress=lambda text: emit(ev.Progress(index, text)))
     with ctx.cleanup:
         _read_inputs(ctx, Path(adapter), emit, index, zero=plan.is_zero_checkpoint(adapter))
@@ -78,6 +80,14 @@ def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
                     emit(ev.Result(index, CheckResult(check_id, "skip", reason)))
         emit(ev.Notes(index, list(ctx.notes)))
     return base_info
+
+
+def _close_shared() -> None:
+    """End what checks keep across the run's adapters (the vLLM engine of ``serving-vllm``), if one started."""
+    import sys
+
+    if (serving := sys.modules.get("harness.checks.measure.serving_vllm")) is not None:
+        serving.close_engines()
 
 
 def _groups(ctx: CheckContext, plan: Plan, index: int) -> list[str]:

@@ -70,7 +70,7 @@ def _engine_stand_in(with_adapter: bool):
     """A stand-in for the vLLM grandchild (``serve``) that serves the base alone or base + adapter with PEFT, so
     the check's judging runs without vLLM: an engine that loads an adapter and applies it to nothing."""
 
-    def serve(base_dir, adapter_dir, prompts):
+    def serve(base_dir, adapter_dir, prompts, **_):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -164,3 +164,35 @@ def test_an_adapter_vllm_refuses_at_load_fails_with_vllms_message(vllm_installed
     assert got.status == "fail", got.message
     assert "admits the adapter but cannot serve it" in got.message
     assert "trainable_tokens_delta is unsupported LoRA weight" in got.message
+
+
+def test_the_runs_admissible_adapters_share_one_engine(vllm_installed, serving_arch):
+    llama = serving_arch("llama")
+    kinds = ["plain", "rank32", "stale_tensors"]  # good; refused (never reaches the engine); served differently
+    run = harness.check_adapters([llama.adapter(kind) for kind in kinds], base_model=llama.base,
+                                 only=["serving-vllm"], isolated=False)
+    got = dict(zip(kinds, (report.get("serving-vllm") for report in run.reports)))
+    assert got["plain"].status == "pass", got["plain"].message
+    assert got["rank32"].status == "fail" and "greater than max_lora_rank 16" in got["rank32"].message
+    assert got["stale_tensors"].status == "fail", got["stale_tensors"].message
+    assert "serves the adapter differently from the fp32 reference: largest logprob gap" in got["stale_tensors"].message
+    started = [kind for kind, result in got.items() if "engine" in result.details["seconds"]]
+    assert started == ["plain"]  # one engine, started for the first admitted adapter, served the third too
+    assert "import" not in got["stale_tensors"].details["seconds"]  # the same grandchild: vLLM imported once
+    assert not measure._SERVERS  # closed at the end of the run
+
+
+def test_an_adapter_above_the_shared_engines_rank_gets_a_fresh_engine(vllm_installed, serving_arch):
+    llama = serving_arch("llama")
+    first = measure.serve(llama.base, llama.adapter("plain"), [[5, 6, 7, 8]], siblings=[llama.adapter("plain")])
+    try:
+        assert "engine" in first.seconds and first.served is not None
+        again = measure.serve(llama.base, llama.adapter("patterns"), [[5, 6, 7, 8]])
+        assert "engine" not in again.seconds and again.served is not None  # the rank-covering engine, reused
+        server = next(iter(measure._SERVERS.values()))
+        # a prompt longer than the engine's max_model_len: the engine cannot serve it, a fresh grandchild does
+        longer = measure.serve(llama.base, llama.adapter("plain"), [list(range(5, 75))])
+        assert longer.error is None and "engine" in longer.seconds and "import" in longer.seconds
+        assert server.proc.poll() is not None  # the old grandchild ended
+    finally:
+        measure.close_engines()
