@@ -34,8 +34,14 @@ def build(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
 
     dims = TINY.with_(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 3.5),
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256)
-    model = build_model("ixc2.5", dims)
-    export_model(model, root / "base")
+    export_model(build_model("ixc2.5", dims), root / "base")
+    from harness.loading.base import load_base
+    from harness.loading.model_code import remote_code_consent
+
+    # the adapter is trained on the base as users load it (its class from the directory's own code), so the
+    # adapter_config's auto_mapping names that class, not this process's module
+    with remote_code_consent(True):
+        model = load_base(root / "base", dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(OFFICIAL_TARGETS),
                                                   init_lora_weights=False))
     for name, param in peft_model.named_parameters():
