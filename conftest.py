@@ -7,6 +7,7 @@ inputs by every test.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" (an optional accelerated kernel
+# it looks for; its plain CPU kernels work) when it is first imported. Where that import falls outside pytest's
+# capture (an xdist worker between tests) logging's last-resort handler printed it on the terminal after the
+# summary. A NullHandler keeps it off the terminal only: the record still propagates to pytest's log capture, and
+# the harness's own load records (transformers/peft loggers) are untouched.
+logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
 
 
 @pytest.fixture(scope="session", autouse=True)
