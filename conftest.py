@@ -7,6 +7,7 @@ inputs by every test.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fixtures.zero_runs import zero_run_specs
+# bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" (an optional accelerated kernel;
+# its plain CPU kernels work) when first imported, which importing torch can do: with no handler, logging's
+# last-resort handler printed it on the terminal at the end of the suite's runs. A NullHandler, set before anything
+# here imports torch, keeps it off the terminal only: the record still propagates to pytest's log capture, and the
+# harness's own load records (transformers/peft loggers) are untouched.
+logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
+
+from fixtures.zero_runs import zero_run_specs  # noqa: E402  (after the handler: the fixtures package imports torch)
 
 settings.register_profile(
     "ci",
@@ -32,6 +40,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 
 @pytest.fixture(scope="session", autouse=True)

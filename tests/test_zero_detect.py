@@ -159,7 +159,7 @@ def test_payload_is_live_when_loaded_unsafely(tmp_path: Path) -> None:
     """Guards the refusal tests below: this payload really runs under weights_only=False."""
     marker = tmp_path / "ran"
     torch.save({"x": _Payload(marker)}, tmp_path / "evil.pt")
-    torch.load(tmp_path / "evil.pt", weights_only=False)
+    torch.load(tmp_path / "evil.pt", weights_only=False)["x"].close()  # the payload's open file, closed
     assert marker.exists()
 
 
