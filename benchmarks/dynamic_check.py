@@ -43,6 +43,7 @@ def build(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     with remote_code_consent(True):
         model = load_base(root / "base", dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(OFFICIAL_TARGETS),
+                                                  task_type="CAUSAL_LM",
                                                   init_lora_weights=False))
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
