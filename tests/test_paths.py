@@ -339,3 +339,27 @@ def test_flash_attention_config_loads_eagerly_with_a_note(default_bundle, tmp_pa
     reference = load_base(default_bundle.base_dir, dtype=torch.float32)
     probe = make_probe(reference.get_input_embeddings())
     assert torch.equal(probe_logits(model, probe), probe_logits(reference, probe))
+
+
+def test_auto_peft_names_a_missing_task_type_as_the_cause(default_bundle, tmp_path) -> None:
+    """An adapter saved without task_type carries an auto_mapping naming the base's module; peft 0.21's
+    AutoPeftModelForCausalLM refuses to import it: the path's error says so and names the fix."""
+    from harness.loading import paths
+
+    if "auto-peft" not in paths.PATHS:
+        pytest.skip(paths.UNAVAILABLE.get("auto-peft", "auto-peft is not available on this stack"))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(default_bundle.adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(task_type=None, auto_mapping={"base_model_class": "InternLMXComposer2ForCausalLM",
+                                                "parent_library": "transformers_modules.base.modeling_x"})
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    try:
+        paths.PATHS["auto-peft"](default_bundle.base_dir, adapter, dtype=torch.float32, device="cpu",
+                                 workdir=tmp_path / "work")
+    except ValueError as err:
+        message = str(err)
+    else:
+        pytest.skip("this PEFT imports an auto_mapping without an allowlist")
+    assert "has no task_type" in message and "'transformers_modules.base.modeling_x'" in message
+    assert '"task_type": "CAUSAL_LM"' in message

@@ -347,10 +347,28 @@ def load_auto_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir)
         if base != Path(base_dir):
             _point_at(source, base)
         with building_model(base_dir):
-            model = AutoPeftModelForCausalLM.from_pretrained(str(source), **_base_kwargs(base_dir, dtype))
+            try:
+                model = AutoPeftModelForCausalLM.from_pretrained(str(source), **_base_kwargs(base_dir, dtype))
+            except ValueError as err:
+                raise _auto_mapping_refused(err, adapter_dir) from None
     record.files_used = _adapter_files(adapter_dir)
     _record_coverage(record, model, read_adapter_tensors(source), "default")
     return LoadedModel(model.to(device).eval(), record)
+
+
+def _auto_mapping_refused(err: ValueError, adapter_dir: Path) -> ValueError:
+    """PEFT's refusal of an adapter whose config has no task_type (PEFT then saves an ``auto_mapping`` naming the
+    base's module, which ``AutoPeftModelForCausalLM`` imports only from an allowlist), with the fix; other errors
+    unchanged."""
+    from harness.inputs.files import read_json_object
+
+    config = read_json_object(adapter_dir / ADAPTER_CONFIG)
+    if config.get("task_type") or not config.get("auto_mapping"):
+        return err
+    return ValueError(f"{adapter_dir / ADAPTER_CONFIG} has no task_type, so PEFT saved an auto_mapping naming "
+                      f"{config['auto_mapping'].get('parent_library')!r}, which AutoPeftModelForCausalLM refuses "
+                      f"({str(err).splitlines()[0][:160]}); set \"task_type\": \"CAUSAL_LM\" in adapter_config.json "
+                      "(LoraConfig(task_type='CAUSAL_LM') when training)")
 
 
 def _point_at(adapter_copy: Path, base: Path) -> None:
