@@ -322,6 +322,15 @@ def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) ->
     return []
 
 
+def _without_merged_inputs(ctx: CheckContext):
+    """The skip of a merged-checkpoint check that lacks its inputs (the merged directory and the base), or None."""
+    if ctx.merged is None:
+        return skipped("no --merged given")
+    if ctx.base is None:
+        return skipped("--merged needs --base-model to compare against")
+    return None
+
+
 @register(
     id="merged-matches",
     group="merged",
@@ -332,10 +341,8 @@ def _config_problems(base: ModelDir, merged: ModelDir, found: MergedFindings) ->
     "failure names the fix for its cause (scaling, dtype, missing tensors, PLoRA for XComposer bases)",
 )
 def check_merged_matches(ctx: CheckContext):
-    if ctx.merged is None:
-        return skipped("no --merged given")
-    if ctx.base is None:
-        return skipped("--merged needs --base-model to compare against")
+    if (missing := _without_merged_inputs(ctx)) is not None:
+        return missing
     if ctx.adapter is None or ctx.adapter.primary is None or not isinstance(ctx.adapter.config, dict):
         return skipped("the adapter's tensors or config are unreadable (see the static checks)")
     from harness.checks.quantized import packed_reason
@@ -418,10 +425,8 @@ def check_merged_matches(ctx: CheckContext):
     "base's *.py, tokenizer, generation_config.json and processor files",
 )
 def check_merged_whole(ctx: CheckContext):
-    if ctx.merged is None:
-        return skipped("no --merged given")
-    if ctx.base is None:
-        return skipped("--merged needs --base-model to compare against")
+    if (missing := _without_merged_inputs(ctx)) is not None:
+        return missing
     from harness.checks.measure.shipping import shipping_problems
     from harness.inputs.model_dir import ModelDir
 
