@@ -39,6 +39,21 @@ def _memory_budget(max_memory: str | int | None) -> int | None:
     return budget
 
 
+def _depth_slice(layers: str | Sequence[int] | None, base_model) -> tuple[int, ...] | None:
+    """``--layers`` as consecutive indices (None: slices chosen from the memory budget when the base does not fit)."""
+    if layers is None:
+        return None
+    from harness.loading.slices import parse_layers
+
+    try:
+        chosen = parse_layers(layers)
+    except ValueError as err:
+        raise InputError(f"--layers: {err}") from None
+    if base_model is None:
+        raise InputError(f"--layers {chosen[0]}-{chosen[-1]} slices the base model by depth; pass --base-model too")
+    return chosen
+
+
 def plan_run(
     adapters: Sequence[str | Path] | None,
     base_model: str | Path | None = None,
@@ -55,6 +70,7 @@ def plan_run(
     demo: bool = False,
     progress: Callable[[str], None] | None = None,
     trained_on_quantized: str | None = None,
+    layers: str | Sequence[int] | None = None,
 ) -> tuple[Plan, list[dict]]:
     """Validate everything a run needs, cheaply and before any model code or heavy import, and plan it.
 
@@ -77,6 +93,7 @@ def plan_run(
     if timeout != "auto" and timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
         raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
     max_memory_bytes = _memory_budget(max_memory)
+    depth_slice = _depth_slice(layers, base_model)
     unknown = unknown_ids(list(only) + list(skip))
     if unknown:
         raise InputError(f"unknown check id(s) {', '.join(map(repr, unknown))}; `plora-harness list` shows them all")
@@ -116,7 +133,7 @@ def plan_run(
     plan = Plan(adapters=tuple(str(p) for p, _ in pairs), base_model=str(base) if base else None,
                 merged=merged_dirs if any(merged_dirs) else (),
                 options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device,
-                                     max_memory=max_memory_bytes,
+                                     max_memory=max_memory_bytes, layers=depth_slice,
                                      trained_on_quantized=trained_on_quantized),
                 only=tuple(only), skip=tuple(skip), trust_remote_code=trust_remote_code, timeout_s=timeout, demo=demo)
     return plan, code
@@ -150,6 +167,7 @@ def check_adapters(
     timeout: float | str | None = DEFAULT_TIMEOUT_S,
     max_memory: str | int | None = None,
     trained_on_quantized: str | None = None,
+    layers: str | Sequence[int] | None = None,
     demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
@@ -166,7 +184,7 @@ def check_adapters(
     plan, code = plan_run(adapters, base_model, merged, dtype=dtype, device=device,
                           allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
                           skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress,
-                          trained_on_quantized=trained_on_quantized)
+                          trained_on_quantized=trained_on_quantized, layers=layers)
     return _execute(plan, code, isolated=isolated, progress=progress, verbose=verbose)
 
 
@@ -198,6 +216,7 @@ def check(
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
     trained_on_quantized: str | None = None,
+    layers: str | Sequence[int] | None = None,
 ) -> Report:
     """Run every applicable check on one adapter and return its report.
 
@@ -208,14 +227,15 @@ def check(
     lists each file with its sha256. ``timeout`` (seconds per adapter; ``"auto"``: derived from the size of
     the model files; ``None``: no limit) bounds the child's run. ``max_memory`` ("8GiB", "500MB" or bytes;
     default: the RAM or GPU memory available) bounds the dynamic checks: a base that does not fit is checked on
-    depth slices (README, Depth slices). Raises ``InputError`` (one line: file,
+    depth slices (README, Depth slices); ``layers`` ("8-15" or indices) runs the dynamic checks on that one
+    depth slice only, a unit of a check spread over CI jobs or pytest-xdist workers. Raises ``InputError`` (one line: file,
     problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when torch/transformers/PEFT
     are outside the tested range.
     """
     plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
                           allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
                           skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress,
-                          trained_on_quantized=trained_on_quantized)
+                          trained_on_quantized=trained_on_quantized, layers=layers)
     if len(plan.adapters) != 1:
         raise InputError(f"{plan.adapters[0]}: is one of {len(plan.adapters)} adapters in {adapter}; check a folder "
                          "of adapters with check_adapters")

@@ -76,6 +76,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-memory", default=None, metavar="SIZE",
                      help="memory the dynamic checks may use, e.g. 8GiB (default: the RAM or GPU memory available); "
                      "a base that does not fit is checked on depth slices of its layers")
+    run.add_argument("--layers", default=None, metavar="FIRST-LAST",
+                     help="run the dynamic checks on the depth slice of these decoder layers only (e.g. 16-23): one "
+                     "CI job per slice spreads a large base's check; the static and merged checks still read it all")
     run.add_argument("--timeout", type=_timeout, default=None, metavar="SECONDS",
                      help="limit per adapter for the engine process (default 'auto': 10 minutes plus 15 minutes per "
                      "GiB of model weights; 'none': no limit); checks it did not finish fail")
@@ -220,7 +223,7 @@ def _check(args: argparse.Namespace) -> int:
             run = check_adapters(args.adapters, args.base_model, args.merged, dtype=args.dtype, device=args.device,
                                  allow_plora_targets=args.allow_plora_targets, trust_remote_code=args.trust_remote_code,
                                  only=args.only, skip=args.skip, timeout=args.timeout, demo=args.demo,
-                                 max_memory=args.max_memory,
+                                 max_memory=args.max_memory, layers=args.layers,
                                  trained_on_quantized=args.trained_on_quantized,
                                  progress=progress, verbose=args.verbose)
     except (InputError, UnsupportedStack) as err:

@@ -75,10 +75,57 @@ def option(config: pytest.Config, name: str):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "plora_conformance: a plora-harness conformance check item")
-    if not hasattr(config, "workerinput"):  # the controller validates once; workers trust it
+    if not hasattr(config, "workerinput"):  # the controller validates and plans once; workers take its plan
         config._plora_pairs = _validated_pairs(config)
+        config._plora_units = [_units(config, adapter, merged) for adapter, merged in config._plora_pairs]
     else:
         config._plora_pairs = _pairs(config) if option(config, "plora_adapter") else []
+        planned = config.workerinput.get("plora_units")
+        config._plora_units = (_units_from_json(planned) if planned is not None else
+                               [_units(config, adapter, merged) for adapter, merged in config._plora_pairs])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """pytest-xdist: every worker collects the controller's units (the memory available differs between moments,
+    and workers must collect the same items)."""
+    import json
+
+    units = getattr(node.config, "_plora_units", None)
+    if units:
+        node.workerinput["plora_units"] = json.dumps(
+            [[{"check_ids": list(u.check_ids), "layers": list(u.layers) if u.layers else None} for u in adapter_units]
+             for adapter_units in units])
+
+
+def _units_from_json(text: str) -> list:
+    import json
+
+    from harness.engine.units import WorkUnit
+
+    return [[WorkUnit(tuple(u["check_ids"]), tuple(u["layers"]) if u["layers"] else None) for u in adapter_units]
+            for adapter_units in json.loads(text)]
+
+
+def _units(config: pytest.Config, adapter: str, merged: str | None) -> list:
+    """The adapter's checks as units of work: one, or the whole-model checks plus the dynamic checks once per depth
+    slice when the base does not fit the memory each worker has (the budget shared by this run's xdist workers)."""
+    from harness.engine.units import WorkUnit, work_units
+
+    ids = _planned_ids(config, adapter, merged)
+    base = option(config, "plora_base_model")
+    if base is None:
+        return [WorkUnit(tuple(ids))]
+    from harness.loading.slices import available_bytes, parse_memory
+
+    given = config.getoption("plora_max_memory")
+    try:
+        budget = parse_memory(given) if given is not None else available_bytes(config.getoption("plora_device") or "cpu")
+    except ValueError as err:
+        raise pytest.UsageError(f"plora-harness: --plora-max-memory: {err}") from None
+    workers = getattr(config.option, "numprocesses", None)
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    return work_units(ids, base, adapter, dtype=config.getoption("plora_dtype"), budget=budget // workers)
 
 
 def _validated_pairs(config: pytest.Config) -> list[tuple[str, str | None]]:
@@ -134,15 +181,18 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     pairs = getattr(config, "_plora_pairs", None)
     if not pairs:
         return
-    root = ConformanceRoot.from_parent(session, name=COLLECTOR_NAME, nodeid=COLLECTOR_NAME, pairs=pairs)
+    root = ConformanceRoot.from_parent(session, name=COLLECTOR_NAME, nodeid=COLLECTOR_NAME, pairs=pairs,
+                                       units=config._plora_units)
     items.extend(session.genitems(root))
 
 
 class AdapterRun:
-    """One adapter's report, computed once per test run (across xdist workers), on first use."""
+    """One unit of an adapter's checks (all of them, or the dynamic ones on one depth slice): its report, computed
+    once per test run (across xdist workers), on first use."""
 
-    def __init__(self, config: pytest.Config, adapter: str, merged: str | None, label: str) -> None:
+    def __init__(self, config: pytest.Config, adapter: str, merged: str | None, label: str, unit=None) -> None:
         self.config, self.adapter, self.merged, self.label = config, Path(adapter), merged, label
+        self.unit = unit
         self.error: str | None = None
         self._report = None
 
@@ -171,6 +221,10 @@ class AdapterRun:
             options["timeout"] = config.getoption("plora_timeout")
         if config.getoption("plora_max_memory") is not None:
             options["max_memory"] = config.getoption("plora_max_memory")
+        if self.unit is not None and self.unit.layers is not None:  # one depth slice's dynamic checks
+            options["only"], options["skip"], options["layers"] = self.unit.check_ids, (), self.unit.layers
+        elif self.unit is not None:  # the whole-model checks of a sliced adapter
+            options["only"], options["skip"] = self.unit.check_ids, ()
         return options
 
     def _key(self) -> str:
@@ -196,27 +250,49 @@ class AdapterRun:
 class ConformanceRoot(pytest.Collector):
     """``plora-conformance``: one child per adapter."""
 
-    def __init__(self, *, pairs: list[tuple[str, str | None]], **kwargs) -> None:
+    def __init__(self, *, pairs: list[tuple[str, str | None]], units: list, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.pairs = pairs
+        self.pairs, self.units = pairs, units
 
     def collect(self):
         labels = _labels([Path(a) for a, _ in self.pairs])
-        for (adapter, merged), label in zip(self.pairs, labels):
-            run = AdapterRun(self.config, adapter, merged, label)
-            yield AdapterCollector.from_parent(self, name=label, run=run)
+        for (adapter, merged), label, units in zip(self.pairs, labels, self.units):
+            yield AdapterCollector.from_parent(self, name=label, adapter=adapter, merged=merged, units=units)
 
 
 class AdapterCollector(pytest.Collector):
-    """``plora-conformance::<adapter>``: one item per planned check id."""
+    """``plora-conformance::<adapter>``: one item per planned check id; when the base does not fit the memory of
+    one worker, the dynamic checks' items sit under one ``layers-A-B`` collector per depth slice, each slice an
+    independent unit of work an xdist worker can take."""
+
+    def __init__(self, *, adapter: str, merged: str | None, units: list, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.adapter, self.merged, self.units = adapter, merged, units
+
+    def collect(self):
+        several = len(self.units) > 1
+        for unit in self.units:
+            run = AdapterRun(self.config, self.adapter, self.merged, self.name, unit if several else None)
+            if unit.layers is None:
+                yield from _items(self, unit.check_ids, run)
+            else:
+                yield SliceCollector.from_parent(self, name=unit.label, run=run)
+
+
+class SliceCollector(pytest.Collector):
+    """``plora-conformance::<adapter>::layers-A-B``: the dynamic checks on one depth slice."""
 
     def __init__(self, *, run: AdapterRun, **kwargs) -> None:
         super().__init__(**kwargs)
         self.run = run
 
     def collect(self):
-        for check_id in _planned_ids(self.config, self.run):
-            yield ConformanceItem.from_parent(self, name=check_id, check_id=check_id, run=self.run)
+        yield from _items(self, self.run.unit.check_ids, self.run)
+
+
+def _items(parent: pytest.Collector, check_ids, run: AdapterRun):
+    for check_id in check_ids:
+        yield ConformanceItem.from_parent(parent, name=check_id, check_id=check_id, run=run)
 
 
 class ConformanceItem(pytest.Item):
@@ -242,7 +318,8 @@ class ConformanceItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.run.adapter, None, f"{COLLECTOR_NAME}::{self.run.label}::{self.check_id}"
+        where = f"{self.run.label}::{self.run.unit.label}" if self.run.unit and self.run.unit.label else self.run.label
+        return self.run.adapter, None, f"{COLLECTOR_NAME}::{where}::{self.check_id}"
 
 
 def outcome_of(result) -> None:
@@ -267,11 +344,11 @@ class ConformanceFailure(Exception):
     """A failed conformance check: reported as its one-line message and fix, no traceback."""
 
 
-def _planned_ids(config: pytest.Config, run: AdapterRun) -> list[str]:
+def _planned_ids(config: pytest.Config, adapter: str, merged: str | None) -> list[str]:
     from harness.engine.plan import Plan, absolute
 
-    plan = Plan(adapters=(absolute(run.adapter),), base_model=absolute(option(config, "plora_base_model")),
-                merged=(absolute(run.merged),) if run.merged else (), only=tuple(config.getoption("plora_only")),
+    plan = Plan(adapters=(absolute(adapter),), base_model=absolute(option(config, "plora_base_model")),
+                merged=(absolute(merged),) if merged else (), only=tuple(config.getoption("plora_only")),
                 skip=tuple(config.getoption("plora_skip")))
     return plan.planned_ids(0)
 
@@ -292,11 +369,15 @@ def _write_report(config: pytest.Config, run: AdapterRun, report) -> None:
     run._written = True
     from harness.run_once import computed_once
 
+    if run.unit is not None and run.unit.layers is not None:  # one report per unit: say which slice this one is
+        report.inputs["layers"] = f"{run.unit.layers[0]}-{run.unit.layers[-1]}"
+
     computed_once(_shared_dir(config), f"report-{run._key()}", lambda: _merge_report(Path(path), report))
 
 
 def _merge_report(path: Path, report) -> dict:
-    """Add one adapter's report to the JSON file (a file lock serialises writers)."""
+    """Add one adapter's report (one per unit when its dynamic checks ran per depth slice) to the JSON file (a
+    file lock serialises writers)."""
     import json
 
     from filelock import FileLock
@@ -308,7 +389,10 @@ def _merge_report(path: Path, report) -> dict:
         if path.is_file():
             data = json.loads(path.read_text())
             reports = [Report.from_dict(r) for r in data["reports"]] if "reports" in data else [Report.from_dict(data)]
-        reports = [r for r in reports if r.inputs.get("adapter") != report.inputs.get("adapter")] + [report]
+        def unit(r):
+            return r.inputs.get("adapter"), r.inputs.get("layers")
+
+        reports = [r for r in reports if unit(r) != unit(report)] + [report]
         out = reports[0] if len(reports) == 1 else RunReport(reports=reports)
         path.write_text(out.to_json())
     return {"written": str(path)}

@@ -139,3 +139,60 @@ def test_an_unreadable_max_memory_is_a_usage_error(default_bundle, value) -> Non
     from harness.cli import main
 
     assert main(["check", "--adapter", str(default_bundle.adapter_dir), "--max-memory", value]) == 2
+
+
+def test_a_sliced_adapter_is_planned_as_independent_units_of_work(default_bundle, info) -> None:
+    """The plugin's xdist items: the whole-model checks once, the dynamic checks once per depth slice."""
+    from harness.engine.units import WorkUnit, work_units
+
+    ids = ["finite", "key-coverage", "path-agreement", "merged-matches"]
+    one_layer = needed_bytes(info, "float32", 1, layer_layout(info))
+    units = work_units(ids, default_bundle.base_dir, default_bundle.adapter_dir, dtype="float32", budget=one_layer)
+    assert units == [WorkUnit(("finite", "merged-matches")),
+                     WorkUnit(("key-coverage", "path-agreement"), (0,)),
+                     WorkUnit(("key-coverage", "path-agreement"), (1,))]
+    assert [u.label for u in units] == [None, "layer-0", "layer-1"]
+    roomy = work_units(ids, default_bundle.base_dir, default_bundle.adapter_dir, dtype="float32", budget=2**40)
+    assert roomy == [WorkUnit(tuple(ids))]
+    assert work_units(ids, None, default_bundle.adapter_dir, dtype=None, budget=1) == [WorkUnit(tuple(ids))]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", (1,)), ("2-4", (2, 3, 4)), ([3, 4], (3, 4))])
+def test_layers_parse_as_consecutive_indices(value, expected) -> None:
+    from harness.loading.slices import parse_layers
+
+    assert parse_layers(value) == expected
+
+
+@pytest.mark.parametrize("value", ["4-2", "a-b", [1, 3], [], [-1]])
+def test_layers_that_are_not_a_consecutive_range_are_a_usage_error(default_bundle, value) -> None:
+    import harness
+    from harness.inputs.errors import InputError
+
+    with pytest.raises(InputError, match="--layers: .*e.g. 8-15|--layers: .*range such as 8-15"):
+        harness.check(default_bundle.adapter_dir, base_model=default_bundle.base_dir, layers=value, isolated=False,
+                      trust_remote_code=True)
+
+
+def test_layers_without_a_base_or_outside_the_model_are_refused_in_one_line(default_bundle) -> None:
+    import harness
+    from harness.inputs.errors import InputError
+
+    with pytest.raises(InputError, match="--layers 0-1 slices the base model by depth; pass --base-model too"):
+        harness.check(default_bundle.adapter_dir, layers="0-1", isolated=False)
+    report = harness.check(default_bundle.adapter_dir, base_model=default_bundle.base_dir, layers="1-5",
+                           isolated=False, trust_remote_code=True, only=("path-agreement",))
+    result = report.get("path-agreement")
+    assert result.status == "fail"
+    assert result.message == "layers 1-5 were asked for, but the base has 2 decoder layers (0-1)"
+    assert result.fix == "ask for layers within 0-1"
+
+
+def test_layers_runs_the_dynamic_checks_on_that_slice_only(default_bundle) -> None:
+    import harness
+
+    report = harness.check(default_bundle.adapter_dir, base_model=default_bundle.base_dir, layers="1",
+                           isolated=False, trust_remote_code=True, only=("key-coverage",))
+    result = report.get("key-coverage")
+    assert result.status == "pass", result.message
+    assert result.message.startswith("on 1 depth slice(s) (layer 1): ")

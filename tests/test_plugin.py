@@ -128,3 +128,37 @@ def test_under_pytest_every_problem_of_a_failure_is_visible():
     text = str(info.value)
     assert "- ΔW missing in w.0" in text and "- dtype float16, expected bfloat16" in text
     assert text.endswith("fix: re-merge")
+
+
+@pytest.mark.slow
+def test_a_base_beyond_one_workers_memory_gives_items_per_depth_slice_that_workers_share(default_bundle, tmp_path):
+    """Each depth slice is an item group of its own (``::layer-1::key-coverage``), computed once, and a fault in
+    one layer fails that slice's item only."""
+    from safetensors.torch import load_file, save_file
+
+    from fixtures.mutations import copy_adapter
+    from harness.loading.slices import layer_layout, needed_bytes
+    from harness.model.structure import inspect_base
+
+    info = inspect_base(default_bundle.base_dir, build_tree=False)
+    per_worker = needed_bytes(info, "float32", 1, layer_layout(info))
+    broken = copy_adapter(default_bundle.adapter_dir, tmp_path / "layer1-missing")
+    tensors = load_file(broken / "adapter_model.safetensors")
+    missing = next(k for k in tensors if ".layers.1." in k and ".lora_B." in k)
+    del tensors[missing]
+    save_file(tensors, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    report = tmp_path / "conformance.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", "-rfE", "--rootdir", str(tmp_path),
+         f"--plora-adapter={broken}", f"--plora-base-model={default_bundle.base_dir}", "--plora-trust-remote-code",
+         "--plora-only=finite", "--plora-only=key-coverage", "--plora-dtype=float32",
+         f"--plora-max-memory={2 * per_worker}", f"--plora-report={report}", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900, check=False,
+    )
+    out = run.stdout
+    assert run.returncode == 1, out[-3000:]
+    assert "FAILED plora-conformance::layer1-missing::layer-1::key-coverage" in out, out[-3000:]
+    assert "layer-0::key-coverage" not in out.split("short test summary")[-1], out[-3000:]
+    assert "2 passed" in out and "1 failed" in out, out[-3000:]  # finite, layer-0 pass; layer-1 fails
+    data = json.loads(report.read_text())
+    assert sorted(str(r["inputs"].get("layers")) for r in data["reports"]) == ["0-0", "1-1", "None"]

@@ -33,6 +33,9 @@ class CheckOptions:
     device: str = "cpu"
     max_memory: int | None = None  # bytes the dynamic checks may use; None: the RAM (or GPU memory) available
     trained_on_quantized: str | None = None  # nf4 | fp4 | int8: the base the adapter was trained on (QLoRA)
+    # Run the dynamic checks on the depth slice of exactly these decoder layers (consecutive, original indices):
+    # one unit of a check spread over pytest-xdist workers or CI jobs. None: slices chosen from max_memory.
+    layers: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class Unavailable:
 
     reason: str
     is_failure: bool = False
+    fix: str | None = None  # None: the base does not load on its own (the usual cause of a failure)
 
 
 def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
@@ -80,19 +81,28 @@ def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
         budget = ctx.options.max_memory or available_bytes(ctx.options.device)
         dtype = ctx.options.dtype or stored_dtype(ctx.base.base_dir) or "float32"
         layout = layer_layout(ctx.base)
-        try:
-            adapted = adapted_layers(list(read_adapter_tensors(ctx.adapter.root)), layout) if layout else set()
-            chosen = plan_slices(ctx.base, dtype, budget, adapted)
-        except ValueError as err:
-            return Unavailable(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} for the "
-                               f"dynamic checks and the memory budget is {budget / 2**30:.1f} GiB; depth slices "
-                               f"cannot help: {err}", is_failure=True)
-        if chosen is None:
-            return None
+        if ctx.options.layers is not None:
+            chosen = asked_slice(ctx.options.layers, layout)
+            if isinstance(chosen, Unavailable) or chosen is None:
+                return chosen
+        else:
+            try:
+                adapted = adapted_layers(list(read_adapter_tensors(ctx.adapter.root)), layout) if layout else set()
+                chosen = plan_slices(ctx.base, dtype, budget, adapted)
+            except ValueError as err:
+                return Unavailable(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} for "
+                                   f"the dynamic checks and the memory budget is {budget / 2**30:.1f} GiB; depth "
+                                   f"slices cannot help: {err}", is_failure=True)
+            if chosen is None:
+                return None
         workdir = ctx.cleanup.enter_context(tempfile.TemporaryDirectory(prefix="plora-harness-slices-"))
-        ctx.note(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} and the memory budget is "
-                 f"{budget / 2**30:.1f} GiB: the dynamic checks ran on {len(chosen)} depth slice(s) of "
-                 f"{len(chosen[0])} layer(s) covering every layer the adapter touches (README, Depth slices)")
+        if ctx.options.layers is not None:
+            ctx.note(f"the dynamic checks ran on the depth slice of layers {chosen[0][0]}-{chosen[0][-1]} only, as "
+                     f"asked (layers=); the other layers' units check the rest (README, Depth slices)")
+        else:
+            ctx.note(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} and the memory "
+                     f"budget is {budget / 2**30:.1f} GiB: the dynamic checks ran on {len(chosen)} depth slice(s) "
+                     f"of {len(chosen[0])} layer(s) covering every layer the adapter touches (README, Depth slices)")
         slices = []
         for layers in chosen:
             ctx.say(f"writing the depth slice of layers {layers[0]}-{layers[-1]}")
@@ -100,6 +110,18 @@ def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
         return slices
 
     return ctx.cached("dynamic.slices", plan)
+
+
+def asked_slice(layers: tuple[int, ...], layout) -> list[tuple[int, ...]] | None | Unavailable:
+    """The one slice ``layers=`` asks for (None: it is the whole model), or why it cannot be cut."""
+    if layout is None:
+        return Unavailable(f"layers {layers[0]}-{layers[-1]} were asked for, but the base has no decoder layer list to "
+                           "slice by depth", is_failure=True, fix="run without layers= (the whole model)")
+    if layers[-1] >= layout.count:
+        return Unavailable(f"layers {layers[0]}-{layers[-1]} were asked for, but the base has {layout.count} decoder "
+                           f"layers (0-{layout.count - 1})", is_failure=True,
+                           fix=f"ask for layers within 0-{layout.count - 1}")
+    return None if len(layers) == layout.count else [tuple(layers)]
 
 
 def _slice_context(ctx: CheckContext, depth_slice) -> CheckContext:
@@ -163,7 +185,7 @@ def combine_slices(results: list) -> CheckResult:
 
 def _unavailable(why: Unavailable):
     if why.is_failure:
-        return failed(why.reason, fix="make the base directory load on its own first: the message names the file "
+        return failed(why.reason, fix=why.fix or "make the base directory load on its own first: the message names the file "
                       "and line in its code; AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) shows "
                       "the full traceback")
     return skipped(why.reason)

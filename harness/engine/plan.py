@@ -80,7 +80,10 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
-        data["options"] = CheckOptions(**data["options"])
+        options = data["options"]
+        if options.get("layers") is not None:
+            options["layers"] = tuple(options["layers"])
+        data["options"] = CheckOptions(**options)
         for key in ("adapters", "merged", "only", "skip", "zero_checkpoints"):
             data[key] = tuple(data[key])
         return cls(**data)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,3 +226,19 @@ def parse_memory(text: str | int) -> int:
     if match is None or unit not in _UNITS:
         raise ValueError(f"memory size {text!r} is not a number with an optional unit (e.g. 8GiB, 500MB, 16G)")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_layers(value: str | Sequence[int]) -> tuple[int, ...]:
+    """``"8-15"``, ``"7"`` or consecutive layer indices -> a tuple; ValueError with the accepted forms."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+        if match is None:
+            raise ValueError(f"layers {value!r} is not a layer index or a range such as 8-15")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        layers = tuple(range(first, last + 1))
+    else:
+        layers = tuple(value)
+    if (not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
+            or list(layers) != list(range(layers[0], layers[0] + len(layers)))):
+        raise ValueError(f"layers {value!r} must be consecutive layer indices in order, e.g. 8-15")
+    return layers
