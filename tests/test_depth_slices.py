@@ -114,6 +114,52 @@ def test_dynamic_checks_run_per_slice_when_the_base_does_not_fit(default_bundle,
         ctx.cleanup.close()
 
 
+def test_slices_are_taken_one_at_a_time_every_planned_check_on_one_before_the_next_is_written(
+        default_bundle, info, tmp_path, monkeypatch) -> None:
+    """Before: every slice was written up front (a 7B base: a second full copy on disk, which ran out of space)."""
+    import dataclasses
+    import tempfile
+
+    import harness.loading.slices as slices
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+    write = slices.write_slice
+
+    def recording(info, adapter_dir, layers, out):
+        seen.append((layers, sorted(p.name for p in tmp_path.glob("plora-harness-slice-*"))))
+        return write(info, adapter_dir, layers, out)
+
+    monkeypatch.setattr(slices, "write_slice", recording)
+    ctx = dataclasses.replace(_context(default_bundle, info, needed_bytes(info, "float32", 1, layer_layout(info))),
+                              planned=("key-coverage", "path-agreement"))
+    try:
+        for check_id in ("key-coverage", "path-agreement"):
+            assert run_check(get_check(check_id), ctx).status == "pass"
+    finally:
+        ctx.cleanup.close()
+    assert [layers for layers, _ in seen] == [(0,), (1,)]  # two slices, written once for both checks
+    assert all(len(on_disk) == 1 for _, on_disk in seen)  # the one being written; the previous one is gone
+    assert not list(tmp_path.glob("plora-harness-slice-*"))
+
+
+def test_a_temporary_disk_too_small_for_a_slice_fails_in_one_line_naming_the_fix(default_bundle, info,
+                                                                                monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    ctx = _context(default_bundle, info, needed_bytes(info, "float32", 1, layer_layout(info)))
+    try:
+        result = run_check(get_check("key-coverage"), ctx)
+    finally:
+        ctx.cleanup.close()
+    assert result.status == "fail"
+    assert "of temporary disk and " in result.message and "has 0.0 GiB free" in result.message
+    assert result.fix.startswith("point TMPDIR at a disk with room")
+
+
 def test_a_budget_below_one_layer_fails_the_dynamic_checks_in_one_line(default_bundle, info) -> None:
     ctx = _context(default_bundle, info, 10_000)
     try:

@@ -66,6 +66,7 @@ class CheckContext:
     cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     cache: dict[str, Any] = field(default_factory=dict)
     run_adapters: tuple[Path, ...] = ()  # every adapter of the run, this one included: for work shared across them
+    planned: tuple[str, ...] = ()  # the check ids this run reports: work done once for several checks covers these
 
     def cached(self, key: str, compute: Callable[[], T]) -> T:
         """``compute()`` once per run under ``key`` ("<group>.<what>"), shared by every check."""

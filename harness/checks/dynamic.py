@@ -59,23 +59,15 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
 
 
 def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
-    """The depth slices the dynamic checks run on when the base does not fit the memory budget (None: it fits, or
-    the run over the whole base already exists)."""
+    """The layers of each depth slice the dynamic checks run on when the base does not fit the memory budget
+    (None: it fits, or the run over the whole base already exists). Slices are written only when their turn
+    comes (``_slice_results``), so at most one is on disk."""
     if ctx.base is None or "dynamic.run" in ctx.cache:
         return None
 
     def plan():
-        import tempfile
-
         from harness.inputs.adapter_dir import read_adapter_tensors
-        from harness.loading.slices import (
-            adapted_layers,
-            available_bytes,
-            layer_layout,
-            needed_bytes,
-            plan_slices,
-            write_slice,
-        )
+        from harness.loading.slices import adapted_layers, available_bytes, layer_layout, needed_bytes, plan_slices
         from harness.model.structure import stored_dtype
 
         budget = ctx.options.max_memory or available_bytes(ctx.options.device)
@@ -85,29 +77,21 @@ def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
             chosen = asked_slice(ctx.options.layers, layout)
             if isinstance(chosen, Unavailable) or chosen is None:
                 return chosen
-        else:
-            try:
-                adapted = adapted_layers(list(read_adapter_tensors(ctx.adapter.root)), layout) if layout else set()
-                chosen = plan_slices(ctx.base, dtype, budget, adapted)
-            except ValueError as err:
-                return Unavailable(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} for "
-                                   f"the dynamic checks and the memory budget is {budget / 2**30:.1f} GiB; depth "
-                                   f"slices cannot help: {err}", is_failure=True)
-            if chosen is None:
-                return None
-        workdir = ctx.cleanup.enter_context(tempfile.TemporaryDirectory(prefix="plora-harness-slices-"))
-        if ctx.options.layers is not None:
             ctx.note(f"the dynamic checks ran on the depth slice of layers {chosen[0][0]}-{chosen[0][-1]} only, as "
                      f"asked (layers=); the other layers' units check the rest (README, Depth slices)")
-        else:
+            return chosen
+        try:
+            adapted = adapted_layers(list(read_adapter_tensors(ctx.adapter.root)), layout) if layout else set()
+            chosen = plan_slices(ctx.base, dtype, budget, adapted)
+        except ValueError as err:
+            return Unavailable(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} for "
+                               f"the dynamic checks and the memory budget is {budget / 2**30:.1f} GiB; depth "
+                               f"slices cannot help: {err}", is_failure=True)
+        if chosen is not None:
             ctx.note(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} and the memory "
                      f"budget is {budget / 2**30:.1f} GiB: the dynamic checks ran on {len(chosen)} depth slice(s) "
                      f"of {len(chosen[0])} layer(s) covering every layer the adapter touches (README, Depth slices)")
-        slices = []
-        for layers in chosen:
-            ctx.say(f"writing the depth slice of layers {layers[0]}-{layers[-1]}")
-            slices.append(write_slice(ctx.base, ctx.adapter.root, layers, Path(workdir) / f"layers-{layers[0]}"))
-        return slices
+        return chosen
 
     return ctx.cached("dynamic.slices", plan)
 
@@ -124,22 +108,70 @@ def asked_slice(layers: tuple[int, ...], layout) -> list[tuple[int, ...]] | None
     return None if len(layers) == layout.count else [tuple(layers)]
 
 
-def _slice_context(ctx: CheckContext, depth_slice) -> CheckContext:
-    """A context whose base and adapter are ``depth_slice``'s, with a cache of its own (its own dynamic run)."""
+def _slice_results(ctx: CheckContext, chosen: list[tuple[int, ...]], check_id: str) -> list:
+    """``check_id``'s result on every slice, as (DepthSlice, CheckResult) pairs. Slice by slice, not check by
+    check: each slice is written, every planned dynamic check runs on it, its run is closed and its directory
+    removed before the next, so memory and disk hold one slice at a time whatever the depth."""
+    import contextlib
     import dataclasses
+    import tempfile
 
+    from harness.checks.registry import checks, get_check, run_check
     from harness.inputs.adapter_dir import read_adapter
+    from harness.loading.slices import write_slice
     from harness.model.structure import inspect_base
 
-    def build() -> CheckContext:
-        return dataclasses.replace(ctx, base=inspect_base(depth_slice.base_dir),
-                                   adapter=read_adapter(depth_slice.adapter_dir), cache={})
+    done: dict[str, list] = ctx.cache.setdefault("dynamic.slice_results", {})
+    if check_id in done:
+        return done[check_id]
+    ids = [c.id for c in checks("dynamic") if (c.id in ctx.planned or c.id == check_id) and c.id not in done]
+    for layers in chosen:
+        first, last = layers[0], layers[-1]
+        with contextlib.ExitStack() as stack:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plora-harness-slice-")))
+            if problem := _disk_problem(ctx, layers, workdir):
+                return _all_failed(done, ids, chosen, problem)
+            ctx.say(f"writing the depth slice of layers {first}-{last}")
+            depth_slice = write_slice(ctx.base, ctx.adapter.root, layers, workdir / f"layers-{first}")
+            sliced = dataclasses.replace(ctx, base=inspect_base(depth_slice.base_dir),
+                                         adapter=read_adapter(depth_slice.adapter_dir), cache={},
+                                         cleanup=stack.enter_context(contextlib.ExitStack()))
+            for each in ids:
+                body = _body_of(get_check(each).func)  # the check itself, not the slicing wrapper
+                result = run_check(dataclasses.replace(get_check(each), func=lambda c, b=body: _releasing(b, c)),
+                                   sliced)
+                done.setdefault(each, []).append((depth_slice, result))
+    return done[check_id]
 
-    return ctx.cached(f"dynamic.slice.{depth_slice.label}", build)
+
+def _disk_problem(ctx: CheckContext, layers: tuple[int, ...], workdir: Path) -> str | None:
+    """A slice is written, and the merge paths save one merged copy of it: refuse in one line when the temporary
+    directory cannot hold about three slices, rather than fail deep inside a save."""
+    import shutil
+
+    from harness.loading.slices import layer_layout, model_bytes
+    from harness.model.structure import stored_dtype
+
+    dtype = stored_dtype(ctx.base.base_dir) or "float32"
+    needed = 3 * model_bytes(ctx.base, dtype, len(layers), layer_layout(ctx.base))
+    free = shutil.disk_usage(workdir).free
+    if free >= needed:
+        return None
+    return (f"the depth slice of layers {layers[0]}-{layers[-1]} needs about {needed / 2**30:.1f} GiB of temporary "
+            f"disk and {workdir.parent} has {free / 2**30:.1f} GiB free")
+
+
+def _all_failed(done: dict, ids: list[str], chosen: list, problem: str) -> list:
+    from harness.loading.slices import DepthSlice
+
+    for each in ids:
+        done[each] = [(DepthSlice(chosen[0], Path(), Path()), failed(
+            problem, fix="point TMPDIR at a disk with room (or pass a smaller --max-memory for smaller slices)"))]
+    return done[ids[0]]
 
 
 def over_depth_slices(body):
-    """Run a dynamic check on the whole base, or once per depth slice when the base does not fit the budget; the
+    """Run a dynamic check on the whole base, or on each depth slice when the base does not fit the budget; the
     verdict is the worst slice's, and says which layers it rests on."""
 
     @functools.wraps(body)
@@ -149,10 +181,20 @@ def over_depth_slices(body):
             return _unavailable(slices)
         if not slices:
             return _releasing(body, ctx)
-        results = [(s, _releasing(body, _slice_context(ctx, s))) for s in slices]
-        return combine_slices(results)
+        return combine_slices(_slice_results(ctx, slices, _check_id_of(body)))
 
     return check
+
+
+def _check_id_of(body) -> str:
+    """The registered id of the check whose body is ``body`` (registered wrapped or not)."""
+    from harness.checks.registry import REGISTRY
+
+    return next(c.id for c in REGISTRY.values() if _body_of(c.func) is body)
+
+
+def _body_of(func):
+    return getattr(func, "__wrapped__", func)
 
 
 def _releasing(body, ctx: CheckContext):

@@ -55,7 +55,7 @@ def execute(plan: Plan, emit: Emit) -> None:
 def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
     planned = plan.planned_ids(index)
     emit(ev.Start(index, planned))
-    ctx = CheckContext(options=plan.options, run_adapters=tuple(Path(a) for a in plan.adapters),
+    ctx = CheckContext(options=plan.options, run_adapters=tuple(Path(a) for a in plan.adapters), planned=tuple(planned),
                        progress=lambda text: emit(ev.Progress(index, text)))
     with ctx.cleanup:
         _read_inputs(ctx, Path(adapter), emit, index, zero=plan.is_zero_checkpoint(adapter))
