@@ -145,15 +145,17 @@ def _slice_results(ctx: CheckContext, chosen: list[tuple[int, ...]], check_id: s
 
 
 def _disk_problem(ctx: CheckContext, layers: tuple[int, ...], workdir: Path) -> str | None:
-    """A slice is written, and the merge paths save one merged copy of it: refuse in one line when the temporary
-    directory cannot hold about three slices, rather than fail deep inside a save."""
+    """A slice is written (in the stored dtype) and the merge script's path saves one merged copy of it (in the
+    check dtype): refuse in one line when the temporary directory cannot hold both, rather than fail deep inside
+    a save."""
     import shutil
 
     from harness.loading.slices import layer_layout, model_bytes
     from harness.model.structure import stored_dtype
 
-    dtype = stored_dtype(ctx.base.base_dir) or "float32"
-    needed = 3 * model_bytes(ctx.base, dtype, len(layers), layer_layout(ctx.base))
+    stored = stored_dtype(ctx.base.base_dir) or "float32"
+    layout = layer_layout(ctx.base)
+    needed = 1.1 * sum(model_bytes(ctx.base, dtype, len(layers), layout) for dtype in (stored, ctx.options.dtype or stored))
     free = shutil.disk_usage(workdir).free
     if free >= needed:
         return None
