@@ -20,11 +20,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.dtypes import DType
 from harness.model.structure import BaseModelInfo
 
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {d.value: d.bytes for d in DType}
 # What one run holds beyond the model under test, over the whole process tree (measured with
 # benchmarks/real_size.py on an 8-layer, hidden-1024 bf16 base, README "Memory budget and depth slices"):
 # PEFT's wrappers, one layer's fp32 copy in the streamed reference, ΔW of one module, the probes, a merge's
