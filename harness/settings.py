@@ -21,8 +21,6 @@ from harness.options import (
     FLAG, OPTIONS, PATH, PATHS, SETTINGS_KEYS, SETTINGS_TABLE, TIMEOUT, Option, from_text, from_value,
 )
 
-TABLE = SETTINGS_TABLE
-
 
 # ---- where a value came from, in order of precedence ------------------------------------------------------
 
