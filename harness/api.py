@@ -250,8 +250,8 @@ def check_trained(
     from harness.compat import require_supported
     from harness.dtypes import DType
     from harness.inputs.adapter_dir import read_adapter
-    from harness.options import BY_NAME, from_value
     from harness.loading.model_code import remote_code_consent
+    from harness.options import from_value, named
 
     require_supported()
     started = time.monotonic()
@@ -259,7 +259,7 @@ def check_trained(
     param = next(peft_model.parameters())
     dtype = param.dtype if param.dtype in {d.torch for d in DType} else torch.float32
     if device is not None:
-        device = from_value(BY_NAME["device"], device, "device")
+        device = from_value(named("device"), device, "device")
     base_dir = resolve_base_dir(peft_model, adapter_name, absolute(base_model) if base_model is not None else None)
     if base_dir is not None:
         base_dir = Path(absolute(base_dir))

@@ -119,8 +119,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("verbose", FLAG, "details of every check, and the engine's own output on stderr", default=False,
            group="output", plugin=False, env=False, settings=False, api=False),
 )
-BY_NAME = {o.name: o for o in OPTIONS}
-SETTINGS_KEYS = {k: o for o in OPTIONS if o.settings for k in (o.key, *o.aliases)}
+
+
+def named(name: str) -> Option:
+    return next(o for o in OPTIONS if o.name == name)
+
+
+def settings_keys() -> dict[str, Option]:
+    """The ``[tool.plora-harness]`` keys, each with its option."""
+    return {k: o for o in OPTIONS if o.settings for k in (o.key, *o.aliases)}
 
 
 # ---- values: parsed from text (command line, variable) or checked as given (API, pyproject) ----------------
@@ -129,8 +136,9 @@ def _bad(where: str, expected: str, value: Any) -> InputError:
     return InputError(f"{where} must be {expected}, not {value!r}")
 
 
-def from_text(option: Option, text: str, where: str) -> Any:
-    """A value written as text (one command-line value, or a variable: lists split on os.pathsep or commas)."""
+def from_text(option: Option, text: str, where: str, *, several: bool = False) -> Any:
+    """A value written as text: one command-line value, or with ``several`` (a variable) every value of a
+    repeatable option, paths separated by os.pathsep and check ids by commas."""
     if option.kind == FLAG:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -145,7 +153,7 @@ def from_text(option: Option, text: str, where: str) -> Any:
             return from_value(option, float(text), where)
         except ValueError:
             raise _bad(where, "a positive number of seconds, 'auto' or 'none'", text) from None
-    if option.kind in (PATHS, IDS) and where.startswith(ENV_PREFIX):
+    if option.repeatable and several:
         separator = os.pathsep if option.kind == PATHS else ","
         return from_value(option, [p.strip() for p in text.split(separator) if p.strip()], where)
     return from_value(option, text, where)
@@ -223,7 +231,7 @@ def api_options(func: Callable) -> Callable:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         given = dict(bound.arguments)
-        options = {n: from_value(BY_NAME[n], given.pop(n), n) for n in list(given) if n in names}
+        options = {n: from_value(named(n), given.pop(n), n) for n in list(given) if n in names}
         return func(**given, **options)
 
     wrapper.__signature__ = signature

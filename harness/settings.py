@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import options as table
 from harness.inputs.errors import InputError
-from harness.options import (
-    FLAG, OPTIONS, PATH, PATHS, SETTINGS_KEYS, SETTINGS_TABLE, TIMEOUT, Option, from_text, from_value,
-)
-
+from harness.options import FLAG, PATH, PATHS, SETTINGS_TABLE, TIMEOUT, Option, from_text, from_value
 
 # ---- where a value came from, in order of precedence ------------------------------------------------------
 
@@ -44,11 +42,11 @@ def resolve(surface: str, given: Mapping[str, Any], *, environ: Mapping[str, str
     command line only. Raises ``InputError`` (one line) for a value that cannot be used, a variable set but
     empty, or an unknown pyproject key."""
     environ = os.environ if environ is None else environ
-    options = [o for o in OPTIONS if (o.cli if surface == "cli" else o.plugin)]
+    rows = [o for o in table.OPTIONS if (o.cli if surface == "cli" else o.plugin)]
     settings = load_settings(pyproject) if fallbacks else {}
     values: dict[str, Any] = {}
     sources: dict[str, str | None] = {}
-    for option in options:
+    for option in rows:
         flag = option.flag if surface == "cli" else option.plugin_option
         raw = environ.get(option.env_var) if option.env and fallbacks else None
         if raw is not None and not raw.strip(os.pathsep + ", \t"):
@@ -63,7 +61,7 @@ def resolve(surface: str, given: Mapping[str, Any], *, environ: Mapping[str, str
             else:
                 value = _text(option, value, flag)
         elif raw is not None:
-            value, source = from_text(option, raw, option.env_var), option.env_var
+            value, source = from_text(option, raw, option.env_var, several=True), option.env_var
         elif option.name in settings:
             value, source = settings[option.name], f"{pyproject} [tool.{SETTINGS_TABLE}] {option.key}"
         else:
@@ -110,17 +108,18 @@ def load_settings(pyproject: Path | None) -> dict[str, Any]:
         data = tomllib.loads(pyproject.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise InputError(f"{pyproject}: cannot be read as TOML ({err}); fix the file") from None
-    table = data.get("tool", {}).get(SETTINGS_TABLE)
-    if table is None:
+    section = data.get("tool", {}).get(SETTINGS_TABLE)
+    if section is None:
         return {}
-    if not isinstance(table, dict):
+    if not isinstance(section, dict):
         raise InputError(f"{pyproject}: [tool.{SETTINGS_TABLE}] must be a table of options")
     settings: dict[str, Any] = {}
-    for key, value in table.items():
-        option = SETTINGS_KEYS.get(key)
+    keys = table.settings_keys()
+    for key, value in section.items():
+        option = keys.get(key)
         if option is None:
-            close = difflib.get_close_matches(key, SETTINGS_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(SETTINGS_KEYS)}"
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(keys)}"
             raise InputError(f"{pyproject}: [tool.{SETTINGS_TABLE}] has an unknown key {key!r}{hint}")
         where = f"{pyproject}: [tool.{SETTINGS_TABLE}] {key}"
         if option.kind == TIMEOUT and isinstance(value, str):

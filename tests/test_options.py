@@ -51,7 +51,7 @@ def test_the_cli_the_plugin_and_the_api_are_the_table(pytester):
     assert _plugin_flags(pytester) == {o.plugin_option for o in OPTIONS if o.plugin}
     for name, own in API_OWN.items():
         assert _api_keywords(getattr(harness, name)) == {o.name for o in OPTIONS if o.api} | own, name
-    keys = set(harness.options.SETTINGS_KEYS)
+    keys = set(harness.options.settings_keys())
     assert keys == {k for o in OPTIONS if o.settings for k in (o.key, *o.aliases)}
     assert {"max-memory", "trained-on-quantized", "dtype", "timeout"} <= keys
 
@@ -59,13 +59,7 @@ def test_the_cli_the_plugin_and_the_api_are_the_table(pytester):
 def test_an_option_added_to_the_table_appears_everywhere(pytester, monkeypatch):
     """Adding one row is all it takes: the CLI's --help, the plugin's options, the API's signature, the
     pyproject key and the variable follow."""
-    import harness.settings
-
-    monkeypatch.setattr(harness.options, "OPTIONS", (*OPTIONS, EXTRA))
-    monkeypatch.setattr(harness.settings, "OPTIONS", (*OPTIONS, EXTRA))
-    monkeypatch.setattr(harness.options, "SETTINGS_KEYS", {**harness.options.SETTINGS_KEYS, EXTRA.key: EXTRA})
-    monkeypatch.setattr(harness.settings, "SETTINGS_KEYS", harness.options.SETTINGS_KEYS)
-    monkeypatch.setattr(harness.options, "BY_NAME", {**harness.options.BY_NAME, EXTRA.name: EXTRA})
+    monkeypatch.setattr(harness.options, "OPTIONS", (*OPTIONS, EXTRA))  # one row, nothing else
     assert "--calibration-seed" in _cli_flags() and "--calibration-seed" in _cli_flags("demo")
     assert "--plora-calibration-seed" in _plugin_flags(pytester)
     seen = {}
@@ -75,6 +69,10 @@ def test_an_option_added_to_the_table_appears_everywhere(pytester, monkeypatch):
     assert seen["calibration_seed"] == ("7",)
     values = resolve("cli", {}, environ={"PLORA_HARNESS_CALIBRATION_SEED": "1,2"}, pyproject=None).values
     assert values["calibration_seed"] == ("1", "2")
+    assert resolve("plugin", {"calibration_seed": ["3"]}, environ={}).values["calibration_seed"] == ("3",)
+    pyproject = pytester.path / "pyproject.toml"
+    pyproject.write_text('[tool.plora-harness]\ncalibration-seed = ["4"]\n')
+    assert load_settings(pyproject)["calibration_seed"] == ("4",)
 
 
 def test_the_api_keeps_a_real_signature_with_the_tables_defaults():
