@@ -157,9 +157,10 @@ def check(
     lists each file with its sha256. ``timeout`` (seconds per adapter; ``"auto"``: derived from the size of
     the model files; ``None``: no limit) bounds the child's run. ``max_memory`` ("8GiB", "500MB" or bytes;
     default: the RAM or GPU memory available) bounds the dynamic checks: a base that does not fit is checked on
-    depth slices (README, Depth slices). Raises ``InputError`` (one line: file,
-    problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when torch/transformers/PEFT
-    are outside the tested range.
+    depth slices (README, Depth slices). The keywords from ``trust_remote_code`` to ``timeout`` are the run
+    options of ``harness/options.py`` (the CLI's flags, the plugin's ``--plora-*``), checked there. Raises
+    ``InputError`` (one line: file, problem, fix) when an input cannot be used at all, and ``UnsupportedStack``
+    when torch/transformers/PEFT are outside the tested range.
     """
     plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, progress=progress,
                           **options)
