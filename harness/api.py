@@ -13,64 +13,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.checks.context import CheckOptions
-from harness.engine.plan import DEFAULT_TIMEOUT_S, Plan, absolute, default_timeout_s, pair_merged, unknown_ids
+from harness.engine.plan import Plan, absolute, default_timeout_s, pair_merged, unknown_ids
 from harness.inputs.code import require_trust
 from harness.inputs.errors import InputError
 from harness.inputs.roles import adapters_in_folder, is_adapter_dir, is_model_dir
-from harness.model.quantization import TRAINED_ON_CHOICES
+from harness.options import api_options
 from harness.report import Report, RunReport
 
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("cpu", "cuda")
 
-
-def _memory_budget(max_memory: str | int | None) -> int | None:
-    """``--max-memory`` in bytes (None: the RAM or GPU memory available when the dynamic checks start)."""
-    if max_memory is None:
-        return None
-    from harness.loading.slices import parse_memory
-
-    try:
-        budget = parse_memory(max_memory)
-    except ValueError as err:
-        raise InputError(f"--max-memory: {err}") from None
-    if budget <= 0:
-        raise InputError(f"--max-memory must be a positive size, not {max_memory!r}")
-    return budget
-
-
-def _depth_slice(layers: str | Sequence[int] | None, base_model) -> tuple[int, ...] | None:
-    """``--layers`` as consecutive indices (None: slices chosen from the memory budget when the base does not fit)."""
-    if layers is None:
-        return None
-    from harness.loading.slices import parse_layers
-
-    try:
-        chosen = parse_layers(layers)
-    except ValueError as err:
-        raise InputError(f"--layers: {err}") from None
-    if base_model is None:
-        raise InputError(f"--layers {chosen[0]}-{chosen[-1]} slices the base model by depth; pass --base-model too")
-    return chosen
-
-
+@api_options
 def plan_run(
     adapters: Sequence[str | Path] | None,
     base_model: str | Path | None = None,
     merged: str | Path | Sequence[str | Path] | None = None,
     *,
-    dtype: str | None = None,
-    device: str = "cpu",
-    allow_plora_targets: bool = False,
-    trust_remote_code: bool = False,
-    only: Sequence[str] = (),
-    skip: Sequence[str] = (),
-    timeout: float | str | None = DEFAULT_TIMEOUT_S,
-    max_memory: str | int | None = None,
-    demo: bool = False,
     progress: Callable[[str], None] | None = None,
-    trained_on_quantized: str | None = None,
-    layers: str | Sequence[int] | None = None,
+    **options,
 ) -> tuple[Plan, list[dict]]:
     """Validate everything a run needs, cheaply and before any model code or heavy import, and plan it.
 
@@ -83,17 +41,10 @@ def plan_run(
     from harness.compat import require_supported
 
     require_supported()  # from package metadata: no import of the libraries themselves
-    if dtype is not None and dtype not in DTYPES:
-        raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if trained_on_quantized is not None and trained_on_quantized not in TRAINED_ON_CHOICES:
-        raise InputError(f"trained_on_quantized {trained_on_quantized!r} is not one of "
-                         f"{', '.join(TRAINED_ON_CHOICES)}")
-    if device not in DEVICES:
-        raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}")
-    if timeout != "auto" and timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise InputError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    max_memory_bytes = _memory_budget(max_memory)
-    depth_slice = _depth_slice(layers, base_model)
+    # the values were checked, and made their one type, by @api_options (harness.options)
+    demo, trust_remote_code, device, timeout = (options["demo"], options["trust_remote_code"], options["device"],
+                                                options["timeout"])
+    only, skip = options["only"], options["skip"]
     unknown = unknown_ids(list(only) + list(skip))
     if unknown:
         raise InputError(f"unknown check id(s) {', '.join(map(repr, unknown))}; `plora-harness list` shows them all")
@@ -122,6 +73,9 @@ def plan_run(
     if base is None and any(m is not None for _, m in pairs):
         first = next(m for _, m in pairs if m is not None)
         raise InputError(f"{first}: --merged is compared with base + adapter; pass --base-model too")
+    if options["layers"] is not None and base is None:
+        first, last = options["layers"][0], options["layers"][-1]
+        raise InputError(f"--layers {first}-{last} slices the base model by depth; pass --base-model too")
     if device == "cuda":
         _require_cuda()
     merged_dirs = tuple(str(m) if m is not None else None for _, m in pairs)
@@ -132,10 +86,10 @@ def plan_run(
     code = [f.to_dict() for f in require_trust({"base model": base} if base else {}, trust_remote_code)]
     plan = Plan(adapters=tuple(str(p) for p, _ in pairs), base_model=str(base) if base else None,
                 merged=merged_dirs if any(merged_dirs) else (),
-                options=CheckOptions(allow_plora_targets=allow_plora_targets, dtype=dtype, device=device,
-                                     max_memory=max_memory_bytes, layers=depth_slice,
-                                     trained_on_quantized=trained_on_quantized),
-                only=tuple(only), skip=tuple(skip), trust_remote_code=trust_remote_code, timeout_s=timeout, demo=demo)
+                options=CheckOptions(allow_plora_targets=options["allow_plora_targets"], dtype=options["dtype"],
+                                     device=device, max_memory=options["max_memory"], layers=options["layers"],
+                                     trained_on_quantized=options["trained_on_quantized"]),
+                only=only, skip=skip, trust_remote_code=trust_remote_code, timeout_s=timeout, demo=demo)
     return plan, code
 
 
@@ -153,25 +107,16 @@ def _require_cuda() -> None:
                          "use --device cpu, or run on a machine with a GPU and a CUDA build of torch")
 
 
+@api_options
 def check_adapters(
     adapters: Sequence[str | Path] | None,
     base_model: str | Path | None = None,
     merged: str | Path | Sequence[str | Path] | None = None,
     *,
-    dtype: str | None = None,
-    device: str = "cpu",
-    allow_plora_targets: bool = False,
-    trust_remote_code: bool = False,
-    only: Sequence[str] = (),
-    skip: Sequence[str] = (),
-    timeout: float | str | None = DEFAULT_TIMEOUT_S,
-    max_memory: str | int | None = None,
-    trained_on_quantized: str | None = None,
-    layers: str | Sequence[int] | None = None,
-    demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
     verbose: bool = False,
+    **options,
 ) -> RunReport:
     """Check every adapter against one base: one report each, one exit code.
 
@@ -181,10 +126,7 @@ def check_adapters(
     checkpoint) runs the engine in a child process; ``False`` runs it in this process, model code included:
     for tests and debugging, or when this process already runs that code. Other options: see ``check``.
     """
-    plan, code = plan_run(adapters, base_model, merged, dtype=dtype, device=device,
-                          allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress,
-                          trained_on_quantized=trained_on_quantized, layers=layers)
+    plan, code = plan_run(adapters, base_model, merged, progress=progress, **options)
     return _execute(plan, code, isolated=isolated, progress=progress, verbose=verbose)
 
 
@@ -199,24 +141,15 @@ def _execute(plan: Plan, code: list[dict], *, isolated: bool | None, progress: C
     return run_in_process(plan, progress=progress)
 
 
+@api_options
 def check(
     adapter: str | Path | None = None,
     base_model: str | Path | None = None,
     merged: str | Path | None = None,
     *,
-    dtype: str | None = None,
-    device: str = "cpu",
-    allow_plora_targets: bool = False,
-    trust_remote_code: bool = False,
-    only: Sequence[str] = (),
-    skip: Sequence[str] = (),
-    timeout: float | str | None = DEFAULT_TIMEOUT_S,
-    max_memory: str | int | None = None,
-    demo: bool = False,
     isolated: bool | None = None,
     progress: Callable[[str], None] | None = None,
-    trained_on_quantized: str | None = None,
-    layers: str | Sequence[int] | None = None,
+    **options,
 ) -> Report:
     """Run every applicable check on one adapter and return its report.
 
@@ -227,15 +160,14 @@ def check(
     lists each file with its sha256. ``timeout`` (seconds per adapter; ``"auto"``: derived from the size of
     the model files; ``None``: no limit) bounds the child's run. ``max_memory`` ("8GiB", "500MB" or bytes;
     default: the RAM or GPU memory available) bounds the dynamic checks: a base that does not fit is checked on
-    depth slices (README, Depth slices); ``layers`` ("8-15" or indices) runs the dynamic checks on that one
-    depth slice only, a unit of a check spread over CI jobs or pytest-xdist workers. Raises ``InputError`` (one line: file,
-    problem, fix) when an input cannot be used at all, and ``UnsupportedStack`` when torch/transformers/PEFT
-    are outside the tested range.
+    depth slices (README, Depth slices); ``layers`` ("16-23" or indices) runs the dynamic checks on that one
+    depth slice only, a unit of a check spread over CI jobs or pytest-xdist workers. The keywords from ``trust_remote_code`` to ``timeout`` are the run
+    options of ``harness/options.py`` (the CLI's flags, the plugin's ``--plora-*``), checked there. Raises
+    ``InputError`` (one line: file, problem, fix) when an input cannot be used at all, and ``UnsupportedStack``
+    when torch/transformers/PEFT are outside the tested range.
     """
-    plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, dtype=dtype, device=device,
-                          allow_plora_targets=allow_plora_targets, trust_remote_code=trust_remote_code, only=only,
-                          skip=skip, timeout=timeout, max_memory=max_memory, demo=demo, progress=progress,
-                          trained_on_quantized=trained_on_quantized, layers=layers)
+    plan, code = plan_run([adapter] if adapter is not None else None, base_model, merged, progress=progress,
+                          **options)
     if len(plan.adapters) != 1:
         raise InputError(f"{plan.adapters[0]}: is one of {len(plan.adapters)} adapters in {adapter}; check a folder "
                          "of adapters with check_adapters")
@@ -321,14 +253,18 @@ def check_trained(
     from harness.checks.measure.training_audit import resolve_base_dir
     from harness.checks.registry import checks, run_check
     from harness.compat import require_supported
+    from harness.dtypes import DType
     from harness.inputs.adapter_dir import read_adapter
     from harness.loading.model_code import remote_code_consent
+    from harness.options import from_value, named
 
     require_supported()
     started = time.monotonic()
     saved_dir = _require(saved_dir, "saved adapter")
     param = next(peft_model.parameters())
-    dtype = param.dtype if param.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    dtype = param.dtype if param.dtype in {d.torch for d in DType} else torch.float32
+    if device is not None:
+        device = from_value(named("device"), device, "device")
     base_dir = resolve_base_dir(peft_model, adapter_name, absolute(base_model) if base_model is not None else None)
     if base_dir is not None:
         base_dir = Path(absolute(base_dir))

@@ -44,51 +44,30 @@ def _all_actions(parser: argparse.ArgumentParser):
                 yield from _all_actions(sub)
 
 
-def _timeout(text: str) -> float | str | None:
-    if text.lower() in ("auto", "none"):
-        return None if text.lower() == "none" else "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, 'auto' or 'none'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
-    return value
+GROUPS = {"inputs": "inputs", "run": "what to run", "output": "output"}
+FALLBACKS = ("An option not given falls back to its variable PLORA_HARNESS_<NAME> (e.g. PLORA_HARNESS_BASE_MODEL; "
+             "lists separated by ':' for paths, ',' for ids), then to [tool.plora-harness] in the nearest "
+             "pyproject.toml, then to its default.")
 
 
-def _run_options(parser: argparse.ArgumentParser) -> None:
-    """The options of every run, the demo's included: what to run and where the report goes."""
-    from harness.model.quantization import TRAINED_ON_CHOICES
+def _add_options(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    """The options of ``harness.options`` in these groups, as the command line writes them. Every value stays
+    text here (absent options stay absent): ``harness.settings.resolve`` parses it, then falls back to the
+    environment, ``[tool.plora-harness]`` and the default, exactly as the plugin does."""
+    from harness.options import FLAG, OPTIONS
 
-    run = parser.add_argument_group("what to run")
-    run.add_argument("--only", action="append", default=None, metavar="ID",
-                     help="run only this check id (repeatable; `plora-harness list` shows the ids)")
-    run.add_argument("--skip", action="append", default=None, metavar="ID",
-                     help="do not run this check id (repeatable)")
-    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="dtype for the dynamic checks (default: the dtype the checkpoint is stored in)")
-    run.add_argument("--trained-on-quantized", choices=TRAINED_ON_CHOICES, default=None,
-                     help="the adapter was trained on the base quantized this way (QLoRA): measure qlora-merge-gap")
-    run.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                     help="device for the dynamic checks (default cpu)")
-    run.add_argument("--allow-plora-targets", action="store_true", default=None,
-                     help="turn lora-on-plora from a failure into a warning")
-    run.add_argument("--max-memory", default=None, metavar="SIZE",
-                     help="memory the dynamic checks may use, e.g. 8GiB (default: the RAM or GPU memory available); "
-                     "a base that does not fit is checked on depth slices of its layers")
-    run.add_argument("--layers", default=None, metavar="FIRST-LAST",
-                     help="run the dynamic checks on the depth slice of these decoder layers only (e.g. 16-23): one "
-                     "CI job per slice spreads a large base's check; the static and merged checks still read it all")
-    run.add_argument("--timeout", type=_timeout, default=None, metavar="SECONDS",
-                     help="limit per adapter for the engine process (default 'auto': 10 minutes plus 15 minutes per "
-                     "GiB of model weights; 'none': no limit); checks it did not finish fail")
-    output = parser.add_argument_group("output")
-    output.add_argument("--json", dest="json_path", metavar="PATH",
-                        help="write the JSON report here ('-' for stdout, then the table goes to stderr)")
-    output.add_argument("--junit", dest="junit_path", metavar="PATH", help="write a JUnit XML report here")
-    output.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    output.add_argument("--verbose", action="store_true",
-                        help="details of every check, and the engine's own output on stderr")
+    sections = {g: parser.add_argument_group(GROUPS[g]) for g in groups}
+    for option in OPTIONS:
+        if not option.cli or option.group not in groups:
+            continue
+        kwargs: dict = {"dest": option.name, "default": argparse.SUPPRESS, "help": option.help}
+        if option.kind == FLAG:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(action="append" if option.repeatable else "store", metavar=option.metavar)
+            if option.choices:
+                kwargs.update(choices=option.choices, metavar=None)
+        sections[option.group].add_argument(option.flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,28 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check adapters against their base model and merged checkpoints. Without --adapter (and no "
         "[tool.plora-harness] adapter) it is a usage error; `plora-harness demo` checks the built-in demo. "
         "Exit 0: every planned check ran and none failed; 1: a check failed; 2: unusable input.",
+        epilog=FALLBACKS,
     )
-    inputs = check.add_argument_group("inputs")
-    inputs.add_argument("--adapter", action="append", dest="adapters", metavar="DIR[=MERGED]",
-                        help="PEFT adapter directory (or DeepSpeed checkpoint directory, or a folder of adapters); "
-                        "repeat to check several adapters against one base; DIR=MERGED pairs it with its merged "
-                        "checkpoint")
-    inputs.add_argument("--base-model", metavar="DIR",
-                        help="base model directory: adds the loading and numerical checks")
-    inputs.add_argument("--merged", action="append", metavar="DIR",
-                        help="merged checkpoint to verify against base + adapter (needs --base-model); repeat it, "
-                        "one per --adapter in the same order")
-    inputs.add_argument("--trust-remote-code", action="store_true", default=None,
-                        help="allow the base model's own Python code (auto_map) to run, in a child process; the "
-                        "report lists each file with its sha256")
-    inputs.add_argument("--demo", action="store_true",
-                        help="check the built-in synthetic demo instead (the same as `plora-harness demo`)")
-    _run_options(check)
+    _add_options(check, ("inputs", "run", "output"))
     demo = sub.add_parser(
         "demo", help="build and check the built-in synthetic XComposer base, adapter and merged model",
         description="Build (or reuse from the cache) the built-in synthetic XComposer base model, a trained adapter "
         "and its merged checkpoint, and run every check on them. The report's first line says it is the demo.")
-    _run_options(demo)
+    _add_options(demo, ("run", "output"))
     sub.add_parser("list", help="list the check ids, their groups and what each catches",
                    description="Every check id with its group and what it catches, one line each.")
     explain = sub.add_parser("explain", help="what a check catches, why it matters and how to fix it",
@@ -142,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         return _list_checks()
     if args.command == "explain":
         return _explain(args.check_id)
+    given = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "demo":
-        args.demo, args.adapters, args.base_model, args.merged, args.trust_remote_code = True, None, None, None, None
-    return _check(args)
+        given["demo"] = True
+    return _check(given)
 
 
 def _write(text: str) -> None:
@@ -191,41 +157,27 @@ def _explain(check_id: str) -> int:
     return EXIT_OK
 
 
-def _with_settings(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill what the command line left out from ``[tool.plora-harness]`` (not for the demo), then the defaults."""
-    from harness.settings import find_pyproject, load_settings
-
-    if not args.demo:
-        for dest, value in load_settings(find_pyproject()).items():
-            if getattr(args, dest, None) in (None, []):
-                setattr(args, dest, value)
-    defaults = {"only": [], "skip": [], "device": "cpu", "allow_plora_targets": False, "trust_remote_code": False,
-                "timeout": "auto"}
-    for dest, value in defaults.items():
-        if getattr(args, dest, None) is None:
-            setattr(args, dest, value)
-    return args
-
-
-def _check(args: argparse.Namespace) -> int:
+def _check(given: dict) -> int:
     from harness.api import check_adapters
     from harness.compat import UnsupportedStack
     from harness.inputs.errors import InputError
+    from harness.settings import find_pyproject, resolve
 
+    quiet = verbose = False
     try:
-        args = _with_settings(args)
-        _require_writable(args.json_path if args.json_path != "-" else None, "--json")
-        _require_writable(args.junit_path, "--junit")
+        # the demo reads its own inputs: no variable or [tool.plora-harness] of the user's
+        demo = bool(given.get("demo"))
+        options = resolve("cli", given, pyproject=None if demo else find_pyproject(), fallbacks=not demo).values
+        quiet, verbose = options.pop("quiet"), options.pop("verbose")
+        json_path, junit_path = options.pop("json"), options.pop("junit")
+        _require_writable(json_path if json_path != "-" else None, "--json")
+        _require_writable(junit_path, "--junit")
+        adapters, base_model, merged = options.pop("adapter"), options.pop("base_model"), options.pop("merged")
         # stdout carries the report only: whatever a library prints while the run imports or builds (DeepSpeed's
         # accelerator banner when the built-in demo is built in this process) goes to stderr, and loggers that
         # bind sys.stdout at import bind stderr
-        with _progress(args) as progress, contextlib.redirect_stdout(sys.stderr):
-            run = check_adapters(args.adapters, args.base_model, args.merged, dtype=args.dtype, device=args.device,
-                                 allow_plora_targets=args.allow_plora_targets, trust_remote_code=args.trust_remote_code,
-                                 only=args.only, skip=args.skip, timeout=args.timeout, demo=args.demo,
-                                 max_memory=args.max_memory, layers=args.layers,
-                                 trained_on_quantized=args.trained_on_quantized,
-                                 progress=progress, verbose=args.verbose)
+        with _progress(quiet) as progress, contextlib.redirect_stdout(sys.stderr):
+            run = check_adapters(adapters, base_model, merged, **options, progress=progress, verbose=verbose)
     except (InputError, UnsupportedStack) as err:
         from harness.report import printable
 
@@ -236,17 +188,17 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     single = len(run.reports) == 1
     result = run.reports[0] if single else run
-    text = result.render(verbose=args.verbose)
-    if args.json_path == "-":
+    text = result.render(verbose=verbose)
+    if json_path == "-":
         _write(result.to_json())
-        if not args.quiet:
+        if not quiet:
             print(text, file=sys.stderr)
     else:
         _write(text + "\n")
-        if args.json_path:
-            Path(args.json_path).write_text(result.to_json())
-    if args.junit_path:
-        result.to_junit(args.junit_path)
+        if json_path:
+            Path(json_path).write_text(result.to_json())
+    if junit_path:
+        result.to_junit(junit_path)
     return run.exit_code
 
 
@@ -267,8 +219,8 @@ class _progress:
     """Progress on stderr: a live line with the running step and elapsed time on a terminal (rich), plain
     time-stamped lines in CI logs, nothing with --quiet."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.enabled = not args.quiet
+    def __init__(self, quiet: bool) -> None:
+        self.enabled = not quiet
         self.status = None
 
     def __enter__(self):

@@ -1,10 +1,11 @@
 """pytest plugin (entry point ``pytest11``): ``--plora-*`` options and one item per adapter × check id.
 
-Wiring only, the way pytest's own plugins do it: every option carries the ``--plora-`` prefix in its
-own group, so nothing clashes with a repository's ``--device`` or ``--adapter``; without any
-``--plora-*`` option or ``PLORA_HARNESS_*`` input variable the plugin adds nothing and imports nothing
-heavy. Any of them without an adapter (or a variable set but empty) is a usage error: a gate whose
-adapter variable is misspelt or empty must not pass having checked nothing. The engine runs once
+Wiring only, the way pytest's own plugins do it: the options are the rows of ``harness.options`` (the CLI's),
+each with the ``--plora-`` prefix in its own group, so nothing clashes with a repository's ``--device`` or
+``--adapter``; each falls back, as on the CLI, to its ``PLORA_HARNESS_*`` variable, then to
+``[tool.plora-harness]`` in the pyproject.toml nearest the rootdir. Without any of them the plugin adds nothing
+and imports nothing heavy. Any of them without an adapter (or a variable set but empty) is a usage error: a
+gate whose adapter variable is misspelt or empty must not pass having checked nothing. The engine runs once
 per adapter per test run (under pytest-xdist too: the first worker to
 need an adapter's report computes it under a file lock, the others read it), in a child process.
 
@@ -14,19 +15,13 @@ that failed fails with its one-line message and fix; one that does not apply is 
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 
-OPTION_ENV = {
-    "plora_adapter": "PLORA_HARNESS_ADAPTER",  # several adapters: separated by os.pathsep
-    "plora_base_model": "PLORA_HARNESS_BASE_MODEL",
-    "plora_merged": "PLORA_HARNESS_MERGED",  # several: separated by os.pathsep, one per adapter in order
-}
-LISTS = ("plora_adapter", "plora_merged")
 COLLECTOR_NAME = "plora-conformance"
+SHARED_DIR_KEY = "plora_harness_shared_dir"  # in xdist's workerinput: the directory the workers share
 
 
 class ConformanceWarning(UserWarning):
@@ -34,68 +29,89 @@ class ConformanceWarning(UserWarning):
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """The ``plugin`` options of ``harness.options``, each as ``--plora-<name>``; values stay text here and are
+    parsed, with the fallbacks, by ``harness.settings.resolve`` (as the CLI's are)."""
+    from harness.options import FLAG, OPTIONS
+
     group = parser.getgroup("plora-harness", "LoRA adapter conformance (plora-harness)")
-    group.addoption("--plora-adapter", action="append", metavar="DIR[=MERGED]",
-                    help="adapter directory (or a folder of adapters) to check; repeatable; DIR=MERGED pairs it with "
-                    "its merged checkpoint (env PLORA_HARNESS_ADAPTER, os.pathsep-separated)")
-    group.addoption("--plora-base-model", metavar="DIR",
-                    help="base model directory: adds loading and numerical checks (env PLORA_HARNESS_BASE_MODEL)")
-    group.addoption("--plora-merged", action="append", metavar="DIR",
-                    help="merged checkpoint directory to verify, one per --plora-adapter in the same order "
-                    "(env PLORA_HARNESS_MERGED)")
-    group.addoption("--plora-trust-remote-code", action="store_true",
-                    help="allow the base/merged directory's own Python code to run (in a child process)")
-    group.addoption("--plora-report", type=Path, metavar="PATH", help="write the JSON conformance report here")
-    group.addoption("--plora-device", choices=["cpu", "cuda"], default=None, help="device for the dynamic checks")
-    group.addoption("--plora-dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="dtype for the dynamic checks (default: the dtype the checkpoint is stored in)")
-    group.addoption("--plora-trained-on-quantized", choices=["nf4", "fp4", "int8"], default=None,
-                    help="the adapter was trained on the base quantized this way (QLoRA)")
-    group.addoption("--plora-only", action="append", default=[], metavar="ID", help="run only this check id")
-    group.addoption("--plora-skip", action="append", default=[], metavar="ID", help="do not run this check id")
-    group.addoption("--plora-max-memory", default=None, metavar="SIZE",
-                    help="memory the dynamic checks may use, e.g. 8GiB (default: what is available); a larger base "
-                    "is checked on depth slices")
-    group.addoption("--plora-timeout", type=float, default=None, metavar="SECONDS",
-                    help="limit per adapter for the engine process")
-    group.addoption("--plora-allow-plora-targets", action="store_true", help="lora-on-plora warns instead of failing")
+    for opt in OPTIONS:
+        if not opt.plugin:
+            continue
+        help_text = opt.help + (f" (env {opt.env_var})" if opt.env else "")
+        if opt.kind == FLAG:
+            group.addoption(opt.plugin_option, dest=opt.plugin_dest, action="store_true", help=help_text)
+        elif opt.choices:
+            group.addoption(opt.plugin_option, dest=opt.plugin_dest, choices=list(opt.choices), default=None,
+                            help=help_text)
+        else:
+            group.addoption(opt.plugin_option, dest=opt.plugin_dest, action="append" if opt.repeatable else "store",
+                            default=None, metavar=opt.metavar, help=help_text)
     parser.addini("plora_inputs_without_adapter", type="bool", default=False,
                   help="plora-harness: this repository's own tests read the --plora-* inputs (e.g. a GPU suite), so "
                   "inputs without --plora-adapter are not a usage error")
 
 
+_RESOLVED = pytest.StashKey[object]()
+_PAIRS = pytest.StashKey[list]()
+_UNITS = pytest.StashKey[list]()  # per adapter (as _PAIRS), its checks as units of work (harness.engine.units)
+UNITS_KEY = "plora_harness_units"  # in xdist's workerinput: the controller's units, so every worker collects alike
+_SHARED = pytest.StashKey[object]()
+
+
+def _resolved(config: pytest.Config):
+    """Every plugin option: the command line, else PLORA_HARNESS_<NAME>, else [tool.plora-harness] in the
+    pyproject.toml nearest the rootdir, else the default (``harness.settings.resolve``, as the CLI)."""
+    from harness.inputs.errors import InputError
+    from harness.options import OPTIONS
+    from harness.settings import find_pyproject, resolve
+
+    given = {o.name: v for o in OPTIONS if o.plugin and (v := config.getoption(o.plugin_dest)) not in (None, False)}
+    try:
+        return resolve("plugin", given, pyproject=find_pyproject(config.rootpath))
+    except InputError as err:
+        raise pytest.UsageError(f"plora-harness: {err}") from None
+
+
 def option(config: pytest.Config, name: str):
-    """A plugin option (``plora_base_model`` ...), falling back to its environment variable."""
-    value = config.getoption(name)
-    if value is None and name in OPTION_ENV and os.environ.get(OPTION_ENV[name]):
-        raw = os.environ[OPTION_ENV[name]]
-        value = [p for p in raw.split(os.pathsep) if p] if name in LISTS else raw
-    return value
+    """A plugin option (``plora_base_model`` ...) as the plugin resolved it (command line, variable, pyproject)."""
+    resolved = config.stash.get(_RESOLVED, None)
+    if resolved is None:
+        return config.getoption(name)
+    return resolved.values.get(name.removeprefix("plora_"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "plora_conformance: a plora-harness conformance check item")
+    resolved = config.stash[_RESOLVED] = _resolved(config)
     if not hasattr(config, "workerinput"):  # the controller validates and plans once; workers take its plan
-        config._plora_pairs = _validated_pairs(config)
-        config._plora_units = [_units(config, adapter, merged) for adapter, merged in config._plora_pairs]
+        config.stash[_PAIRS] = _validated_pairs(config, resolved)
+        config.stash[_UNITS] = [_units(config, adapter, merged) for adapter, merged in config.stash[_PAIRS]]
     else:
-        config._plora_pairs = _pairs(config) if option(config, "plora_adapter") else []
-        planned = config.workerinput.get("plora_units")
-        config._plora_units = (_units_from_json(planned) if planned is not None else
-                               [_units(config, adapter, merged) for adapter, merged in config._plora_pairs])
+        config.stash[_PAIRS] = _pairs(resolved) if resolved.values["adapter"] else []
+        planned = config.workerinput.get(UNITS_KEY)
+        config.stash[_UNITS] = (_units_from_json(planned) if planned is not None else
+                                [_units(config, adapter, merged) for adapter, merged in config.stash[_PAIRS]])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(_SHARED, None)
+    if shared is not None and not hasattr(config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    """pytest-xdist: every worker collects the controller's units (the memory available differs between moments,
-    and workers must collect the same items)."""
-    import json
+    """pytest-xdist (controller): hand each worker the directory the workers share, made here, once per run, and
+    the units of work planned here (the memory available differs between moments; workers must collect alike)."""
+    if node.config.stash.get(_PAIRS, None):
+        import json
 
-    units = getattr(node.config, "_plora_units", None)
-    if units:
-        node.workerinput["plora_units"] = json.dumps(
-            [[{"check_ids": list(u.check_ids), "layers": list(u.layers) if u.layers else None} for u in adapter_units]
-             for adapter_units in units])
+        node.workerinput[SHARED_DIR_KEY] = str(_controller_dir(node.config))
+        node.workerinput[UNITS_KEY] = json.dumps(
+            [[{"check_ids": list(u.check_ids), "layers": list(u.layers) if u.layers else None} for u in units]
+             for units in node.config.stash[_UNITS]])
 
 
 def _units_from_json(text: str) -> list:
@@ -103,8 +119,8 @@ def _units_from_json(text: str) -> list:
 
     from harness.engine.units import WorkUnit
 
-    return [[WorkUnit(tuple(u["check_ids"]), tuple(u["layers"]) if u["layers"] else None) for u in adapter_units]
-            for adapter_units in json.loads(text)]
+    return [[WorkUnit(tuple(u["check_ids"]), tuple(u["layers"]) if u["layers"] else None) for u in units]
+            for units in json.loads(text)]
 
 
 def _units(config: pytest.Config, adapter: str, merged: str | None) -> list:
@@ -112,77 +128,56 @@ def _units(config: pytest.Config, adapter: str, merged: str | None) -> list:
     slice when the base does not fit the memory each worker has (the budget shared by this run's xdist workers)."""
     from harness.engine.units import WorkUnit, work_units
 
+    values = config.stash[_RESOLVED].values
     ids = _planned_ids(config, adapter, merged)
-    base = option(config, "plora_base_model")
-    if base is None:
+    if values["base_model"] is None:
         return [WorkUnit(tuple(ids))]
-    from harness.loading.slices import available_bytes, parse_memory
+    from harness.loading.slices import available_bytes
 
-    given = config.getoption("plora_max_memory")
-    try:
-        budget = parse_memory(given) if given is not None else available_bytes(config.getoption("plora_device") or "cpu")
-    except ValueError as err:
-        raise pytest.UsageError(f"plora-harness: --plora-max-memory: {err}") from None
+    budget = values["max_memory"] or available_bytes(values["device"] or "cpu")
     workers = getattr(config.option, "numprocesses", None)
     workers = workers if isinstance(workers, int) and workers > 0 else 1
-    return work_units(ids, base, adapter, dtype=config.getoption("plora_dtype"), budget=budget // workers)
+    return work_units(ids, values["base_model"], adapter, dtype=values["dtype"], budget=budget // workers)
 
 
-def _validated_pairs(config: pytest.Config) -> list[tuple[str, str | None]]:
+def _validated_pairs(config: pytest.Config, resolved) -> list[tuple[str, str | None]]:
     """The adapters with their merged checkpoints, or a ``pytest.UsageError`` (one line) when the inputs given
-    cannot make a run: any ``--plora-*`` input or ``PLORA_HARNESS_*`` variable without an adapter, a variable set
-    but empty, an empty path, merged checkpoints that do not pair with the adapters."""
-    for name, env in OPTION_ENV.items():
-        if env in os.environ and not os.environ[env].strip(os.pathsep + " "):
-            raise pytest.UsageError(f"plora-harness: {env} is set but empty; set it to the directory (or unset it "
-                                    "to run without conformance checks)")
-    given = [f"--{n.replace('_', '-')}" for n in _INPUT_OPTIONS if config.getoption(n) not in (None, False, [])]
-    given += [env for env in OPTION_ENV.values() if env in os.environ]
-    adapters = option(config, "plora_adapter")
-    if not adapters:
+    cannot make a run: any ``--plora-*`` input, ``PLORA_HARNESS_*`` variable or ``[tool.plora-harness]`` key
+    without an adapter, merged checkpoints that do not pair with the adapters."""
+    if not resolved.values["adapter"]:
+        given = resolved.given()
         if given and not config.getini("plora_inputs_without_adapter"):
             raise pytest.UsageError(f"plora-harness: {', '.join(given)} given without an adapter, so nothing would be "
                                     "checked; pass --plora-adapter=DIR (or set PLORA_HARNESS_ADAPTER)")
         return []
-    for name in ("plora_adapter", "plora_base_model", "plora_merged"):
-        value = option(config, name)
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None and not str(item).strip():
-                raise pytest.UsageError(f"plora-harness: --{name.replace('_', '-')} is empty (an unset variable?); "
-                                        "pass the directory")
     from harness.inputs.errors import InputError
 
     try:
-        return _pairs(config)
+        return _pairs(resolved)
     except InputError as err:
         raise pytest.UsageError(f"plora-harness: {err}") from None
 
 
-def _pairs(config: pytest.Config) -> list[tuple[str, str | None]]:
+def _pairs(resolved) -> list[tuple[str, str | None]]:
     """Adapters (folders of adapters expanded) with their merged checkpoints, paired as the CLI pairs them."""
     from harness.engine.plan import pair_merged
     from harness.inputs.roles import adapters_in_folder
 
     pairs = []
-    for adapter, merged in pair_merged(option(config, "plora_adapter"), option(config, "plora_merged")):
+    for adapter, merged in pair_merged(resolved.values["adapter"], resolved.values["merged"]):
         folder = adapters_in_folder(Path(adapter).expanduser()) if merged is None else []
         pairs += [(str(a), None) for a in folder] if folder else [(adapter, merged)]
     return pairs
 
 
-_INPUT_OPTIONS = ("plora_base_model", "plora_merged", "plora_trust_remote_code", "plora_report", "plora_device",
-                  "plora_dtype", "plora_only", "plora_skip", "plora_timeout", "plora_allow_plora_targets",
-                  "plora_max_memory")
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Collect the conformance items like any other collector (reported, counted, selectable with -k/-m)."""
-    pairs = getattr(config, "_plora_pairs", None)
+    pairs = config.stash.get(_PAIRS, None)
     if not pairs:
         return
     root = ConformanceRoot.from_parent(session, name=COLLECTOR_NAME, nodeid=COLLECTOR_NAME, pairs=pairs,
-                                       units=config._plora_units)
+                                       units=config.stash[_UNITS])
     items.extend(session.genitems(root))
 
 
@@ -192,7 +187,7 @@ class AdapterRun:
 
     def __init__(self, config: pytest.Config, adapter: str, merged: str | None, label: str, unit=None) -> None:
         self.config, self.adapter, self.merged, self.label = config, Path(adapter), merged, label
-        self.unit = unit
+        self.unit = unit  # None: the adapter's one unit
         self.error: str | None = None
         self._report = None
 
@@ -208,24 +203,14 @@ class AdapterRun:
         return self._report
 
     def _options(self) -> dict:
-        config = self.config
-        options = {
-            "base_model": option(config, "plora_base_model"), "merged": self.merged,
-            "dtype": config.getoption("plora_dtype"), "device": config.getoption("plora_device") or "cpu",
-            "allow_plora_targets": config.getoption("plora_allow_plora_targets"),
-            "trust_remote_code": config.getoption("plora_trust_remote_code"),
-            "trained_on_quantized": config.getoption("plora_trained_on_quantized"),
-            "only": tuple(config.getoption("plora_only")), "skip": tuple(config.getoption("plora_skip")),
-        }
-        if config.getoption("plora_timeout") is not None:
-            options["timeout"] = config.getoption("plora_timeout")
-        if config.getoption("plora_max_memory") is not None:
-            options["max_memory"] = config.getoption("plora_max_memory")
-        if self.unit is not None and self.unit.layers is not None:  # one depth slice's dynamic checks
-            options["only"], options["skip"], options["layers"] = self.unit.check_ids, (), self.unit.layers
-        elif self.unit is not None:  # the whole-model checks of a sliced adapter
-            options["only"], options["skip"] = self.unit.check_ids, ()
-        return options
+        """The keywords of ``harness.check``: every plugin option the API takes, as resolved."""
+        from harness.options import OPTIONS
+
+        values = self.config.stash[_RESOLVED].values
+        options = {o.name: values[o.name] for o in OPTIONS if o.plugin and o.api}
+        if self.unit is not None:  # the whole-model checks of a sliced adapter, or one slice's dynamic checks
+            options.update(only=self.unit.check_ids, skip=(), layers=self.unit.layers)
+        return {**options, "base_model": values["base_model"], "merged": self.merged}
 
     def _key(self) -> str:
         import hashlib
@@ -347,9 +332,9 @@ class ConformanceFailure(Exception):
 def _planned_ids(config: pytest.Config, adapter: str, merged: str | None) -> list[str]:
     from harness.engine.plan import Plan, absolute
 
-    plan = Plan(adapters=(absolute(adapter),), base_model=absolute(option(config, "plora_base_model")),
-                merged=(absolute(merged),) if merged else (), only=tuple(config.getoption("plora_only")),
-                skip=tuple(config.getoption("plora_skip")))
+    values = config.stash[_RESOLVED].values
+    plan = Plan(adapters=(absolute(adapter),), base_model=absolute(values["base_model"]),
+                merged=(absolute(merged),) if merged else (), only=values["only"], skip=values["skip"])
     return plan.planned_ids(0)
 
 
@@ -363,7 +348,7 @@ def _labels(adapters: list[Path]) -> list[str]:
 
 def _write_report(config: pytest.Config, run: AdapterRun, report) -> None:
     """``--plora-report``: the JSON report (of several adapters, a run report), written once per adapter."""
-    path = config.getoption("plora_report")
+    path = config.stash[_RESOLVED].values["report"]
     if not path or getattr(run, "_written", False):
         return
     run._written = True
@@ -399,9 +384,16 @@ def _merge_report(path: Path, report) -> dict:
 
 
 def _shared_dir(config: pytest.Config) -> Path | None:
-    """Under pytest-xdist, a directory all workers of this run share (inside the run's base temp dir,
-    which pytest cleans up like any other); None in a single process."""
+    """Under pytest-xdist, the directory all workers of this run share (made by the controller, removed when the
+    run ends); None in a single process."""
     if not hasattr(config, "workerinput"):
         return None
-    factory = getattr(config, "_tmp_path_factory", None) or pytest.TempPathFactory.from_config(config, _ispytest=True)
-    return factory.getbasetemp().parent / "plora-harness-conformance"
+    return Path(config.workerinput[SHARED_DIR_KEY])
+
+
+def _controller_dir(config: pytest.Config) -> Path:
+    import tempfile
+
+    if config.stash.get(_SHARED, None) is None:
+        config.stash[_SHARED] = Path(tempfile.mkdtemp(prefix="plora-harness-conformance-"))
+    return config.stash[_SHARED]

@@ -215,7 +215,7 @@ def test_layers_that_are_not_a_consecutive_range_are_a_usage_error(default_bundl
     import harness
     from harness.inputs.errors import InputError
 
-    with pytest.raises(InputError, match="--layers: .*e.g. 8-15|--layers: .*range such as 8-15"):
+    with pytest.raises(InputError, match=r"^layers: .*(e\.g\. 8-15|range such as 8-15)$"):
         harness.check(default_bundle.adapter_dir, base_model=default_bundle.base_dir, layers=value, isolated=False,
                       trust_remote_code=True)
 

@@ -90,6 +90,8 @@ def test_the_option_on_the_cli_and_the_api(tmp_path: Path):
 
 
 def test_the_option_in_the_pytest_plugin(pytester: pytest.Pytester):
+    # without an adapter, any --plora-* input is a usage error unless the repository's own tests read them
+    pytester.makeini("[pytest]\nplora_inputs_without_adapter = true\n")
     pytester.makepyfile("def test_option(pytestconfig):\n"
                         "    assert pytestconfig.getoption('plora_trained_on_quantized') == 'nf4'\n")
     pytester.runpytest("--plora-trained-on-quantized", "nf4", "-p", "no:cacheprovider").assert_outcomes(passed=1)

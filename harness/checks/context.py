@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from harness.dtypes import DType
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,13 +31,18 @@ class CheckOptions:
     """What the user asked for (CLI flags, API keywords, plugin options)."""
 
     allow_plora_targets: bool = False
-    dtype: str | None = None  # float32 | bfloat16 | float16; None: the dtype the checkpoint is stored in
+    dtype: DType | None = None  # None: the dtype the checkpoint is stored in
     device: str = "cpu"
     max_memory: int | None = None  # bytes the dynamic checks may use; None: the RAM (or GPU memory) available
     trained_on_quantized: str | None = None  # nf4 | fp4 | int8: the base the adapter was trained on (QLoRA)
     # Run the dynamic checks on the depth slice of exactly these decoder layers (consecutive, original indices):
     # one unit of a check spread over pytest-xdist workers or CI jobs. None: slices chosen from max_memory.
     layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # one type whichever way the options came (the API's door, or the plan's JSON in the engine process)
+        if self.dtype is not None and not isinstance(self.dtype, DType):
+            object.__setattr__(self, "dtype", DType.of(self.dtype))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 from harness.checks.context import CheckOptions
 from harness.checks.registry import GROUPS, REGISTRY, checks
 
-DEFAULT_TIMEOUT_S = "auto"  # per adapter: derived from the size of the model files (``default_timeout_s``)
 MIN_TIMEOUT_S = 600.0  # static checks, or a tiny model on a busy machine
 SECONDS_PER_GIB = 900.0  # a run loads the base ~10 times: a 7B bf16 base (13 GiB) on 2 CPU cores takes about an hour
 
@@ -143,4 +142,4 @@ def absolute(path: str | Path | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().absolute())
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "GROUPS", "Plan", "absolute", "default_timeout_s", "pair_merged", "unknown_ids"]
+__all__ = ["GROUPS", "Plan", "absolute", "default_timeout_s", "pair_merged", "unknown_ids"]

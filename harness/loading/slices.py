@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.dtypes import DType
 from harness.model.structure import BaseModelInfo
 
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {d.value: d.bytes for d in DType}
 # What one run holds beyond the model under test, over the whole process tree (measured with
 # benchmarks/real_size.py on an 8-layer, hidden-1024 bf16 base, README "Memory budget and depth slices"):
 # PEFT's wrappers, one layer's fp32 copy in the streamed reference, ΔW of one module, the probes, a merge's
@@ -228,17 +229,19 @@ def parse_memory(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def parse_layers(value: str | Sequence[int]) -> tuple[int, ...]:
+def parse_layers(value: str | int | Sequence[int]) -> tuple[int, ...]:
     """``"8-15"``, ``"7"`` or consecutive layer indices -> a tuple; ValueError with the accepted forms."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
         if match is None:
-            raise ValueError(f"layers {value!r} is not a layer index or a range such as 8-15")
+            raise ValueError(f"{value!r} is not a layer index or a range such as 8-15")
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))
         layers = tuple(range(first, last + 1))
     else:
         layers = tuple(value)
     if (not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
             or list(layers) != list(range(layers[0], layers[0] + len(layers)))):
-        raise ValueError(f"layers {value!r} must be consecutive layer indices in order, e.g. 8-15")
+        raise ValueError(f"{value!r} must be consecutive layer indices in order, e.g. 8-15")
     return layers

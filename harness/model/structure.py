@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from harness.dtypes import DType
 from harness.inputs.code import UntrustedCode
 from harness.inputs.errors import UnusableInput
 from harness.model import families
@@ -258,10 +259,10 @@ def inspect_base(base_dir: str | Path, *, build_tree: bool = True) -> BaseModelI
     return info
 
 
-CHECK_DTYPES = ("float32", "bfloat16", "float16")
+CHECK_DTYPES = DType.names()
 
 
-def stored_dtype(base_dir: Path) -> str | None:
+def stored_dtype(base_dir: Path) -> DType | None:
     """The floating dtype the checkpoint is stored in (what users load it as): config.json's ``dtype`` /
     ``torch_dtype`` when it names one of ``CHECK_DTYPES``, else the dtype holding most of the weights' elements;
     None when neither tells (then float32)."""
@@ -271,11 +272,11 @@ def stored_dtype(base_dir: Path) -> str | None:
         config = read_model_config(Path(base_dir))
         declared = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
         if declared in CHECK_DTYPES:
-            return declared
+            return DType(declared)
         counts: dict[str, int] = {}
         for shape, dtype in read_weight_index(Path(base_dir)).values():
             if dtype in CHECK_DTYPES:
                 counts[dtype] = counts.get(dtype, 0) + int(torch.Size(shape).numel())
     except Exception:  # noqa: BLE001 - an unreadable directory is reported by the checks that read it
         return None
-    return max(counts, key=counts.get) if counts else None
+    return DType(max(counts, key=counts.get)) if counts else None

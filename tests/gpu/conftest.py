@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.dtypes import DType
 from harness.pytest_plugin import option
 
 FIGURES_ENV = "PLORA_HARNESS_FIGURES"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def gpu_device(pytestconfig: pytest.Config) -> str:
 def gpu_dtype(pytestconfig: pytest.Config, gpu_device: str) -> torch.dtype:
     """--plora-dtype, defaulting to bf16 on CUDA (what users run 7B models in) and fp32 elsewhere."""
     name = pytestconfig.getoption("plora_dtype") or ("bfloat16" if gpu_device == "cuda" else "float32")
-    return DTYPES[name]
+    return DType.of(name).torch
 
 
 @pytest.fixture(scope="session")
