@@ -132,12 +132,13 @@ def _units(config: pytest.Config, adapter: str, merged: str | None) -> list:
     ids = _planned_ids(config, adapter, merged)
     if values["base_model"] is None:
         return [WorkUnit(tuple(ids))]
-    from harness.loading.slices import available_bytes
+    from harness.loading.slices import available_bytes, temporary_disk_free
 
     budget = values["max_memory"] or available_bytes(values["device"] or "cpu")
     workers = getattr(config.option, "numprocesses", None)
     workers = workers if isinstance(workers, int) and workers > 0 else 1
-    return work_units(ids, values["base_model"], adapter, dtype=values["dtype"], budget=budget // workers)
+    return work_units(ids, values["base_model"], adapter, dtype=values["dtype"], budget=budget // workers,
+                      disk=temporary_disk_free() // workers)
 
 
 def _validated_pairs(config: pytest.Config, resolved) -> list[tuple[str, str | None]]:

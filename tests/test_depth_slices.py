@@ -148,7 +148,10 @@ def test_a_temporary_disk_too_small_for_a_slice_fails_in_one_line_naming_the_fix
     import shutil
     from collections import namedtuple
 
+    import harness.loading.slices as slices
+
     usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(slices, "temporary_disk_free", lambda: 2**40)  # planned with room; gone when writing
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
     ctx = _context(default_bundle, info, needed_bytes(info, "float32", 1, layer_layout(info)))
     try:
@@ -158,6 +161,25 @@ def test_a_temporary_disk_too_small_for_a_slice_fails_in_one_line_naming_the_fix
     assert result.status == "fail"
     assert "of temporary disk and " in result.message and "has 0.0 GiB free" in result.message
     assert result.fix.startswith("point TMPDIR at a disk with room")
+
+
+def test_slices_are_planned_to_fit_the_temporary_disk_as_well_as_the_memory(tmp_path) -> None:
+    """Before: a 7B base was cut for memory alone, and its 22-layer slice ran out of disk while being written."""
+    from harness.loading.slices import disk_bytes
+    from harness.model.structure import BaseModelInfo
+
+    weights = {f"model.layers.{i}.mlp.weight": ((1000, 1000), "BF16") for i in range(8)}
+    weights["model.embed_tokens.weight"] = ((100, 1000), "BF16")
+    deep = BaseModelInfo(base_dir=tmp_path, config={"num_hidden_layers": 8}, weights=weights)
+    layout = layer_layout(deep)
+    roomy = 2**40
+    assert plan_slices(deep, "bfloat16", roomy, set(range(8)), disk=roomy, stored="bfloat16") is None
+    quarter = disk_bytes(deep, "bfloat16", "bfloat16", 2, layout)  # a slice is written AND saved merged
+    assert plan_slices(deep, "bfloat16", roomy, set(range(8)), disk=quarter, stored="bfloat16") == [
+        (0, 1), (2, 3), (4, 5), (6, 7)]  # the memory would hold it whole: the disk cut it
+    one = disk_bytes(deep, "bfloat16", "bfloat16", 1, layout)
+    with pytest.raises(ValueError, match=r"GiB of temporary disk and 0\.0 GiB is free \(point TMPDIR at a disk"):
+        plan_slices(deep, "bfloat16", roomy, set(range(8)), disk=one - 1, stored="bfloat16")
 
 
 def test_a_budget_below_one_layer_fails_the_dynamic_checks_in_one_line(default_bundle, info) -> None:

@@ -67,7 +67,14 @@ def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
 
     def plan():
         from harness.inputs.adapter_dir import read_adapter_tensors
-        from harness.loading.slices import adapted_layers, available_bytes, layer_layout, needed_bytes, plan_slices
+        from harness.loading.slices import (
+            adapted_layers,
+            available_bytes,
+            layer_layout,
+            needed_bytes,
+            plan_slices,
+            temporary_disk_free,
+        )
         from harness.model.structure import stored_dtype
 
         budget = ctx.options.max_memory or available_bytes(ctx.options.device)
@@ -82,15 +89,20 @@ def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
             return chosen
         try:
             adapted = adapted_layers(list(read_adapter_tensors(ctx.adapter.root)), layout) if layout else set()
-            chosen = plan_slices(ctx.base, dtype, budget, adapted)
+            stored = stored_dtype(ctx.base.base_dir)
+            chosen = plan_slices(ctx.base, dtype, budget, adapted, disk=temporary_disk_free(), stored=stored)
         except ValueError as err:
+            disk = "temporary disk" in str(err)
             return Unavailable(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} for "
                                f"the dynamic checks and the memory budget is {budget / 2**30:.1f} GiB; depth "
-                               f"slices cannot help: {err}", is_failure=True)
+                               f"slices cannot help: {err}", is_failure=True,
+                               fix=("point TMPDIR at a disk with room for one slice and its merged copy" if disk else
+                                    "run on a machine with more memory (or --device cuda), or check a smaller base"))
         if chosen is not None:
             ctx.note(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} and the memory "
-                     f"budget is {budget / 2**30:.1f} GiB: the dynamic checks ran on {len(chosen)} depth slice(s) "
-                     f"of {len(chosen[0])} layer(s) covering every layer the adapter touches (README, Depth slices)")
+                     f"budget is {budget / 2**30:.1f} GiB ({temporary_disk_free() / 2**30:.1f} GiB of temporary disk "
+                     f"free): the dynamic checks ran on {len(chosen)} depth slice(s) of {len(chosen[0])} layer(s) "
+                     "covering every layer the adapter touches (README, Depth slices)")
         return chosen
 
     return ctx.cached("dynamic.slices", plan)
@@ -145,17 +157,15 @@ def _slice_results(ctx: CheckContext, chosen: list[tuple[int, ...]], check_id: s
 
 
 def _disk_problem(ctx: CheckContext, layers: tuple[int, ...], workdir: Path) -> str | None:
-    """A slice is written (in the stored dtype) and the merge script's path saves one merged copy of it (in the
-    check dtype): refuse in one line when the temporary directory cannot hold both, rather than fail deep inside
-    a save."""
+    """The slice and the merge script's saved copy of it must fit the temporary disk (it was planned so, but the
+    disk is shared): refuse in one line rather than fail deep inside a save."""
     import shutil
 
-    from harness.loading.slices import layer_layout, model_bytes
+    from harness.loading.slices import disk_bytes, layer_layout
     from harness.model.structure import stored_dtype
 
     stored = stored_dtype(ctx.base.base_dir) or "float32"
-    layout = layer_layout(ctx.base)
-    needed = 1.1 * sum(model_bytes(ctx.base, dtype, len(layers), layout) for dtype in (stored, ctx.options.dtype or stored))
+    needed = disk_bytes(ctx.base, ctx.options.dtype or stored, stored, len(layers), layer_layout(ctx.base))
     free = shutil.disk_usage(workdir).free
     if free >= needed:
         return None

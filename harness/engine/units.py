@@ -31,11 +31,11 @@ class WorkUnit:
 
 
 def work_units(check_ids: list[str], base_dir: str | Path | None, adapter_dir: str | Path, *, dtype: str | None,
-               budget: int) -> list[WorkUnit]:
+               budget: int, disk: int | None = None) -> list[WorkUnit]:
     """The units of ``check_ids``: one, unless the dynamic run on the whole base needs more than ``budget`` bytes;
     then the other checks as one unit and the dynamic checks on each depth slice that holds adapted layers. A base
     or adapter this cannot plan (no layer list, a DeepSpeed checkpoint, not even one layer fits) stays one unit, and
-    the engine reports why as it does for a single run."""
+    the engine reports why as it does for a single run. ``disk``: the temporary disk each unit may write."""
     whole = [WorkUnit(tuple(check_ids))]
     sliced_ids = set(_sliced_check_ids())
     dynamic = tuple(i for i in check_ids if i in sliced_ids)
@@ -49,8 +49,10 @@ def work_units(check_ids: list[str], base_dir: str | Path | None, adapter_dir: s
         layout = layer_layout(info)
         if layout is None:
             return whole
-        dtype = dtype or stored_dtype(Path(base_dir)) or "float32"
-        chosen = plan_slices(info, dtype, budget, adapted_layers(adapter_tensor_names(Path(adapter_dir)), layout))
+        stored = stored_dtype(Path(base_dir))
+        dtype = dtype or stored or "float32"
+        chosen = plan_slices(info, dtype, budget, adapted_layers(adapter_tensor_names(Path(adapter_dir)), layout),
+                             disk=disk, stored=stored)
     except Exception:  # noqa: BLE001 - whatever stops planning here, the single run reports it with its fix
         return whole
     if chosen is None:

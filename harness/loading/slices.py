@@ -99,21 +99,49 @@ def needed_bytes(info: BaseModelInfo, dtype: str, layers: int | None = None,
     return int(model_bytes(info, dtype, layers, layout) * MODEL_OVERHEAD) + ENGINE_BYTES
 
 
-def plan_slices(info: BaseModelInfo, dtype: str, budget: int, adapted_layers: set[int]) -> list[tuple[int, ...]] | None:
-    """Consecutive runs of layers whose dynamic run fits ``budget`` bytes, covering ``adapted_layers``; None when the
-    whole base fits (no slicing). Raises ``ValueError`` when not even one layer fits."""
-    if needed_bytes(info, dtype) <= budget:
+def disk_bytes(info: BaseModelInfo, dtype: str, stored: str | None, layers: int | None = None,
+               layout: LayerLayout | None = None) -> int:
+    """Temporary disk one dynamic run writes: the merge script's saved copy in ``dtype`` and, for a slice
+    (``layers`` given), the slice itself in the ``stored`` dtype (x1.1: configs, code, safetensors headers)."""
+    written = model_bytes(info, dtype, layers, layout)
+    if layers is not None:
+        written += model_bytes(info, stored or dtype, layers, layout)
+    return int(1.1 * written)
+
+
+def plan_slices(info: BaseModelInfo, dtype: str, budget: int, adapted_layers: set[int], *,
+                disk: int | None = None, stored: str | None = None) -> list[tuple[int, ...]] | None:
+    """Consecutive runs of layers whose dynamic run fits ``budget`` bytes of memory (and ``disk`` bytes of temporary
+    disk when given), covering ``adapted_layers``; None when the whole base fits (no slicing). Raises
+    ``ValueError`` when not even one layer fits."""
+    def fits(k: int | None, layout: LayerLayout | None = None) -> bool:
+        return needed_bytes(info, dtype, k, layout) <= budget and (
+            disk is None or disk_bytes(info, dtype, stored, k, layout) <= disk)
+
+    if fits(None):
         return None
     layout = layer_layout(info)
     if layout is None:
         raise ValueError("the base has no decoder layer list to slice by depth")
-    per_slice = max((k for k in range(1, layout.count) if needed_bytes(info, dtype, k, layout) <= budget), default=0)
+    per_slice = max((k for k in range(1, layout.count) if fits(k, layout)), default=0)
     if per_slice == 0:
+        memory = needed_bytes(info, dtype, 1, layout)
+        if memory > budget:
+            raise ValueError(f"even one decoder layer with the rest of the model needs {memory / 2**30:.1f} GiB")
         raise ValueError(f"even one decoder layer with the rest of the model needs "
-                         f"{needed_bytes(info, dtype, 1, layout) / 2**30:.1f} GiB")
+                         f"{disk_bytes(info, dtype, stored, 1, layout) / 2**30:.1f} GiB of temporary disk and "
+                         f"{(disk or 0) / 2**30:.1f} GiB is free (point TMPDIR at a disk with room)")
     chunks = [tuple(range(start, min(start + per_slice, layout.count)))
               for start in range(0, layout.count, per_slice)]
     return [chunk for chunk in chunks if adapted_layers & set(chunk)] or [chunks[0]]
+
+
+def temporary_disk_free() -> int:
+    """Free bytes where the dynamic run writes (``tempfile``'s directory: TMPDIR)."""
+    import shutil
+    import tempfile
+
+    return shutil.disk_usage(tempfile.gettempdir()).free
 
 
 def adapted_layers(adapter_keys: list[str], layout: LayerLayout) -> set[int]:
