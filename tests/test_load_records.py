@@ -20,9 +20,7 @@ RENAMED_MODULE = "model.layers.0.attention.wqkv"
 NOWHERE = "model.layers.0.attention.wqkv_nowhere"
 # Paths whose record describes the adapter load itself; merge-script's describes the reload of the saved
 # merged model (it holds no adapter keys), and the merged paths carry the record of the load they merged.
-ADAPTER_RECORD_PATHS = [name for name in ("peft", "peft-merged", "peft-safe-merged", "load-adapter", "state-dict", "bin",
-                                          "safetensors", "transformers-load-adapter", "auto-peft",
-                                          "transformers-from-adapter-dir") if name in PATHS]
+ADAPTER_RECORD_PATHS = [name for name, path in PATHS.items() if not path.saves_and_reloads]
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def test_deep_bf16_correct_adapter_passes_and_a_doubled_path_fails(deep_bundle, 
                     param.mul_(2)
         return loaded
 
-    monkeypatch.setitem(paths.PATHS, "bin", doubled)
+    monkeypatch.setitem(paths.PATHS, "bin", paths.replaced("bin", doubled))
     run = DynamicRun(deep_bundle.base_dir, deep_bundle.adapter_dir, dtype="bfloat16", device="cpu")
     try:
         assert run.noise["image"] > 3e-2 or run.noise["text"] > 3e-2, run.noise  # deep enough to matter
