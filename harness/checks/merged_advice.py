@@ -86,11 +86,11 @@ def dtype_cause(base_dtypes: set[str], merged_dtypes: set[str]) -> str | None:
             "overflows where bfloat16 does not, and float32 doubles the size")
 
 
-def fixes(found, *, plora: bool, scaling: str | None, dtype: str | None, ties: list[str]) -> list[str]:
+def fixes(found, *, family, plora: bool, scaling: str | None, dtype: str | None, ties: list[str]) -> list[str]:
     """One fix per cause found, in the order of the problems (no advice for causes that are absent)."""
     out: list[str] = []
     if found.missing:
-        branch = plora and any(_is_branch(k) for k in found.missing)
+        branch = plora and any(family.is_branch_param(k) for k in found.missing)
         out.append("peft <= 0.20's merge_and_unload skips modules whose name contains lora_ (LoRA on Plora_A/"
                    "Plora_B), so their PLoRA weights are not saved: keep PLoRA modules out of target_modules, re-merge "
                    "and save the whole model" if branch else
@@ -125,8 +125,3 @@ def fixes(found, *, plora: bool, scaling: str | None, dtype: str | None, ties: l
         out.append(dtype)
     return out
 
-
-def _is_branch(key: str) -> bool:
-    from harness.model import families
-
-    return families.is_branch_param(key)

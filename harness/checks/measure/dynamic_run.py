@@ -28,7 +28,7 @@ from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_
 from harness.model import families
 from harness.model.structure import stored_dtype, tied_parameters
 from harness.numerics.compare import Comparison, compare, finite_rows
-from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe, reached_modules
+from harness.numerics.probes import ProbeBatch, make_probe, mask_kwarg, reached_modules
 from harness.numerics.reference import ReferenceFold, first_non_finite_module, probe_logits, trained_token_ids
 from harness.numerics.streamed import StreamedFp32, run_streamed
 from harness.numerics.tolerances import band, policy_for, tolerance_for
@@ -68,7 +68,8 @@ class DynamicRun:
         self.outcomes: dict[str, PathOutcome] = {}
         self.load_error: str | None = None
         self.probe: ProbeBatch | None = None
-        self.uses_im_mask = False
+        self.mask: str | None = None  # the keyword that marks image rows (the family's), when the forward takes it
+        self.family: families.ModelFamily = families.GENERIC  # the base model's (detected)
         self.base_logits = self.reference_logits = None
         self.base_dtype_logits = None  # the base run in the check dtype (its gap to base_logits is the noise)
         self.text_probe: ProbeBatch | None = None  # the same tokens with no image rows at all
@@ -124,9 +125,10 @@ class DynamicRun:
                                                 dtypes=(self.dtype, DTYPES.get(stored_dtype(self.base_dir) or "")))
         if self.load_error:
             return
-        self.uses_im_mask = accepts_im_mask(model)
-        self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
-        self.base_plora = {n: _fingerprint(p) for n, p in model.named_parameters() if families.is_branch_param(n)}
+        self.family = families.family_of(model)
+        self.mask = mask_kwarg(model)
+        self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if self.family.is_branch_module(m)}
+        self.base_plora = {n: _fingerprint(p) for n, p in model.named_parameters() if self.family.is_branch_param(n)}
         config = read_json_object(self.adapter_dir / "adapter_config.json")
         tensors = read_adapter_tensors(self.adapter_dir)
         self._make_probes(model, trained_token_ids(model, config, tensors))
@@ -134,7 +136,7 @@ class DynamicRun:
         self.notes.extend(f"reference: {line}" for line in fold.notes)
         self.untied = _untied_by(model, fold)
         self.progress("running the fp32 reference layer by layer")
-        self.base_dtype_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+        self.base_dtype_logits = probe_logits(model, self.probe, mask=self.mask)
         self.base_logits = self._streamed(model, self.probe, None)
         self.text_base_logits = self._streamed(model, self.text_probe, None)
         self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits,
@@ -171,7 +173,7 @@ class DynamicRun:
     def _streamed(self, model: torch.nn.Module, probe: ProbeBatch, fold: ReferenceFold | None) -> torch.Tensor:
         """fp32 logits of ``model`` (+ ``fold``) on ``probe``, one layer's fp32 weights at a time."""
         logits, stream = run_streamed(
-            model, lambda: probe_logits(model, probe, im_mask=self.uses_im_mask, dtype=torch.float32),
+            model, lambda: probe_logits(model, probe, mask=self.mask, dtype=torch.float32),
             fold=fold, buffers=self.init_buffers, mode=self.reference_mode)
         if stream.mode != self.reference_mode:
             self.reference_mode = stream.mode
@@ -211,7 +213,7 @@ class DynamicRun:
             if not finite_rows(out, probe):
                 stream = StreamedFp32(model, fold=fold, buffers=self.init_buffers, mode=self.reference_mode)
                 with stream.active():
-                    module = first_non_finite_module(model, probe, im_mask=self.uses_im_mask, dtype=torch.float32)
+                    module = first_non_finite_module(model, probe, mask=self.mask, dtype=torch.float32)
                 return f"non-finite outputs (NaN/Inf) from {what}, " + _first_produced_by(module)
         return None
 
@@ -244,10 +246,10 @@ class DynamicRun:
 
     def _measure(self, loaded: LoadedModel, outcome: PathOutcome) -> None:
         outcome.record = loaded.record
-        outcome.logits = probe_logits(loaded.model, self.probe, im_mask=self.uses_im_mask)
+        outcome.logits = probe_logits(loaded.model, self.probe, mask=self.mask)
         if not finite_rows(outcome.logits, self.probe):
             outcome.non_finite = _first_produced_by(first_non_finite_module(loaded.model, self.probe,
-                                                                            im_mask=self.uses_im_mask))
+                                                                            mask=self.mask))
         outcome.comparison = compare(outcome.logits, self.reference_logits, self.probe, dtype=self.dtype,
                                      label=outcome.name, non_finite=outcome.non_finite,
                                      cause=self._tie_cause(loaded.model, outcome.name), tolerance=self.bands,
