@@ -368,7 +368,8 @@ def check_plora_preserved(ctx: CheckContext):
     outcomes = [run.outcome(name) for name in merging()]
     changed = sorted({p for o in outcomes for p in o.plora_changed})
     classes = sorted({c for o in outcomes for c in o.class_changes})
-    details = {"plora_changed": changed[:10], "class_changes": classes[:10], "plora_tensors": len(run.base_plora)}
+    details = {"plora_changed": changed[:10], "class_changes": classes[:10], "plora_tensors": len(run.base_plora),
+               "paths": [o.name for o in outcomes]}
     if errors := [o for o in outcomes if o.error]:
         return failed(f"{errors[0].name} failed to load: {errors[0].error}", **details)
     if changed:

@@ -75,6 +75,12 @@ def register_path(path: LoadingPath) -> LoadingPath:
     return path
 
 
+def unregister_path(name: str) -> None:
+    """Remove path ``name`` from the registry (a plugin or test that registered its own path, cleaning up)."""
+    for table in (REGISTRY, PATHS, UNAVAILABLE):
+        table.pop(name, None)
+
+
 def loading_path(name: str, **facts) -> Callable[[PathFn], PathFn]:
     """Register the decorated function as path ``name``; ``facts`` are the other ``LoadingPath`` fields."""
     def register(func: PathFn) -> PathFn:
