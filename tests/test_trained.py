@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 import harness
 from harness import compat
 from harness.checks.measure.training_audit import kind_of
-from harness.model.families.xcomposer import XComposer
 from harness.loading.base import load_base
+from harness.model.families.xcomposer import XComposer
 from harness.model.peft_keys import base_key
 from harness.numerics.probes import make_probe
 from harness.synthetic import official_lora_config, save_adapter

@@ -363,7 +363,8 @@ def check_merged_matches(ctx: CheckContext):
         problems.append(f"{len(found.missing)} base tensor(s) missing from the merged checkpoint (re-initialised "
                         f"on load), e.g. {(plora or found.missing)[0]}")
     if found.plora_folded:
-        problems.append(f"PLoRA branch folded into the base weight of {len(found.plora_folded)} module(s), e.g. "
+        problems.append(f"{ctx.base.family.branch_label} branch folded into the base weight of "
+                        f"{len(found.plora_folded)} module(s), e.g. "
                         f"{found.plora_folded[0]} (text-token outputs change)")
     if found.unmerged:
         problems.append(f"{len(found.unmerged)} adapted weight(s) equal the base (layer not merged), e.g. "

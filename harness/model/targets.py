@@ -27,7 +27,6 @@ from harness.inputs.patterns import (
     config_patterns,
     deadline,
 )
-from harness.model import families
 from harness.model.structure import BaseModelInfo
 
 PEFT_MATCH_BUDGET_S = 30.0  # PEFT's check_target_module_exists on every module name, after the screening

@@ -28,6 +28,9 @@ class ModelFamily:
     branch_kind_labels: dict[str, str] = {}
     training_fix = ""  # how to keep the branch out of training, when a trainer trains it by mistake
     branch_key_note = ""  # why branch weights end up among adapter keys (": a name filter on 'lora_' ...")
+    # merged-checkpoint advice about the branch: "missing" (its weights lost), "folded" (merged into W), "unmerged"
+    # (a note on modules a merge leaves wrapped)
+    merge_advice: dict[str, str] = {}
 
     def detect(self, config: Mapping | None, names: Collection[str]) -> bool:
         """Whether a model with this config (config.json as a dict, or None) and these module / parameter names (or

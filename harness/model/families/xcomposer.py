@@ -35,6 +35,14 @@ class XComposer(HuggingFace):
     branch_label = "PLoRA"
     mask_kwarg = MASK_KWARG
     branch_kind_labels = {"plora": "PLoRA Plora_A/Plora_B", "plora-separator": "plora_*_GN separator"}
+    merge_advice = {
+        "missing": "peft <= 0.20's merge_and_unload skips modules whose name contains lora_ (LoRA on Plora_A/Plora_B), "
+                   "so their PLoRA weights are not saved: keep PLoRA modules out of target_modules, re-merge and save "
+                   "the whole model",
+        "folded": "merge only the adapter's ΔW: PLoRA's own branch (Plora_B·Plora_A) applies to image tokens only and "
+                  "must stay a separate module; PeftModel.merge_and_unload leaves it alone",
+        "unmerged": "; peft <= 0.20 skips modules whose name contains lora_ (Plora_A/Plora_B)",
+    }
     branch_key_note = ": a name filter on 'lora_' also matches Plora_A/Plora_B/plora_*_GN"
     training_fix = ("freeze PLoRA before training (p.requires_grad_(False) for every parameter under Plora_A/Plora_B "
                     "and plora_*_GN: peft <= 0.20 leaves them trainable because their names contain 'lora_'), or "
