@@ -42,6 +42,13 @@ def test_a_good_adapter_loads_with_a_clean_record(name, default_bundle, tmp_path
     record = loaded.record
     assert (record.path, record.missing_keys, record.unexpected_keys, record.not_loaded) == (name, [], [], [])
     assert record.clean
+    # the registry's facts about the path are what it builds: a merging path leaves no LoRA layer, an unmerged one
+    # keeps them; a path that saves and reloads reads back a whole model directory
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [n for n, m in loaded.model.named_modules() if isinstance(m, LoraLayer)]
+    assert bool(lora_layers) != PATHS[name].merges, (name, lora_layers[:3])
+    assert ("config.json" in record.files_used) == PATHS[name].saves_and_reloads, record.files_used
 
 
 @pytest.mark.parametrize("name", ADAPTER_RECORD_PATHS)

@@ -1,7 +1,8 @@
 """The loading-path registry: every way a user turns base + adapter into a model.
 
-Each path is a function ``(base_dir, adapter_dir, *, dtype, device, workdir) -> LoadedModel``
-returning an ``eval()`` model and a ``LoadRecord`` of what happened. PEFT loads with
+Each path is a ``LoadingPath`` record: its function ``(base_dir, adapter_dir, *, dtype, device, workdir) ->
+LoadedModel``, returning an ``eval()`` model and a ``LoadRecord`` of what happened, and the facts the checks need
+(whether it merges, saves and reloads, shares a load with another path, needs a PEFT/transformers feature). PEFT loads with
 ``strict=False`` (unexpected keys are silent, missing keys only warn), so every path
 records both by comparing the saved adapter keys with the adapter the model ended up
 holding, independent of the PEFT version's own reporting.
@@ -114,9 +115,10 @@ def chain_of(name: str) -> list[LoadingPath]:
             return None
         return PATHS.get(path.shares_load_with)
 
-    root = PATHS[name]
-    while (up := leader(root)) is not None:
+    root, seen = PATHS[name], {name}
+    while (up := leader(root)) is not None and up.name not in seen:  # a declared cycle stops where it closes
         root = up
+        seen.add(up.name)
     if not root.takes_base:
         return []
     chain = [root]
