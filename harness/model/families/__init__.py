@@ -11,6 +11,7 @@ never a name itself. A new family is one module with a ``ModelFamily`` subclass 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -102,8 +103,9 @@ def family_of(model: torch.nn.Module) -> ModelFamily:
     return detect(config, [name for name, _ in inner.named_modules()])
 
 
+@functools.cache
 def _load_families() -> None:
-    """Import every module of this package (once: imports are cached); each family module registers itself."""
+    """Import every module of this package, once; each family module registers itself."""
     import importlib
     import pkgutil
 
