@@ -176,6 +176,36 @@ def merge_skips_lora_named_modules() -> bool:
     return any(isinstance(module, LoraLayer) for module in merged.modules())
 
 
+def transformers_peft_missing() -> str | None:
+    """Why transformers' PEFT integration (PeftAdapterMixin: model.load_adapter, from_pretrained(adapter_dir)) is
+    missing, or None."""
+    import transformers
+
+    if hasattr(transformers.PreTrainedModel, "load_adapter"):
+        return None
+    return (f"transformers {transformers.__version__} has no PEFT integration (PreTrainedModel.load_adapter and "
+            "from_pretrained(adapter_dir) arrived in transformers 4.33)")
+
+
+def auto_peft_missing() -> str | None:
+    """Why PEFT's AutoPeftModelForCausalLM cannot load a local adapter directory here, or None."""
+    try:
+        from peft import AutoPeftModelForCausalLM  # noqa: F401
+    except ImportError:
+        import peft
+
+        return f"peft {peft.__version__} has no AutoPeftModelForCausalLM (added in peft 0.6)"
+    from peft.utils import other
+
+    if not hasattr(other, "check_file_exists_on_hf_hub"):
+        import peft
+
+        return (f"peft {peft.__version__}'s AutoPeftModelForCausalLM asks the hub whether a local adapter directory "
+                "without tokenizer_config.json has a tokenizer and raises HFValidationError on the local path "
+                "(peft 0.9 guards that lookup)")
+    return None
+
+
 def versions() -> dict[str, str]:
     """The installed versions, for reports and manifests."""
     return {name: str(found) for name, found in _INSTALLED.items()}

@@ -109,7 +109,7 @@ ORIGINAL_PEFT = paths.PATHS["peft"]
 
 
 def test_leftover_lora_wrapper_fails_merge_equivalence_and_plora_preserved(default_bundle, monkeypatch) -> None:
-    monkeypatch.setitem(paths.PATHS, "peft-merged", merge_leaving_a_wrapper)
+    monkeypatch.setitem(paths.PATHS, "peft-merged", paths.replaced("peft-merged", merge_leaving_a_wrapper))
     report = harness.check(default_bundle.adapter_dir, base_model=default_bundle.base_dir, trust_remote_code=True,
                            only=["merge-equivalence", "plora-preserved"], isolated=False)
     merge = report.get("merge-equivalence")

@@ -91,7 +91,7 @@ def doubled_scaling_merge(base_dir, adapter_dir, **kw):
 
 @pytest.mark.slow
 def test_double_scaling_in_a_merge_path_fails_readably(default_bundle, monkeypatch):
-    monkeypatch.setitem(paths.PATHS, "peft-merged", doubled_scaling_merge)
+    monkeypatch.setitem(paths.PATHS, "peft-merged", paths.replaced("peft-merged", doubled_scaling_merge))
     got = results(default_bundle.adapter_dir, default_bundle.base_dir)
     message = got["merge-equivalence"].message
     assert got["merge-equivalence"].status == "fail"
@@ -128,7 +128,7 @@ def lossy_merge_script(base_dir, adapter_dir, *, dtype, device, workdir):
 
 @pytest.mark.slow
 def test_reinitialised_tensor_after_reload_fails(default_bundle, monkeypatch):
-    monkeypatch.setitem(paths.PATHS, "merge-script", lossy_merge_script)
+    monkeypatch.setitem(paths.PATHS, "merge-script", paths.replaced("merge-script", lossy_merge_script))
     got = results(default_bundle.adapter_dir, default_bundle.base_dir)["reload-roundtrip"]
     assert got.status == "fail"
     assert "re-initialised on load, e.g. model.layers.0.attention.wqkv.Plora_A.weight" in got.message
@@ -143,7 +143,7 @@ def test_folded_plora_fails_plora_preserved(default_bundle, monkeypatch):
             layer.weight += layer.Plora_B.weight @ layer.Plora_A.weight * layer.lora_scaling
         return loaded
 
-    monkeypatch.setitem(paths.PATHS, "peft-merged", folding_merge)
+    monkeypatch.setitem(paths.PATHS, "peft-merged", paths.replaced("peft-merged", folding_merge))
     got = results(default_bundle.adapter_dir, default_bundle.base_dir)
     assert got["merge-equivalence"].status == "fail" and "peft-merged" in got["merge-equivalence"].message
 
@@ -210,6 +210,6 @@ def test_load_adapter_that_never_switches_is_caught(default_bundle, monkeypatch)
         model.load_adapter(str(adapter_dir), adapter_name="other")  # no set_adapter("other")
         return LoadedModel(model.eval(), record)
 
-    monkeypatch.setitem(paths.PATHS, "load-adapter", forgetful)
+    monkeypatch.setitem(paths.PATHS, "load-adapter", paths.replaced("load-adapter", forgetful))
     got = results(default_bundle.adapter_dir, default_bundle.base_dir)["path-agreement"]
     assert got.status == "fail" and "load-adapter: image rows" in got.message

@@ -156,8 +156,8 @@ def test_adapter_files_beside_merged_weights_do_change_what_from_pretrained_load
         shutil.copyfile(default_bundle.adapter_dir / name, broken / name)
     clean = load_base(merged_dir, dtype=torch.float32)
     probe = make_probe(clean.get_input_embeddings(), batch_size=1, seq_len=8, image_spans=[(2, 5)], seed=3)
-    want = probe_logits(clean, probe, im_mask=True)
-    got = probe_logits(load_base(broken, dtype=torch.float32), probe, im_mask=True)
+    want = probe_logits(clean, probe, mask="im_mask")
+    got = probe_logits(load_base(broken, dtype=torch.float32), probe, mask="im_mask")
     if (got - want).abs().max() <= 1e-4 * want.abs().max():  # transformers 4.33: it does not look for them
         pytest.skip("this transformers does not look for adapter files beside a model's weights (newer ones do, so "
                     "the check fails on every stack)")

@@ -257,7 +257,7 @@ def test_classify_key():
     assert classify_key("base_model.model.vision_proj.0.weight", config).kind == "modules_to_save"
     assert classify_key("base_model.model.a.b.bias", config).kind == "bias"
     assert classify_key("base_model.model.a.b.bias", {}).kind == "unknown"
-    assert classify_key("base_model.model.a.wqkv.Plora_A.weight", config).kind == "plora"
+    assert classify_key("base_model.model.a.wqkv.Plora_A.weight", config).kind == "branch"
     assert classify_key("base_model.model.a.wqkv.base_layer.weight", config).kind == "base_layer"
     assert classify_key("base_model.model.base_model.model.a.lora_B.weight", config).prefixes == 2
     # valid PEFT saves that are easy to mistake for base weights

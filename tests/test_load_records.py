@@ -20,9 +20,7 @@ RENAMED_MODULE = "model.layers.0.attention.wqkv"
 NOWHERE = "model.layers.0.attention.wqkv_nowhere"
 # Paths whose record describes the adapter load itself; merge-script's describes the reload of the saved
 # merged model (it holds no adapter keys), and the merged paths carry the record of the load they merged.
-ADAPTER_RECORD_PATHS = [name for name in ("peft", "peft-merged", "peft-safe-merged", "load-adapter", "state-dict", "bin",
-                                          "safetensors", "transformers-load-adapter", "auto-peft",
-                                          "transformers-from-adapter-dir") if name in PATHS]
+ADAPTER_RECORD_PATHS = [name for name, path in PATHS.items() if not path.saves_and_reloads]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +42,13 @@ def test_a_good_adapter_loads_with_a_clean_record(name, default_bundle, tmp_path
     record = loaded.record
     assert (record.path, record.missing_keys, record.unexpected_keys, record.not_loaded) == (name, [], [], [])
     assert record.clean
+    # the registry's facts about the path are what it builds: a merging path leaves no LoRA layer, an unmerged one
+    # keeps them; a path that saves and reloads reads back a whole model directory
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [n for n, m in loaded.model.named_modules() if isinstance(m, LoraLayer)]
+    assert bool(lora_layers) != PATHS[name].merges, (name, lora_layers[:3])
+    assert ("config.json" in record.files_used) == PATHS[name].saves_and_reloads, record.files_used
 
 
 @pytest.mark.parametrize("name", ADAPTER_RECORD_PATHS)

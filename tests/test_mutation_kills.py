@@ -183,19 +183,20 @@ def test_probe_inputs_by_feed():
 
     model = _TinyLM().to(torch.float64)
     probe = _probe("input_ids")
-    got = probe_inputs(model, probe)
+    got = probe_inputs(model, probe, mask="im_mask")
     assert set(got) == {"attention_mask", "input_ids", "im_mask"}
     assert torch.equal(got["input_ids"], probe.input_ids) and torch.equal(got["im_mask"], probe.im_mask)
     assert torch.equal(got["attention_mask"], probe.attention_mask)
-    assert set(probe_inputs(model, probe, im_mask=False)) == {"attention_mask", "input_ids"}
+    assert set(probe_inputs(model, probe, mask=None)) == {"attention_mask", "input_ids"}
+    assert set(probe_inputs(model, probe)) == {"attention_mask", "input_ids"}  # a generic model: no mask keyword
 
     probe = _probe("embeds")
-    got = probe_inputs(model, probe)
+    got = probe_inputs(model, probe, mask="im_mask")
     assert set(got) == {"attention_mask", "inputs_embeds", "im_mask"}
     assert got["inputs_embeds"].dtype == torch.float64 and torch.equal(got["inputs_embeds"], probe.inputs_embeds.double())
 
     probe = _probe("model-embeds")
-    got = probe_inputs(model, probe)
+    got = probe_inputs(model, probe, mask="im_mask")
     assert set(got) == {"attention_mask", "inputs_embeds", "im_mask"}
     text = model.embed(probe.input_ids)
     want = torch.where(probe.im_mask[..., None], probe.inputs_embeds.double(), text)
@@ -788,19 +789,20 @@ def test_raw_load_from_a_base_directory_names_the_plora_keys(default_bundle):
     from harness.inputs.adapter_dir import read_adapter_tensors
     from harness.loading.base import load_base
     from harness.loading.raw_load import PEFT_NOT_STATE_DICT, diagnose_raw_load
-    from harness.model import families
+    from harness.model.families.xcomposer import XComposer
 
+    family = XComposer()  # the synthetic base's family: its branch keys, as the diagnosis names them
     own = set(load_base(default_bundle.base_dir, dtype=torch.float32, device="cpu").state_dict())
     saved = set(read_adapter_tensors(default_bundle.adapter_dir))
     missing, unexpected = sorted(own - saved), sorted(saved - own)
-    plora = [k for k in missing if families.is_branch_param(k)]
+    plora = [k for k in missing if family.is_branch_param(k)]
     got = diagnose_raw_load(str(default_bundle.base_dir), default_bundle.adapter_dir)
     assert plora and got.missing_plora == plora
     assert (got.failed, got.error_type, got.missing_total, got.unexpected_total) == (
         True, "RuntimeError", len(missing), len(unexpected))
     assert got.unexpected_examples == unexpected[:5]
     assert got.message == (f"{PEFT_NOT_STATE_DICT} (load_state_dict: {len(missing)} missing keys, including {len(plora)} "
-                           f"PLoRA keys such as {', '.join(families.branch_key_examples(plora))}; {len(unexpected)} "
+                           f"PLoRA keys such as {', '.join(family.branch_key_examples(plora))}; {len(unexpected)} "
                            f"unexpected adapter keys such as {unexpected[0]})")
 
 

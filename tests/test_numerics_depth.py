@@ -142,11 +142,11 @@ def test_streamed_reference_matches_on_tied_heads_conv1d_and_embeddings(syntheti
     config, tensors = _adapter(built.adapter(kind))
     ids = sorted({i for i in zoo.TOKEN_INDICES})
     probe = make_probe(model.get_input_embeddings(), image_spans=[], feed="input_ids", token_ids=ids)
-    want = probe_logits(_fold_reference(model, config, tensors), probe, im_mask=False)
-    got, stream = run_streamed(model, lambda: probe_logits(model, probe, im_mask=False, dtype=torch.float32),
+    want = probe_logits(_fold_reference(model, config, tensors), probe, mask=None)
+    got, stream = run_streamed(model, lambda: probe_logits(model, probe, mask=None, dtype=torch.float32),
                                fold=ReferenceFold(model, config, tensors))
     assert torch.allclose(got, want, rtol=0, atol=1e-5), (stream.mode, (got - want).abs().max())
-    assert not torch.allclose(got, probe_logits(model, probe, im_mask=False), atol=1e-4)
+    assert not torch.allclose(got, probe_logits(model, probe, mask=None), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_deep_bf16_correct_adapter_passes_and_a_doubled_path_fails(deep_bundle, 
                     param.mul_(2)
         return loaded
 
-    monkeypatch.setitem(paths.PATHS, "bin", doubled)
+    monkeypatch.setitem(paths.PATHS, "bin", paths.replaced("bin", doubled))
     run = DynamicRun(deep_bundle.base_dir, deep_bundle.adapter_dir, dtype="bfloat16", device="cpu")
     try:
         assert run.noise["image"] > 3e-2 or run.noise["text"] > 3e-2, run.noise  # deep enough to matter

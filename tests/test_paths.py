@@ -94,6 +94,25 @@ def test_registry_has_every_path() -> None:
     assert EXPECTED_PATHS <= set(PATHS)
 
 
+def test_paths_that_share_a_load_run_as_one_chain_until_one_is_replaced(monkeypatch) -> None:
+    """The chain (peft -> peft-merged -> merge-script) is derived from the records; a replaced path (a test double,
+    a user's variant) loads on its own, and so does what would have continued from it."""
+    from harness.loading import paths
+
+    def names(name: str) -> list[str]:
+        return [path.name for path in paths.chain_of(name)]
+
+    assert names("peft") == names("merge-script") == ["peft", "peft-merged", "merge-script"]
+    assert names("peft-safe-merged") == [] and names("bin") == []
+    assert paths.merging() == ["peft-merged", "peft-safe-merged", "merge-script"]
+    assert paths.merging_in_memory() == ["peft-merged", "peft-safe-merged"]
+    monkeypatch.setitem(paths.PATHS, "merge-script", paths.replaced("merge-script", paths.load_merge_script))
+    assert names("peft") == ["peft", "peft-merged"] and names("merge-script") == []
+    monkeypatch.setitem(paths.PATHS, "peft-merged", paths.replaced("peft-merged", paths.load_peft_merged))
+    assert names("peft") == names("peft-merged") == []
+    assert paths.PATHS["peft-merged"].merges  # a replacement keeps the facts of the path it stands for
+
+
 def test_transformers_native_paths_are_registered_or_skipped_with_the_reason() -> None:
     """Each native path is in the matrix where the installed stack has it, else listed with why (never dropped
     silently): transformers < 4.33 has no PEFT integration, peft < 0.9's

@@ -1,11 +1,11 @@
-"""accepts_im_mask: image rows reach PLoRA whichever way a model's forward takes ``im_mask``."""
+"""mask_kwarg: image rows reach PLoRA whichever way a model's forward takes its family's mask keyword."""
 
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from harness.numerics.probes import accepts_im_mask, make_probe
+from harness.numerics.probes import make_probe, mask_kwarg
 from harness.numerics.reference import probe_logits
 from harness.synthetic import build_model
 from harness.synthetic.modeling.modeling_internlm_xcomposer2 import InternLMXComposer2ForCausalLM
@@ -27,12 +27,13 @@ def kwargs_model() -> torch.nn.Module:
 
 def test_named_parameter_and_kwargs_forms_both_get_im_mask():
     model = kwargs_model()
-    assert accepts_im_mask(build_model("ixc2.5")) and accepts_im_mask(model)
+    assert mask_kwarg(build_model("ixc2.5")) == mask_kwarg(model) == "im_mask"
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["wqkv"]))
-    assert accepts_im_mask(peft_model)  # looked through the PEFT wrapper
+    assert mask_kwarg(peft_model) == "im_mask"  # looked through the PEFT wrapper
     probe = make_probe(model.get_input_embeddings())
-    with_mask = probe_logits(model, probe, im_mask=True)
-    assert not torch.allclose(with_mask, probe_logits(model, probe, im_mask=False))  # PLoRA acts on image rows
+    with_mask = probe_logits(model, probe)  # the detected family's keyword
+    assert torch.equal(with_mask, probe_logits(model, probe, mask="im_mask"))
+    assert not torch.allclose(with_mask, probe_logits(model, probe, mask=None))  # PLoRA acts on image rows
 
 
 def test_plain_causal_lm_gets_no_im_mask():
@@ -40,7 +41,7 @@ def test_plain_causal_lm_gets_no_im_mask():
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
-    assert not accepts_im_mask(LlamaForCausalLM(config))  # **kwargs, but no PLoRA modules
+    assert mask_kwarg(LlamaForCausalLM(config)) is None  # **kwargs, but not of a family with a mask keyword
 
 
 def test_reached_modules_names_what_the_probes_never_run():

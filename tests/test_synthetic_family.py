@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from harness.model.families.xcomposer import MASK_KWARG
 from harness.numerics.probes import make_probe
 from harness.synthetic import FULL_7B, TINY, build_model, make_config
 
@@ -105,11 +106,11 @@ def test_plora_acts_on_image_rows_through_the_whole_model(variant):
     model = build_model(variant)
     probe = make_probe(model.get_input_embeddings(), seq_len=10, image_spans=[(6, 9)])
     with torch.no_grad():
-        base = model(**probe.model_kwargs()).logits
+        base = model(**probe.model_kwargs(MASK_KWARG)).logits
         for name, param in model.named_parameters():
             if "Plora_B" in name:
                 param.mul_(3.0)
-        changed = model(**probe.model_kwargs()).logits
+        changed = model(**probe.model_kwargs(MASK_KWARG)).logits
     # causal: rows before the first image row cannot see PLoRA at all
     torch.testing.assert_close(changed[:, :6], base[:, :6], rtol=0, atol=0)
     assert (changed[:, 6:] - base[:, 6:]).abs().max() > 1e-3
@@ -145,7 +146,7 @@ def test_encode_img_rows(variant):
 def test_greedy_generation_with_cache_matches_full_recompute(variant):
     model = build_model(variant)
     probe = make_probe(model.get_input_embeddings(), seq_len=9, left_padding=[0, 2])
-    out = model.generate(**probe.model_kwargs(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = model.generate(**probe.model_kwargs(MASK_KWARG), max_new_tokens=4, do_sample=False, pad_token_id=0)
     embeds, mask, attn = probe.inputs_embeds, probe.im_mask, probe.attention_mask
     tokens = []
     with torch.no_grad():
@@ -169,6 +170,6 @@ def test_activations_stay_sane_at_small_scale():
     model = build_model("ixc2.5")
     probe = make_probe(model.get_input_embeddings())
     with torch.no_grad():
-        logits = model(**probe.model_kwargs()).logits
+        logits = model(**probe.model_kwargs(MASK_KWARG)).logits
     assert torch.isfinite(logits).all()
     assert 0.1 < logits.std().item() < 10 and not math.isnan(logits.std().item())

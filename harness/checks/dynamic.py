@@ -357,7 +357,9 @@ def check_merge_equivalence(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
         return _unavailable(run)
-    outcomes = [run.outcome(name) for name in ("peft", "peft-merged", "peft-safe-merged")]
+    from harness.loading.paths import merging_in_memory
+
+    outcomes = [run.outcome(name) for name in ("peft", *merging_in_memory())]
     problems = [p for p in map(_path_problem, outcomes) if p]
     details = {o.name: (o.comparison.to_dict() if o.comparison else o.error) for o in outcomes}
     wrappers = sorted({w for o in outcomes[1:] for w in o.unmerged_wrappers})
@@ -370,7 +372,7 @@ def check_merge_equivalence(ctx: CheckContext):
         # per row class, padding excluded, as every output comparison (a text-row gap is not measured against
         # the image rows' larger scale)
         between = compare(outcomes[1].logits, outcomes[0].logits, run.probe, dtype=run.dtype,
-                          label="peft-merged vs peft", tolerance=run.bands, basis=run.basis)
+                          label=f"{outcomes[1].name} vs peft", tolerance=run.bands, basis=run.basis)
         rel = max(between.image_max_rel, between.text_max_rel)
         details["merged_vs_unmerged_rel"] = rel
         if not between.ok:
@@ -437,12 +439,13 @@ def check_plora_preserved(ctx: CheckContext):
         return _unavailable(run)
     if not run.base_plora:
         return skipped("the base model has no PLoRA weights")
-    from harness.checks.measure.dynamic_run import MERGED_PATHS
+    from harness.loading.paths import merging
 
-    outcomes = [run.outcome(name) for name in MERGED_PATHS]
+    outcomes = [run.outcome(name) for name in merging()]
     changed = sorted({p for o in outcomes for p in o.plora_changed})
     classes = sorted({c for o in outcomes for c in o.class_changes})
-    details = {"plora_changed": changed[:10], "class_changes": classes[:10], "plora_tensors": len(run.base_plora)}
+    details = {"plora_changed": changed[:10], "class_changes": classes[:10], "plora_tensors": len(run.base_plora),
+               "paths": [o.name for o in outcomes]}
     if errors := [o for o in outcomes if o.error]:
         return failed(f"{errors[0].name} failed to load: {errors[0].error}", **details)
     if changed:

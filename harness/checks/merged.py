@@ -255,7 +255,7 @@ class _Merge:
         elif err > rtol:
             if _rel((got.float() - base.float()).abs().max(), scale) <= rtol:
                 self.found.unmerged.append(key)
-            elif _folds_plora(self.base, key, got, want, rtol):
+            elif _folds_plora(self.base, key, got, want, rtol, self.info.family):
                 self.found.plora_folded.append(key)
             else:
                 self.found.wrong_delta.append(f"{key} (error {err:.2e} of max|W|, ΔW is {resolution:.2e})")
@@ -298,9 +298,10 @@ def compare_merged(ctx: CheckContext, base: ModelDir, merged: ModelDir) -> Merge
     return _Merge(ctx, base, merged).run()
 
 
-def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Tensor, rtol: float) -> bool:
+def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Tensor, rtol: float,
+                 family: families.ModelFamily) -> bool:
     """Did the merge add the base model's own branch (PLoRA: Plora_B @ Plora_A · scale) into the weight too?"""
-    for a_key, b_key in families.branch_weight_keys(key[: -len(".weight")]):
+    for a_key, b_key in filter(None, [family.branch_weight_keys(key[: -len(".weight")])]):
         if a_key not in base.keys or b_key not in base.keys:
             continue
         branch = base.get(b_key).float() @ base.get(a_key).float()
@@ -358,11 +359,12 @@ def check_merged_matches(ctx: CheckContext):
     found = compare_merged(ctx, base, merged)
     problems = []
     if found.missing:
-        plora = [k for k in found.missing if families.is_branch_param(k)]
+        plora = [k for k in found.missing if ctx.base.family.is_branch_param(k)]
         problems.append(f"{len(found.missing)} base tensor(s) missing from the merged checkpoint (re-initialised "
                         f"on load), e.g. {(plora or found.missing)[0]}")
     if found.plora_folded:
-        problems.append(f"PLoRA branch folded into the base weight of {len(found.plora_folded)} module(s), e.g. "
+        problems.append(f"{ctx.base.family.branch_label} branch folded into the base weight of "
+                        f"{len(found.plora_folded)} module(s), e.g. "
                         f"{found.plora_folded[0]} (text-token outputs change)")
     if found.unmerged:
         problems.append(f"{len(found.unmerged)} adapted weight(s) equal the base (layer not merged), e.g. "
@@ -402,7 +404,8 @@ def check_merged_matches(ctx: CheckContext):
         "delta_ratios": {r.key: round(r.ratio, 6) for r in found.ratios[:10]},
     }
     if problems:
-        advice = fixes(found, plora=bool(ctx.base.branch_modules()), scaling=scaling, dtype=dtype, ties=found.ties)
+        advice = fixes(found, family=ctx.base.family, plora=bool(ctx.base.branch_modules()), scaling=scaling,
+                       dtype=dtype, ties=found.ties)
         return failed(problems[0] + (f" (+{len(problems) - 1} more problem(s))" if len(problems) > 1 else ""),
                       fix="; ".join(dict.fromkeys(advice)) or None, **details)
     plan = adapter_plan(ctx)

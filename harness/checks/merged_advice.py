@@ -86,23 +86,21 @@ def dtype_cause(base_dtypes: set[str], merged_dtypes: set[str]) -> str | None:
             "overflows where bfloat16 does not, and float32 doubles the size")
 
 
-def fixes(found, *, plora: bool, scaling: str | None, dtype: str | None, ties: list[str]) -> list[str]:
+def fixes(found, *, family, plora: bool, scaling: str | None, dtype: str | None, ties: list[str]) -> list[str]:
     """One fix per cause found, in the order of the problems (no advice for causes that are absent)."""
     out: list[str] = []
     if found.missing:
-        branch = plora and any(_is_branch(k) for k in found.missing)
-        out.append("peft <= 0.20's merge_and_unload skips modules whose name contains lora_ (LoRA on Plora_A/"
-                   "Plora_B), so their PLoRA weights are not saved: keep PLoRA modules out of target_modules, re-merge "
-                   "and save the whole model" if branch else
+        branch = plora and "missing" in family.merge_advice and any(family.is_branch_param(k) for k in found.missing)
+        out.append(family.merge_advice["missing"] if branch else
                    f"save the whole merged model with save_pretrained, not a filtered state dict ({len(found.missing)} "
                    f"tensor(s) missing, e.g. {found.missing[0]})")
     if found.plora_folded:
-        out.append("merge only the adapter's ΔW: PLoRA's own branch (Plora_B·Plora_A) applies to image tokens only and "
-                   "must stay a separate module; PeftModel.merge_and_unload leaves it alone")
+        out.append(family.merge_advice.get("folded", "merge only the adapter's ΔW: the base model's own branch must "
+                                           "stay a separate module; PeftModel.merge_and_unload leaves it alone"))
     if found.unmerged:
         out.append(f"merge every adapted module (e.g. {found.unmerged[0]} was left at the base): "
                    "PeftModel.from_pretrained(base, adapter).merge_and_unload(), then save_pretrained"
-                   + ("; peft <= 0.20 skips modules whose name contains lora_ (Plora_A/Plora_B)" if plora else ""))
+                   + (family.merge_advice.get("unmerged", "") if plora else ""))
     if found.wrong_delta:
         out.append(scaling or dtype or "re-merge in float32 with PeftModel.from_pretrained(base, adapter)."
                    "merge_and_unload() (a merge into a bfloat16/float16 or quantized base rounds ΔW; DoRA needs "
@@ -125,8 +123,3 @@ def fixes(found, *, plora: bool, scaling: str | None, dtype: str | None, ties: l
         out.append(dtype)
     return out
 
-
-def _is_branch(key: str) -> bool:
-    from harness.model import families
-
-    return families.is_branch_param(key)

@@ -30,9 +30,7 @@ def check_serving_vllm(ctx: CheckContext):
 
     if ctx.base is None:
         return skipped("no --base-model given")
-    from harness.model import families
-
-    if families.branch_modules_from_keys(ctx.base.weights):
+    if ctx.base.family.branch_modules_from_keys(ctx.base.weights):
         return skipped(XCOMPOSER_SKIP)
     if missing := measure.vllm_missing():
         return skipped(missing)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
 from harness.model.lora_math import module_rank
-from harness.model.peft_keys import KeyAnalysis, as_list, classify_key
+from harness.model.peft_keys import KeyAnalysis, analyse, as_list
 
 if TYPE_CHECKING:
     from harness.inputs.adapter_dir import AdapterInputs
@@ -42,7 +42,7 @@ def _config(ctx: CheckContext) -> dict:
 def analyse_keys(ctx: CheckContext) -> KeyAnalysis:
     def compute() -> KeyAnalysis:
         config = _config(ctx)
-        return KeyAnalysis([classify_key(key, config) for key in ctx.adapter.tensors])
+        return analyse(ctx.adapter.tensors, config)
 
     return ctx.cached("static.keys", compute)
 
@@ -74,7 +74,7 @@ def full_checkpoint_reason(ctx: CheckContext) -> str | None:
                 f"PeftModel state_dict(), not the adapter save_pretrained writes"
             )
         lora = keys.lora
-        unknown = keys.of("unknown", "plora")
+        unknown = keys.of("unknown", "branch")
         if not lora and unknown:
             return (
                 f"none of the {total} keys is a LoRA tensor (e.g. {unknown[0].key}): a full or merged model "
@@ -593,7 +593,7 @@ def check_key_grammar(ctx: CheckContext):
     no_prefix = [i.key for i in keys.infos if i.prefixes == 0]
     doubled = [i.key for i in keys.infos if i.prefixes > 1]
     named = [i for i in keys.infos if i.adapter_name]
-    plora = [i.key for i in keys.of("plora")]
+    plora = [i.key for i in keys.of("branch")]
     base = [i.key for i in keys.of("base_layer")]
     unknown = [i.key for i in keys.of("unknown")]
     if doubled:
@@ -621,8 +621,8 @@ def check_key_grammar(ctx: CheckContext):
         ))
     if plora:
         problems.append((
-            f"{len(plora)} key(s) are the base model's PLoRA weights, not LoRA tensors (e.g. {plora[0]}): a name "
-            f"filter on 'lora_' also matches Plora_A/Plora_B/plora_*_GN",
+            f"{len(plora)} key(s) are the base model's {keys.family.branch_label} weights, not LoRA tensors (e.g. "
+            f"{plora[0]}){keys.family.branch_key_note}",
             plora,
             "save with peft_model.save_pretrained() (PEFT >= 0.21 selects adapter weights structurally), or select "
             "keys with '.lora_A.'/'.lora_B.' rather than 'lora_'",

@@ -16,17 +16,12 @@ from harness.checks.registry import failed, passed, register, skipped, warned
 if TYPE_CHECKING:
     from harness.checks.measure.training_audit import ParamFinding, TrainedAudit
 
-_KIND_WORDS = {
-    "plora": "PLoRA Plora_A/Plora_B",
-    "plora-separator": "plora_*_GN separator",
+_KIND_WORDS = {  # a model family's branch kinds come with their own words (ModelFamily.branch_kind_labels)
     "projector": "projector (vision_proj)",
     "vision": "vision tower",
     "language": "language model",
     "other": "other",
 }
-_PLORA_FIX = ("freeze PLoRA before training (p.requires_grad_(False) for every parameter under Plora_A/Plora_B and "
-              "plora_*_GN: peft <= 0.20 leaves them trainable because their names contain 'lora_'), or upgrade to "
-              "peft >= 0.21; if they were meant to train, ship a full merged checkpoint instead")
 _SAVE_FIX = ("add the module to LoraConfig(modules_to_save=[...]) so save_pretrained ships it (the official recipe "
              "unfreezes vision_proj without it), or freeze it before training")
 
@@ -40,15 +35,16 @@ def _audit(ctx: CheckContext) -> TrainedAudit:
         dtype=trained.dtype, device=ctx.options.device))
 
 
-def _by_kind(findings: list[ParamFinding]) -> str:
+def _by_kind(findings: list[ParamFinding], family) -> str:
     counts = Counter(f.kind for f in findings)
-    return ", ".join(f"{n} {_KIND_WORDS[k]}" for k, n in counts.most_common())
+    words = {**_KIND_WORDS, **family.branch_kind_labels}
+    return ", ".join(f"{n} {words.get(k, k)}" for k, n in counts.most_common())
 
 
-def _fix_for(findings: list[ParamFinding]) -> str:
+def _fix_for(findings: list[ParamFinding], family) -> str:
     kinds = {f.kind for f in findings}
-    fixes = ([_PLORA_FIX] if kinds & {"plora", "plora-separator"} else []) + (
-        [_SAVE_FIX] if kinds - {"plora", "plora-separator"} else [])
+    branch = set(family.branch_kind_labels)
+    fixes = ([family.training_fix] if kinds & branch else []) + ([_SAVE_FIX] if kinds - branch else [])
     return "; ".join(fixes)
 
 
@@ -79,14 +75,14 @@ def check_trained_vs_shipped(ctx: CheckContext):
             f"outputs agree on the probe ({comparison.summary()}) but {len(off)} parameter(s) of the reloaded model "
             f"differ from the trained ones, e.g. {name} (max abs {worst:.2e}): the probe does not reach them, "
             "users' inputs will",
-            fix=_fix_for(audit.not_saved) or None, **details)
+            fix=_fix_for(audit.not_saved, audit.family) or None, **details)
     if not comparison.ok:
         cause = ""
         if audit.changed_not_saved:
             cause = (f"; {len(audit.changed_not_saved)} parameter(s) changed in training are not in the adapter "
-                     f"({_by_kind(audit.changed_not_saved)}, e.g. {audit.changed_not_saved[0].name})")
+                     f"({_by_kind(audit.changed_not_saved, audit.family)}, e.g. {audit.changed_not_saved[0].name})")
         return failed(f"the saved adapter does not reproduce the trained model: {comparison.summary()}{cause}",
-                      fix=_fix_for(audit.changed_not_saved) or None, **details)
+                      fix=_fix_for(audit.changed_not_saved, audit.family) or None, **details)
     return passed(f"base + saved adapter reproduce the trained model: {comparison.summary()}", **details)
 
 
@@ -112,18 +108,18 @@ def check_trained_params_saved(ctx: CheckContext):
     if changed:
         worst = max(changed, key=lambda f: f.max_abs_change or 0.0)
         idle = [f for f in audit.trainable_not_saved if not f.changed]
-        more = f"; {len(idle)} more trainable but unchanged so far: {_by_kind(idle)}" if idle else ""
+        more = f"; {len(idle)} more trainable but unchanged so far: {_by_kind(idle, audit.family)}" if idle else ""
         return failed(
-            f"{len(changed)} parameter(s) changed during training but are not in the adapter: {_by_kind(changed)} "
+            f"{len(changed)} parameter(s) changed during training but are not in the adapter: {_by_kind(changed, audit.family)} "
             f"(e.g. {worst.name}, max change {worst.max_abs_change:.2e}){more}",
-            fix=_fix_for(audit.not_saved), **details)
+            fix=_fix_for(audit.not_saved, audit.family), **details)
     loose = audit.trainable_not_saved
     if loose:
-        head = f"{len(loose)} trainable parameter(s) are not in the adapter: {_by_kind(loose)} (e.g. {loose[0].name})"
+        head = f"{len(loose)} trainable parameter(s) are not in the adapter: {_by_kind(loose, audit.family)} (e.g. {loose[0].name})"
         if audit.base_dir is None:  # cannot tell whether they moved: assume the worst
-            return failed(f"{head}; no base files to tell whether training changed them", fix=_fix_for(loose),
+            return failed(f"{head}; no base files to tell whether training changed them", fix=_fix_for(loose, audit.family),
                           **details)
-        return warned(f"{head}; unchanged so far, but more training would lose their updates", fix=_fix_for(loose),
+        return warned(f"{head}; unchanged so far, but more training would lose their updates", fix=_fix_for(loose, audit.family),
                       **details)
     scope = f", {audit.compared_count} base parameters unchanged" if audit.base_dir else ""
     return passed(f"all {audit.trainable_count} trainable parameters are in the adapter{scope}", **details)

@@ -1,7 +1,8 @@
 """The loading-path registry: every way a user turns base + adapter into a model.
 
-Each path is a function ``(base_dir, adapter_dir, *, dtype, device, workdir) -> LoadedModel``
-returning an ``eval()`` model and a ``LoadRecord`` of what happened. PEFT loads with
+Each path is a ``LoadingPath`` record: its function ``(base_dir, adapter_dir, *, dtype, device, workdir) ->
+LoadedModel``, returning an ``eval()`` model and a ``LoadRecord`` of what happened, and the facts the checks need
+(whether it merges, saves and reloads, shares a load with another path, needs a PEFT/transformers feature). PEFT loads with
 ``strict=False`` (unexpected keys are silent, missing keys only warn), so every path
 records both by comparing the saved adapter keys with the adapter the model ended up
 holding, independent of the PEFT version's own reporting.
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from harness import compat
 from harness.inputs.adapter_dir import BIN_NAME as ADAPTER_BIN
 from harness.inputs.adapter_dir import CONFIG_NAME as ADAPTER_CONFIG
 from harness.inputs.adapter_dir import SAFETENSORS_NAME as ADAPTER_SAFETENSORS
@@ -27,23 +31,100 @@ from harness.loading.records import LoadedModel, LoadRecord, _note_load_result, 
 from harness.model.peft_keys import PREFIX as PEFT_PREFIX
 
 PathFn = Callable[..., LoadedModel]
-PATHS: dict[str, PathFn] = {}
-UNAVAILABLE: dict[str, str] = {}  # path name -> why it cannot exist on the installed stack (not registered)
+# (loaded, *, base_dir, dtype, device, workdir) -> LoadedModel: the next step on a model another path loaded
+StepFn = Callable[..., LoadedModel]
 
 
-def loading_path(name: str, *, unavailable: Callable[[], str | None] | None = None) -> Callable[[PathFn], PathFn]:
-    """Register ``name``; ``unavailable()`` returns why the installed libraries lack the path (then it is listed in
-    ``UNAVAILABLE`` with that reason instead of ``PATHS``, so every list of paths derived from the registry skips it)."""
+@dataclass(frozen=True)
+class LoadingPath:
+    """One way users turn base + adapter into a model, and everything the checks must know about it.
+
+    Every list of paths (the merged ones, the ones sharing a load, the ones whose record describes the adapter
+    load) is derived from these records, so a new path is one ``@loading_path(...)`` and nothing else.
+    """
+
+    name: str
+    function: PathFn
+    merges: bool = False  # the model has the adapter merged into the base weights (merged-model checks read it)
+    saves_and_reloads: bool = False  # ... then saved and loaded back fresh: its record is the reload's, not PEFT's
+    reads_adapter_config: bool = True  # hands adapter_config.json to PEFT's own PeftConfig.from_pretrained
+    shares_load_with: str | None = None  # the path whose loaded model this one continues (``then``), one load
+    then: StepFn | None = None  # how it continues that model (consumed), when ``shares_load_with`` is registered
+    takes_base: bool = False  # ``function`` accepts ``base=`` (an already loaded base) and ``private=``: a chain root
+    requires: Callable[[], str | None] | None = None  # why the installed PEFT/transformers lack it (harness.compat)
+
+    def __call__(self, base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
+        return self.function(base_dir, adapter_dir, **kw)
+
+
+REGISTRY: dict[str, LoadingPath] = {}  # every path the harness knows, available here or not (registration order)
+PATHS: dict[str, LoadingPath] = {}  # the paths the installed stack has: what the checks run
+UNAVAILABLE: dict[str, str] = {}  # path name -> why it cannot exist on the installed stack (not in PATHS)
+
+
+def register_path(path: LoadingPath) -> LoadingPath:
+    """Add (or replace, under its name) a path; ``path.requires()`` decides whether it goes to ``PATHS`` or to
+    ``UNAVAILABLE`` with its reason, so every list derived from ``PATHS`` skips a path the stack lacks."""
+    REGISTRY[path.name] = path
+    reason = path.requires() if path.requires is not None else None
+    PATHS.pop(path.name, None)
+    UNAVAILABLE.pop(path.name, None)
+    if reason:
+        UNAVAILABLE[path.name] = reason
+    else:
+        PATHS[path.name] = path
+    return path
+
+
+def unregister_path(name: str) -> None:
+    """Remove path ``name`` from the registry (a plugin or test that registered its own path, cleaning up)."""
+    for table in (REGISTRY, PATHS, UNAVAILABLE):
+        table.pop(name, None)
+
+
+def loading_path(name: str, **facts) -> Callable[[PathFn], PathFn]:
+    """Register the decorated function as path ``name``; ``facts`` are the other ``LoadingPath`` fields."""
     def register(func: PathFn) -> PathFn:
-        reason = unavailable() if unavailable is not None else None
-        if reason:
-            UNAVAILABLE[name] = reason
-        else:
-            PATHS[name] = func
+        register_path(LoadingPath(name, func, **facts))
         return func
 
     return register
 
+
+def replaced(name: str, function: PathFn) -> LoadingPath:
+    """The registered path ``name`` run by ``function`` instead (a test double, or a user's own variant): same facts,
+    but it loads on its own (it shares no load, and no other path continues from it)."""
+    return dataclasses.replace(REGISTRY[name], function=function, shares_load_with=None, then=None, takes_base=False)
+
+
+def merging() -> list[str]:
+    """The available paths whose model has the adapter merged into the base weights."""
+    return [name for name, path in PATHS.items() if path.merges]
+
+
+def merging_in_memory() -> list[str]:
+    """The merging paths that do not save and reload (what ``merge_and_unload`` alone gives)."""
+    return [name for name, path in PATHS.items() if path.merges and not path.saves_and_reloads]
+
+
+def chain_of(name: str) -> list[LoadingPath]:
+    """The available paths that share one load with ``name``, in load order (the root, which takes the base, first;
+    then each path whose ``then`` continues the previous one's model); [] when ``name`` loads on its own."""
+    def leader(path: LoadingPath) -> LoadingPath | None:
+        if path.shares_load_with is None or path.then is None:
+            return None
+        return PATHS.get(path.shares_load_with)
+
+    root, seen = PATHS[name], {name}
+    while (up := leader(root)) is not None and up.name not in seen:  # a declared cycle stops where it closes
+        root = up
+        seen.add(up.name)
+    if not root.takes_base:
+        return []
+    chain = [root]
+    while follower := next((p for p in PATHS.values() if leader(p) is chain[-1] and p not in chain), None):
+        chain.append(follower)
+    return chain if len(chain) > 1 else []
 
 
 def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype, device, workdir,
@@ -64,7 +145,7 @@ def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype
     return LoadedModel(model, record)
 
 
-@loading_path("peft")
+@loading_path("peft", takes_base=True)
 def load_peft(base_dir: Path, adapter_dir: Path, *, private: bool = False, base: torch.nn.Module | None = None,
               **kw) -> LoadedModel:
     """``PeftModel.from_pretrained``, unmerged (``private``: weights in private memory, to be merged next; ``base``:
@@ -72,13 +153,14 @@ def load_peft(base_dir: Path, adapter_dir: Path, *, private: bool = False, base:
     return _peft_from_pretrained("peft", base_dir, adapter_dir, private=private, base=base, **kw)
 
 
-@loading_path("peft-merged")
+@loading_path("peft-merged", merges=True, shares_load_with="peft",
+              then=lambda loaded, **_: merge_loaded(loaded, "peft-merged"))
 def load_peft_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``PeftModel.from_pretrained`` then ``merge_and_unload()``."""
     return merge_loaded(_peft_from_pretrained("peft-merged", base_dir, adapter_dir, private=True, **kw), "peft-merged")
 
 
-@loading_path("peft-safe-merged")
+@loading_path("peft-safe-merged", merges=True)
 def load_peft_safe_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``merge_and_unload(safe_merge=True)``: PEFT checks the merged weights for NaN first."""
     return merge_loaded(_peft_from_pretrained("peft-safe-merged", base_dir, adapter_dir, private=True, **kw),
@@ -100,7 +182,8 @@ def merge_loaded(loaded: LoadedModel, name: str, *, safe_merge: bool = False) ->
 
 
 
-@loading_path("merge-script")
+@loading_path("merge-script", merges=True, saves_and_reloads=True, shares_load_with="peft-merged",
+              then=lambda loaded, *, base_dir, **kw: save_and_reload(loaded, base_dir, **kw))
 def load_merge_script(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir: Path) -> LoadedModel:
     """The official recipe: merge, ``save_pretrained`` (+ code, tokenizer), reload fresh with remote code."""
     merged = load_peft_merged(base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir)
@@ -159,7 +242,7 @@ def load_with_load_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, 
     return LoadedModel(model.eval(), record)
 
 
-@loading_path("state-dict")
+@loading_path("state-dict", reads_adapter_config=False)  # builds its LoraConfig itself (lora_config_from_dict)
 def load_with_state_dict(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """Base wrapped by PEFT, then ``set_peft_model_state_dict`` with the raw saved tensors."""
     from peft.utils import set_peft_model_state_dict
@@ -208,35 +291,6 @@ def load_safetensors(base_dir: Path, adapter_dir: Path, *, dtype, device, workdi
 # -- transformers' own PEFT integration and PEFT's auto classes: what TRL, pipelines and inference scripts use ----
 
 
-def _without_transformers_peft() -> str | None:
-    """Why transformers' PEFT integration (PeftAdapterMixin: model.load_adapter, from_pretrained(adapter_dir)) is
-    missing, or None."""
-    import transformers
-
-    if hasattr(transformers.PreTrainedModel, "load_adapter"):
-        return None
-    return (f"transformers {transformers.__version__} has no PEFT integration (PreTrainedModel.load_adapter and "
-            "from_pretrained(adapter_dir) arrived in transformers 4.33)")
-
-
-def _without_auto_peft() -> str | None:
-    try:
-        from peft import AutoPeftModelForCausalLM  # noqa: F401
-    except ImportError:
-        import peft
-
-        return f"peft {peft.__version__} has no AutoPeftModelForCausalLM (added in peft 0.6)"
-    from peft.utils import other
-
-    if not hasattr(other, "check_file_exists_on_hf_hub"):
-        import peft
-
-        return (f"peft {peft.__version__}'s AutoPeftModelForCausalLM asks the hub whether a local adapter directory "
-                "without tokenizer_config.json has a tokenizer and raises HFValidationError on the local path "
-                "(peft 0.9 guards that lookup)")
-    return None
-
-
 class LoaderRefused(RuntimeError):
     """The loader a user would call fails on this adapter for a reason the message names (with the fix)."""
 
@@ -263,7 +317,7 @@ def _adapter_files(adapter_dir: Path) -> list[str]:
     return sorted(p.name for p in adapter_dir.iterdir() if p.name.startswith("adapter_"))
 
 
-@loading_path("transformers-load-adapter", unavailable=_without_transformers_peft)
+@loading_path("transformers-load-adapter", requires=compat.transformers_peft_missing)
 def load_transformers_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """``model.load_adapter(adapter_dir)`` on the base ``PreTrainedModel`` (transformers' PEFT integration: LoRA
     layers injected into the model itself, no PeftModel wrapper)."""
@@ -332,7 +386,7 @@ def _base_kwargs(base_dir: Path, dtype) -> dict:
     return kwargs
 
 
-@loading_path("auto-peft", unavailable=_without_auto_peft)
+@loading_path("auto-peft", requires=compat.auto_peft_missing)
 def load_auto_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)``, the base resolved to the one being checked (a copy
     of the adapter whose base_model_name_or_path names it)."""
@@ -381,7 +435,7 @@ def _point_at(adapter_copy: Path, base: Path) -> None:
     (adapter_copy / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-@loading_path("transformers-from-adapter-dir", unavailable=_without_transformers_peft)
+@loading_path("transformers-from-adapter-dir", requires=compat.transformers_peft_missing)
 def load_transformers_from_adapter_dir(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """``AutoModelForCausalLM.from_pretrained(adapter_dir)``: transformers finds adapter_config.json, loads the base
     it names (resolved to the one being checked) and applies the adapter in place (pipelines do the same)."""

@@ -58,9 +58,12 @@ def diagnose_raw_load(model_or_base_dir: torch.nn.Module | Path | str, adapter_d
             error_type = type(err).__name__
     if error_type is None:
         return RawLoadDiagnosis(False, "load_state_dict accepted the adapter file: it is a full state dict", [], 0, 0)
-    plora = [k for k in missing if families.is_branch_param(k)]
+    family = families.family_of(model)
+    plora = [k for k in missing if family.is_branch_param(k)]
     message = f"{PEFT_NOT_STATE_DICT} (load_state_dict: {len(missing)} missing keys"
-    message += f", including {len(plora)} PLoRA keys such as {', '.join(families.branch_key_examples(plora))}" if plora else ""
+    if plora:
+        message += (f", including {len(plora)} {family.branch_label} keys such as "
+                    f"{', '.join(family.branch_key_examples(plora))}")
     message += f"; {len(unexpected)} unexpected adapter keys"
     message += f" such as {unexpected[0]})" if unexpected else ")"
     return RawLoadDiagnosis(True, message, plora, len(missing), len(unexpected), unexpected[:5], error_type)

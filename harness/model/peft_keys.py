@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,7 @@ _PEFT_CONTAINERS = re.compile(
 @dataclass
 class KeyInfo:
     key: str
-    kind: str  # lora | bias | modules_to_save | trainable_tokens | embedding_layer | plora | base_layer | unknown
+    kind: str  # lora | bias | modules_to_save | trainable_tokens | embedding_layer | branch | base_layer | unknown
     module: str = ""  # module path without the PEFT prefix
     lora_kind: str | None = None  # lora_A / lora_B / ... for kind == "lora"
     adapter_name: str | None = None  # a name left in the key (".default.")
@@ -57,6 +58,7 @@ class KeyInfo:
 @dataclass
 class KeyAnalysis:
     infos: list[KeyInfo] = field(default_factory=list)
+    family: families.ModelFamily = families.GENERIC  # detected from the keys: whose branch the "branch" keys are
 
     def of(self, *kinds: str) -> list[KeyInfo]:
         return [i for i in self.infos if i.kind in kinds]
@@ -86,13 +88,22 @@ def _embedding_layer_names() -> tuple[str, ...]:
 
 
 
-def classify_key(key: str, config: dict) -> KeyInfo:
+def analyse(keys: Iterable[str], config: dict) -> KeyAnalysis:
+    """Every saved key classified, against the model family the keys themselves show (without a base model they
+    are the only evidence: e.g. XComposer's ``Plora_A`` weights saved by a name filter on ``lora_``)."""
+    keys = list(keys)
+    family = families.detect(names=[strip_prefix(key) for key in keys])
+    return KeyAnalysis([classify_key(key, config, family) for key in keys], family)
+
+
+def classify_key(key: str, config: dict, family: families.ModelFamily | None = None) -> KeyInfo:
     """Name one saved key by what it is, following PEFT's save format (``get_peft_model_state_dict``).
 
     Kinds: ``lora`` (lora_A/B, lora_embedding_A/B, lora_magnitude_vector, lora_B.bias), ``bias``
     (bias="all"/"lora_only"), ``modules_to_save``, ``trainable_tokens``, ``embedding_layer``
-    (save_embedding_layers), ``base_layer`` (base weights: a full PeftModel state dict), ``plora``
-    (the base model's own PLoRA weights) and ``unknown``.
+    (save_embedding_layers), ``base_layer`` (base weights: a full PeftModel state dict), ``branch``
+    (the base model's own low-rank branch of ``family``, e.g. XComposer's PLoRA; ``family`` None: the family
+    detected from this key alone) and ``unknown``.
     """
     rest, prefixes = key, 0
     while rest.startswith(PREFIX):
@@ -141,8 +152,8 @@ def classify_key(key: str, config: dict) -> KeyInfo:
     if "base_layer" in parts or "original_module" in parts:
         info.kind = "base_layer"
         return info
-    if families.is_branch_param(rest):
-        info.kind, info.module = "plora", rest
+    if (family or families.detect(names=[rest])).is_branch_param(rest):
+        info.kind, info.module = "branch", rest
         return info
     for entry in as_list(config.get("modules_to_save")):
         for index in range(len(parts) - 1):

@@ -15,6 +15,7 @@ reads checkpoints maps names through the model, never by string.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,16 @@ class BaseModelInfo:
         group = {holder} | {alias for alias, h in self.tied.items() if h == holder}
         return sorted(group - {param}) if len(group) > 1 else []
 
+    @functools.cached_property
+    def family(self) -> families.ModelFamily:
+        """The model family this base belongs to, detected from its config and module names (or checkpoint keys)."""
+        return families.detect(self.config, self.module_names())
+
     def branch_modules(self) -> set[str]:
         """Modules that carry the base model's own low-rank branch (XComposer: the PLoRA modules)."""
         if self.modules is not None:
             return {n for n, m in self.modules.items() if m.is_branch}
-        return families.branch_modules_from_keys(self.weights)
+        return self.family.branch_modules_from_keys(self.weights)
 
 
 def read_weight_index(base_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -150,6 +156,7 @@ def constructor_buffers(model: torch.nn.Module, limit: int = 1 << 24) -> dict[st
 
 
 def module_tree(model: torch.nn.Module) -> dict[str, ModuleInfo]:
+    family = families.family_of(model)
     tree = {}
     for name, module in model.named_modules():
         kind = kind_of_module(module)
@@ -160,7 +167,7 @@ def module_tree(model: torch.nn.Module) -> dict[str, ModuleInfo]:
             in_features=dims.in_features if dims else None,
             out_features=dims.out_features if dims else None,
             is_linear=kind is not None and kind.name in ("linear", "conv1d"),
-            is_branch=families.is_branch_module(module),
+            is_branch=family.is_branch_module(module),
             kind=kind.name if kind is not None else None,
         )
     return tree

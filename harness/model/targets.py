@@ -27,7 +27,6 @@ from harness.inputs.patterns import (
     config_patterns,
     deadline,
 )
-from harness.model import families
 from harness.model.structure import BaseModelInfo
 
 PEFT_MATCH_BUDGET_S = 30.0  # PEFT's check_target_module_exists on every module name, after the screening
@@ -113,11 +112,11 @@ def resolve_targets(adapter_config: dict, base: BaseModelInfo) -> TargetResoluti
         return unresolved(f"matching target_modules against {len(names)} module names with PEFT took over "
                           f"{PEFT_MATCH_BUDGET_S:g} s")
     branch_modules = base.branch_modules()
-    inner = [n for n in matched if families.is_branch_inner(n, branch_modules)]
+    inner = [n for n in matched if base.family.is_branch_inner(n, branch_modules)]
     return TargetResolution(
         matched=matched,
         per_pattern=per_pattern,
-        per_tower=dict(Counter(families.tower_of(n) for n in matched)),
+        per_tower=dict(Counter(base.family.tower_of(n) or "language" for n in matched)),
         unmatched_patterns=[p for p, hits in per_pattern.items() if not hits],
         plora_inner=inner,
         notes=notes,

@@ -2,7 +2,7 @@
 
 Image rows are deterministic random vectors scaled to the RMS of the model's own
 token embeddings, so the probe needs no vision tower and works on models the
-harness has never seen; ``im_mask`` marks them, as the real XComposer does.
+harness has never seen; a model family's mask keyword marks them (``mask_kwarg``: XComposer's ``im_mask``).
 
 How a probe reaches the model (``feed``) decides which adapted modules it can see:
 ``"embeds"`` feeds the stored ``inputs_embeds`` (embedded once by the base: an adapted
@@ -25,16 +25,17 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.model import families
-from harness.model.families.xcomposer import MASK_KWARG
 
 FEEDS = ("embeds", "model-embeds", "input_ids")
+# ``mask=DETECT`` (probe_inputs, probe_logits): the mask keyword of the model's detected family (not a valid keyword)
+DETECT = "<detected>"
 
 
 @dataclass
 class ProbeBatch:
     input_ids: torch.Tensor  # [B, T] token ids (image rows hold a placeholder id)
     inputs_embeds: torch.Tensor  # [B, T, H]
-    im_mask: torch.Tensor  # [B, T] bool, True on image rows
+    im_mask: torch.Tensor  # [B, T] bool, True on image rows (passed under the family's mask keyword)
     attention_mask: torch.Tensor  # [B, T] long, 0 on padding
     description: str = field(default="")
     feed: str = "embeds"  # "embeds" | "model-embeds" | "input_ids" (module docstring)
@@ -48,10 +49,11 @@ class ProbeBatch:
     def image_rows(self) -> torch.Tensor:
         return self.im_mask & self.attention_mask.bool()
 
-    def model_kwargs(self, with_im_mask: bool = True) -> dict:
+    def model_kwargs(self, mask: str | None = None) -> dict:
+        """Forward kwargs of the stored embeddings; ``mask``: the keyword that carries ``im_mask`` (``mask_kwarg``)."""
         kwargs = {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask}
-        if with_im_mask:
-            kwargs["im_mask"] = self.im_mask
+        if mask:
+            kwargs[mask] = self.im_mask
         return kwargs
 
 
@@ -132,14 +134,16 @@ def reached_modules(model: torch.nn.Module, names: list[str]) -> Iterator[set[st
             handle.remove()
 
 
-def accepts_im_mask(model: torch.nn.Module) -> bool:
-    """Whether the model's forward takes ``im_mask``: as a named parameter (the synthetic family), or through
-    ``**kwargs`` on a model with PLoRA-like modules (the real XComposer reads ``kwargs["im_mask"]``). A PEFT
-    wrapper is looked through. Plain causal LMs get no ``im_mask``: they would reject or ignore it."""
+def mask_kwarg(model: torch.nn.Module) -> str | None:
+    """The forward keyword that marks image rows on ``model``: its detected family's (``ModelFamily.mask_kwarg``,
+    e.g. XComposer's ``im_mask``), when the forward takes it as a named parameter or through ``**kwargs`` (the real
+    XComposer reads ``kwargs["im_mask"]``). A PEFT wrapper is looked through. None for a family without one (plain
+    causal LMs would reject or ignore it)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keyword = families.family_of(inner).mask_kwarg
+    if keyword is None:
+        return None
     params = inspect.signature(inner.forward).parameters
-    if MASK_KWARG in params:
-        return True
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return False
-    return any(families.is_branch_module(module) for module in inner.modules())
+    if keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return keyword
+    return None

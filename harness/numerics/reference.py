@@ -21,7 +21,7 @@ import torch
 from harness.model.layer_kinds import CONV1D, LINEAR, TOKENS, LayerKind, kind_of_module
 from harness.model.structure import input_embedding_name
 from harness.numerics.applied import AdapterPlan, plan_adapter
-from harness.numerics.probes import ProbeBatch
+from harness.numerics.probes import DETECT, ProbeBatch, mask_kwarg
 
 # ---------------------------------------------------------------------------------------------
 # Expected deltas from the raw adapter tensors
@@ -231,10 +231,11 @@ def _apply_copy(modules: dict, params: dict, copy, value: torch.Tensor, skipped:
 # Running probes
 
 
-def probe_inputs(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True,
+def probe_inputs(model: torch.nn.Module, probe: ProbeBatch, *, mask: str | None = DETECT,
                  dtype: torch.dtype | None = None) -> dict:
     """The forward kwargs of ``probe`` for ``model``, by the probe's ``feed`` (cast to its dtype and device;
-    ``dtype``: to this one instead, e.g. fp32 for the streamed reference of a bf16 model)."""
+    ``dtype``: to this one instead, e.g. fp32 for the streamed reference of a bf16 model). ``mask``: the keyword
+    that carries the probe's image-row mask (None: none), by default the model family's (``probes.mask_kwarg``)."""
     param = next(model.parameters())
     dtype = dtype or param.dtype
     kwargs: dict = {"attention_mask": probe.attention_mask.to(param.device)}
@@ -246,20 +247,22 @@ def probe_inputs(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = T
         kwargs["inputs_embeds"] = torch.where(probe.im_mask.to(text.device)[..., None], image, text).to(dtype)
     else:
         kwargs["inputs_embeds"] = probe.inputs_embeds.to(param.device, dtype)
-    if im_mask:
-        kwargs["im_mask"] = probe.im_mask.to(param.device)
+    if mask == DETECT:
+        mask = mask_kwarg(model)
+    if mask:
+        kwargs[mask] = probe.im_mask.to(param.device)
     return kwargs
 
 
 @torch.no_grad()
-def probe_logits(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True,
+def probe_logits(model: torch.nn.Module, probe: ProbeBatch, *, mask: str | None = DETECT,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """fp32 CPU logits of ``model`` on the probe (inputs cast to the model's dtype and device, or to ``dtype``)."""
-    return model(**probe_inputs(model, probe, im_mask=im_mask, dtype=dtype)).logits.float().cpu()
+    return model(**probe_inputs(model, probe, mask=mask, dtype=dtype)).logits.float().cpu()
 
 
 @torch.no_grad()
-def first_non_finite_module(model: torch.nn.Module, probe: ProbeBatch, *, im_mask: bool = True,
+def first_non_finite_module(model: torch.nn.Module, probe: ProbeBatch, *, mask: str | None = DETECT,
                             dtype: torch.dtype | None = None) -> str | None:
     """The first module, in execution order, whose output holds NaN/Inf at a real (non-padding) position.
 
@@ -277,7 +280,7 @@ def first_non_finite_module(model: torch.nn.Module, probe: ProbeBatch, *, im_mas
 
     handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
     try:
-        model(**probe_inputs(model, probe, im_mask=im_mask, dtype=dtype))
+        model(**probe_inputs(model, probe, mask=mask, dtype=dtype))
     except Exception:  # noqa: BLE001 - the locator must not turn a non-finite output into a crash
         pass
     finally:

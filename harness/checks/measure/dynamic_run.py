@@ -4,7 +4,8 @@ The expensive work (model loads, forward passes) happens here, lazily and at mos
 once per path; the checks in ``harness.checks.dynamic`` only read the outcomes.
 Each loaded model is reduced to the facts the checks need and freed straight away, so
 one model is alive at a time (the fp32 reference is reduced to its logits before any path
-loads); ``peft``, ``peft-merged`` and ``merge-script`` share one load (see ``_run_chain``).
+loads); paths that share a load (``peft`` -> ``peft-merged`` -> ``merge-script``) run as one chain
+(``harness.loading.paths.chain_of``, ``_run_chain``).
 """
 
 from __future__ import annotations
@@ -21,20 +22,18 @@ from harness.inputs.errors import UnusableInput
 from harness.inputs.files import read_json_object
 from harness.loading.base import load_base, note_adjustment
 from harness.loading.memory import keep_large_frees_returnable, release_memory
-from harness.loading.paths import PATHS, merge_loaded, save_and_reload
+from harness.loading.paths import PATHS, LoadingPath, chain_of
 from harness.loading.raw_load import RawLoadDiagnosis, diagnose_raw_load
 from harness.loading.records import LoadedModel, LoadRecord, find_unmerged_lora_wrappers
 from harness.model import families
 from harness.model.structure import stored_dtype, tied_parameters
 from harness.numerics.compare import Comparison, compare, finite_rows
-from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe, reached_modules
+from harness.numerics.probes import ProbeBatch, make_probe, mask_kwarg, reached_modules
 from harness.numerics.reference import ReferenceFold, first_non_finite_module, probe_logits, trained_token_ids
 from harness.numerics.streamed import StreamedFp32, run_streamed
 from harness.numerics.tolerances import band, policy_for, tolerance_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MERGED_PATHS = ("peft-merged", "peft-safe-merged", "merge-script")
-CHAINED_PATHS = ("peft", "peft-merged", "merge-script")  # one load, in this order
 
 
 @dataclass
@@ -69,7 +68,8 @@ class DynamicRun:
         self.outcomes: dict[str, PathOutcome] = {}
         self.load_error: str | None = None
         self.probe: ProbeBatch | None = None
-        self.uses_im_mask = False
+        self.mask: str | None = None  # the keyword that marks image rows (the family's), when the forward takes it
+        self.family: families.ModelFamily = families.GENERIC  # the base model's (detected)
         self.base_logits = self.reference_logits = None
         self.base_dtype_logits = None  # the base run in the check dtype (its gap to base_logits is the noise)
         self.text_probe: ProbeBatch | None = None  # the same tokens with no image rows at all
@@ -125,9 +125,10 @@ class DynamicRun:
                                                 dtypes=(self.dtype, DTYPES.get(stored_dtype(self.base_dir) or "")))
         if self.load_error:
             return
-        self.uses_im_mask = accepts_im_mask(model)
-        self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if families.is_branch_module(m)}
-        self.base_plora = {n: _fingerprint(p) for n, p in model.named_parameters() if families.is_branch_param(n)}
+        self.family = families.family_of(model)
+        self.mask = mask_kwarg(model)
+        self.base_classes = {n: type(m).__name__ for n, m in model.named_modules() if self.family.is_branch_module(m)}
+        self.base_plora = {n: _fingerprint(p) for n, p in model.named_parameters() if self.family.is_branch_param(n)}
         config = read_json_object(self.adapter_dir / "adapter_config.json")
         tensors = read_adapter_tensors(self.adapter_dir)
         self._make_probes(model, trained_token_ids(model, config, tensors))
@@ -135,7 +136,7 @@ class DynamicRun:
         self.notes.extend(f"reference: {line}" for line in fold.notes)
         self.untied = _untied_by(model, fold)
         self.progress("running the fp32 reference layer by layer")
-        self.base_dtype_logits = probe_logits(model, self.probe, im_mask=self.uses_im_mask)
+        self.base_dtype_logits = probe_logits(model, self.probe, mask=self.mask)
         self.base_logits = self._streamed(model, self.probe, None)
         self.text_base_logits = self._streamed(model, self.text_probe, None)
         self.non_finite = self._locate_non_finite(model, self.base_logits, self.text_base_logits,
@@ -172,7 +173,7 @@ class DynamicRun:
     def _streamed(self, model: torch.nn.Module, probe: ProbeBatch, fold: ReferenceFold | None) -> torch.Tensor:
         """fp32 logits of ``model`` (+ ``fold``) on ``probe``, one layer's fp32 weights at a time."""
         logits, stream = run_streamed(
-            model, lambda: probe_logits(model, probe, im_mask=self.uses_im_mask, dtype=torch.float32),
+            model, lambda: probe_logits(model, probe, mask=self.mask, dtype=torch.float32),
             fold=fold, buffers=self.init_buffers, mode=self.reference_mode)
         if stream.mode != self.reference_mode:
             self.reference_mode = stream.mode
@@ -212,21 +213,21 @@ class DynamicRun:
             if not finite_rows(out, probe):
                 stream = StreamedFp32(model, fold=fold, buffers=self.init_buffers, mode=self.reference_mode)
                 with stream.active():
-                    module = first_non_finite_module(model, probe, im_mask=self.uses_im_mask, dtype=torch.float32)
+                    module = first_non_finite_module(model, probe, mask=self.mask, dtype=torch.float32)
                 return f"non-finite outputs (NaN/Inf) from {what}, " + _first_produced_by(module)
         return None
 
     def outcome(self, name: str) -> PathOutcome:
         """Run loading path ``name`` once; later calls return the stored outcome.
 
-        ``peft``, ``peft-merged`` and ``merge-script`` share one load (``CHAINED_PATHS``): the unmerged model
-        is measured, merged in place and measured, then saved and reloaded, as a merge script does. Same
-        results as three separate loads, at a third of the loading, merging and memory traffic.
+        Paths that share one load (``chain_of``: ``peft`` -> ``peft-merged`` -> ``merge-script``) run together:
+        the unmerged model is measured, merged in place and measured, then saved and reloaded, as a merge script
+        does. Same results as three separate loads, at a third of the loading, merging and memory traffic.
         """
         if name in self.outcomes:
             return self.outcomes[name]
-        if name in CHAINED_PATHS and _chain_is_builtin():
-            self._run_chain()
+        if chain := chain_of(name):
+            self._run_chain(chain)
             return self.outcomes[name]
         outcome = PathOutcome(name)
         self.release_pristine()
@@ -245,34 +246,33 @@ class DynamicRun:
 
     def _measure(self, loaded: LoadedModel, outcome: PathOutcome) -> None:
         outcome.record = loaded.record
-        outcome.logits = probe_logits(loaded.model, self.probe, im_mask=self.uses_im_mask)
+        outcome.logits = probe_logits(loaded.model, self.probe, mask=self.mask)
         if not finite_rows(outcome.logits, self.probe):
             outcome.non_finite = _first_produced_by(first_non_finite_module(loaded.model, self.probe,
-                                                                            im_mask=self.uses_im_mask))
+                                                                            mask=self.mask))
         outcome.comparison = compare(outcome.logits, self.reference_logits, self.probe, dtype=self.dtype,
                                      label=outcome.name, non_finite=outcome.non_finite,
                                      cause=self._tie_cause(loaded.model, outcome.name), tolerance=self.bands,
                                      basis=self.basis)
-        if outcome.name in MERGED_PATHS:
+        if PATHS[outcome.name].merges:
             self._inspect_merged(loaded.model, outcome)
 
-    def _run_chain(self) -> None:
-        """peft -> merge in place (peft-merged) -> save + reload (merge-script); a failing step fails the rest."""
-        steps = [
-            ("peft", lambda _: PATHS["peft"](self.base_dir, self.adapter_dir, dtype=self.dtype, device=self.device,
-                                             workdir=self.workdir / "peft", private=True,
-                                             base=self._take_pristine())),
-            ("peft-merged", lambda loaded: merge_loaded(loaded, "peft-merged")),
-            ("merge-script", lambda loaded: save_and_reload(loaded, self.base_dir, dtype=self.dtype,
-                                                            device=self.device, workdir=self.workdir / "merge-script")),
-        ]
+    def _run_chain(self, chain: list[LoadingPath]) -> None:
+        """The root loads (on the kept base, weights private: merged next), each later path continues the model
+        the one before it left (e.g. peft -> merge in place -> save + reload); a failing step fails the rest."""
         loaded, error = None, None
-        for name, step in steps:
+        for path in chain:
+            name = path.name
             outcome = PathOutcome(name)
             self.progress(f"loading path {name} ({str(self.dtype).replace('torch.', '')}, {self.device})")
             if error is None:
                 try:
-                    loaded = step(loaded)
+                    if loaded is None:
+                        loaded = path(self.base_dir, self.adapter_dir, dtype=self.dtype, device=self.device,
+                                      workdir=self.workdir / name, private=True, base=self._take_pristine())
+                    else:
+                        loaded = path.then(loaded, base_dir=self.base_dir, dtype=self.dtype, device=self.device,
+                                           workdir=self.workdir / name)
                 except Exception as err:  # noqa: BLE001 - any failure of a path is its outcome, one line
                     error = _one_line(err)
                 else:
@@ -305,7 +305,7 @@ class DynamicRun:
         for changed, partner in self.untied.items():
             if tied.get(changed, changed) == tied.get(partner, partner):
                 how = ("the reloaded merged checkpoint ties them (tie_word_embeddings is true)"
-                       if path == "merge-script" else "merging into the shared weight changes both")
+                       if PATHS[path].saves_and_reloads else "merging into the shared weight changes both")
                 return (f"{changed} is tied to {partner} (tied embeddings) and the adapter changes only {changed} "
                         f"(unmerged, PEFT leaves {partner} at the base), but {how}; untie them before merging "
                         "(tie_word_embeddings: false and a separate weight for each)")
@@ -381,15 +381,6 @@ def _untied_by(model: torch.nn.Module, fold: ReferenceFold) -> dict[str, str]:
 
 def _first_produced_by(module: str | None) -> str:
     return f"first produced by {module}" if module else "the module that first produces them was not located"
-
-
-def _chain_is_builtin() -> bool:
-    """The chain stands for the three registered paths only while they are the built-in ones (a test double or a
-    user's own path registered under one of these names runs on its own)."""
-    from harness.loading import paths
-
-    builtin = {"peft": paths.load_peft, "peft-merged": paths.load_peft_merged, "merge-script": paths.load_merge_script}
-    return all(PATHS[name] is func for name, func in builtin.items())
 
 
 def _one_line(err: Exception) -> str:

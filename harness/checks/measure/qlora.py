@@ -191,21 +191,21 @@ def _load(directory: Path, **kwargs) -> torch.nn.Module:
 
 
 def _probes(model: torch.nn.Module):
-    from harness.numerics.probes import accepts_im_mask, make_probe
+    from harness.numerics.probes import make_probe, mask_kwarg
 
     embedding = model.get_input_embeddings()
     mixed = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[(4, 11)], left_padding=[0, 3], seed=1234,
                        feed="model-embeds")
     text = make_probe(embedding, batch_size=2, seq_len=16, image_spans=[], left_padding=[0, 3], seed=1234,
                       feed="input_ids")
-    return (mixed, text, accepts_im_mask(model))
+    return (mixed, text, mask_kwarg(model))
 
 
 def _logits(model: torch.nn.Module, probes) -> list[torch.Tensor]:
     from harness.numerics.reference import probe_logits
 
-    mixed, text, im_mask = probes
-    return [probe_logits(model, mixed, im_mask=im_mask), probe_logits(model, text, im_mask=im_mask)]
+    mixed, text, mask = probes
+    return [probe_logits(model, mixed, mask=mask), probe_logits(model, text, mask=mask)]
 
 
 def _diff(got: list[torch.Tensor], want: list[torch.Tensor], probes) -> dict[str, float]:

@@ -26,7 +26,7 @@ from harness.loading.paths import PATHS
 from harness.model import families
 from harness.model.peft_keys import PREFIX, base_key, peft_key
 from harness.numerics.compare import Comparison, compare
-from harness.numerics.probes import ProbeBatch, accepts_im_mask, make_probe
+from harness.numerics.probes import ProbeBatch, make_probe, mask_kwarg
 from harness.numerics.reference import probe_logits
 
 
@@ -36,7 +36,7 @@ class ParamFinding:
     trainable: bool
     changed: bool | None  # differs from the base files (None: not in them, or not comparable)
     max_abs_change: float | None = None
-    kind: str = "other"  # plora | plora-separator | projector | vision | language | other
+    kind: str = "other"  # a branch kind of the family ("plora", ...) | projector | vision | language | other
 
 
 @dataclass
@@ -53,6 +53,7 @@ class TrainedAudit:
     weight_mismatches: list[tuple[str, float]] = field(default_factory=list)
     reload_path: str = "peft"
     reload_error: str | None = None
+    family: families.ModelFamily = families.GENERIC  # the trained model's (detected): its branch kinds and advice
 
     @property
     def changed_not_saved(self) -> list[ParamFinding]:
@@ -63,9 +64,9 @@ class TrainedAudit:
         return [f for f in self.not_saved if f.trainable]
 
 
-def kind_of(name: str) -> str:
-    """What a parameter is, in the words the fix needs: a family's branch kind ("plora", ...), or its tower."""
-    return families.branch_param_kind(name) or families.tower_of(name)
+def kind_of(name: str, family: families.ModelFamily) -> str:
+    """What a parameter is, in the words the fix needs: its family's branch kind ("plora", ...), or its tower."""
+    return family.branch_param_kind(name) or family.tower_of(name) or "language"
 
 
 def resolve_base_dir(peft_model, adapter_name: str, base_dir: str | Path | None) -> Path | None:
@@ -81,7 +82,7 @@ def audit_parameters(peft_model, saved_dir: Path, base: ModelDir | None, adapter
     """Which trainable or changed parameters did not make it into the saved adapter."""
     saved = read_adapter_tensors(saved_dir)
     audit = TrainedAudit(saved_dir=saved_dir, base_dir=base.path if base else None, adapter_name=adapter_name,
-                         saved_keys=sorted(saved))
+                         saved_keys=sorted(saved), family=families.family_of(peft_model))
     base_keys = set(base.keys) if base is not None else set()
     for name, param in peft_model.named_parameters():
         audit.trainable_count += bool(param.requires_grad)
@@ -103,7 +104,7 @@ def audit_parameters(peft_model, saved_dir: Path, base: ModelDir | None, adapter
                 changed = not torch.equal(value32, reference32)
                 max_abs = float((value32 - reference32).abs().max()) if changed and value.numel() else None
         if (param.requires_grad or changed) and f"{PREFIX}{key}" not in saved and key not in saved:
-            audit.not_saved.append(ParamFinding(key, bool(param.requires_grad), changed, max_abs, kind_of(key)))
+            audit.not_saved.append(ParamFinding(key, bool(param.requires_grad), changed, max_abs, kind_of(key, audit.family)))
     return audit
 
 
@@ -132,8 +133,8 @@ def audit_trained(peft_model, saved_dir: str | Path, base_dir: str | Path | None
     peft_model.eval()
     try:
         probe = _probe_for(peft_model)
-        uses_im_mask = accepts_im_mask(peft_model)
-        trained = probe_logits(peft_model, probe, im_mask=uses_im_mask)
+        mask = mask_kwarg(peft_model)
+        trained = probe_logits(peft_model, probe, mask=mask)
     finally:
         peft_model.train(was_training)
     with tempfile.TemporaryDirectory(prefix="plora-harness-trained-") as work:
@@ -143,7 +144,7 @@ def audit_trained(peft_model, saved_dir: str | Path, base_dir: str | Path | None
             text = str(err).strip().splitlines()
             audit.reload_error = f"{type(err).__name__}: {text[0][:300] if text else ''}"
             return audit
-        shipped = probe_logits(loaded.model, probe, im_mask=uses_im_mask)
+        shipped = probe_logits(loaded.model, probe, mask=mask)
         audit.weight_mismatches = _weight_mismatches(peft_model, loaded.model)
         del loaded
     audit.comparison = compare(shipped, trained, probe, dtype=dtype, label=f"{audit.reload_path} reload")

@@ -2,14 +2,17 @@
 
 A family names the parts of its models the rest of the harness must treat specially: a low-rank
 branch the base model owns (XComposer's PLoRA), the keyword that marks image rows, the towers of a
-multimodal model. Code outside this package asks the registry (``is_branch_param``, ``tower_of``,
-...), never a name itself, so a new family is one module with a ``ModelFamily`` subclass and one
-``register`` call at the bottom of this file.
+multimodal model, the words its advice uses. Which family a model belongs to is *detected*
+(``detect``: from its config and its module or checkpoint names; ``family_of``: from a model), so a
+family's rules apply to its own models only; code outside this package asks the detected family,
+never a name itself. A new family is one module with a ``ModelFamily`` subclass that calls
+``register`` on import (every module of this package is imported before the first detection).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +25,18 @@ class ModelFamily:
     name = "base"
     branch_label = ""  # what the family calls its own low-rank branch, for messages ("PLoRA")
     mask_kwarg: str | None = None  # the forward keyword that marks image rows ("im_mask")
+    # branch parameter kind (``branch_param_kind``) -> what it is, in the words a message needs
+    branch_kind_labels: dict[str, str] = {}
+    training_fix = ""  # how to keep the branch out of training, when a trainer trains it by mistake
+    branch_key_note = ""  # why branch weights end up among adapter keys (": a name filter on 'lora_' ...")
+    # merged-checkpoint advice about the branch: "missing" (its weights lost), "folded" (merged into W), "unmerged"
+    # (a note on modules a merge leaves wrapped)
+    merge_advice: dict[str, str] = {}
+
+    def detect(self, config: Mapping | None, names: Collection[str]) -> bool:
+        """Whether a model with this config (config.json as a dict, or None) and these module / parameter names (or
+        checkpoint keys) belongs to this family."""
+        return False
 
     # -- a low-rank branch that belongs to the base model: never adapter tensors, never merged into W
     def is_branch_module(self, module: torch.nn.Module) -> bool:
@@ -58,56 +73,46 @@ class ModelFamily:
         return None
 
 
-FAMILIES: list[ModelFamily] = []
+FAMILIES: list[ModelFamily] = []  # the specific families, most recently registered first
 
 
 def register(family: ModelFamily) -> ModelFamily:
-    FAMILIES.append(family)
+    """Add a family (a newer registration of the same name replaces the older; newer families are asked first)."""
+    FAMILIES[:] = [f for f in FAMILIES if f.name != family.name]
+    FAMILIES.insert(0, family)
     return family
 
 
-def is_branch_module(module: torch.nn.Module) -> bool:
-    return any(f.is_branch_module(module) for f in FAMILIES)
+def unregister(name: str) -> None:
+    FAMILIES[:] = [f for f in FAMILIES if f.name != name]
 
 
-def branch_modules_from_keys(keys: Iterable[str]) -> set[str]:
-    keys = list(keys)
-    return set().union(*(f.branch_modules_from_keys(keys) for f in FAMILIES))
+def detect(config: Mapping | None = None, names: Iterable[str] = ()) -> ModelFamily:
+    """The family of a model with this config and these module / parameter names (or checkpoint keys): the first
+    registered family that recognises it, else the generic Hugging Face family."""
+    _load_families()
+    names = names if isinstance(names, Collection) and not isinstance(names, str) else list(names)
+    return next((family for family in FAMILIES if family.detect(config, names)), GENERIC)
 
 
-def is_branch_param(name: str) -> bool:
-    return any(f.is_branch_param(name) for f in FAMILIES)
+def family_of(model: torch.nn.Module) -> ModelFamily:
+    """The family of a loaded (or meta-built) model, a PEFT wrapper looked through."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else None
+    return detect(config, [name for name, _ in inner.named_modules()])
 
 
-def branch_param_kind(name: str) -> str | None:
-    return next((kind for f in FAMILIES if (kind := f.branch_param_kind(name))), None)
+@functools.cache
+def _load_families() -> None:
+    """Import every module of this package, once; each family module registers itself."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
-def is_branch_inner(module_name: str, branch_modules: set[str]) -> bool:
-    return any(f.is_branch_inner(module_name, branch_modules) for f in FAMILIES)
+from harness.model.families.hf import HuggingFace  # noqa: E402  (the generic family, after the base class exists)
 
-
-def branch_weight_keys(module: str) -> list[tuple[str, str]]:
-    return [keys for f in FAMILIES if (keys := f.branch_weight_keys(module))]
-
-
-def branch_key_examples(keys: Iterable[str]) -> list[str]:
-    keys = list(keys)
-    return [example for f in FAMILIES for example in f.branch_key_examples(keys)]
-
-
-def mask_kwargs() -> list[str]:
-    """Every forward keyword some family uses to mark image rows."""
-    return [f.mask_kwarg for f in FAMILIES if f.mask_kwarg]
-
-
-def tower_of(module_name: str) -> str:
-    """Which part of a (multimodal) model a module belongs to: "language", "vision" or "projector"."""
-    return next((tower for f in FAMILIES if (tower := f.tower_of(module_name))), "language")
-
-
-from harness.model.families.hf import HuggingFace  # noqa: E402  (registration, after the registry exists)
-from harness.model.families.xcomposer import XComposer  # noqa: E402
-
-register(XComposer())
-register(HuggingFace())
+GENERIC: ModelFamily = HuggingFace()

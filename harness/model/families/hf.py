@@ -1,4 +1,5 @@
-"""Hugging Face models in general: the towers of multimodal models, by the names transformers uses."""
+"""Hugging Face models in general (the family every model without a more specific one belongs to): the towers of
+multimodal models, by the names transformers uses."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ PROJECTOR_MARKERS = ("vision_proj", "mm_projector", "multi_modal_projector", "me
 
 class HuggingFace(ModelFamily):
     name = "hf"
+
+    def detect(self, config, names) -> bool:
+        return True  # the fallback: any causal LM transformers loads
 
     def tower_of(self, module_name: str) -> str | None:
         lowered = module_name.lower()

@@ -10,10 +10,11 @@ change them, and a target inside ``Plora_A``/``Plora_B`` never acts on text toke
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from harness.model.families import ModelFamily
+from harness.model.families import register
+from harness.model.families.hf import HuggingFace
 
 if TYPE_CHECKING:
     import torch
@@ -26,10 +27,31 @@ OFFICIAL_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_f
 _SEPARATOR = re.compile(r"(^|\.)plora_[A-Za-z0-9]+_GN$")
 
 
-class XComposer(ModelFamily):
+class XComposer(HuggingFace):
+    """Detected by its PLoRA modules (structure) or by its config (model_type / auto_map naming XComposer);
+    its towers are named as in Hugging Face models."""
+
     name = "xcomposer"
     branch_label = "PLoRA"
     mask_kwarg = MASK_KWARG
+    branch_kind_labels = {"plora": "PLoRA Plora_A/Plora_B", "plora-separator": "plora_*_GN separator"}
+    merge_advice = {
+        "missing": "peft <= 0.20's merge_and_unload skips modules whose name contains lora_ (LoRA on Plora_A/Plora_B), "
+                   "so their PLoRA weights are not saved: keep PLoRA modules out of target_modules, re-merge and save "
+                   "the whole model",
+        "folded": "merge only the adapter's ΔW: PLoRA's own branch (Plora_B·Plora_A) applies to image tokens only and "
+                  "must stay a separate module; PeftModel.merge_and_unload leaves it alone",
+        "unmerged": "; peft <= 0.20 skips modules whose name contains lora_ (Plora_A/Plora_B)",
+    }
+    branch_key_note = ": a name filter on 'lora_' also matches Plora_A/Plora_B/plora_*_GN"
+    training_fix = ("freeze PLoRA before training (p.requires_grad_(False) for every parameter under Plora_A/Plora_B "
+                    "and plora_*_GN: peft <= 0.20 leaves them trainable because their names contain 'lora_'), or "
+                    "upgrade to peft >= 0.21; if they were meant to train, ship a full merged checkpoint instead")
+
+    def detect(self, config: Mapping | None, names: Collection[str]) -> bool:
+        if config and _names_xcomposer(config):
+            return True
+        return any(self.is_branch_param(name) for name in names)
 
     def is_branch_module(self, module: torch.nn.Module) -> bool:
         children = {name for name, _ in module.named_children()}
@@ -65,3 +87,13 @@ class XComposer(ModelFamily):
             if found:
                 picks.append(found)
         return picks
+
+
+def _names_xcomposer(config: Mapping) -> bool:
+    """config.json of an XComposer checkpoint: model_type ``internlmxcomposer2`` or auto_map naming its classes."""
+    auto_map = config.get("auto_map") or {}
+    named = [str(config.get("model_type") or ""), *map(str, auto_map.values() if isinstance(auto_map, Mapping) else [])]
+    return any("xcomposer" in text.lower() for text in named)
+
+
+register(XComposer())
