@@ -14,6 +14,9 @@ What it does (everything under --work; the checkout is only read):
      ``inputs_embeds`` + bool ``im_mask``), saves them with ``save_pretrained`` and merges the good one with the
      official recipe (finetune/merge_peft_adapter.py: ``PeftModel.from_pretrained`` -> ``merge_and_unload`` ->
      ``save_pretrained`` + the base's ``*.py`` and tokenizer files) in fp32 and bf16;
+  3b. saves the same tiny model in bf16 as the released checkpoints are (``<work>/artefacts/base_bf16``: loaded in
+     bf16, ``save_pretrained``, config.json ``torch_dtype`` bfloat16) and merges the good adapter into it with the
+     official recipe in bf16; the bf16 cases run with the harness's default dtype (the checkpoint's stored one);
   4. makes good and broken cases, each with an expected verdict, and runs
      ``PYTHON -m harness.cli check --adapter A --base-model B [--merged M] --json OUT --quiet``
      (+ ``--trust-remote-code`` when ``check --help`` lists it) in a subprocess per case, with HF_HUB_OFFLINE=1;
@@ -33,14 +36,14 @@ Running it (torch and torchvision: see the note below; the harness under test in
     python3 -m venv /work/fidelity/venv-457
     /work/fidelity/venv-457/bin/pip install torch==2.14.1 torchvision==0.29.1 'transformers==4.57.*' peft==0.21.2 \\
         safetensors einops pillow decord filelock tokenizers
-    /work/fidelity/venv-457/bin/pip install --no-deps -e /work/wt/fidelity
+    /work/fidelity/venv-457/bin/pip install --no-deps -e /path/to/plora-harness
     /work/fidelity/venv-457/bin/python scripts/real_xcomposer_fidelity.py --xcomposer /work/fidelity/xcomposer \\
         --work /work/fidelity/run-457 --stack-label "current: transformers 4.57 / peft 0.21" \\
         --json-out /work/fidelity/run-457/table.json
     python3 -m venv /work/fidelity/venv-433
     /work/fidelity/venv-433/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.33.3 tokenizers==0.13.3 \
         huggingface-hub==0.36.2 accelerate==0.27.2 peft==0.8.2 safetensors einops pillow decord filelock
-    /work/fidelity/venv-433/bin/pip install --no-deps -e /work/wt/fidelity
+    /work/fidelity/venv-433/bin/pip install --no-deps -e /path/to/plora-harness
     /work/fidelity/venv-433/bin/python scripts/real_xcomposer_fidelity.py --xcomposer /work/fidelity/xcomposer \
         --work /work/fidelity/run-433 --stack-label "oldest: transformers 4.33.3 / peft 0.8.2" \
         --json-out /work/fidelity/run-433/table.json
@@ -80,7 +83,7 @@ from pathlib import Path
 SUBDIR = "InternLM-XComposer-2.5-OmniLive/internlm-xcomposer2d5-ol-7b"
 LAYOUT_REL = "internlm-xcomposer2d5-ol-7b/base"  # how the real code (and its users) lay the model out
 TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
-BUILD_VERSION = 3  # bump when the artefacts change
+BUILD_VERSION = 4  # bump when the artefacts change
 
 TINY_CONFIG = {  # IXC2.5's config.json at tiny dims (hidden 64, 2 layers, GQA 4/2 heads)
     "architectures": ["InternLMXComposer2ForCausalLM"],
@@ -243,6 +246,32 @@ def seeded_init(stack: Stack, model) -> None:
             else:  # norm weights
                 value = 1.0 + 0.1 * noise
             param.copy_(value.to(param.dtype))
+
+
+def build_bf16_base(stack: Stack, layout_base: Path, out: Path) -> None:
+    """The same model as released: weights in bf16 (``save_pretrained`` of the model loaded in bf16), config.json
+    naming bfloat16 (``torch_dtype``, as the published config does; ``dtype`` too where this transformers wrote it)."""
+    torch = stack.torch
+    model = stack.load(layout_base, torch.bfloat16)
+    model.eval()
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out, safe_serialization=True)
+    for path in sorted(layout_base.iterdir()):  # the same code and tokenizer files
+        if path.is_file() and path.name not in ("config.json", "model.safetensors") and not path.name.endswith(
+                ".index.json"):
+            shutil.copyfile(path, out / path.name)
+    cfg = json.loads((layout_base / "config.json").read_text())  # the published config, dtype changed only
+    cfg["torch_dtype"] = "bfloat16"
+    if "dtype" in json.loads((out / "config.json").read_text()):
+        cfg["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file(out)), framework="pt") as f:
+        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    say(f"  bf16 base: tensors stored as {dtypes} -> {out}")
+    del model
 
 
 def build_base(stack: Stack, code_src: Path, layout_base: Path, scratch: Path) -> list[str]:
@@ -462,9 +491,16 @@ def build_all(work: Path, code_src: Path, rebuild: bool) -> dict:
     official_merge(stack, layout_base, good, merged / "fp32", torch.float32)
     official_merge(stack, layout_base, good, merged / "bf16", torch.bfloat16)
 
+    say("the bf16 base as released, and its official bf16 merge")
+    base_bf16 = art / "base_bf16"
+    build_bf16_base(stack, layout_base, base_bf16)
+    official_merge(stack, base_bf16, good, merged / "bf16_of_bf16", torch.bfloat16)
+
     say("broken merged checkpoints")
     deltas = adapter_deltas(stack, good)
-    base_tensors = load_file(str(weights_file(layout_base)))
+    fp32_tensors = load_file(str(weights_file(layout_base)))
+    bf16_tensors = load_file(str(weights_file(base_bf16)))
+    base_tensors = fp32_tensors  # the base the variant being made was merged into
     last = TINY_CONFIG["num_hidden_layers"] - 1
 
     def twice(t):
@@ -493,6 +529,9 @@ def build_all(work: Path, code_src: Path, rebuild: bool) -> dict:
     for name, fn in [("delta_twice", twice), ("plora_folded", folded), ("plora_b_changed", plora_b_changed),
                      ("plora_a_missing", plora_a_missing), ("layer_skipped", layer_skipped)]:
         variant_of(merged / "fp32", merged / name, fn)
+    base_tensors = bf16_tensors  # the same breakages of the bf16 base's official bf16 merge
+    for name, fn in [("delta_twice", twice), ("plora_folded", folded), ("layer_skipped", layer_skipped)]:
+        variant_of(merged / "bf16_of_bf16", merged / f"bf16_{name}", fn)
 
     shutil.rmtree(scratch, ignore_errors=True)
     manifest = {"stamp": stamp, "edits": applied, "adapters": notes, "seconds": round(time.time() - t0, 1)}
@@ -510,14 +549,16 @@ def cases(work: Path, url_line: int | None) -> list[dict]:
     ad, mg = art / "adapters", art / "merged"
     layout = work / "layout"
     base = layout / LAYOUT_REL
+    bf16 = art / "base_bf16"
     any_extra = ["*"]
     url_text = f"ixc_utils.py:{url_line}" if url_line else "ixc_utils.py:"
 
     def case(name, adapter, *, base_model=base, merged=None, cwd=work, exit_code, fail=(), text=None, where=None,
-             extra=(), note=""):
+             extra=(), dtype=None, note=""):
         return {"name": name, "adapter": str(adapter), "base_model": str(base_model),
                 "merged": str(merged) if merged else None, "cwd": str(cwd), "exit": exit_code,
-                "must_fail": list(fail), "text": text, "text_in": where, "allowed_extra": list(extra), "note": note}
+                "must_fail": list(fail), "text": text, "text_in": where, "allowed_extra": list(extra),
+                "dtype": dtype, "note": note}
 
     return [
         case("good", ad / "good", exit_code=0),
@@ -549,6 +590,18 @@ def cases(work: Path, url_line: int | None) -> list[dict]:
         case("no-attn-impl-config", ad / "good", base_model=art / "base_no_attn_impl", exit_code=0),
         case("verbatim-base", ad / "good", base_model=work / "verbatim" / LAYOUT_REL, exit_code=2, text=url_text,
              where=["stderr-one-line"]),
+        # the base as released: bf16 on disk, the harness's default dtype (the checkpoint's: bfloat16)
+        case("bf16-base", ad / "good", base_model=bf16, exit_code=0, dtype="bfloat16"),
+        case("bf16-base+merged-bf16", ad / "good", base_model=bf16, merged=mg / "bf16_of_bf16", exit_code=0,
+             dtype="bfloat16", note="the official merge in bf16 of the bf16 base"),
+        case("bf16-base-untrained", ad / "untrained", base_model=bf16, exit_code=1, fail=["noop"], text="zero",
+             extra=["effect"]),
+        case("bf16-base-merged-delta-twice", ad / "good", base_model=bf16, merged=mg / "bf16_delta_twice",
+             exit_code=1, fail=["merged-matches"], text="differ from W"),
+        case("bf16-base-merged-plora-folded", ad / "good", base_model=bf16, merged=mg / "bf16_plora_folded",
+             exit_code=1, fail=["merged-matches"], text="PLoRA branch folded"),
+        case("bf16-base-merged-layer-skipped", ad / "good", base_model=bf16, merged=mg / "bf16_layer_skipped",
+             exit_code=1, fail=["merged-matches"], text="not merged"),
     ]
 
 
@@ -562,6 +615,8 @@ def describe_expected(c: dict) -> str:
         parts.append("no failure")
     if c["text"]:
         parts.append(f"'{c['text']}'" + (f" in {'/'.join(c['text_in'])}" if c["text_in"] else ""))
+    if c.get("dtype"):
+        parts.append(f"dynamic checks in {c['dtype']} (default dtype)")
     return "; ".join(parts)
 
 
@@ -592,6 +647,7 @@ def run_case(c: dict, python: str, work: Path, env_base: dict, timeout: int, tru
     except subprocess.TimeoutExpired as err:
         rc, stdout, stderr = "timeout", str(err.stdout or ""), str(err.stderr or "")
     got = {"exit": rc, "seconds": round(time.time() - t0, 1), "failed": [], "warned": [], "first_fail": None,
+           "dtypes": [],
            "stderr_lines": [line for line in stderr.splitlines() if line.strip()]}
     (cdir / "stdout.txt").write_text(stdout)
     (cdir / "stderr.txt").write_text(stderr)
@@ -611,6 +667,9 @@ def run_case(c: dict, python: str, work: Path, env_base: dict, timeout: int, tru
                     got["first_fail"] = f"{chk['id']}: {chk.get('message', '')}"
             elif chk.get("status") == "warn":
                 got["warned"].append(chk["id"])
+            dtype = (chk.get("details") or {}).get("dtype") if isinstance(chk.get("details"), dict) else None
+            if dtype and chk.get("status") in ("pass", "fail", "warn") and dtype not in got["dtypes"]:
+                got["dtypes"].append(dtype)
     return judge(c, got, report)
 
 
@@ -621,6 +680,8 @@ def judge(c: dict, got: dict, report: dict | None) -> dict:
     missing = [i for i in c["must_fail"] if i not in got["failed"]]
     if missing:
         why.append(f"did not fail: {','.join(missing)}")
+    if c.get("dtype") and got["dtypes"] != [c["dtype"]]:
+        why.append(f"dynamic checks ran in {got['dtypes'] or 'no recorded dtype'}, not {c['dtype']}")
     if "*" not in c["allowed_extra"]:
         extra = [i for i in got["failed"] if i not in c["must_fail"] and i not in c["allowed_extra"]]
         if extra:
@@ -661,6 +722,8 @@ def got_text(r: dict) -> str:
     parts = [f"exit {g['exit']}"]
     if g["failed"]:
         parts.append("failed " + ",".join(g["failed"]))
+    if g.get("dtypes"):
+        parts.append("dynamic in " + ",".join(g["dtypes"]))
     if g["first_fail"]:
         parts.append(shorten(g["first_fail"]))
     elif g["exit"] not in (0, 1) and g["stderr_lines"]:
