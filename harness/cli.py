@@ -110,7 +110,28 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if k != "command"}
     if args.command == "demo":
         given["demo"] = True
-    return _check(given)
+    with _terminated_as_interrupt():
+        return _check(given)
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupt():
+    """A CI runner that cancels a job sends SIGTERM: treat it as Ctrl-C, so the engine child is stopped and its
+    temporary files (depth slices, saved merges: gigabytes at 7B) are removed, instead of dying mid-write."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # someone else's process: leave it be
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _write(text: str) -> None:

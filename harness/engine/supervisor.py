@@ -48,8 +48,11 @@ def run_isolated(plan: Plan, *, progress: Progress | None = None, verbose: bool 
         plan_file = work / "plan.json"
         plan_file.write_text(plan.to_json())
         log_path, fault_path = work / "engine.log", work / "faults.log"
+        (work / "tmp").mkdir()
         read_end, write_end = os.pipe()
-        env = {**os.environ, **_OFFLINE, "HF_MODULES_CACHE": str(work / "modules"),
+        # the engine's temporary files (depth slices, saved merges) live in this directory, removed below whatever
+        # became of the child: a child killed with its parent cannot clean up after itself
+        env = {**os.environ, **_OFFLINE, "HF_MODULES_CACHE": str(work / "modules"), "TMPDIR": str(work / "tmp"),
                "PYTHONPATH": os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH")) if p),
                "PLORA_HARNESS_FAULT_LOG": str(fault_path)}
         with open(log_path, "wb") as log:
