@@ -266,3 +266,5 @@ def test_trained_vs_shipped_is_judged_by_the_engines_band_in_bf16(default_bundle
         "image": band(torch.bfloat16, noise=0.0, effect=effect.image_max_rel),
         "text": band(torch.bfloat16, noise=0.0, effect=effect.text_max_rel)}
     assert "the engine's policy" in shipped.message and "bfloat16 tolerance" in shipped.message
+    audit = next(w for w in report.work if w.key == "trained.audit")  # the reload is shared work, not one check's time
+    assert audit.checks == ["trained-vs-shipped", "trained-params-saved"] and audit.seconds > shipped.duration_s
