@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEFT adapter directory (or DeepSpeed checkpoint directory, or a folder of adapters); "
                         "repeat to check several adapters against one base; DIR=MERGED pairs it with its merged "
                         "checkpoint")
+    inputs.add_argument("--release", metavar="FILE",
+                        help="a release manifest (JSON or TOML): its adapters, each with its merged checkpoint "
+                        '(e.g. {"release": [{"adapter": "A", "merged": "MA"}]}); checked with any --adapter given')
     inputs.add_argument("--base-model", metavar="DIR",
                         help="base model directory: adds the loading and numerical checks")
     inputs.add_argument("--merged", action="append", metavar="DIR",
@@ -210,6 +213,10 @@ def _check(args: argparse.Namespace) -> int:
     from harness.inputs.errors import InputError
 
     try:
+        if getattr(args, "release", None):  # harness.inputs.release: the pairs as --adapter A=M values
+            from harness.inputs.release import as_adapter_args, read_release
+
+            args.adapters = [*(args.adapters or []), *as_adapter_args(read_release(args.release))]
         args = _with_settings(args)
         _require_writable(args.json_path if args.json_path != "-" else None, "--json")
         _require_writable(args.junit_path, "--junit")
