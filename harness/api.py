@@ -257,6 +257,7 @@ def check_trained(
     from harness.inputs.adapter_dir import read_adapter
     from harness.loading.model_code import remote_code_consent
     from harness.options import from_value, named
+    from harness.worklog import WorkLog, recording
 
     require_supported()
     started = time.monotonic()
@@ -272,15 +273,22 @@ def check_trained(
     trained = TrainedInputs(model=peft_model, saved_dir=saved_dir, base_dir=base_dir, adapter_name=adapter_name,
                             dtype=dtype)
     ctx = CheckContext(options=CheckOptions(device=device or param.device.type), progress=progress, trained=trained)
-    with remote_code_consent(trust_remote_code), ctx.cleanup:
+    log = WorkLog()  # each check's own time, and the shared work (the reload audit) once
+    with remote_code_consent(trust_remote_code), ctx.cleanup, recording(log):
         ctx.say(f"reading adapter {saved_dir}")
-        ctx.adapter = read_adapter(saved_dir)
+        with log.shared("adapter.read", "reading the adapter"):
+            ctx.adapter = read_adapter(saved_dir)
         ctx.cleanup.callback(ctx.adapter.close)
         report = Report(inputs={**ctx.adapter.describe(), "trained_model": type(peft_model).__name__})
         if base_dir is not None:
             report.inputs["base_model"] = str(base_dir)
         for group in ("static", "trained"):
-            report.extend(run_check(c, ctx) for c in checks(group))
+            for each in checks(group):
+                with log.check(each.id) as timing:
+                    result = run_check(each, ctx)
+                result.duration_s = timing.own_s
+                report.checks.append(result)
         report.notes = list(ctx.notes)
+        report.work = log.entries()
     report.duration_s = round(time.monotonic() - started, 3)
     return report

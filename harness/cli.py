@@ -194,6 +194,10 @@ def _check(given: dict) -> int:
         _require_writable(json_path if json_path != "-" else None, "--json")
         _require_writable(junit_path, "--junit")
         adapters, base_model, merged = options.pop("adapter"), options.pop("base_model"), options.pop("merged")
+        if release := options.pop("release"):  # harness.inputs.release: the pairs as --adapter A=M values
+            from harness.inputs.release import as_adapter_args, read_release
+
+            adapters = [*(adapters or []), *as_adapter_args(read_release(release))]
         # stdout carries the report only: whatever a library prints while the run imports or builds (DeepSpeed's
         # accelerator banner when the built-in demo is built in this process) goes to stderr, and loggers that
         # bind sys.stdout at import bind stderr

@@ -84,6 +84,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("adapter", PATHS, "PEFT adapter directory (or DeepSpeed checkpoint directory, or a folder of adapters); "
            "repeat to check several adapters against one base; DIR=MERGED pairs it with its merged checkpoint",
            group="inputs", metavar="DIR[=MERGED]", api=False, aliases=("adapters",)),
+    Option("release", PATH, "a release manifest (JSON or TOML): its adapters, each with its merged checkpoint "
+           '(e.g. {"release": [{"adapter": "A", "merged": "MA"}]}); checked with any --adapter given',
+           group="inputs", metavar="FILE", plugin=False, env=False, settings=False, api=False),
     Option("base_model", PATH, "base model directory: adds the loading and numerical checks", group="inputs",
            metavar="DIR", api=False),
     Option("merged", PATHS, "merged checkpoint to verify against base + adapter (needs the base model); repeat it, "

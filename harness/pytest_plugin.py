@@ -288,6 +288,11 @@ class ConformanceItem(pytest.Item):
         self.run = run
         self.add_marker(pytest.mark.plora_conformance)
 
+    def setup(self) -> None:
+        """The adapter's report is computed here, as a fixture would be: the engine's time is this phase's, and
+        ``pytest_runtest_makereport`` then gives each phase the time the engine attributed to this check."""
+        self.run.report  # noqa: B018 - computed once per adapter; a failure to compute is runtest's to report
+
     def runtest(self) -> None:
         report = self.run.report
         if report is None:
@@ -306,6 +311,36 @@ class ConformanceItem(pytest.Item):
     def reportinfo(self):
         where = f"{self.run.label}::{self.run.unit.label}" if self.run.unit and self.run.unit.label else self.run.label
         return self.run.adapter, None, f"{COLLECTOR_NAME}::{where}::{self.check_id}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A conformance item's durations as the engine attributed them (``harness.worklog``): the call phase is the
+    check's own compute, the setup phase the shared work it was first to need (model loads, the fp32 reference;
+    the first check also gets the engine's start-up), so ``--durations`` and JUnit do not put a run's loading
+    on whichever item computed the report."""
+    outcome = yield
+    if isinstance(item, ConformanceItem) and call.when in ("setup", "call"):
+        _attribute(item, outcome.get_result())
+
+
+def _attribute(item: ConformanceItem, test_report: pytest.TestReport) -> None:
+    report = item.run._report  # never computes it here
+    result = report.get(item.check_id) if report is not None else None
+    if result is None or result.duration_s is None or not report.work:
+        return
+    if test_report.when == "call":
+        test_report.duration = result.duration_s
+        return
+    caused = [w for w in report.work if w.caused_by == item.check_id]
+    seconds = sum(w.seconds for w in caused)
+    if report.checks and report.checks[0].id == item.check_id:  # the run's start-up, before any check
+        seconds += sum(w.seconds for w in report.work if w.caused_by is None) + (report.other_s() or 0.0)
+    test_report.duration = round(seconds, 3)
+    if caused:
+        item.user_properties.append(("plora_shared_work", "; ".join(
+            f"{w.name}: {w.seconds:.3f} s" + (f" (also used by {', '.join(w.checks[1:])})" if w.checks[1:] else "")
+            for w in caused)))
 
 
 def outcome_of(result) -> None:

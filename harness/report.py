@@ -14,8 +14,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.worklog import Work
+
 STATUSES = ("pass", "fail", "warn", "skip")
 _SUMMARY_KEYS = {"pass": "passed", "fail": "failed", "warn": "warned", "skip": "skipped"}
+SMALL_WORK_S = 0.05  # shared work below this is summed into one line on the terminal (the JSON lists it all)
 TERMINAL_LINE_LIMIT = 400  # characters of one message on the terminal (the JSON keeps it whole)
 JUNIT_TEXT_LIMIT = 4000
 _UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, bidi overrides, separators
@@ -99,6 +102,18 @@ DEMO_TITLE = ("built-in demo: the synthetic XComposer base, a trained adapter an
               "plora-harness builds itself (not your adapter; pass --adapter DIR to check yours)")
 
 
+def _users(work: Work, limit: int = 6) -> str:
+    """Which checks used a piece of shared work: the one that caused it first."""
+    if not work.checks:
+        return "before the checks"
+    text = f"caused by {work.checks[0]}"
+    others = work.checks[1:]
+    if others:
+        more = f" (+{len(others) - limit} more)" if len(others) > limit else ""
+        text += f"; also used by {', '.join(others[:limit])}{more}"
+    return text
+
+
 def _timing(started_at: str | None, duration_s: float | None) -> str | None:
     if started_at is None and duration_s is None:
         return None
@@ -138,10 +153,22 @@ class Report:
     demo: bool = False  # the built-in synthetic demo, not a user's adapter (said in the first line)
     started_at: str | None = field(default_factory=utc_now)  # UTC, ISO 8601
     duration_s: float | None = None  # wall time of this adapter's run, loading included
+    work: list[Work] = field(default_factory=list)  # shared work (loads, reference, scans), timed once each
 
     @property
     def summary(self) -> dict:
         return _summary(self.checks)
+
+    def other_s(self) -> float | None:
+        """The run's seconds in neither a check's own time nor shared work (start-up, imports, clean-up)."""
+        if self.duration_s is None or not self.work:  # not timed that way (check_trained, an older report)
+            return None
+        counted = sum(r.duration_s or 0.0 for r in self.checks) + sum(w.seconds for w in self.work)
+        return round(max(0.0, self.duration_s - counted), 3)
+
+    def caused_s(self, check_id: str) -> float:
+        """Seconds of the shared work that check ``check_id`` was the first to need (it ran inside that check)."""
+        return round(sum(w.seconds for w in self.work if w.caused_by == check_id), 3)
 
     @property
     def exit_code(self) -> int:
@@ -180,6 +207,7 @@ class Report:
             "not_checked": list(self.not_checked),
             "code": _jsonable(self.code),
             "checks": [result.to_dict() for result in self.checks],
+            "work": [work.to_dict() for work in self.work],
             "summary": self.summary,
         }
 
@@ -194,7 +222,8 @@ class Report:
                    harness_version=data.get("harness_version", _harness_version()),
                    notes=list(data.get("notes") or []), not_checked=list(data.get("not_checked") or []),
                    code=list(data.get("code") or []), demo=bool(data.get("demo")),
-                   started_at=data.get("started_at"), duration_s=data.get("duration_s"))
+                   started_at=data.get("started_at"), duration_s=data.get("duration_s"),
+                   work=[Work.from_dict(item) for item in data.get("work") or []])
 
     def render(self, *, verbose: bool = False) -> str:
         """A table (id, status, message), then details and the fix of each failure and warning."""
@@ -228,6 +257,7 @@ class Report:
             ran = {True: "ran", False: "not run", None: "may have run"}
             lines += [f"- {printable(c.get('file'))} sha256 {c.get('sha256')} ({ran.get(c.get('executed'), 'ran')})"
                       for c in self.code]
+        lines += self._time_lines()
         summary = self.summary
         timing = _timing(self.started_at, self.duration_s)
         lines += ["", f"run: {timing}"] if timing else [""]
@@ -235,6 +265,23 @@ class Report:
                   f"{summary['warned']} warnings, {summary['skipped']} skipped"]
         lines += [f"not checked: {printable(text)}" for text in self.not_checked]
         return "\n".join(lines)
+
+    def _time_lines(self) -> list[str]:
+        """Where the time went beyond each check's own (the table's time column): the shared work, once each."""
+        big = sorted((w for w in self.work if w.seconds >= SMALL_WORK_S), key=lambda w: -w.seconds)
+        small = [w for w in self.work if w.seconds < SMALL_WORK_S]
+        other = self.other_s()
+        if not big and not (other and other >= SMALL_WORK_S):
+            return []
+        lines = ["", "Where the rest of the time went (the time column is each check's own compute; shared work is "
+                 "timed once, named with the checks that used it)"]
+        lines += [f"{w.seconds:6.1f}s  {printable(w.name)}{f' (x{w.runs})' if w.runs > 1 else ''}: {_users(w)}"
+                  for w in big]
+        if small:
+            lines.append(f"{sum(w.seconds for w in small):6.1f}s  {len(small)} smaller piece(s) of shared work")
+        if other and other >= SMALL_WORK_S:
+            lines.append(f"{other:6.1f}s  other: start-up, imports and clean-up")
+        return lines
 
     def junit_suite(self, name: str = "plora-harness") -> ET.Element:
         """One ``testsuite``: a ``testcase`` per check; fail -> ``failure``, skip -> ``skipped``, warn -> system-out."""
@@ -255,6 +302,12 @@ class Report:
                 ET.SubElement(properties, "property", name=_xml_text(key, 200), value=_xml_text(value))
         for index, note in enumerate(self.notes):
             ET.SubElement(properties, "property", name=f"note.{index}", value=_xml_text(note))
+        for index, work in enumerate(self.work):  # a test case's time is the check's own; shared work is here
+            ET.SubElement(properties, "property", name=f"work.{index}",
+                          value=_xml_text(f"{work.name}: {work.seconds:.3f} s, {_users(work)}"))
+        if (other := self.other_s()) is not None:
+            ET.SubElement(properties, "property", name="work.other", value=f"start-up, imports and clean-up: "
+                          f"{other:.3f} s")
         for result in self.checks:
             case = ET.SubElement(suite, "testcase", classname=_xml_text(name, 500), name=result.id,
                                  time=f"{result.duration_s or 0.0:.3f}")

@@ -22,7 +22,7 @@ def test_good_adapter_exits_0_with_a_table(default_bundle, capsys, tmp_path):
     assert "check" in out and "status" in out and "empty-tensors     PASS" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert set(data) == {"harness_version", "exit_code", "demo", "started_at", "duration_s", "inputs", "environment",
-                         "notes", "not_checked", "code", "checks", "summary"}
+                         "notes", "not_checked", "code", "checks", "work", "summary"}
     assert data["demo"] is False and data["started_at"].endswith("Z") and data["duration_s"] > 0
     assert data["exit_code"] == 0 and data["code"] == []
     assert data["not_checked"] and "no --base-model" in data["not_checked"][0]
@@ -30,6 +30,7 @@ def test_good_adapter_exits_0_with_a_table(default_bundle, capsys, tmp_path):
     assert [c["id"] for c in data["checks"]] == planned_check_ids(base_model=False, merged=False)
     assert all(set(c) == {"id", "status", "message", "duration_s", "details"} for c in data["checks"])
     assert all(c["duration_s"] >= 0 for c in data["checks"])
+    assert [w["key"] for w in data["work"]][:1] == ["adapter.read"] and data["work"][0]["checks"] == []
     assert data["summary"]["failed"] == 0
     cases = list(ET.parse(tmp_path / "r.xml").getroot().iter("testcase"))
     assert {case.get("name") for case in cases} == {c["id"] for c in data["checks"]}

@@ -18,6 +18,8 @@ EXAMPLES = [
     ev.Inputs(0, {"adapter": "/a", "weights": ["adapter_model.safetensors"]}),
     ev.Progress(0, "check shapes"),
     ev.Result(0, CheckResult("shapes", "fail", "rank 4 vs 8", fix="re-save", details={"modules": 2})),
+    ev.Work(0, [{"key": "base.load", "name": "loading the base model", "seconds": 1.5, "runs": 1,
+                 "checks": ["key-coverage", "effect"]}]),
     ev.Notes(0, ["loaded with attn_implementation='eager'"]),
     ev.Code([{"file": "/b/modeling_x.py", "sha256": "0" * 64, "executed": True}]),
     ev.InputRefused("/a/adapter_config.json: not valid JSON; regenerate it with save_pretrained"),
@@ -57,12 +59,13 @@ def test_the_recorder_reads_every_kind_and_names_the_exit_call(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     recorder = Recorder(Plan(adapters=(str(adapter),), only=("shapes",)))
-    for event in EXAMPLES[:6]:
+    for event in EXAMPLES[:7]:
         recorder.handle(event)
     recorder.handle(ev.ExitCalled(7, "/b/modeling_x.py:40"))
     report = recorder.reports[0]
     assert report.inputs["weights"] == ["adapter_model.safetensors"] and recorder.running() == "check shapes"
     assert report.get("shapes").message == "rank 4 vs 8" and report.notes and report.code[0]["executed"] is True
+    assert [(w.key, w.seconds, w.checks) for w in report.work] == [("base.load", 1.5, ["key-coverage", "effect"])]
     assert recorder.exit_call == ev.ExitCalled(7, "/b/modeling_x.py:40") and not recorder.done
     from harness.engine.supervisor import _describe_end
 

@@ -47,7 +47,7 @@ def test_check_result_validates_status_and_keeps_one_line():
 def test_json_has_exactly_the_documented_shape():
     data = json.loads(_report().to_json())
     assert list(data) == ["harness_version", "exit_code", "demo", "started_at", "duration_s", "inputs", "environment",
-                          "notes", "not_checked", "code", "checks", "summary"]
+                          "notes", "not_checked", "code", "checks", "work", "summary"]
     assert data["harness_version"] == "9.9.9" and data["exit_code"] == 1
     assert set(data["environment"]) == {"torch", "transformers", "peft"}
     for check in data["checks"]:

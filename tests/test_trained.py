@@ -242,3 +242,30 @@ def test_check_trained_refuses_a_base_that_ships_code_without_the_flag(default_b
     assert not marker.exists(), "the base directory's code ran without consent"
     load_base(base, dtype=torch.float32, trust_remote_code=True)  # control: the payload runs when allowed
     assert marker.exists()
+
+
+def test_trained_vs_shipped_is_judged_by_the_engines_band_in_bf16(default_bundle, tmp_path):
+    """Issue 19: check_trained's output comparison uses tolerances.band (noise nil: both sides run the same bf16
+    arithmetic; the effect: the trained model against itself with the adapter disabled), as the engine does."""
+    from harness.numerics.compare import compare
+    from harness.numerics.reference import probe_logits
+    from harness.numerics.tolerances import band
+
+    peft_model = train(fresh_peft_model(default_bundle.base_dir)).to(torch.bfloat16)
+    saved = save_adapter(peft_model, tmp_path / "adapter")
+    report = harness.check_trained(peft_model, saved, trust_remote_code=True)
+    shipped = report.get("trained-vs-shipped")
+    assert shipped.status == "pass", report.render()
+    from harness.checks.measure.training_audit import _probe_for
+
+    probe = _probe_for(peft_model)
+    trained = probe_logits(peft_model, probe)
+    with peft_model.disable_adapter():
+        effect = compare(trained, probe_logits(peft_model, probe), probe, dtype=torch.float32, label="effect")
+    assert effect.image_max_rel > 0 and effect.text_max_rel > 0
+    assert shipped.details["comparison"]["bands"] == {
+        "image": band(torch.bfloat16, noise=0.0, effect=effect.image_max_rel),
+        "text": band(torch.bfloat16, noise=0.0, effect=effect.text_max_rel)}
+    assert "the engine's policy" in shipped.message and "bfloat16 tolerance" in shipped.message
+    audit = next(w for w in report.work if w.key == "trained.audit")  # the reload is shared work, not one check's time
+    assert audit.checks == ["trained-vs-shipped", "trained-params-saved"] and audit.seconds > shipped.duration_s

@@ -32,7 +32,8 @@ def _needs_base(ctx: CheckContext) -> str | None:
 def target_resolution(ctx: CheckContext) -> TargetResolution:
     from harness.model.targets import resolve_targets
 
-    return ctx.cached("base.targets", lambda: resolve_targets(ctx.adapter.config, ctx.base))
+    return ctx.cached("base.targets", lambda: resolve_targets(ctx.adapter.config, ctx.base),
+                      name="resolving target_modules on the base")
 
 
 @register(

@@ -75,10 +75,16 @@ class CheckContext:
     run_adapters: tuple[Path, ...] = ()  # every adapter of the run, this one included: for work shared across them
     planned: tuple[str, ...] = ()  # the check ids this run reports: work done once for several checks covers these
 
-    def cached(self, key: str, compute: Callable[[], T]) -> T:
-        """``compute()`` once per run under ``key`` ("<group>.<what>"), shared by every check."""
-        if key not in self.cache:
-            self.cache[key] = compute()
+    def cached(self, key: str, compute: Callable[[], T], name: str | None = None) -> T:
+        """``compute()`` once per run under ``key`` ("<group>.<what>"), shared by every check; timed as shared work
+        (``name`` says what it is, for the report's time section) and not as the time of the check that ran it."""
+        from harness import worklog
+
+        if key in self.cache:
+            worklog.used(key)
+        else:
+            with worklog.shared(key, name or key):
+                self.cache[key] = compute()
         return self.cache[key]
 
     def say(self, text: str) -> None:

@@ -52,7 +52,7 @@ def dynamic_run(ctx: CheckContext) -> DynamicRun | Unavailable:
         ctx.cleanup.callback(run.close)
         return run
 
-    run = ctx.cached("dynamic.run", start)
+    run = ctx.cached("dynamic.run", start, name="the probes, fp32 reference and dtype noise on the base")
     if run.load_error:
         return Unavailable(f"the base model cannot be checked: {run.load_error}", is_failure=True)
     return run

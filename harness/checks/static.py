@@ -44,12 +44,12 @@ def analyse_keys(ctx: CheckContext) -> KeyAnalysis:
         config = _config(ctx)
         return analyse(ctx.adapter.tensors, config)
 
-    return ctx.cached("static.keys", compute)
+    return ctx.cached("static.keys", compute, name="classifying the adapter's keys")
 
 
 def tensor_scan(ctx: CheckContext):
     """The one streaming pass (finite / all-zero / empty), shared by every data check."""
-    return ctx.cached("static.scan", ctx.adapter.scan)
+    return ctx.cached("static.scan", ctx.adapter.scan, name="scanning the adapter's tensors (finite, zero, empty)")
 
 
 def full_checkpoint_reason(ctx: CheckContext) -> str | None:
@@ -89,7 +89,7 @@ def full_checkpoint_reason(ctx: CheckContext) -> str | None:
             return f"only model weight files ({names}), no adapter_model.safetensors/.bin"
         return None
 
-    return ctx.cached("static.full_checkpoint", compute)
+    return ctx.cached("static.full_checkpoint", compute, name="telling an adapter from a full checkpoint")
 
 
 def _data_unavailable(ctx: CheckContext) -> str | None:

@@ -32,7 +32,7 @@ def _audit(ctx: CheckContext) -> TrainedAudit:
     trained = ctx.trained
     return ctx.cached("trained.audit", lambda: audit_trained(
         trained.model, trained.saved_dir, trained.base_dir, adapter_name=trained.adapter_name,
-        dtype=trained.dtype, device=ctx.options.device))
+        dtype=trained.dtype, device=ctx.options.device), name="reloading base + saved adapter, auditing parameters")
 
 
 def _by_kind(findings: list[ParamFinding], family) -> str:

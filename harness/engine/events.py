@@ -52,6 +52,16 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Work:
+    """Where the adapter's time went besides each check's own: the shared work (``harness.worklog.Work.to_dict``
+    each), sent just before ``Notes``."""
+
+    kind: ClassVar[str] = "work"
+    adapter: int
+    work: list[dict]
+
+
+@dataclass(frozen=True)
 class Notes:
     """Adjustments the harness made while checking the adapter."""
 
@@ -100,9 +110,9 @@ class Done:
     kind: ClassVar[str] = "done"
 
 
-Event = Union[Start, Inputs, Progress, Result, Notes, Code, InputRefused, Fatal, ExitCalled, Done]
-KINDS: dict[str, type] = {cls.kind: cls for cls in (Start, Inputs, Progress, Result, Notes, Code, InputRefused, Fatal,
-                                                     ExitCalled, Done)}
+Event = Union[Start, Inputs, Progress, Result, Work, Notes, Code, InputRefused, Fatal, ExitCalled, Done]
+KINDS: dict[str, type] = {cls.kind: cls for cls in (Start, Inputs, Progress, Result, Work, Notes, Code, InputRefused,
+                                                     Fatal, ExitCalled, Done)}
 
 
 def to_dict(event: Event) -> dict:

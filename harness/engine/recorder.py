@@ -1,7 +1,7 @@
 """Engine events in, reports out: the one place that turns what the engine said into the verdict.
 
 The engine (in this process or a child) reports by the typed events of ``harness.engine.events``
-(``Start``, ``Inputs``, ``Progress``, ``Result``, ``Notes``, ``Code``, ``InputRefused``, ``Fatal``,
+(``Start``, ``Inputs``, ``Progress``, ``Result``, ``Work``, ``Notes``, ``Code``, ``InputRefused``, ``Fatal``,
 ``ExitCalled``, ``Done``; one JSON object per line across the process boundary).
 
 ``finish`` turns every planned check the engine did not report into a ``fail`` with one line saying
@@ -15,6 +15,7 @@ import time
 from harness.engine import events as ev
 from harness.engine.plan import Plan
 from harness.report import CheckResult, Report, RunReport, utc_now
+from harness.worklog import Work
 
 NOT_REPORTED_FIX = ("read the message: it names what ended the run; rerun with --verbose to see the engine's own "
                     "output")
@@ -56,6 +57,8 @@ class Recorder:
             self.current[index] = event.text
         elif isinstance(event, ev.Result) and report is not None:
             report.checks = [r for r in report.checks if r.id != event.result.id] + [event.result]
+        elif isinstance(event, ev.Work) and report is not None:
+            report.work = _work(event.work)
         elif isinstance(event, ev.Notes) and report is not None:  # the adapter's last event
             report.notes += [n for n in event.notes if n not in report.notes]
             if index in self.adapter_started:
@@ -95,6 +98,17 @@ class Recorder:
                 report.duration_s = round(time.monotonic() - self.adapter_started.get(index, self.started), 3)
         return RunReport(reports=self.reports, notes=self.run_notes, started_at=self.started_at,
                          duration_s=round(time.monotonic() - self.started, 3))
+
+
+def _work(items: list) -> list[Work]:
+    """The shared work the engine reported; an entry that is not one is dropped, never half-understood."""
+    work = []
+    for item in items if isinstance(items, list) else []:
+        try:
+            work.append(Work.from_dict(item))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            continue
+    return work
 
 
 def _not_checked(plan: Plan, index: int) -> list[str]:

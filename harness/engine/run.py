@@ -13,7 +13,6 @@ This runs model code when a base model is given: the shells run it in a child pr
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from harness.engine import events as ev
 from harness.engine.plan import Plan
 from harness.inputs.errors import InputError
 from harness.report import CheckResult
+from harness.worklog import WorkLog, recording
 
 Emit = Callable[[ev.Event], None]
 GATING_GROUPS = ("deepspeed", "static", "against-base")  # cheap, and what the dynamic group waits for
@@ -57,8 +57,10 @@ def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
     emit(ev.Start(index, planned))
     ctx = CheckContext(options=plan.options, run_adapters=tuple(Path(a) for a in plan.adapters), planned=tuple(planned),
                        progress=lambda text: emit(ev.Progress(index, text)))
-    with ctx.cleanup:
-        _read_inputs(ctx, Path(adapter), emit, index, zero=plan.is_zero_checkpoint(adapter))
+    log = WorkLog()  # where this adapter's time goes: each check's own, and the shared work (harness.worklog)
+    with ctx.cleanup, recording(log):
+        with log.shared("adapter.read", "reading the adapter"):
+            _read_inputs(ctx, Path(adapter), emit, index, zero=plan.is_zero_checkpoint(adapter))
         groups = _groups(ctx, plan, index)
         for group in groups:
             if group == "against-base" and ctx.adapter is not None:
@@ -66,18 +68,20 @@ def _run_adapter(plan: Plan, index: int, adapter: str, base_info, emit: Emit):
                     from harness.model.structure import inspect_base
 
                     ctx.say(f"inspecting base model {plan.base_model} on the meta device")
-                    base_info = inspect_base(plan.base_model)
+                    with log.shared("base.inspect", "inspecting the base model on the meta device"):
+                        base_info = inspect_base(plan.base_model)
                 ctx.base = base_info
             if group == "merged":
                 ctx.merged = Path(plan.merged_for(index))
             for check in checks(group):
                 if plan.selected(check.id) or group in GATING_GROUPS:
-                    _run_one(ctx, check, report=plan.selected(check.id), emit=emit, index=index)
+                    _run_one(ctx, log, check, report=plan.selected(check.id), emit=emit, index=index)
         if ctx.deepspeed_error is not None:  # every planned check is reported, those that cannot run as skipped
             reason = "the DeepSpeed checkpoint could not be converted into an adapter (see zero-checkpoint)"
             for check_id in planned:
                 if get_check(check_id).group not in groups:
                     emit(ev.Result(index, CheckResult(check_id, "skip", reason)))
+        emit(ev.Work(index, [work.to_dict() for work in log.entries()]))
         emit(ev.Notes(index, list(ctx.notes)))
     return base_info
 
@@ -120,14 +124,14 @@ def _read_inputs(ctx: CheckContext, adapter: Path, emit: Emit, index: int, *, ze
     emit(ev.Inputs(index, {**ctx.adapter.describe(), **inputs}))
 
 
-def _run_one(ctx: CheckContext, check: Check, *, report: bool, emit: Emit, index: int) -> None:
+def _run_one(ctx: CheckContext, log: WorkLog, check: Check, *, report: bool, emit: Emit, index: int) -> None:
+    """Run one check; its ``duration_s`` is its own compute (the shared work it ran is in ``log``)."""
     from harness.loading.base import recording_adjustments
 
     ctx.say(f"check {check.id}")
-    started = time.perf_counter()
-    with recording_adjustments(ctx.notes):
+    with recording_adjustments(ctx.notes), log.check(check.id) as timing:
         result = run_check(check, ctx)
-    result.duration_s = round(time.perf_counter() - started, 3)
+    result.duration_s = timing.own_s
     if result.status == "fail" and check.group in GATING_GROUPS:
         ctx.failed_prerequisites.append(check.id)
     if report:

@@ -90,3 +90,9 @@ def resolution_floor(dtype: torch.dtype | str, noise: float = 0.0) -> float:
     noise is ``noise``: the table's floor or ``noise_factor`` x the noise (an effect below 2x this is unresolved)."""
     policy = policy_for(dtype)
     return max(policy.rel, policy.noise_factor * noise)
+
+
+def effect_resolved(dtype: torch.dtype | str, *, noise: float, effect: float) -> bool:
+    """Whether an adapter's relative ``effect`` is clearly above what rounding does at ``dtype`` on a model whose own
+    noise is ``noise`` (twice ``resolution_floor``): below it a mis-merge of that size cannot be told from rounding."""
+    return effect >= 2 * resolution_floor(dtype, noise)

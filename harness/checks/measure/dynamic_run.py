@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from harness import worklog
 from harness.inputs.adapter_dir import read_adapter_tensors
 from harness.inputs.errors import UnusableInput
 from harness.inputs.files import read_json_object
@@ -113,7 +114,8 @@ class DynamicRun:
         keep_large_frees_returnable()
         self.progress(f"loading the base model in {self.dtype_name} (the fp32 reference runs on it layer by layer)")
         try:
-            model = load_base(self.base_dir, dtype=self.dtype, device=self.device, private=True)  # merged later
+            with worklog.shared("base.load", f"loading the base model ({self.dtype_name}, {self.device})"):
+                model = load_base(self.base_dir, dtype=self.dtype, device=self.device, private=True)  # merged later
         except UnusableInput:
             raise  # the model code needs the network: the run stops with its one line
         except Exception as err:  # remote code that crashes: one line, not a traceback, naming file and line
@@ -218,6 +220,18 @@ class DynamicRun:
         return None
 
     def outcome(self, name: str) -> PathOutcome:
+        """``_outcome(name)``, timed as shared work (``harness.worklog``): a path's load and measurement are the
+        time of every check that reads it, not of the one that happened to need it first."""
+        chain = [path.name for path in chain_of(name)]
+        key = "paths.chain" if chain else f"path.{name}"
+        if name in self.outcomes:
+            worklog.used(key)
+            return self.outcomes[name]
+        what = f"loading paths {', '.join(chain)} (one load)" if chain else f"loading path {name}"
+        with worklog.shared(key, f"{what}, run on the probes"):
+            return self._outcome(name)
+
+    def _outcome(self, name: str) -> PathOutcome:
         """Run loading path ``name`` once; later calls return the stored outcome.
 
         Paths that share one load (``chain_of``: ``peft`` -> ``peft-merged`` -> ``merge-script``) run together:

@@ -4,7 +4,10 @@ Run at the end of a training script, with the in-memory PEFT model and the direc
 to. Two questions, both answered without trusting PEFT's own bookkeeping:
 
 * Outputs: a fresh base + the saved adapter, loaded the way users load it, must reproduce the
-  trained model's logits on image and text rows.
+  trained model's logits on image and text rows, within the engine's band (``tolerances.band``): both
+  sides run the same arithmetic in the same dtype, so the dtype's noise between them is nil and the
+  band is the table's floor or its share of the adapter's effect (the trained model with the adapter
+  disabled gives the effect).
 * Parameters: every parameter the optimiser could move (``requires_grad``) and every base
   parameter whose value differs from the base files must be in the adapter. PEFT <= 0.20 leaves
   PLoRA's ``Plora_A``/``Plora_B`` and ``plora_*_GN`` trainable (their names contain ``lora_``) but
@@ -28,6 +31,7 @@ from harness.model.peft_keys import PREFIX, base_key, peft_key
 from harness.numerics.compare import Comparison, compare
 from harness.numerics.probes import ProbeBatch, make_probe, mask_kwarg
 from harness.numerics.reference import probe_logits
+from harness.numerics.tolerances import band
 
 
 @dataclass
@@ -135,6 +139,7 @@ def audit_trained(peft_model, saved_dir: str | Path, base_dir: str | Path | None
         probe = _probe_for(peft_model)
         mask = mask_kwarg(peft_model)
         trained = probe_logits(peft_model, probe, mask=mask)
+        effect = _effect(peft_model, probe, trained, mask)
     finally:
         peft_model.train(was_training)
     with tempfile.TemporaryDirectory(prefix="plora-harness-trained-") as work:
@@ -147,8 +152,23 @@ def audit_trained(peft_model, saved_dir: str | Path, base_dir: str | Path | None
         shipped = probe_logits(loaded.model, probe, mask=mask)
         audit.weight_mismatches = _weight_mismatches(peft_model, loaded.model)
         del loaded
-    audit.comparison = compare(shipped, trained, probe, dtype=dtype, label=f"{audit.reload_path} reload")
+    bands = {row: band(dtype, noise=0.0, effect=effect[row]) for row in ("image", "text")}
+    audit.comparison = compare(shipped, trained, probe, dtype=dtype, label=f"{audit.reload_path} reload",
+                               tolerance=bands, basis="the engine's policy: same arithmetic on both sides (no dtype "
+                               f"noise); adapter effect image {effect['image']:.1e}, text {effect['text']:.1e}")
     return audit
+
+
+@torch.no_grad()
+def _effect(peft_model, probe: ProbeBatch, trained: torch.Tensor, mask: str | None) -> dict[str, float]:
+    """The adapter's relative effect per row class: the trained model against itself with the adapter disabled."""
+    disable = getattr(peft_model, "disable_adapter", None)
+    if disable is None:
+        return {"image": 0.0, "text": 0.0}
+    with disable():
+        untouched = probe_logits(peft_model, probe, mask=mask)
+    found = compare(trained, untouched, probe, dtype=torch.float32, label="effect")
+    return {"image": found.image_max_rel, "text": found.text_max_rel}
 
 
 @torch.no_grad()
