@@ -44,7 +44,7 @@ class Outcome:  # harness.checks.measure.dynamic_run.PathOutcome's fields
 
 PROBE = make_probe(torch.nn.Embedding(32, 8), batch_size=2, seq_len=16, image_spans=[(4, 11)], left_padding=[0, 3])
 TEXT_PROBE = make_probe(torch.nn.Embedding(32, 8), batch_size=2, seq_len=16, image_spans=[], left_padding=[0, 3])
-LOGITS = torch.linspace(-1, 1, 2 * 16 * 4).reshape(2, 16, 4)
+LOGITS = torch.tensor([1.0, -0.5, 0.25, 0.0]).repeat(2, 16, 1)  # every row: max abs 1
 
 
 class Run:
@@ -134,3 +134,195 @@ def test_key_coverage_skips_without_a_base_and_fails_when_the_base_does_not_load
     got = run_check(get_check("key-coverage"), ctx)
     assert (got.status, got.message) == ("skip", "the adapter cannot be loaded until config-valid, weights-readable "
                                                  "pass(es)")
+
+
+# -- effect ---------------------------------------------------------------------------------------------
+
+
+def test_effect_passes_a_clear_effect_on_both_row_classes(tmp_path):
+    got = verdict("effect", Run(), tmp_path)
+    assert got.status == "pass"
+    assert got.message == "the adapter changes outputs by 1.0e-01 on image rows and 1.0e-01 on text rows (relative)"
+    assert got.details["relative_effect"] == pytest.approx({"image": 0.1, "text": 0.1})
+    assert got.details["dtype"] == "float32" and got.details["dtype_noise"] == Run.noise
+
+
+@pytest.mark.parametrize("rows", ["image", "text", "both"])
+def test_effect_fails_an_adapter_that_changes_nothing(rows, tmp_path):
+    run = Run()
+    if rows in ("image", "both"):
+        run.reference_logits = LOGITS.clone()
+    if rows in ("text", "both"):
+        run.text_reference_logits = LOGITS + 1e-9
+    got = verdict("effect", run, tmp_path)
+    assert got.status == "fail"
+    weak = {"image": "image", "text": "text", "both": "image and text"}[rows]
+    assert got.message.startswith(f"the adapter has no measurable effect on {weak} rows (relative change image ")
+    hint = "never changes text tokens"
+    assert got.message.endswith(hint) == (rows == "text")
+    assert got.fix.startswith("check target_modules and lora_alpha")
+
+
+def test_effect_below_twice_the_rounding_warns_naming_the_dtype(tmp_path):
+    run = Run()
+    run.reference_logits = LOGITS + 2e-4  # 2e-4 relative: above the floor, below 2x the float32 resolution here
+    run.noise = {"image": 1e-4, "text": 1e-8}
+    run.dtype, run.dtype_name = torch.bfloat16, "bfloat16"
+    got = verdict("effect", run, tmp_path)
+    assert got.status == "warn", got.message
+    assert got.message.startswith("the adapter's effect on image rows (2.0e-04) is within what bfloat16 rounding does")
+    assert got.fix == "rerun with --dtype float32, which resolves it"
+    run.dtype, run.dtype_name, run.noise = torch.float32, "float32", {"image": 1e-4, "text": 1e-8}
+    got = verdict("effect", run, tmp_path)
+    assert got.status == "warn" and got.message.startswith("the adapter's effect (2.0e-04) is close to the float32 "
+                                                           "tolerance")
+    assert got.fix.startswith("check lora_alpha / r and that training updated the LoRA weights")
+
+
+def test_effect_fails_on_non_finite_outputs_naming_where(tmp_path):
+    run = Run()
+    run.non_finite = "first produced by model.layers.0.attention.wqkv"
+    got = verdict("effect", run, tmp_path)
+    assert (got.status, got.message) == ("fail", run.non_finite)
+    assert got.fix.startswith("see finite for NaN/Inf adapter tensors")
+
+
+# -- merge-equivalence ------------------------------------------------------------------------------------
+
+
+def test_merge_equivalence_passes_matching_merges(tmp_path):
+    got = verdict("merge-equivalence", Run(), tmp_path)
+    assert got.status == "pass"
+    assert got.message == ("unmerged, merged and safe-merged match the fp32 reference (max rel 2.0e-07, float32 "
+                           "tolerance 1.0e-05)")
+    assert got.details["merged_vs_unmerged_rel"] == 0.0 and got.details["calibration"]["dtype"] == "float32"
+
+
+def test_merge_equivalence_fails_on_a_merge_that_differs(tmp_path):
+    merged = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged", ok=False, image=3e-2),
+                     logits=LOGITS + 0.2)
+    got = verdict("merge-equivalence", Run(merged=merged), tmp_path)
+    assert got.status == "fail"
+    assert got.message.startswith("peft-merged: image rows max abs 3.00e-02")
+    assert got.message.endswith(" (+1 more)")
+    assert "merged_vs_unmerged_rel" in got.details
+
+
+def test_merge_equivalence_names_unmerged_wrappers_and_dora(tmp_path):
+    merged = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"), logits=LOGITS + 0.1,
+                     unmerged_wrappers=["model.layers.1.attention.wqkv", "model.layers.0.attention.wqkv"])
+    got = verdict("merge-equivalence", Run(merged=merged), tmp_path, use_dora=True)
+    assert got.status == "fail"
+    assert got.message.startswith("merge_and_unload left 2 LoRA wrapper(s) unmerged, e.g. model.layers.0.attention.wqkv; "
+                                  "DoRA's magnitude rescales the whole PLoRA output")
+    assert got.details["unmerged_wrappers"] == ["model.layers.0.attention.wqkv", "model.layers.1.attention.wqkv"]
+
+
+def test_merge_equivalence_fails_when_merged_and_unmerged_outputs_differ(tmp_path):
+    merged = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"), logits=LOGITS + 0.3)
+    got = verdict("merge-equivalence", Run(merged=merged), tmp_path)
+    assert got.status == "fail"
+    assert got.message.startswith("merged and unmerged outputs differ by ")
+    assert "(tolerance 1.0e-05: the table's 1e-05; worst at " in got.message
+    assert got.details["merged_vs_unmerged_rel"] > 0.1
+
+
+def test_merge_equivalence_fails_when_a_merge_does_not_load(tmp_path):
+    safe = Outcome("peft-safe-merged", error="RuntimeError: out of memory")
+    got = verdict("merge-equivalence", Run(safe=safe), tmp_path)
+    assert (got.status, got.message) == ("fail", "peft-safe-merged failed to load: RuntimeError: out of memory")
+    assert got.details["peft-safe-merged"] == "RuntimeError: out of memory"
+
+
+# -- reload-roundtrip -------------------------------------------------------------------------------------
+
+
+def test_reload_roundtrip_verdicts(tmp_path):
+    got = verdict("reload-roundtrip", Run(), tmp_path)
+    assert (got.status, got.message) == ("pass", "merged → saved → reloaded: no missing or unexpected tensors, "
+                                                 "outputs match (max rel 2.0e-07)")
+    lost = LoadRecord(path="merge-script", missing_keys=["m.Plora_A.weight", "n"], unexpected_keys=["u"])
+    got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", lost, comparison("merge-script"))), tmp_path)
+    assert (got.status, got.message) == ("fail", "the reloaded merged checkpoint lacks 2 tensor(s), re-initialised on "
+                                                 "load, e.g. m.Plora_A.weight")
+    assert got.details["missing_on_reload"] == ["m.Plora_A.weight", "n"] and got.details["unexpected_on_reload"] == ["u"]
+    extra = LoadRecord(path="merge-script", unexpected_keys=["u.lora_A.weight"])
+    got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", extra, comparison("merge-script"))), tmp_path)
+    assert (got.status, got.message) == ("fail", "the merged checkpoint has 1 tensor(s) the model does not use, e.g. "
+                                                 "u.lora_A.weight")
+    off = Outcome("merge-script", LoadRecord(path="merge-script"), comparison("merge-script", ok=False))
+    got = verdict("reload-roundtrip", Run(s=off), tmp_path)
+    assert got.status == "fail" and got.message == off.comparison.summary()
+    got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", error="OSError: no file")), tmp_path)
+    assert (got.status, got.message) == ("fail", "the merge script path failed: OSError: no file")
+
+
+# -- plora-preserved -------------------------------------------------------------------------------------
+
+
+def test_plora_preserved_verdicts(tmp_path):
+    got = verdict("plora-preserved", Run(), tmp_path)
+    assert (got.status, got.message) == ("pass", "all 1 PLoRA tensors bit-identical to the base after every merge; "
+                                                 "1 PLoRA modules keep their class")
+    run = Run()
+    run.base_plora = {}
+    assert verdict("plora-preserved", run, tmp_path).message == "the base model has no PLoRA weights"
+    changed = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"),
+                      plora_changed=["b.Plora_B.weight", "a.Plora_A.weight"], class_changes=["a: Linear"])
+    got = verdict("plora-preserved", Run(m=changed), tmp_path)
+    assert (got.status, got.message) == ("fail", "2 PLoRA tensor(s) differ from the base after merging, e.g. "
+                                                 "a.Plora_A.weight")
+    assert got.details["plora_changed"] == ["a.Plora_A.weight", "b.Plora_B.weight"]
+    assert got.details["class_changes"] == ["a: Linear"] and got.details["plora_tensors"] == 1
+    swapped = Outcome("merge-script", LoadRecord(path="merge-script"), comparison("merge-script"),
+                      class_changes=["model.layers.0.attention.wqkv: Linear"])
+    got = verdict("plora-preserved", Run(m=swapped), tmp_path)
+    assert (got.status, got.message) == ("fail", "1 PLoRA module(s) are not the original class after merging: "
+                                                 "model.layers.0.attention.wqkv: Linear")
+    got = verdict("plora-preserved", Run(m=Outcome("peft-safe-merged", error="boom")), tmp_path)
+    assert (got.status, got.message) == ("fail", "peft-safe-merged failed to load: boom")
+
+
+# -- path-agreement ---------------------------------------------------------------------------------------
+
+
+def test_path_agreement_verdicts(tmp_path):
+    from harness.loading.paths import PATHS
+
+    got = verdict("path-agreement", Run(), tmp_path)
+    assert got.status == "pass"
+    assert got.message == (f"all {len(PATHS)} loading paths agree with the fp32 reference; plain load_state_dict is "
+                           "correctly refused (a PEFT adapter is not a state dict)")
+    assert got.details["paths"]["peft"] == {"image_max_rel": 1e-7, "text_max_rel": 2e-7, "missing": 0,
+                                            "unexpected": 0, "not_loaded": 0}
+    dropped = Outcome("bin", LoadRecord(path="bin", unexpected_keys=[KEY]), comparison("bin", ok=False))
+    off = Outcome("safetensors", LoadRecord(path="safetensors"), comparison("safetensors", ok=False))
+    broken = Outcome("state-dict", error="KeyError: 'x'")
+    got = verdict("path-agreement", Run(a=dropped, b=off, c=broken), tmp_path)
+    assert got.status == "fail"
+    assert got.message == (f"3 of {len(PATHS)} loading paths disagree: state-dict failed to load: KeyError: 'x'")
+    assert got.details["paths"]["bin"]["unexpected"] == 1 and got.details["paths"]["state-dict"] == {"error": "KeyError: 'x'"}
+    got = verdict("path-agreement", Run(a=dropped), tmp_path)
+    assert got.message == f"1 of {len(PATHS)} loading paths disagree: bin: 0 missing, 1 unexpected, 0 not loaded keys"
+    got = verdict("path-agreement", Run(b=off), tmp_path)
+    assert got.message == f"1 of {len(PATHS)} loading paths disagree: {off.comparison.summary()}"
+
+
+# -- depth slices: the worst slice decides ---------------------------------------------------------------
+
+
+def test_combine_slices_takes_the_worst_and_names_its_layers():
+    from harness.checks.dynamic import combine_slices
+    from harness.checks.registry import failed, passed, skipped, warned
+
+    a, b, c = (SimpleNamespace(label=f"layers {i}-{i + 1}") for i in (0, 2, 4))
+    got = combine_slices([(a, passed("ok a")), (b, failed("bad b", fix="fix b")), (c, failed("bad c"))])
+    assert (got.status, got.message, got.fix) == ("fail", "layers 2-3: bad b (+1 more slice(s) fail)", "fix b")
+    assert got.details["depth_slices"]["layers 0-1"] == {"status": "pass", "message": "ok a"}
+    got = combine_slices([(a, passed("ok a")), (b, warned("meh b"))])
+    assert (got.status, got.message) == ("warn", "layers 2-3: meh b")
+    got = combine_slices([(a, passed("ok a")), (b, passed("ok b"))])
+    assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok a")
+    got = combine_slices([(a, skipped("none")), (b, passed("ok b"))])
+    assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok b")
+    assert combine_slices([(a, skipped("none a")), (b, skipped("none b"))]).message == "none a"
