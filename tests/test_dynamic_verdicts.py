@@ -71,6 +71,11 @@ class Run:
         self.base_plora = {"model.layers.0.attention.wqkv.Plora_A.weight": "fp"}
         self.base_classes = {"model.layers.0.attention.wqkv": "PLoRA"}
 
+    released = 0
+
+    def release_pristine(self) -> None:  # DynamicRun lets the base kept for the peft path go after each check
+        self.released += 1
+
     def outcome(self, name: str) -> Outcome:
         if name not in self.outcomes:
             self.outcomes[name] = Outcome(name, LoadRecord(path=name), comparison(name), logits=LOGITS + 0.1)
@@ -326,3 +331,46 @@ def test_combine_slices_takes_the_worst_and_names_its_layers():
     got = combine_slices([(a, skipped("none")), (b, passed("ok b"))])
     assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok b")
     assert combine_slices([(a, skipped("none a")), (b, skipped("none b"))]).message == "none a"
+
+
+def test_a_base_over_the_budget_is_judged_per_depth_slice_naming_the_worst(default_bundle):
+    """Slices planned and written for real (a tiny base); each slice's run recorded: layer 1 drops a key."""
+    from harness.checks.context import CheckOptions
+    from harness.inputs.adapter_dir import read_adapter
+    from harness.loading.slices import layer_layout, needed_bytes
+    from harness.model.structure import inspect_base
+
+    info = inspect_base(default_bundle.base_dir)
+    ctx = CheckContext(adapter=read_adapter(default_bundle.adapter_dir), base=info,
+                       options=CheckOptions(max_memory=needed_bytes(info, "float32", 1, layer_layout(info))))
+    runs = {"layer 0": Run(), "layer 1": Run(p=Outcome("peft", LoadRecord(path="peft", unexpected_keys=[KEY]),
+                                                         comparison("peft")))}
+    for label, run in runs.items():
+        ctx.cache[f"dynamic.slice.{label}"] = CheckContext(adapter=ctx.adapter, base=info, cache={"dynamic.run": run})
+    try:
+        got = run_check(get_check("key-coverage"), ctx)
+        assert got.status == "fail"
+        assert got.message == f"layer 1: after PeftModel.from_pretrained: 0 missing, 1 unexpected, 0 not loaded adapter keys (e.g. {KEY})"
+        assert got.details["depth_slices"]["layer 0"]["status"] == "pass"
+        got = run_check(get_check("reload-roundtrip"), ctx)
+        assert got.status == "pass" and got.message.startswith("on 2 depth slice(s) (layer 0, layer 1): merged → saved")
+        assert [run.released for run in runs.values()] == [2, 2]
+        assert any("the dynamic checks ran on 2 depth slice(s) of 1 layer(s) covering every layer the adapter touches"
+                   in note for note in ctx.notes), ctx.notes
+    finally:
+        ctx.cleanup.close()
+
+
+def test_a_budget_below_one_layer_fails_in_one_line(default_bundle):
+    from harness.checks.context import CheckOptions
+    from harness.inputs.adapter_dir import read_adapter
+    from harness.model.structure import inspect_base
+
+    ctx = CheckContext(adapter=read_adapter(default_bundle.adapter_dir), base=inspect_base(default_bundle.base_dir),
+                       options=CheckOptions(max_memory=10_000))
+    got = run_check(get_check("effect"), ctx)
+    assert got.status == "fail"
+    assert got.message.startswith("the base needs ")
+    assert " GiB in float32 for the dynamic checks and the memory budget is 0.0 GiB; depth slices cannot help: even one " \
+           "decoder layer" in got.message
+    assert got.fix.startswith("make the base directory load on its own first")
