@@ -21,6 +21,9 @@ from harness.numerics.compare import Comparison
 from harness.numerics.probes import make_probe
 
 KEY = "base_model.model.model.layers.0.attention.wqkv.lora_A.weight"
+DYNAMIC = ("key-coverage", "effect", "merge-equivalence", "reload-roundtrip", "plora-preserved", "path-agreement")
+CALIBRATION = {"dtype": "float32", "noise": {"image": 1e-8, "text": 1e-8}, "effect": {"image": 0.1, "text": 0.1},
+               "bands": {"image": 1e-5, "text": 1e-5}, "basis": "the table's 1e-05", "reference": "streamed"}
 
 
 def comparison(label: str, *, ok: bool = True, image: float = 1e-7, text: float = 2e-7, non_finite=None) -> Comparison:
@@ -44,7 +47,7 @@ class Outcome:  # harness.checks.measure.dynamic_run.PathOutcome's fields
 
 PROBE = make_probe(torch.nn.Embedding(32, 8), batch_size=2, seq_len=16, image_spans=[(4, 11)], left_padding=[0, 3])
 TEXT_PROBE = make_probe(torch.nn.Embedding(32, 8), batch_size=2, seq_len=16, image_spans=[], left_padding=[0, 3])
-LOGITS = torch.tensor([1.0, -0.5, 0.25, 0.0]).repeat(2, 16, 1)  # every row: max abs 1
+LOGITS = torch.tensor([0.5, -0.25, 0.125, 0.0]).repeat(2, 16, 1)  # every row: max abs 0.5
 
 
 class Run:
@@ -67,7 +70,7 @@ class Run:
         self.outcomes = {o.name: o for o in outcomes.values()}
         # the adapter changes every output by 10% of the base's scale
         self.base_logits, self.text_base_logits = LOGITS, LOGITS
-        self.reference_logits, self.text_reference_logits = LOGITS + 0.1, LOGITS + 0.1
+        self.reference_logits, self.text_reference_logits = LOGITS + 0.05, LOGITS + 0.05
         self.base_plora = {"model.layers.0.attention.wqkv.Plora_A.weight": "fp"}
         self.base_classes = {"model.layers.0.attention.wqkv": "PLoRA"}
 
@@ -78,7 +81,7 @@ class Run:
 
     def outcome(self, name: str) -> Outcome:
         if name not in self.outcomes:
-            self.outcomes[name] = Outcome(name, LoadRecord(path=name), comparison(name), logits=LOGITS + 0.1)
+            self.outcomes[name] = Outcome(name, LoadRecord(path=name), comparison(name), logits=LOGITS + 0.05)
         return self.outcomes[name]
 
 
@@ -130,9 +133,10 @@ def test_key_coverage_skips_without_a_base_and_fails_when_the_base_does_not_load
     assert run_check(get_check("key-coverage"), ctx).message == "no --base-model given"
     run = Run()
     run.load_error = "modeling_x.py line 3: NameError"
-    got = verdict("key-coverage", run, tmp_path)
-    assert (got.status, got.message) == ("fail", "the base model cannot be checked: modeling_x.py line 3: NameError")
-    assert got.fix.startswith("make the base directory load on its own first")
+    for check_id in DYNAMIC:
+        got = verdict(check_id, run, tmp_path)
+        assert (got.status, got.message) == ("fail", "the base model cannot be checked: modeling_x.py line 3: NameError")
+        assert got.fix.startswith("make the base directory load on its own first")
     ctx = CheckContext(adapter=SimpleNamespace(config={}, root=tmp_path), base=SimpleNamespace(base_dir=tmp_path),
                        failed_prerequisites=["noop", "config-valid", "finite", "weights-readable"],
                        cache={"dynamic.slices": None})  # the base fits: no depth slices
@@ -148,8 +152,8 @@ def test_effect_passes_a_clear_effect_on_both_row_classes(tmp_path):
     got = verdict("effect", Run(), tmp_path)
     assert got.status == "pass"
     assert got.message == "the adapter changes outputs by 1.0e-01 on image rows and 1.0e-01 on text rows (relative)"
-    assert got.details["relative_effect"] == pytest.approx({"image": 0.1, "text": 0.1})
-    assert got.details["dtype"] == "float32" and got.details["dtype_noise"] == Run.noise
+    assert got.details == {"relative_effect": pytest.approx({"image": 0.1, "text": 0.1}), "floor": 1e-4,
+                           "dtype_tolerance": 1e-5, "dtype_noise": Run.noise, "dtype": "float32"}
 
 
 @pytest.mark.parametrize("rows", ["image", "text", "both"])
@@ -163,19 +167,29 @@ def test_effect_fails_an_adapter_that_changes_nothing(rows, tmp_path):
     assert got.status == "fail"
     weak = {"image": "image", "text": "text", "both": "image and text"}[rows]
     assert got.message.startswith(f"the adapter has no measurable effect on {weak} rows (relative change image ")
-    hint = "never changes text tokens"
-    assert got.message.endswith(hint) == (rows == "text")
-    assert got.fix.startswith("check target_modules and lora_alpha")
+    hint = ("; an adapter acting only through PLoRA's image branch (LoRA on Plora_A/Plora_B) never changes text "
+            "tokens")
+    assert got.message.endswith(hint if rows == "text" else ")"), got.message
+    assert got.fix.startswith("check target_modules and lora_alpha") and "relative_effect" in got.details
+
+
+def test_effect_without_image_rows_measures_none(tmp_path):
+    run = Run()
+    run.probe = TEXT_PROBE
+    got = verdict("effect", run, tmp_path)
+    assert got.message.startswith("the adapter has no measurable effect on image rows (relative change image 0.0e+00")
 
 
 def test_effect_below_twice_the_rounding_warns_naming_the_dtype(tmp_path):
     run = Run()
-    run.reference_logits = LOGITS + 2e-4  # 2e-4 relative: above the floor, below 2x the float32 resolution here
+    run.reference_logits = LOGITS + 1e-4  # 2e-4 relative: above the floor, below 2x the bfloat16 resolution
     run.noise = {"image": 1e-4, "text": 1e-8}
     run.dtype, run.dtype_name = torch.bfloat16, "bfloat16"
     got = verdict("effect", run, tmp_path)
     assert got.status == "warn", got.message
-    assert got.message.startswith("the adapter's effect on image rows (2.0e-04) is within what bfloat16 rounding does")
+    assert got.message == ("the adapter's effect on image rows (2.0e-04) is within what bfloat16 rounding does to this "
+                           "model (5.0e-02: the base in bfloat16 against fp32 differs by 1.0e-04): mis-merges of that "
+                           "size cannot be told from rounding at this dtype")
     assert got.fix == "rerun with --dtype float32, which resolves it"
     run.dtype, run.dtype_name, run.noise = torch.float32, "float32", {"image": 1e-4, "text": 1e-8}
     got = verdict("effect", run, tmp_path)
@@ -189,7 +203,8 @@ def test_effect_fails_on_non_finite_outputs_naming_where(tmp_path):
     run.non_finite = "first produced by model.layers.0.attention.wqkv"
     got = verdict("effect", run, tmp_path)
     assert (got.status, got.message) == ("fail", run.non_finite)
-    assert got.fix.startswith("see finite for NaN/Inf adapter tensors")
+    assert got.fix == "see finite for NaN/Inf adapter tensors; retrain or take an earlier checkpoint"
+    assert got.details == {"non_finite": run.non_finite}
 
 
 # -- merge-equivalence ------------------------------------------------------------------------------------
@@ -200,7 +215,8 @@ def test_merge_equivalence_passes_matching_merges(tmp_path):
     assert got.status == "pass"
     assert got.message == ("unmerged, merged and safe-merged match the fp32 reference (max rel 2.0e-07, float32 "
                            "tolerance 1.0e-05)")
-    assert got.details["merged_vs_unmerged_rel"] == 0.0 and got.details["calibration"]["dtype"] == "float32"
+    assert got.details == {name: comparison(name).to_dict() for name in ("peft", "peft-merged", "peft-safe-merged")} | {
+        "merged_vs_unmerged_rel": 0.0, "calibration": CALIBRATION}
 
 
 def test_merge_equivalence_fails_on_a_merge_that_differs(tmp_path):
@@ -214,22 +230,48 @@ def test_merge_equivalence_fails_on_a_merge_that_differs(tmp_path):
 
 
 def test_merge_equivalence_names_unmerged_wrappers_and_dora(tmp_path):
-    merged = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"), logits=LOGITS + 0.1,
+    merged = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"), logits=LOGITS + 0.05,
                      unmerged_wrappers=["model.layers.1.attention.wqkv", "model.layers.0.attention.wqkv"])
     got = verdict("merge-equivalence", Run(merged=merged), tmp_path, use_dora=True)
     assert got.status == "fail"
-    assert got.message.startswith("merge_and_unload left 2 LoRA wrapper(s) unmerged, e.g. model.layers.0.attention.wqkv; "
-                                  "DoRA's magnitude rescales the whole PLoRA output")
+    assert got.message == ("merge_and_unload left 2 LoRA wrapper(s) unmerged, e.g. model.layers.0.attention.wqkv; "
+                           "DoRA's magnitude rescales the whole PLoRA output (image branch included) when unmerged but "
+                           "only the base weight when merged, so the two cannot agree on image rows")
     assert got.details["unmerged_wrappers"] == ["model.layers.0.attention.wqkv", "model.layers.1.attention.wqkv"]
+    many = [f"model.layers.{i:02d}.attention.wo" for i in range(12)]
+    safe = Outcome("peft-safe-merged", LoadRecord(path="peft-safe-merged"), comparison("peft-safe-merged", ok=False),
+                   logits=LOGITS + 0.05, unmerged_wrappers=many)
+    got = verdict("merge-equivalence", Run(safe=safe), tmp_path)
+    assert got.message == f"merge_and_unload left 12 LoRA wrapper(s) unmerged, e.g. {many[0]} (+1 more)"
+    assert got.details["unmerged_wrappers"] == many[:10]
+
+
+def test_merge_equivalence_does_not_compare_non_finite_outputs(tmp_path):
+    merged = Outcome("peft-merged", LoadRecord(path="peft-merged"),
+                     comparison("peft-merged", ok=False, non_finite="first produced by model.norm"),
+                     logits=LOGITS + 0.3, non_finite="first produced by model.norm")
+    got = verdict("merge-equivalence", Run(merged=merged), tmp_path)
+    assert got.message == "peft-merged: non-finite outputs (NaN/Inf) in real rows, first produced by model.norm"
+    assert "merged_vs_unmerged_rel" not in got.details
+
+
+def test_merge_equivalence_judges_the_merge_gap_against_the_calibrated_bands(tmp_path):
+    run = Run(merged=Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"),
+                             logits=LOGITS + 0.05 + 0.01))  # 1.8% of the scale: inside bands of 5%, not the table's
+    run.bands = {"image": 5e-2, "text": 5e-2}
+    got = verdict("merge-equivalence", run, tmp_path)
+    assert got.status == "pass", got.message
+    assert got.details["merged_vs_unmerged_rel"] == pytest.approx(0.01 / 0.55, rel=1e-3)
 
 
 def test_merge_equivalence_fails_when_merged_and_unmerged_outputs_differ(tmp_path):
     merged = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"), logits=LOGITS + 0.3)
     got = verdict("merge-equivalence", Run(merged=merged), tmp_path)
     assert got.status == "fail"
-    assert got.message.startswith("merged and unmerged outputs differ by ")
-    assert "(tolerance 1.0e-05: the table's 1e-05; worst at " in got.message
-    assert got.details["merged_vs_unmerged_rel"] > 0.1
+    rel = got.details["merged_vs_unmerged_rel"]
+    assert rel == pytest.approx(0.25 / 0.55, rel=1e-3)
+    assert got.message == (f"merged and unmerged outputs differ by {rel:.2e} (tolerance 1.0e-05: the table's 1e-05; "
+                           "worst at image row batch 0 position 4)")
 
 
 def test_merge_equivalence_fails_when_a_merge_does_not_load(tmp_path):
@@ -298,8 +340,9 @@ def test_path_agreement_verdicts(tmp_path):
     assert got.status == "pass"
     assert got.message == (f"all {len(PATHS)} loading paths agree with the fp32 reference; plain load_state_dict is "
                            "correctly refused (a PEFT adapter is not a state dict)")
-    assert got.details["paths"]["peft"] == {"image_max_rel": 1e-7, "text_max_rel": 2e-7, "missing": 0,
-                                            "unexpected": 0, "not_loaded": 0}
+    row = {"image_max_rel": 1e-7, "text_max_rel": 2e-7, "missing": 0, "unexpected": 0, "not_loaded": 0}
+    assert got.details == {"paths": {name: row for name in PATHS}, "tolerance": 1e-5, "dtype": "float32",
+                           "calibration": CALIBRATION, "raw_load_state_dict": None}
     dropped = Outcome("bin", LoadRecord(path="bin", unexpected_keys=[KEY]), comparison("bin", ok=False))
     off = Outcome("safetensors", LoadRecord(path="safetensors"), comparison("safetensors", ok=False))
     broken = Outcome("state-dict", error="KeyError: 'x'")
