@@ -39,12 +39,15 @@ def verdict(check_id: str, recorded: TrainedAudit):
 def test_a_complete_save_passes_both():
     got = verdict("trained-vs-shipped", audit())
     assert got.status == "pass" and got.message.startswith("base + saved adapter reproduce the trained model: reloaded:")
+    assert got.details == {"comparison": comparison().to_dict(), "not_saved": [], "weight_mismatches": []}
     got = verdict("trained-params-saved", audit())
     assert (got.status, got.message) == ("pass", "all 8 trainable parameters are in the adapter, 40 base parameters "
                                                  "unchanged")
     got = verdict("trained-params-saved", audit(base_dir=None))
     assert (got.status, got.message) == ("pass", "all 8 trainable parameters are in the adapter")
-    assert got.details["base_dir"] is None and got.details["trainable"] == 8 and got.details["compared_with_base"] == 40
+    assert got.details == {"changed_not_saved": [], "trainable_not_saved": [], "trainable": 8, "compared_with_base": 40,
+                           "base_dir": None}
+    assert verdict("trained-params-saved", audit()).details["base_dir"] == str(Path("/base"))
 
 
 def test_trained_but_unsaved_parameters_fail_naming_kinds_the_worst_and_the_fix():
@@ -58,15 +61,32 @@ def test_trained_but_unsaved_parameters_fail_naming_kinds_the_worst_and_the_fix(
     assert got.details["trainable_not_saved"] == [PLORA.name, PROJ.name, IDLE.name]
 
 
+def test_the_worst_change_is_named_and_no_idle_tail_without_idle_parameters():
+    unknown = ParamFinding("model.norm.weight", trainable=False, changed=True, max_abs_change=None)
+    got = verdict("trained-params-saved", audit(not_saved=[unknown, PLORA]))
+    assert got.message == ("2 parameter(s) changed during training but are not in the adapter: 1 other, 1 PLoRA "
+                           "Plora_A/Plora_B (e.g. model.layers.0.attention.wqkv.Plora_A.weight, max change 3.00e-02)")
+
+
+def test_a_plora_separator_alone_gets_the_plora_fix_only():
+    separator = ParamFinding("plora_glb_GN", trainable=True, changed=True, max_abs_change=1e-3, kind="plora-separator")
+    got = verdict("trained-params-saved", audit(not_saved=[separator]))
+    assert got.message.startswith("1 parameter(s) changed during training but are not in the adapter: 1 plora_*_GN "
+                                  "separator (e.g. plora_glb_GN")
+    assert got.fix.startswith("freeze PLoRA before training") and "modules_to_save" not in got.fix
+
+
 def test_trainable_unchanged_parameters_warn_and_fail_without_a_base():
     got = verdict("trained-params-saved", audit(not_saved=[IDLE]))
     assert (got.status, got.message) == ("warn", "1 trainable parameter(s) are not in the adapter: 1 projector "
                                          "(vision_proj) (e.g. vision_proj.0.bias); unchanged so far, but more training "
                                          "would lose their updates")
     assert got.fix.startswith("add the module to LoraConfig(modules_to_save")
+    assert got.details["trainable_not_saved"] == [IDLE.name]
     got = verdict("trained-params-saved", audit(not_saved=[ParamFinding("x.w", True, None)], base_dir=None))
     assert (got.status, got.message) == ("fail", "1 trainable parameter(s) are not in the adapter: 1 other (e.g. x.w); "
                                          "no base files to tell whether training changed them")
+    assert got.fix.startswith("add the module to LoraConfig(modules_to_save") and got.details["trainable_not_saved"] == ["x.w"]
 
 
 def test_outputs_that_differ_fail_naming_what_changed_and_was_not_saved():
@@ -76,20 +96,21 @@ def test_outputs_that_differ_fail_naming_what_changed_and_was_not_saved():
     assert got.message.endswith("; 1 parameter(s) changed in training are not in the adapter (1 PLoRA Plora_A/Plora_B, "
                                 f"e.g. {PLORA.name})")
     assert got.fix.startswith("freeze PLoRA before training") and "modules_to_save" not in got.fix
+    assert got.details["not_saved"] == [PLORA.name, IDLE.name]
     got = verdict("trained-vs-shipped", audit(ok=False))
     assert got.message.endswith("OUTSIDE the float32 tolerance 1e-05")
     assert got.fix.startswith("save every trained weight in the adapter")  # the check's own fix
 
 
 def test_weights_off_beyond_rounding_fail_even_when_the_probe_agrees():
-    mismatches = [("a.weight", 1e-8), ("b.weight", 2e-3), ("c.weight", 5e-3)]  # 1e-8 is within 1e-2 * tolerance
+    mismatches = [("a.weight", 1e-8), ("z.weight", 2e-3), ("c.weight", 5e-3)]  # 1e-8 is within 1e-2 * tolerance
     got = verdict("trained-vs-shipped", audit(not_saved=[PROJ], weight_mismatches=mismatches))
     assert got.status == "fail"
     assert got.message.startswith("outputs agree on the probe (reloaded: ")
     assert got.message.endswith("but 2 parameter(s) of the reloaded model differ from the trained ones, e.g. c.weight "
                                 "(max abs 5.00e-03): the probe does not reach them, users' inputs will")
     assert got.fix.startswith("add the module to LoraConfig") and got.details["not_saved"] == [PROJ.name]
-    assert got.details["weight_mismatches"][1] == {"name": "b.weight", "max_abs": 2e-3}
+    assert got.details["weight_mismatches"][1] == {"name": "z.weight", "max_abs": 2e-3}
     assert verdict("trained-vs-shipped", audit(weight_mismatches=[("a.weight", 1e-8)])).status == "pass"
     assert verdict("trained-vs-shipped", audit(weight_mismatches=[("a.weight", 1.1e-7)])).status == "fail"
 
