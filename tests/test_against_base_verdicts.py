@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ def adapter(default_bundle, tmp_path, **config) -> Path:
 def test_a_good_adapter_passes(default_bundle, info):
     got = {i: verdict(i, default_bundle.adapter_dir, info) for i in ("targets-resolve", "lora-on-plora", "base-match")}
     assert (got["targets-resolve"].status, got["targets-resolve"].message) == ("pass", "10 modules matched (language 10)")
+    assert set(got["targets-resolve"].details) == {"per_tower", "per_pattern", "notes"}
     assert got["targets-resolve"].details["per_tower"] == {"language": 10}
     assert (got["lora-on-plora"].status, got["lora-on-plora"].message) == ("pass", "no target lies inside a PLoRA module")
     assert (got["base-match"].status, got["base-match"].message) == ("pass", "all 10 adapted modules exist in the base "
@@ -48,6 +50,7 @@ def test_a_good_adapter_passes(default_bundle, info):
 def test_targets_that_hit_only_the_vision_tower_fail(default_bundle, tmp_path, info):
     got = verdict("targets-resolve", adapter(default_bundle, tmp_path, target_modules=["q_proj", "v_proj"]), info)
     assert (got.status, got.message) == ("fail", "targets adapt no language-model module, only the vision: 2 part")
+    assert got.details["per_tower"] == {"vision": 2}
     assert got.fix.startswith("use the base model's own module names")
 
 
@@ -59,12 +62,19 @@ def test_targets_that_match_nothing_or_in_part_fail(default_bundle, tmp_path, in
     assert got.details["per_pattern"] == {"wqkv": 2, "query_key_value": 0}
     got = verdict("targets-resolve", adapter(default_bundle, tmp_path / "b", target_modules=["nowhere"]), info)
     assert (got.status, got.message) == ("fail", "no target pattern matches any module of the base model")
+    assert got.details["per_pattern"] == {"nowhere": 0}
+
+
+def test_targets_over_two_towers_are_counted_per_tower(default_bundle, tmp_path, info):
+    got = verdict("targets-resolve", adapter(default_bundle, tmp_path, target_modules=["wqkv", "q_proj"]), info)
+    assert (got.status, got.message) == ("pass", "3 modules matched (language 2, vision 1)")
 
 
 def test_an_unresolvable_target_regex_fails_naming_the_fix(default_bundle, tmp_path, info):
     got = verdict("targets-resolve", adapter(default_bundle, tmp_path, target_modules="(unclosed"), info)
     assert got.status == "fail" and got.message.startswith("target_modules cannot be resolved: ")
     assert got.fix == "write target_modules as module names or a simple regex PEFT can match quickly"
+    assert "per_tower" in got.details
 
 
 def test_lora_inside_plora_fails_unless_allowed(default_bundle, tmp_path, info):
@@ -76,6 +86,13 @@ def test_lora_inside_plora_fails_unless_allowed(default_bundle, tmp_path, info):
     assert got.details["modules"][0].endswith(".Plora_A") and len(got.details["modules"]) == 10
     got = verdict("lora-on-plora", path, info, allow_plora_targets=True)
     assert got.status == "warn" and got.message.endswith(" (allowed by --allow-plora-targets)")
+    assert got.details["count"] == 10
+
+
+def test_lora_on_plora_passes_a_base_without_plora(default_bundle):
+    base = SimpleNamespace(branch_modules=lambda: [])
+    got = run_check(get_check("lora-on-plora"), CheckContext(adapter=read_adapter(default_bundle.adapter_dir), base=base))
+    assert (got.status, got.message) == ("pass", "the base model has no PLoRA modules")
 
 
 def _reshape(path: Path, key: str, shape) -> None:
@@ -131,14 +148,26 @@ def test_fan_in_fan_out_contradicting_linear_modules_warns(default_bundle, tmp_p
                        "nn.Linear)")
 
 
-@pytest.mark.parametrize("kind", ["same", "other-dir", "missing-path", "hub-id", "unset"])
+@pytest.mark.parametrize("kind", ["same", "other-dir", "missing-path", "hub-id", "unset", "not-a-string", "nested"])
 def test_base_name_verdicts(kind, default_bundle, tmp_path, info, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "elsewhere").mkdir()
     declared = {"same": str(default_bundle.base_dir), "other-dir": "elsewhere", "missing-path": "./gone",
-                "hub-id": "internlm/internlm-xcomposer2d5-7b", "unset": None}[kind]
+                "hub-id": "internlm/internlm-xcomposer2d5-7b", "unset": None, "not-a-string": 5,
+                "nested": "gone/deeper/path"}[kind]
     got = verdict("base-name", adapter(default_bundle, tmp_path, base_model_name_or_path=declared), info)
-    assert got.details["kind"] == kind
+    want = {"not-a-string": "unset", "nested": "missing-path"}.get(kind, kind)
+    resolved = {"same": Path(default_bundle.base_dir).resolve(), "other-dir": (tmp_path / "elsewhere").resolve(),
+                "missing-path": tmp_path / "gone", "nested": tmp_path / "gone/deeper/path"}.get(kind)
+    assert got.details == {"declared": None if declared is None else str(declared),
+                           "resolved": str(resolved) if resolved else None,
+                           "checked_base": str(Path(default_bundle.base_dir).resolve()), "kind": want,
+                           "loaders_reading_it": ["AutoPeftModelForCausalLM.from_pretrained(adapter_dir)",
+                                                  "AutoModelForCausalLM.from_pretrained(adapter_dir)",
+                                                  "pipeline(model=adapter_dir)"]}
+    if kind in ("not-a-string", "nested"):
+        assert got.status == "warn"
+        return
     readers = ("AutoPeftModelForCausalLM.from_pretrained(adapter_dir), AutoModelForCausalLM.from_pretrained("
                "adapter_dir), pipeline(model=adapter_dir)")
     base = Path(default_bundle.base_dir)
@@ -155,9 +184,11 @@ def test_base_name_verdicts(kind, default_bundle, tmp_path, info, monkeypatch):
     }
     if kind == "hub-id":
         assert got.status == "pass"
-        assert got.message.startswith(f"note: base_model_name_or_path is the hub id {declared!r}: {readers} download "
-                                      f"that model, not the local base checked ({base}); make sure they are the same "
-                                      "weights")
+        assert got.message == (f"note: base_model_name_or_path is the hub id {declared!r}: {readers} download that "
+                               f"model, not the local base checked ({base}); make sure they are the same weights")
+        named = dataclasses.replace(info, config={**info.config, "_name_or_path": "internlm/xc"})
+        ctx = CheckContext(adapter=read_adapter(tmp_path / "adapter"), base=named)
+        assert run_check(get_check("base-name"), ctx).message.endswith("; the base's config.json names 'internlm/xc'")
     else:
         assert (got.status, got.message) == expected[kind]
 
