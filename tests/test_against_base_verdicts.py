@@ -200,3 +200,20 @@ def test_against_base_checks_skip_without_a_base_or_a_readable_config(default_bu
     unreadable = dataclasses.replace(read_adapter(default_bundle.adapter_dir), config=None)  # config-valid failed
     got = run_check(get_check("targets-resolve"), CheckContext(adapter=unreadable, base=info))
     assert (got.status, got.message) == ("skip", "adapter_config.json unreadable (see config-valid)")
+
+
+def test_the_layer_kinds_of_the_adapted_modules_are_counted(default_bundle, info):
+    assert verdict("base-match", default_bundle.adapter_dir, info).details["layer_kinds"] == {"linear": 10}
+
+
+def test_a_modules_to_save_copy_of_another_shape_fails_naming_both(default_bundle, tmp_path, info):
+    path = adapter(default_bundle, tmp_path, modules_to_save=["output"])
+    rows, cols = info.weights[info.checkpoint_key("output.weight")][0]
+    tensors = load_tensors(path)
+    tensors["base_model.model.output.modules_to_save.default.weight"] = torch.zeros(rows + 1, cols)
+    save_tensors(path, tensors)
+    got = verdict("base-match", path, info)
+    assert got.status == "fail"
+    assert got.message == ("adapter looks trained for a base model with other modules: 0 adapted module(s) missing, 1 "
+                           f"with other dimensions (first: output.weight: modules_to_save copy [{rows + 1}, {cols}], "
+                           f"base [{rows}, {cols}])")
