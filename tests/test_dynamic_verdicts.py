@@ -136,7 +136,9 @@ def test_key_coverage_skips_without_a_base_and_fails_when_the_base_does_not_load
     for check_id in DYNAMIC:
         got = verdict(check_id, run, tmp_path)
         assert (got.status, got.message) == ("fail", "the base model cannot be checked: modeling_x.py line 3: NameError")
-        assert got.fix.startswith("make the base directory load on its own first")
+        assert got.fix == ("make the base directory load on its own first: the message names the file and line in its "
+                           "code; AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) shows the full "
+                           "traceback")
     ctx = CheckContext(adapter=SimpleNamespace(config={}, root=tmp_path), base=SimpleNamespace(base_dir=tmp_path),
                        failed_prerequisites=["noop", "config-valid", "finite", "weights-readable"],
                        cache={"dynamic.slices": None})  # the base fits: no depth slices
@@ -195,7 +197,19 @@ def test_effect_below_twice_the_rounding_warns_naming_the_dtype(tmp_path):
     got = verdict("effect", run, tmp_path)
     assert got.status == "warn" and got.message.startswith("the adapter's effect (2.0e-04) is close to the float32 "
                                                            "tolerance")
-    assert got.fix.startswith("check lora_alpha / r and that training updated the LoRA weights")
+    assert got.fix == ("check lora_alpha / r and that training updated the LoRA weights: the effect is at the level of "
+                       "fp32 summation noise")
+    assert got.details["relative_effect"]["image"] == pytest.approx(2e-4, rel=1e-3)
+
+
+def test_effect_names_the_least_resolved_row_class(tmp_path):
+    run = Run()
+    run.reference_logits = LOGITS + 1.5e-4  # image: 3e-4 against a resolution of 2e-4 (ratio 1.5)
+    run.text_reference_logits = LOGITS + 2e-4  # text: 4e-4 against 4e-4 (ratio 1): the less resolved one
+    run.noise = {"image": 2e-5, "text": 4e-5}  # float32: resolution max(1e-4, 10x the noise)
+    got = verdict("effect", run, tmp_path)
+    assert (got.status, got.message) == ("warn", "the adapter's effect (4.0e-04) is close to the float32 tolerance "
+                                                 "(4e-04): mis-merges of that size cannot be told from rounding")
 
 
 def test_effect_fails_on_non_finite_outputs_naming_where(tmp_path):
@@ -311,6 +325,7 @@ def test_plora_preserved_verdicts(tmp_path):
     got = verdict("plora-preserved", Run(), tmp_path)
     assert (got.status, got.message) == ("pass", "all 1 PLoRA tensors bit-identical to the base after every merge; "
                                                  "1 PLoRA modules keep their class")
+    assert got.details == {"plora_changed": [], "class_changes": [], "plora_tensors": 1}
     run = Run()
     run.base_plora = {}
     assert verdict("plora-preserved", run, tmp_path).message == "the base model has no PLoRA weights"
@@ -328,6 +343,15 @@ def test_plora_preserved_verdicts(tmp_path):
                                                  "model.layers.0.attention.wqkv: Linear")
     got = verdict("plora-preserved", Run(m=Outcome("peft-safe-merged", error="boom")), tmp_path)
     assert (got.status, got.message) == ("fail", "peft-safe-merged failed to load: boom")
+    assert got.details == {"plora_changed": [], "class_changes": [], "plora_tensors": 1}
+    many = Outcome("peft-merged", LoadRecord(path="peft-merged"), comparison("peft-merged"),
+                   plora_changed=[f"l{i:02d}.Plora_A.weight" for i in range(12)],
+                   class_changes=[f"l{i:02d}: Linear" for i in range(12)])
+    got = verdict("plora-preserved", Run(m=many), tmp_path)
+    assert got.details["plora_changed"] == many.plora_changed[:10] and got.details["class_changes"] == many.class_changes[:10]
+    got = verdict("plora-preserved", Run(m=Outcome("merge-script", LoadRecord(path="merge-script"), comparison("m"),
+                                                   class_changes=many.class_changes)), tmp_path)
+    assert got.status == "fail" and got.details["class_changes"] == many.class_changes[:10]
 
 
 # -- path-agreement ---------------------------------------------------------------------------------------
@@ -350,6 +374,9 @@ def test_path_agreement_verdicts(tmp_path):
     assert got.status == "fail"
     assert got.message == (f"3 of {len(PATHS)} loading paths disagree: state-dict failed to load: KeyError: 'x'")
     assert got.details["paths"]["bin"]["unexpected"] == 1 and got.details["paths"]["state-dict"] == {"error": "KeyError: 'x'"}
+    run = Run()
+    run.raw_load = SimpleNamespace(message="load_state_dict(strict=True) refuses it: 20 unexpected keys")
+    assert verdict("path-agreement", run, tmp_path).details["raw_load_state_dict"] == run.raw_load.message
     got = verdict("path-agreement", Run(a=dropped), tmp_path)
     assert got.message == f"1 of {len(PATHS)} loading paths disagree: bin: 0 missing, 1 unexpected, 0 not loaded keys"
     got = verdict("path-agreement", Run(b=off), tmp_path)
@@ -374,6 +401,11 @@ def test_combine_slices_takes_the_worst_and_names_its_layers():
     got = combine_slices([(a, skipped("none")), (b, passed("ok b"))])
     assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok b")
     assert combine_slices([(a, skipped("none a")), (b, skipped("none b"))]).message == "none a"
+    got = combine_slices([(a, warned("meh a", fix="fix a")), (b, failed("bad b")), (c, warned("meh c"))])
+    assert (got.status, got.message) == ("fail", "layers 2-3: bad b")
+    got = combine_slices([(a, warned("meh a", fix="fix a")), (b, warned("meh b"))])
+    assert (got.status, got.message, got.fix) == ("warn", "layers 0-1: meh a (+1 more slice(s) warn)", "fix a")
+    assert got.details["depth_slices"]["layers 2-3"] == {"status": "warn", "message": "meh b"}
 
 
 def test_a_base_over_the_budget_is_judged_per_depth_slice_naming_the_worst(default_bundle):
