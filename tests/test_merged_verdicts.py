@@ -152,3 +152,61 @@ def test_merged_whole_names_adapter_files_left_and_files_not_copied(default_bund
     assert second["file"] == "generation_config.json" and "not copied" in second["problem"]
     assert got.message.startswith("adapter_config.json: ") and " (+1 more: generation_config.json: " in got.message
     assert got.fix == f"{first['fix']}; {second['fix']}"
+
+
+def test_the_report_details_of_a_passing_merge(default_bundle, info, merged_dir):
+    from harness.numerics.tolerances import merged_weight_tolerances
+
+    details = verdict("merged-matches", default_bundle, info, merged_dir).details
+    lists = ("missing", "unexpected", "changed", "wrong_delta", "unmerged", "plora_folded", "copies_dropped",
+             "copies_wrong", "tokens_dropped", "tokens_wrong", "ties", "problems")
+    assert set(details) == {*lists, "untie_expected", "ignored_adapter_tensors", "max_rel_error", "worst_tensor",
+                            "dtypes", "tolerance", "delta_ratios"}
+    assert {k: details[k] for k in lists} == {k: [] for k in lists}
+    assert details["dtypes"] == ["float32"] and details["tolerance"] == merged_weight_tolerances()
+    assert details["untie_expected"] is False and details["delta_ratios"] == {}
+    assert isinstance(details["worst_tensor"], str) and details["max_rel_error"] < 1e-6
+
+
+def test_many_problems_are_counted_and_the_details_list_ten_of_each(default_bundle, info, merged_dir, tmp_path):
+    base = load_file(default_bundle.base_dir / "model.safetensors")
+    untouched = sorted(k for k in base if k.endswith("norm.weight") or "Plora" in k)[:24]
+
+    def change(t):
+        for k in untouched[:12]:
+            t[k] = t[k] + 1.0
+        for k in untouched[12:24]:
+            t.pop(k)
+        for i in range(12):
+            t[f"extra{i:02d}.weight"] = t["output.weight"][:1].clone()
+
+    got = verdict("merged-matches", default_bundle, info, broken(merged_dir, tmp_path, change))
+    assert got.status == "fail" and len(untouched) == 24
+    assert {k: len(got.details[k]) for k in ("missing", "unexpected", "changed")} == {k: 10 for k in
+                                                                                      ("missing", "unexpected", "changed")}
+    assert got.message.endswith(" (+2 more problem(s))")
+    assert got.details["problems"][1:] == [f"12 tensor(s) that the adapter does not touch changed, e.g. {untouched[0]}",
+                                           "12 tensor(s) not in the base, e.g. extra00.weight"]
+
+
+def test_a_wrong_delta_without_a_clean_ratio_gets_no_scaling_story(default_bundle, info, merged_dir, tmp_path):
+    import torch
+
+    noise = torch.Generator().manual_seed(0)
+
+    def change(t):
+        w = t[f"{LAYER}.weight"]
+        t[f"{LAYER}.weight"] = w + torch.randn(w.shape, generator=noise) * w.abs().max() * 0.1
+
+    got = verdict("merged-matches", default_bundle, info, broken(merged_dir, tmp_path, change))
+    assert got.status == "fail"
+    assert got.message == f"1 adapted weight(s) differ from W + s·B·A, e.g. {got.details['wrong_delta'][0]}"
+
+
+def test_merged_matches_skips_an_unreadable_adapter(default_bundle, info, merged_dir):
+    import dataclasses
+
+    unreadable = dataclasses.replace(read_adapter(default_bundle.adapter_dir), config=None)
+    got = run_check(get_check("merged-matches"), CheckContext(adapter=unreadable, base=info, merged=merged_dir))
+    assert (got.status, got.message) == ("skip", "the adapter's tensors or config are unreadable (see the static "
+                                                 "checks)")
