@@ -108,7 +108,9 @@ def test_key_coverage_fails_on_keys_peft_dropped_as_unexpected(tmp_path):
     assert got.status == "fail"
     assert got.message == (f"after PeftModel.from_pretrained: 0 missing, 1 unexpected, 0 not loaded adapter keys "
                            f"(e.g. {KEY})")
-    assert got.details["unexpected"] == [KEY] and got.fix.startswith("save with peft_model.save_pretrained()")
+    assert got.details == {"raw_load_state_dict": None, "missing": [], "unexpected": [KEY], "not_loaded": [],
+                           "warnings": []}
+    assert got.fix.startswith("save with peft_model.save_pretrained()")
 
 
 @pytest.mark.parametrize("kind", ["missing_keys", "not_loaded"])
@@ -120,12 +122,18 @@ def test_key_coverage_fails_on_missing_or_not_loaded_keys(kind, tmp_path):
               "12 not loaded"}[kind]
     assert (got.status, got.message) == ("fail", f"after PeftModel.from_pretrained: {counts} adapter keys (e.g. {KEY}0)")
     assert got.details[{"missing_keys": "missing", "not_loaded": "not_loaded"}[kind]] == keys[:10]
+    run = Run(peft=Outcome("peft", LoadRecord(path="peft", unexpected_keys=keys, warnings=keys), comparison("peft")))
+    run.raw_load = SimpleNamespace(message="refused")
+    got = verdict("key-coverage", run, tmp_path)
+    assert got.details == {"raw_load_state_dict": "refused", "missing": [], "unexpected": keys[:10], "not_loaded": [],
+                           "warnings": keys[:10]}
 
 
 def test_key_coverage_fails_when_peft_cannot_load(tmp_path):
     run = Run(peft=Outcome("peft", error="ValueError: size mismatch"))
     got = verdict("key-coverage", run, tmp_path)
     assert (got.status, got.message) == ("fail", "PeftModel.from_pretrained failed: ValueError: size mismatch")
+    assert got.details == {"raw_load_state_dict": None}
 
 
 def test_key_coverage_skips_without_a_base_and_fails_when_the_base_does_not_load(tmp_path):
@@ -302,6 +310,12 @@ def test_reload_roundtrip_verdicts(tmp_path):
     got = verdict("reload-roundtrip", Run(), tmp_path)
     assert (got.status, got.message) == ("pass", "merged → saved → reloaded: no missing or unexpected tensors, "
                                                  "outputs match (max rel 2.0e-07)")
+    assert got.details == {"missing_on_reload": [], "unexpected_on_reload": [],
+                           "comparison": comparison("merge-script").to_dict(), "files": []}
+    many = [f"t{i:02d}" for i in range(12)]
+    lost = LoadRecord(path="merge-script", missing_keys=many, unexpected_keys=many)
+    got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", lost, comparison("merge-script"))), tmp_path)
+    assert got.details["missing_on_reload"] == many[:10] and got.details["unexpected_on_reload"] == many[:10]
     lost = LoadRecord(path="merge-script", missing_keys=["m.Plora_A.weight", "n"], unexpected_keys=["u"])
     got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", lost, comparison("merge-script"))), tmp_path)
     assert (got.status, got.message) == ("fail", "the reloaded merged checkpoint lacks 2 tensor(s), re-initialised on "
@@ -311,9 +325,11 @@ def test_reload_roundtrip_verdicts(tmp_path):
     got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", extra, comparison("merge-script"))), tmp_path)
     assert (got.status, got.message) == ("fail", "the merged checkpoint has 1 tensor(s) the model does not use, e.g. "
                                                  "u.lora_A.weight")
+    assert got.details["unexpected_on_reload"] == ["u.lora_A.weight"]
     off = Outcome("merge-script", LoadRecord(path="merge-script"), comparison("merge-script", ok=False))
     got = verdict("reload-roundtrip", Run(s=off), tmp_path)
     assert got.status == "fail" and got.message == off.comparison.summary()
+    assert got.details["comparison"] == off.comparison.to_dict()
     got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", error="OSError: no file")), tmp_path)
     assert (got.status, got.message) == ("fail", "the merge script path failed: OSError: no file")
 
