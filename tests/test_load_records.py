@@ -60,6 +60,26 @@ def test_a_renamed_key_is_named_missing_and_unexpected_by_every_path(name, defau
     assert record.not_loaded == [] and not record.clean
 
 
+@pytest.fixture(scope="module")
+def extra_key_adapter(default_bundle, tmp_path_factory):
+    """The good adapter plus one lora_A saved under a module name the model does not have (nothing missing)."""
+    adapter = copy_adapter(default_bundle.adapter_dir, tmp_path_factory.mktemp("extra") / "adapter")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    extra = f"base_model.model.{NOWHERE}.lora_A.weight"
+    tensors[extra] = tensors[f"base_model.model.{RENAMED_MODULE}.lora_A.weight"].clone()
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    return adapter, extra
+
+
+@pytest.mark.parametrize("name", ADAPTER_RECORD_PATHS)
+def test_an_extra_key_alone_makes_the_record_unclean(name, default_bundle, extra_key_adapter, tmp_path):
+    """A key PEFT drops silently (strict=False) is the whole problem: the record must not call that clean."""
+    adapter, extra = extra_key_adapter
+    record = PATHS[name](default_bundle.base_dir, adapter, dtype=torch.float32, device="cpu", workdir=tmp_path).record
+    assert (record.missing_keys, record.unexpected_keys, record.not_loaded) == ([], [extra], []), record
+    assert not record.clean
+
+
 def test_the_merge_script_record_names_what_the_reload_lacks(default_bundle, tmp_path, monkeypatch):
     """merge-script's record is the fresh reload's: a tensor the merged save lost is missing on reload."""
     from harness.loading import paths

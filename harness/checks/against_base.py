@@ -36,13 +36,6 @@ def target_resolution(ctx: CheckContext) -> TargetResolution:
                       name="resolving target_modules on the base")
 
 
-@register(
-    id="targets-resolve",
-    group="against-base",
-    summary="target_modules patterns that match nothing, or only the wrong tower (vision instead of language)",
-    why="PEFT raises only when no pattern matches at all; Llama names such as q_proj silently hit the CLIP tower",
-    fix="use the base model's own module names (XComposer: attention.wqkv, attention.wo, feed_forward.w1/w2/w3)",
-)
 def check_targets_resolve(ctx: CheckContext):
     if reason := _needs_base(ctx):
         return skipped(reason)
@@ -69,16 +62,15 @@ def check_targets_resolve(ctx: CheckContext):
     return passed(f"{len(result.matched)} modules matched ({towers})", **details)
 
 
-@register(
-    id="lora-on-plora",
+register(
+    id="targets-resolve",
     group="against-base",
-    summary="LoRA attached to the inner Plora_A / Plora_B linears of a PLoRA module",
-    why="their effect on text tokens is exactly zero; peft <= 0.20's merge_and_unload skips modules named lora_* "
-    "(the merged checkpoint then lacks Plora_A.weight and reloads it re-initialised), peft 0.21 merges them into "
-    "PLoRA's own weights",
-    fix="target the PLoRA modules themselves (attention.wqkv, ...), not Plora_A/Plora_B; avoid 'all-linear' and "
-    "regexes that reach inside them",
-)
+    summary="target_modules patterns that match nothing, or only the wrong tower (vision instead of language)",
+    why="PEFT raises only when no pattern matches at all; Llama names such as q_proj silently hit the CLIP tower",
+    fix="use the base model's own module names (XComposer: attention.wqkv, attention.wo, feed_forward.w1/w2/w3)",
+)(check_targets_resolve)
+
+
 def check_lora_on_plora(ctx: CheckContext):
     if reason := _needs_base(ctx):
         return skipped(reason)
@@ -92,6 +84,18 @@ def check_lora_on_plora(ctx: CheckContext):
     if ctx.options.allow_plora_targets:
         return warned(message + " (allowed by --allow-plora-targets)", **details)
     return failed(message, **details)
+
+
+register(
+    id="lora-on-plora",
+    group="against-base",
+    summary="LoRA attached to the inner Plora_A / Plora_B linears of a PLoRA module",
+    why="their effect on text tokens is exactly zero; peft <= 0.20's merge_and_unload skips modules named lora_* "
+    "(the merged checkpoint then lacks Plora_A.weight and reloads it re-initialised), peft 0.21 merges them into "
+    "PLoRA's own weights",
+    fix="target the PLoRA modules themselves (attention.wqkv, ...), not Plora_A/Plora_B; avoid 'all-linear' and "
+    "regexes that reach inside them",
+)(check_lora_on_plora)
 
 
 def _lora_shapes(ctx: CheckContext) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -181,14 +185,6 @@ def _fan_in_fan_out_corrections(ctx: CheckContext, modules) -> dict[str, list[st
     return found
 
 
-@register(
-    id="base-match",
-    group="against-base",
-    summary="adapted modules missing from the base model, or with other in/out dimensions; trainable token rows "
-    "narrower or wider than the embedding, or token indices outside its vocab",
-    why="an adapter trained for another base fails loudly when shapes differ and silently when they match",
-    fix="check base_model_name_or_path in adapter_config.json and load the adapter on the model it was trained on",
-)
 def check_base_match(ctx: CheckContext):
     if ctx.base is None:
         return skipped("no --base-model given")
@@ -223,6 +219,16 @@ def check_base_match(ctx: CheckContext):
                       fix="set fan_in_fan_out in adapter_config.json to match the modules (true for Conv1D, false "
                       "for nn.Linear)", **details)
     return passed(f"all {len(by_module)} adapted modules exist in the base with matching dimensions", **details)
+
+
+register(
+    id="base-match",
+    group="against-base",
+    summary="adapted modules missing from the base model, or with other in/out dimensions; trainable token rows "
+    "narrower or wider than the embedding, or token indices outside its vocab",
+    why="an adapter trained for another base fails loudly when shapes differ and silently when they match",
+    fix="check base_model_name_or_path in adapter_config.json and load the adapter on the model it was trained on",
+)(check_base_match)
 
 
 def _kind_counts(base: BaseModelInfo, by_module) -> dict[str, int]:
@@ -263,17 +269,6 @@ def declared_base(declared: object, base_dir: Path) -> DeclaredBase:
     return DeclaredBase("missing-path", declared, path.absolute())
 
 
-@register(
-    id="base-name",
-    group="against-base",
-    summary="adapter_config.json's base_model_name_or_path names another base than the one checked (another "
-    "local directory, a path that no longer exists, or nothing)",
-    why="AutoPeftModelForCausalLM.from_pretrained(adapter_dir), AutoModelForCausalLM.from_pretrained(adapter_dir) "
-    "and pipelines load the base that field names, not the one the harness checked",
-    fix="set base_model_name_or_path in adapter_config.json to the base the adapter was trained and checked on "
-    "(its hub id when it is published), or load the base yourself and use PeftModel.from_pretrained(base, "
-    "adapter_dir)",
-)
 def check_base_name(ctx: CheckContext):
     if reason := _needs_base(ctx):
         return skipped(reason)
@@ -296,3 +291,16 @@ def check_base_name(ctx: CheckContext):
              else f"a path that does not exist here ({found.resolved})")
     return warned(f"base_model_name_or_path {found.declared!r} names {where}, not the base being checked "
                   f"({base_dir.resolve()}): {readers} load that one instead", **details)
+
+
+register(
+    id="base-name",
+    group="against-base",
+    summary="adapter_config.json's base_model_name_or_path names another base than the one checked (another "
+    "local directory, a path that no longer exists, or nothing)",
+    why="AutoPeftModelForCausalLM.from_pretrained(adapter_dir), AutoModelForCausalLM.from_pretrained(adapter_dir) "
+    "and pipelines load the base that field names, not the one the harness checked",
+    fix="set base_model_name_or_path in adapter_config.json to the base the adapter was trained and checked on "
+    "(its hub id when it is published), or load the base yourself and use PeftModel.from_pretrained(base, "
+    "adapter_dir)",
+)(check_base_name)

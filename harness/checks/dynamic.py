@@ -145,8 +145,10 @@ def _slice_results(ctx: CheckContext, chosen: list[tuple[int, ...]], check_id: s
                 return _all_failed(done, ids, chosen, problem)
             ctx.say(f"writing the depth slice of layers {first}-{last}")
             depth_slice = write_slice(ctx.base, ctx.adapter.root, layers, workdir / f"layers-{first}")
+            recorded = ctx.cache.get(f"dynamic.slice.{depth_slice.label}")  # a test's recorded run for this slice
             sliced = dataclasses.replace(ctx, base=inspect_base(depth_slice.base_dir),
-                                         adapter=read_adapter(depth_slice.adapter_dir), cache={},
+                                         adapter=read_adapter(depth_slice.adapter_dir),
+                                         cache=recorded.cache if recorded is not None else {},
                                          cleanup=stack.enter_context(contextlib.ExitStack()))
             for each in ids:
                 body = _body_of(get_check(each).func)  # the check itself, not the slicing wrapper
@@ -245,16 +247,6 @@ def _unavailable(why: Unavailable):
     return skipped(why.reason)
 
 
-@register(
-    id="key-coverage",
-    group="dynamic",
-    summary="adapter keys that PEFT drops or leaves unfilled when loading (missing, unexpected or not loaded)",
-    why="PEFT loads with strict=False: unexpected keys are silent and missing ones only warn, so a LoRA layer "
-    "can stay at its initialisation while everything looks fine",
-    fix="save with peft_model.save_pretrained() and load with PeftModel.from_pretrained(); do not rename keys or "
-    "use model.load_state_dict() on an adapter file",
-)
-@over_depth_slices
 def check_key_coverage(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -273,15 +265,17 @@ def check_key_coverage(ctx: CheckContext):
     return passed("every saved adapter key loads into its LoRA layer (0 missing, 0 unexpected)", **details)
 
 
-@register(
-    id="effect",
+register(
+    id="key-coverage",
     group="dynamic",
-    summary="an adapter that changes nothing measurable on image rows or on text rows",
-    why="an adapter with no effect (nothing matched, LoRA only inside PLoRA, zero-scaled) passes every loading "
-    "test while doing nothing; text rows see the LoRA only when it sits outside PLoRA's image-only branch",
-    fix="check target_modules and lora_alpha; targets inside Plora_A/Plora_B never act on text tokens",
-)
-@over_depth_slices
+    summary="adapter keys that PEFT drops or leaves unfilled when loading (missing, unexpected or not loaded)",
+    why="PEFT loads with strict=False: unexpected keys are silent and missing ones only warn, so a LoRA layer "
+    "can stay at its initialisation while everything looks fine",
+    fix="save with peft_model.save_pretrained() and load with PeftModel.from_pretrained(); do not rename keys or "
+    "use model.load_state_dict() on an adapter file",
+)(over_depth_slices(check_key_coverage))
+
+
 def check_effect(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -328,6 +322,16 @@ def check_effect(ctx: CheckContext):
                   "on text rows (relative)", **details)
 
 
+register(
+    id="effect",
+    group="dynamic",
+    summary="an adapter that changes nothing measurable on image rows or on text rows",
+    why="an adapter with no effect (nothing matched, LoRA only inside PLoRA, zero-scaled) passes every loading "
+    "test while doing nothing; text rows see the LoRA only when it sits outside PLoRA's image-only branch",
+    fix="check target_modules and lora_alpha; targets inside Plora_A/Plora_B never act on text tokens",
+)(over_depth_slices(check_effect))
+
+
 def _calibration(run: DynamicRun) -> dict:
     """The numbers every output verdict rests on (README, Tolerance policy)."""
     return {"dtype": run.dtype_name, "noise": run.noise, "effect": run.effect, "bands": run.bands,
@@ -342,17 +346,6 @@ def _path_problem(outcome) -> str | None:
     return None
 
 
-@register(
-    id="merge-equivalence",
-    group="dynamic",
-    summary="merged outputs (merge_and_unload, safe_merge) that differ from unmerged ones or from the fp32 reference, "
-    "and LoRA wrappers that merge_and_unload leaves in place",
-    why="users test the unmerged adapter and ship the merged model; dropout, rsLoRA / rank_pattern / alpha_pattern "
-    "scaling, DoRA or LoRA on Plora_* make the two differ",
-    fix="merge in fp32 (then cast), keep targets outside Plora_A/Plora_B, and use the PEFT version that trained "
-    "the adapter",
-)
-@over_depth_slices
 def check_merge_equivalence(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -390,17 +383,18 @@ def check_merge_equivalence(ctx: CheckContext):
                   f"{run.dtype_name} tolerance {run.tolerance:.1e})", **details)
 
 
-@register(
-    id="reload-roundtrip",
+register(
+    id="merge-equivalence",
     group="dynamic",
-    summary="the official merge script's output (merge, save_pretrained, fresh trust_remote_code load) that loses "
-    "or re-initialises weights or answers differently",
-    why="a merged checkpoint that lacks a tensor (e.g. Plora_A.weight after LoRA on Plora_A) reloads with fresh "
-    "random values and no error",
-    fix="merge with PeftModel.from_pretrained → merge_and_unload → save_pretrained and copy the base's *.py and "
-    "tokenizer files; keep targets outside PLoRA",
-)
-@over_depth_slices
+    summary="merged outputs (merge_and_unload, safe_merge) that differ from unmerged ones or from the fp32 reference, "
+    "and LoRA wrappers that merge_and_unload leaves in place",
+    why="users test the unmerged adapter and ship the merged model; dropout, rsLoRA / rank_pattern / alpha_pattern "
+    "scaling, DoRA or LoRA on Plora_* make the two differ",
+    fix="merge in fp32 (then cast), keep targets outside Plora_A/Plora_B, and use the PEFT version that trained "
+    "the adapter",
+)(over_depth_slices(check_merge_equivalence))
+
+
 def check_reload_roundtrip(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -423,16 +417,18 @@ def check_reload_roundtrip(ctx: CheckContext):
                   f"(max rel {max(outcome.comparison.image_max_rel, outcome.comparison.text_max_rel):.1e})", **details)
 
 
-@register(
-    id="plora-preserved",
+register(
+    id="reload-roundtrip",
     group="dynamic",
-    summary="a merge that changes PLoRA's own weights (Plora_A/B, plora_*_GN) or leaves PLoRA modules replaced",
-    why="PLoRA is the base model's image-only branch: the LoRA merge must fold into the base weight only and give "
-    "back the original PLoRA modules, or image tokens are processed differently",
-    fix="target the PLoRA modules (attention.wqkv, ...) not their Plora_A/Plora_B children; never fold PLoRA into "
-    "the base weight",
-)
-@over_depth_slices
+    summary="the official merge script's output (merge, save_pretrained, fresh trust_remote_code load) that loses "
+    "or re-initialises weights or answers differently",
+    why="a merged checkpoint that lacks a tensor (e.g. Plora_A.weight after LoRA on Plora_A) reloads with fresh "
+    "random values and no error",
+    fix="merge with PeftModel.from_pretrained → merge_and_unload → save_pretrained and copy the base's *.py and "
+    "tokenizer files; keep targets outside PLoRA",
+)(over_depth_slices(check_reload_roundtrip))
+
+
 def check_plora_preserved(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -457,17 +453,17 @@ def check_plora_preserved(ctx: CheckContext):
                   f"{len(run.base_classes)} PLoRA modules keep their class", **details)
 
 
-@register(
-    id="path-agreement",
+register(
+    id="plora-preserved",
     group="dynamic",
-    summary="any loading path (peft, merged, merge script, load_adapter, set_peft_model_state_dict, .bin, "
-    ".safetensors) that loads with problems or disagrees with the fp32 reference",
-    why="users reach the adapter through different paths; each must give the same model, and agreeing with a "
-    "hand-computed reference rules out paths that are wrong the same way",
-    fix="see the failing path's record in the details: missing/unexpected keys point at key names, output "
-    "differences at scaling or dtype",
-)
-@over_depth_slices
+    summary="a merge that changes PLoRA's own weights (Plora_A/B, plora_*_GN) or leaves PLoRA modules replaced",
+    why="PLoRA is the base model's image-only branch: the LoRA merge must fold into the base weight only and give "
+    "back the original PLoRA modules, or image tokens are processed differently",
+    fix="target the PLoRA modules (attention.wqkv, ...) not their Plora_A/Plora_B children; never fold PLoRA into "
+    "the base weight",
+)(over_depth_slices(check_plora_preserved))
+
+
 def check_path_agreement(ctx: CheckContext):
     run = dynamic_run(ctx)
     if isinstance(run, Unavailable):
@@ -497,3 +493,15 @@ def check_path_agreement(ctx: CheckContext):
         return failed(f"{len(problems)} of {len(PATHS)} loading paths disagree: {problems[0]}", **details)
     return passed(f"all {len(PATHS)} loading paths agree with the fp32 reference; plain load_state_dict is "
                   "correctly refused (a PEFT adapter is not a state dict)", **details)
+
+
+register(
+    id="path-agreement",
+    group="dynamic",
+    summary="any loading path (peft, merged, merge script, load_adapter, set_peft_model_state_dict, .bin, "
+    ".safetensors) that loads with problems or disagrees with the fp32 reference",
+    why="users reach the adapter through different paths; each must give the same model, and agreeing with a "
+    "hand-computed reference rules out paths that are wrong the same way",
+    fix="see the failing path's record in the details: missing/unexpected keys point at key names, output "
+    "differences at scaling or dtype",
+)(over_depth_slices(check_path_agreement))

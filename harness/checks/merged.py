@@ -332,15 +332,6 @@ def _without_merged_inputs(ctx: CheckContext):
     return None
 
 
-@register(
-    id="merged-matches",
-    group="merged",
-    summary="a merged checkpoint that is not base + adapter: mis-scaled or skipped layers, PLoRA folded into the "
-    "base weight, changed or missing tensors (re-initialised on reload), re-tied weights, wrong dtype",
-    why="merge scripts do no validation; a broken merged model loads without error and answers differently",
-    fix="re-merge with PeftModel.from_pretrained(base, adapter) → merge_and_unload() → save_pretrained; each "
-    "failure names the fix for its cause (scaling, dtype, missing tensors, PLoRA for XComposer bases)",
-)
 def check_merged_matches(ctx: CheckContext):
     if (missing := _without_merged_inputs(ctx)) is not None:
         return missing
@@ -415,18 +406,17 @@ def check_merged_matches(ctx: CheckContext):
     return passed(f"{len(merged.keys)} tensors match base + adapter (max rel error {found.worst[0]:.1e})", **details)
 
 
-@register(
-    id="merged-whole",
+register(
+    id="merged-matches",
     group="merged",
-    summary="a merged directory that a plain from_pretrained does not load to the verified model: adapter files left "
-    "beside the merged weights (the adapter is applied twice), LoRA keys or base_layer wrappers saved instead of "
-    "merged weights, config.json drift (architectures, auto_map, model_type, vocab size, a dtype other than the "
-    "stored tensors'), custom code, tokenizer, generation_config.json or processor files missing or different",
-    why="users load the merged directory with AutoModelForCausalLM.from_pretrained (and its tokenizer) and get "
-    "whatever the files say, not the weights the harness compared",
-    fix="save the merged model alone into its own directory (merge_and_unload() → save_pretrained) and copy the "
-    "base's *.py, tokenizer, generation_config.json and processor files",
-)
+    summary="a merged checkpoint that is not base + adapter: mis-scaled or skipped layers, PLoRA folded into the "
+    "base weight, changed or missing tensors (re-initialised on reload), re-tied weights, wrong dtype",
+    why="merge scripts do no validation; a broken merged model loads without error and answers differently",
+    fix="re-merge with PeftModel.from_pretrained(base, adapter) → merge_and_unload() → save_pretrained; each "
+    "failure names the fix for its cause (scaling, dtype, missing tensors, PLoRA for XComposer bases)",
+)(check_merged_matches)
+
+
 def check_merged_whole(ctx: CheckContext):
     if (missing := _without_merged_inputs(ctx)) is not None:
         return missing
@@ -446,3 +436,17 @@ def check_merged_whole(ctx: CheckContext):
         return failed(problems[0].text() + more, fix="; ".join(fixes), **details)
     return passed("no adapter files or PEFT keys; config.json, code, tokenizer, generation config and processor files "
                   "as the base has them", **details)
+
+
+register(
+    id="merged-whole",
+    group="merged",
+    summary="a merged directory that a plain from_pretrained does not load to the verified model: adapter files left "
+    "beside the merged weights (the adapter is applied twice), LoRA keys or base_layer wrappers saved instead of "
+    "merged weights, config.json drift (architectures, auto_map, model_type, vocab size, a dtype other than the "
+    "stored tensors'), custom code, tokenizer, generation_config.json or processor files missing or different",
+    why="users load the merged directory with AutoModelForCausalLM.from_pretrained (and its tokenizer) and get "
+    "whatever the files say, not the weights the harness compared",
+    fix="save the merged model alone into its own directory (merge_and_unload() → save_pretrained) and copy the "
+    "base's *.py, tokenizer, generation_config.json and processor files",
+)(check_merged_whole)

@@ -49,15 +49,6 @@ def _blocked(ctx: CheckContext) -> str | None:
     return None
 
 
-@register(
-    id="qlora-merge-gap",
-    group="quantized",
-    summary="a QLoRA adapter's released merge differing from the quantized base + LoRA it was evaluated as: the "
-    "16-bit merge users ship against the merge into the dequantized weights, judged against the adapter's effect",
-    why="QLoRA learns ΔW against dequant(W_q); folding it into the 16-bit W adds W − dequant(W_q) in every layer, "
-    "often as large as the adapter's own effect, and nothing in the usual release flow measures it",
-    fix=DEQUANT_MERGE_FIX,
-)
 def check_qlora_merge_gap(ctx: CheckContext):
     from harness.checks.measure.qlora import DEQUANT, GIVEN, MERGE_GAP_LIMIT, SHIPPED16, measure_qlora_gap
 
@@ -95,17 +86,17 @@ def check_qlora_merge_gap(ctx: CheckContext):
     return passed(head, **details)
 
 
-@register(
-    id="merged-quantized",
+register(
+    id="qlora-merge-gap",
     group="quantized",
-    summary="merges that cannot work: a merged checkpoint claiming a GPTQ/AWQ (packed integer) quantization, a "
-    "merge_and_unload into packed 4-bit weights that rounded ΔW away, a 4-bit merged directory that is not "
-    "requant(dequant(W) + ΔW)",
-    why="a LoRA cannot be written into GPTQ/AWQ integers without re-running the quantizer; a merge into bitsandbytes "
-    "4-bit weights requantizes dequant(W) + ΔW and a fine-tune's ΔW is mostly below one 4-bit step",
-    fix="merge into the 16-bit (or dequantized) base and quantize the merged model afterwards if needed, or ship "
-    "the adapter beside the quantized base",
-)
+    summary="a QLoRA adapter's released merge differing from the quantized base + LoRA it was evaluated as: the "
+    "16-bit merge users ship against the merge into the dequantized weights, judged against the adapter's effect",
+    why="QLoRA learns ΔW against dequant(W_q); folding it into the 16-bit W adds W − dequant(W_q) in every layer, "
+    "often as large as the adapter's own effect, and nothing in the usual release flow measures it",
+    fix=DEQUANT_MERGE_FIX,
+)(check_qlora_merge_gap)
+
+
 def check_merged_quantization(ctx: CheckContext):
     if ctx.merged is None:
         return skipped("no --merged given")
@@ -155,3 +146,16 @@ def check_merged_quantization(ctx: CheckContext):
                       "adapted weights): the saved model is close to the base, not base + adapter", **details)
     return passed(f"{weights}: {q.scheme} merge equals requant(dequant(W) + ΔW) in {found.modules} weights and kept "
                   f"ΔW within {found.lost:.0%}", **details)
+
+
+register(
+    id="merged-quantized",
+    group="quantized",
+    summary="merges that cannot work: a merged checkpoint claiming a GPTQ/AWQ (packed integer) quantization, a "
+    "merge_and_unload into packed 4-bit weights that rounded ΔW away, a 4-bit merged directory that is not "
+    "requant(dequant(W) + ΔW)",
+    why="a LoRA cannot be written into GPTQ/AWQ integers without re-running the quantizer; a merge into bitsandbytes "
+    "4-bit weights requantizes dequant(W) + ΔW and a fine-tune's ΔW is mostly below one 4-bit step",
+    fix="merge into the 16-bit (or dequantized) base and quantize the merged model afterwards if needed, or ship "
+    "the adapter beside the quantized base",
+)(check_merged_quantization)

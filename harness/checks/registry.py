@@ -1,10 +1,15 @@
 """The check registry: stable ids, what each catches, why, the fix, and a runner that never crashes.
 
-A check is a function ``func(ctx: CheckContext) -> CheckResult`` registered with::
+A check is a plain function ``func(ctx: CheckContext) -> CheckResult`` registered by a call after it::
 
-    @register(id="finite", group="static", summary="...", why="...", fix="...")
     def check_finite(ctx):
         return passed("no NaN/Inf")            # id and default fix are filled in by the runner
+
+
+    register(id="finite", group="static", summary="...", why="...", fix="...")(check_finite)
+
+(not as a decorator: mutmut does not mutate decorated functions, so a decorated body would be outside
+mutation testing, scripts/mutation-test.sh; ``tests/test_mutation_scope.py`` keeps it so).
 
 ``run_checks(ctx, group)`` runs every check of a group in registration order and turns an unexpected
 exception inside a check into a ``fail`` with a one-line message.
@@ -35,7 +40,7 @@ REGISTRY: dict[str, Check] = {}
 
 
 def register(*, id: str, group: str, summary: str, why: str, fix: str) -> Callable:
-    """Decorator: add ``func`` to the registry under a stable ``id``."""
+    """``register(...)(func)``: add ``func`` to the registry under a stable ``id`` (returns ``func``)."""
     if group not in GROUPS:
         raise ValueError(f"unknown check group {group!r}; one of {GROUPS}")
 

@@ -16,15 +16,6 @@ XCOMPOSER_SKIP = ("vLLM has no XComposer2 class (InternLMXComposer2ForCausalLM i
                   "engine and serves LoRA on XComposer only as merged weights: serving is not checked for this family")
 
 
-@register(
-    id="serving-vllm",
-    group="serving",
-    summary="an adapter vLLM refuses at deploy time (its admission rules), or serves differently from the fp32 "
-    "reference (loaded and applied to nothing, rows dropped)",
-    why="vLLM refuses many adapters PEFT loads (rank above --max-lora-rank, modules_to_save, lora bias, DoRA), with "
-    "messages users meet only when they deploy; and it can load an adapter and apply it to nothing",
-    fix="follow the fix named with vLLM's message; for an adapter served differently, serve the merged model",
-)
 def check_serving_vllm(ctx: CheckContext):
     from harness.checks.measure import serving_vllm as measure
 
@@ -77,6 +68,17 @@ def check_serving_vllm(ctx: CheckContext):
                       f"{measure.LOGPROB_ATOL:g}){hint}", fix=fix, **details)
     return passed(f"vLLM {outcome.vllm_version} serves the adapter as the fp32 reference: prompt logprobs within "
                   f"{gap.gap:.2g} (tolerance {measure.LOGPROB_ATOL:g}) on {len(prompts)} probe rows", **details)
+
+
+register(
+    id="serving-vllm",
+    group="serving",
+    summary="an adapter vLLM refuses at deploy time (its admission rules), or serves differently from the fp32 "
+    "reference (loaded and applied to nothing, rows dropped)",
+    why="vLLM refuses many adapters PEFT loads (rank above --max-lora-rank, modules_to_save, lora bias, DoRA), with "
+    "messages users meet only when they deploy; and it can load an adapter and apply it to nothing",
+    fix="follow the fix named with vLLM's message; for an adapter served differently, serve the merged model",
+)(check_serving_vllm)
 
 
 def _text_rows(run):

@@ -272,17 +272,6 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
-@register(
-    id="config-valid",
-    group="static",
-    summary="adapter_config.json is missing, lacks required fields (peft_type, r, lora_alpha, target_modules), "
-    "is not a LoRA config, has invalid values (or a target_modules regex that misses modules the adapter holds "
-    "weights for), or has fields the installed PEFT does not know",
-    why="PEFT builds the LoRA layers from this file: a missing field fails the load, and a field from a newer "
-    "PEFT raises TypeError in older versions or is silently dropped in newer ones (changing the adapter's behaviour)",
-    fix="regenerate adapter_config.json with save_pretrained, or install the PEFT version that wrote it "
-    "(its peft_version field)",
-)
 def check_config_valid(ctx: CheckContext):
     adapter: AdapterInputs = ctx.adapter
     if adapter.config is None:
@@ -411,6 +400,19 @@ def check_config_valid(ctx: CheckContext):
     )
 
 
+register(
+    id="config-valid",
+    group="static",
+    summary="adapter_config.json is missing, lacks required fields (peft_type, r, lora_alpha, target_modules), "
+    "is not a LoRA config, has invalid values (or a target_modules regex that misses modules the adapter holds "
+    "weights for), or has fields the installed PEFT does not know",
+    why="PEFT builds the LoRA layers from this file: a missing field fails the load, and a field from a newer "
+    "PEFT raises TypeError in older versions or is silently dropped in newer ones (changing the adapter's behaviour)",
+    fix="regenerate adapter_config.json with save_pretrained, or install the PEFT version that wrote it "
+    "(its peft_version field)",
+)(check_config_valid)
+
+
 # -- weights-readable ------------------------------------------------------------------------------
 
 
@@ -441,15 +443,6 @@ def _compare_files(first: WeightFile, second: WeightFile) -> list[str]:
     return diffs
 
 
-@register(
-    id="weights-readable",
-    group="static",
-    summary="no adapter weights, or a truncated / corrupt / hostile weights file, or both adapter_model.bin and "
-    "adapter_model.safetensors present with different contents",
-    why="a truncated download or a bad header fails the load (or worse, loads garbage); when both formats exist "
-    "PEFT loads the safetensors one, so a stale .bin next to it is a trap for every other loader",
-    fix="re-save the adapter with save_pretrained (or re-download it); keep exactly one weights file",
-)
 def check_weights_readable(ctx: CheckContext):
     adapter: AdapterInputs = ctx.adapter
     files = adapter.adapter_files
@@ -502,18 +495,20 @@ def check_weights_readable(ctx: CheckContext):
     return passed(f"{wf.name}: {len(wf.tensors)} tensors, {wf.size} bytes, header sane", **details)
 
 
+register(
+    id="weights-readable",
+    group="static",
+    summary="no adapter weights, or a truncated / corrupt / hostile weights file, or both adapter_model.bin and "
+    "adapter_model.safetensors present with different contents",
+    why="a truncated download or a bad header fails the load (or worse, loads garbage); when both formats exist "
+    "PEFT loads the safetensors one, so a stale .bin next to it is a trap for every other loader",
+    fix="re-save the adapter with save_pretrained (or re-download it); keep exactly one weights file",
+)(check_weights_readable)
+
+
 # -- unsafe-pickle ---------------------------------------------------------------------------------
 
 
-@register(
-    id="unsafe-pickle",
-    group="static",
-    summary="a .bin (pickle) weights file that needs Python objects beyond torch's tensor-rebuild allowlist",
-    why="a .bin file is a pickle: loading it with torch.load(weights_only=False) (old transformers/PEFT, many "
-    "scripts) runs whatever code it names; the harness only disassembles it and never executes it",
-    fix="do not load this file with torch.load(weights_only=False); get a safetensors export, or re-save from a "
-    "trusted environment with save_pretrained(safe_serialization=True)",
-)
 def check_unsafe_pickle(ctx: CheckContext):
     adapter: AdapterInputs = ctx.adapter
     bins = [wf for wf in adapter.weight_files if wf.format == "bin"]
@@ -536,18 +531,20 @@ def check_unsafe_pickle(ctx: CheckContext):
     return passed(f"{names}: only torch tensor-rebuild globals, loaded with weights_only=True")
 
 
+register(
+    id="unsafe-pickle",
+    group="static",
+    summary="a .bin (pickle) weights file that needs Python objects beyond torch's tensor-rebuild allowlist",
+    why="a .bin file is a pickle: loading it with torch.load(weights_only=False) (old transformers/PEFT, many "
+    "scripts) runs whatever code it names; the harness only disassembles it and never executes it",
+    fix="do not load this file with torch.load(weights_only=False); get a safetensors export, or re-save from a "
+    "trusted environment with save_pretrained(safe_serialization=True)",
+)(check_unsafe_pickle)
+
+
 # -- empty-tensors ---------------------------------------------------------------------------------
 
 
-@register(
-    id="empty-tensors",
-    group="static",
-    summary="tensors with zero elements, e.g. lora_A of shape (0,): the symptom of save_pretrained under "
-    "DeepSpeed ZeRO-3 without gathering the partitioned parameters",
-    why="each rank holds only a shard of every parameter under ZeRO-3; saving without gathering writes "
-    "placeholders, and loading the adapter fails or silently leaves the LoRA weights at initialisation",
-    fix=ZERO3_FIX,
-)
 def check_empty_tensors(ctx: CheckContext):
     reason = _data_unavailable(ctx)
     if reason:
@@ -565,19 +562,20 @@ def check_empty_tensors(ctx: CheckContext):
     return passed(f"all {len(infos)} tensors have elements")
 
 
+register(
+    id="empty-tensors",
+    group="static",
+    summary="tensors with zero elements, e.g. lora_A of shape (0,): the symptom of save_pretrained under "
+    "DeepSpeed ZeRO-3 without gathering the partitioned parameters",
+    why="each rank holds only a shard of every parameter under ZeRO-3; saving without gathering writes "
+    "placeholders, and loading the adapter fails or silently leaves the LoRA weights at initialisation",
+    fix=ZERO3_FIX,
+)(check_empty_tensors)
+
+
 # -- key-grammar -----------------------------------------------------------------------------------
 
 
-@register(
-    id="key-grammar",
-    group="static",
-    summary="keys that PEFT will not match: the base_model.model. prefix missing or doubled, an adapter name "
-    "(.default.) left in keys, base-model PLoRA weights saved as adapter tensors, unknown suffixes",
-    why="PEFT loads adapters with strict=False and only warns: keys it cannot match are dropped and those "
-    "LoRA layers stay at initialisation, so the adapter silently does less or nothing",
-    fix="save with peft_model.save_pretrained() (which writes get_peft_model_state_dict()); do not save "
-    "model.state_dict() or rename keys by hand",
-)
 def check_key_grammar(ctx: CheckContext):
     adapter: AdapterInputs = ctx.adapter
     if adapter.primary is None:
@@ -660,6 +658,18 @@ def check_key_grammar(ctx: CheckContext):
     )
 
 
+register(
+    id="key-grammar",
+    group="static",
+    summary="keys that PEFT will not match: the base_model.model. prefix missing or doubled, an adapter name "
+    "(.default.) left in keys, base-model PLoRA weights saved as adapter tensors, unknown suffixes",
+    why="PEFT loads adapters with strict=False and only warns: keys it cannot match are dropped and those "
+    "LoRA layers stay at initialisation, so the adapter silently does less or nothing",
+    fix="save with peft_model.save_pretrained() (which writes get_peft_model_state_dict()); do not save "
+    "model.state_dict() or rename keys by hand",
+)(check_key_grammar)
+
+
 # -- shapes ----------------------------------------------------------------------------------------
 
 
@@ -714,16 +724,6 @@ def tokens_shape_problem(base: BaseModelInfo | None, config: dict, module: str,
     return f"{module}: {problem}" if problem else None
 
 
-@register(
-    id="shapes",
-    group="static",
-    summary="lora_A not [r, in] or lora_B not [out, r], A and B ranks that disagree, a rank that differs from "
-    "r / rank_pattern in the config, lora_A without lora_B, DoRA magnitudes that do not match lora_B, "
-    "trainable_tokens_delta not [len(trainable_token_indices), hidden] or token indices outside the vocab",
-    why="PEFT builds each LoRA layer from the config's rank and then copies the saved tensors in: a mismatch "
-    "fails the load, or (with a hand-edited config) loads with the wrong scaling alpha/r",
-    fix="make adapter_config.json's r / rank_pattern match the trained weights (regenerate it with save_pretrained)",
-)
 def check_shapes(ctx: CheckContext):
     reason = _data_unavailable(ctx)
     if reason:
@@ -768,17 +768,21 @@ def check_shapes(ctx: CheckContext):
                   ranks={str(k): v for k, v in ranks.items()}, trainable_tokens=token_modules)
 
 
+register(
+    id="shapes",
+    group="static",
+    summary="lora_A not [r, in] or lora_B not [out, r], A and B ranks that disagree, a rank that differs from "
+    "r / rank_pattern in the config, lora_A without lora_B, DoRA magnitudes that do not match lora_B, "
+    "trainable_tokens_delta not [len(trainable_token_indices), hidden] or token indices outside the vocab",
+    why="PEFT builds each LoRA layer from the config's rank and then copies the saved tensors in: a mismatch "
+    "fails the load, or (with a hand-edited config) loads with the wrong scaling alpha/r",
+    fix="make adapter_config.json's r / rank_pattern match the trained weights (regenerate it with save_pretrained)",
+)(check_shapes)
+
+
 # -- finite ----------------------------------------------------------------------------------------
 
 
-@register(
-    id="finite",
-    group="static",
-    summary="NaN or Inf values in any adapter tensor",
-    why="a single NaN in lora_A/lora_B turns every output of the adapted layer into NaN (fp16 overflow or a "
-    "diverged run); merging spreads it into the base weights",
-    fix="retrain or take an earlier checkpoint; for fp16 overflow train/save in bf16 or fp32",
-)
 def check_finite(ctx: CheckContext):
     reason = _data_unavailable(ctx)
     if reason:
@@ -801,18 +805,19 @@ def check_finite(ctx: CheckContext):
     return passed(f"all {len(stats)} tensors finite")
 
 
+register(
+    id="finite",
+    group="static",
+    summary="NaN or Inf values in any adapter tensor",
+    why="a single NaN in lora_A/lora_B turns every output of the adapted layer into NaN (fp16 overflow or a "
+    "diverged run); merging spreads it into the base weights",
+    fix="retrain or take an earlier checkpoint; for fp16 overflow train/save in bf16 or fp32",
+)(check_finite)
+
+
 # -- noop ------------------------------------------------------------------------------------------
 
 
-@register(
-    id="noop",
-    group="static",
-    summary="every lora_B is all zero: an untrained adapter (PEFT initialises lora_B to zero), so merging or "
-    "loading it changes nothing",
-    why="the usual cause is saving before training, training the wrong parameters, or an optimizer that never "
-    "stepped; the result looks like a valid adapter and silently does nothing",
-    fix="check that the LoRA parameters were trainable and the optimizer stepped, then save after training",
-)
 def check_noop(ctx: CheckContext):
     reason = _data_unavailable(ctx)
     if reason:
@@ -851,18 +856,20 @@ def check_noop(ctx: CheckContext):
     return passed(f"all {len(nonempty)} lora_B tensors are non-zero")
 
 
+register(
+    id="noop",
+    group="static",
+    summary="every lora_B is all zero: an untrained adapter (PEFT initialises lora_B to zero), so merging or "
+    "loading it changes nothing",
+    why="the usual cause is saving before training, training the wrong parameters, or an optimizer that never "
+    "stepped; the result looks like a valid adapter and silently does nothing",
+    fix="check that the LoRA parameters were trainable and the optimizer stepped, then save after training",
+)(check_noop)
+
+
 # -- full-checkpoint -------------------------------------------------------------------------------
 
 
-@register(
-    id="full-checkpoint",
-    group="static",
-    summary="the input is a full model state dict or a merged model directory, not a LoRA adapter",
-    why="a merged model or full state dict passed where an adapter is expected fails to load as an adapter, "
-    "or (loaded with load_state_dict) reports missing PLoRA weights; it needs the merged-model checks instead",
-    fix="pass the directory written by peft_model.save_pretrained() as --adapter; to verify a merged model, "
-    "pass it as --merged together with --base-model and --adapter",
-)
 def check_full_checkpoint(ctx: CheckContext):
     adapter: AdapterInputs = ctx.adapter
     if adapter.primary is None and not adapter.foreign_files:
@@ -871,3 +878,14 @@ def check_full_checkpoint(ctx: CheckContext):
     if reason:
         return failed(reason)
     return passed(f"an adapter: {len(analyse_keys(ctx).lora)} LoRA tensors")
+
+
+register(
+    id="full-checkpoint",
+    group="static",
+    summary="the input is a full model state dict or a merged model directory, not a LoRA adapter",
+    why="a merged model or full state dict passed where an adapter is expected fails to load as an adapter, "
+    "or (loaded with load_state_dict) reports missing PLoRA weights; it needs the merged-model checks instead",
+    fix="pass the directory written by peft_model.save_pretrained() as --adapter; to verify a merged model, "
+    "pass it as --merged together with --base-model and --adapter",
+)(check_full_checkpoint)

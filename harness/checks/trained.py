@@ -48,15 +48,6 @@ def _fix_for(findings: list[ParamFinding], family) -> str:
     return "; ".join(fixes)
 
 
-@register(
-    id="trained-vs-shipped",
-    group="trained",
-    summary="the saved adapter, reloaded on a fresh base, does not reproduce the trained model's outputs (weights "
-    "trained but not saved, a save under ZeRO-3 without gathering, a wrong adapter name or config)",
-    why="the model evaluated at the end of training is not the one users get; nothing in PEFT reports it",
-    fix="save every trained weight in the adapter (modules_to_save for full modules; freeze PLoRA on peft <= 0.20) "
-    "and reload-test the directory before shipping",
-)
 def check_trained_vs_shipped(ctx: CheckContext):
     audit = _audit(ctx)
     if audit.reload_error:
@@ -86,15 +77,17 @@ def check_trained_vs_shipped(ctx: CheckContext):
     return passed(f"base + saved adapter reproduce the trained model: {comparison.summary()}", **details)
 
 
-@register(
-    id="trained-params-saved",
+register(
+    id="trained-vs-shipped",
     group="trained",
-    summary="parameters that were trainable or changed during training (compared with the base files) but are not "
-    "in the saved adapter: PLoRA weights and plora_*_GN trained through the 'lora_' name collision of "
-    "peft <= 0.20, a vision_proj unfrozen without modules_to_save",
-    why="save_pretrained writes only the adapter's own weights: anything else the optimiser moved is silently lost",
-    fix="freeze what should not train; list modules that should in modules_to_save",
-)
+    summary="the saved adapter, reloaded on a fresh base, does not reproduce the trained model's outputs (weights "
+    "trained but not saved, a save under ZeRO-3 without gathering, a wrong adapter name or config)",
+    why="the model evaluated at the end of training is not the one users get; nothing in PEFT reports it",
+    fix="save every trained weight in the adapter (modules_to_save for full modules; freeze PLoRA on peft <= 0.20) "
+    "and reload-test the directory before shipping",
+)(check_trained_vs_shipped)
+
+
 def check_trained_params_saved(ctx: CheckContext):
     audit = _audit(ctx)
     details = {
@@ -123,3 +116,14 @@ def check_trained_params_saved(ctx: CheckContext):
                       **details)
     scope = f", {audit.compared_count} base parameters unchanged" if audit.base_dir else ""
     return passed(f"all {audit.trainable_count} trainable parameters are in the adapter{scope}", **details)
+
+
+register(
+    id="trained-params-saved",
+    group="trained",
+    summary="parameters that were trainable or changed during training (compared with the base files) but are not "
+    "in the saved adapter: PLoRA weights and plora_*_GN trained through the 'lora_' name collision of "
+    "peft <= 0.20, a vision_proj unfrozen without modules_to_save",
+    why="save_pretrained writes only the adapter's own weights: anything else the optimiser moved is silently lost",
+    fix="freeze what should not train; list modules that should in modules_to_save",
+)(check_trained_params_saved)

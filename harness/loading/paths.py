@@ -40,7 +40,7 @@ class LoadingPath:
     """One way users turn base + adapter into a model, and everything the checks must know about it.
 
     Every list of paths (the merged ones, the ones sharing a load, the ones whose record describes the adapter
-    load) is derived from these records, so a new path is one ``@loading_path(...)`` and nothing else.
+    load) is derived from these records, so a new path is one ``loading_path(...)(function)`` call and nothing else.
     """
 
     name: str
@@ -145,7 +145,6 @@ def _peft_from_pretrained(name: str, base_dir: Path, adapter_dir: Path, *, dtype
     return LoadedModel(model, record)
 
 
-@loading_path("peft", takes_base=True)
 def load_peft(base_dir: Path, adapter_dir: Path, *, private: bool = False, base: torch.nn.Module | None = None,
               **kw) -> LoadedModel:
     """``PeftModel.from_pretrained``, unmerged (``private``: weights in private memory, to be merged next; ``base``:
@@ -153,18 +152,25 @@ def load_peft(base_dir: Path, adapter_dir: Path, *, private: bool = False, base:
     return _peft_from_pretrained("peft", base_dir, adapter_dir, private=private, base=base, **kw)
 
 
-@loading_path("peft-merged", merges=True, shares_load_with="peft",
-              then=lambda loaded, **_: merge_loaded(loaded, "peft-merged"))
+loading_path("peft", takes_base=True)(load_peft)
+
+
 def load_peft_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``PeftModel.from_pretrained`` then ``merge_and_unload()``."""
     return merge_loaded(_peft_from_pretrained("peft-merged", base_dir, adapter_dir, private=True, **kw), "peft-merged")
 
 
-@loading_path("peft-safe-merged", merges=True)
+loading_path("peft-merged", merges=True, shares_load_with="peft",
+             then=lambda loaded, **_: merge_loaded(loaded, "peft-merged"))(load_peft_merged)
+
+
 def load_peft_safe_merged(base_dir: Path, adapter_dir: Path, **kw) -> LoadedModel:
     """``merge_and_unload(safe_merge=True)``: PEFT checks the merged weights for NaN first."""
     return merge_loaded(_peft_from_pretrained("peft-safe-merged", base_dir, adapter_dir, private=True, **kw),
                         "peft-safe-merged", safe_merge=True)
+
+
+loading_path("peft-safe-merged", merges=True)(load_peft_safe_merged)
 
 
 def merge_loaded(loaded: LoadedModel, name: str, *, safe_merge: bool = False) -> LoadedModel:
@@ -181,13 +187,14 @@ def merge_loaded(loaded: LoadedModel, name: str, *, safe_merge: bool = False) ->
     return LoadedModel(model.eval(), record)
 
 
-
-@loading_path("merge-script", merges=True, saves_and_reloads=True, shares_load_with="peft-merged",
-              then=lambda loaded, *, base_dir, **kw: save_and_reload(loaded, base_dir, **kw))
 def load_merge_script(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir: Path) -> LoadedModel:
     """The official recipe: merge, ``save_pretrained`` (+ code, tokenizer), reload fresh with remote code."""
     merged = load_peft_merged(base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir)
     return save_and_reload(merged, base_dir, dtype=dtype, device=device, workdir=workdir)
+
+
+loading_path("merge-script", merges=True, saves_and_reloads=True, shares_load_with="peft-merged",
+             then=lambda loaded, *, base_dir, **kw: save_and_reload(loaded, base_dir, **kw))(load_merge_script)
 
 
 def save_and_reload(merged: LoadedModel, base_dir: Path, *, dtype, device, workdir: Path) -> LoadedModel:
@@ -228,7 +235,6 @@ def _fresh_peft(base_dir: Path, adapter_dir: Path, *, dtype, device):
     return get_peft_model(base, config)
 
 
-@loading_path("load-adapter")
 def load_with_load_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """Base wrapped by PEFT, then ``load_adapter`` under a non-default name and ``set_adapter``."""
     record = LoadRecord(path="load-adapter")
@@ -242,7 +248,9 @@ def load_with_load_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, 
     return LoadedModel(model.eval(), record)
 
 
-@loading_path("state-dict", reads_adapter_config=False)  # builds its LoraConfig itself (lora_config_from_dict)
+loading_path("load-adapter")(load_with_load_adapter)
+
+
 def load_with_state_dict(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """Base wrapped by PEFT, then ``set_peft_model_state_dict`` with the raw saved tensors."""
     from peft.utils import set_peft_model_state_dict
@@ -255,6 +263,10 @@ def load_with_state_dict(base_dir: Path, adapter_dir: Path, *, dtype, device, wo
     _note_load_result(record, model, result, "default")
     _record_coverage(record, model, saved, "default")
     return LoadedModel(model.eval(), record)
+
+
+# builds its LoraConfig itself (lora_config_from_dict)
+loading_path("state-dict", reads_adapter_config=False)(load_with_state_dict)
 
 
 def _resaved(adapter_dir: Path, workdir: Path, fmt: str) -> Path:
@@ -272,7 +284,6 @@ def _resaved(adapter_dir: Path, workdir: Path, fmt: str) -> Path:
     return out
 
 
-@loading_path("bin")
 def load_bin(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """The adapter as ``adapter_model.bin`` (a weights-only pickle), through ``PeftModel.from_pretrained``."""
     source = _resaved(adapter_dir, workdir, "bin")
@@ -280,12 +291,17 @@ def load_bin(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> Lo
                                  source_dir=source)
 
 
-@loading_path("safetensors")
+loading_path("bin")(load_bin)
+
+
 def load_safetensors(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """The adapter as ``adapter_model.safetensors``, through ``PeftModel.from_pretrained``."""
     source = _resaved(adapter_dir, workdir, "safetensors")
     return _peft_from_pretrained("safetensors", base_dir, adapter_dir, dtype=dtype, device=device, workdir=workdir,
                                  source_dir=source)
+
+
+loading_path("safetensors")(load_safetensors)
 
 
 # -- transformers' own PEFT integration and PEFT's auto classes: what TRL, pipelines and inference scripts use ----
@@ -317,7 +333,6 @@ def _adapter_files(adapter_dir: Path) -> list[str]:
     return sorted(p.name for p in adapter_dir.iterdir() if p.name.startswith("adapter_"))
 
 
-@loading_path("transformers-load-adapter", requires=compat.transformers_peft_missing)
 def load_transformers_adapter(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """``model.load_adapter(adapter_dir)`` on the base ``PreTrainedModel`` (transformers' PEFT integration: LoRA
     layers injected into the model itself, no PeftModel wrapper)."""
@@ -328,6 +343,9 @@ def load_transformers_adapter(base_dir: Path, adapter_dir: Path, *, dtype, devic
     record.files_used = _adapter_files(adapter_dir)
     _record_coverage(record, model, read_adapter_tensors(adapter_dir), "default", held_prefix=PEFT_PREFIX)
     return LoadedModel(model.eval(), record)
+
+
+loading_path("transformers-load-adapter", requires=compat.transformers_peft_missing)(load_transformers_adapter)
 
 
 def adapter_naming_base(adapter_dir: Path, base_dir: Path, workdir: Path) -> Path:
@@ -386,7 +404,6 @@ def _base_kwargs(base_dir: Path, dtype) -> dict:
     return kwargs
 
 
-@loading_path("auto-peft", requires=compat.auto_peft_missing)
 def load_auto_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)``, the base resolved to the one being checked (a copy
     of the adapter whose base_model_name_or_path names it)."""
@@ -408,6 +425,9 @@ def load_auto_peft(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir)
     record.files_used = _adapter_files(adapter_dir)
     _record_coverage(record, model, read_adapter_tensors(source), "default")
     return LoadedModel(model.to(device).eval(), record)
+
+
+loading_path("auto-peft", requires=compat.auto_peft_missing)(load_auto_peft)
 
 
 def _auto_mapping_refused(err: ValueError, adapter_dir: Path) -> ValueError:
@@ -435,7 +455,6 @@ def _point_at(adapter_copy: Path, base: Path) -> None:
     (adapter_copy / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-@loading_path("transformers-from-adapter-dir", requires=compat.transformers_peft_missing)
 def load_transformers_from_adapter_dir(base_dir: Path, adapter_dir: Path, *, dtype, device, workdir) -> LoadedModel:
     """``AutoModelForCausalLM.from_pretrained(adapter_dir)``: transformers finds adapter_config.json, loads the base
     it names (resolved to the one being checked) and applies the adapter in place (pipelines do the same)."""
@@ -446,6 +465,10 @@ def load_transformers_from_adapter_dir(base_dir: Path, adapter_dir: Path, *, dty
     record.files_used = _adapter_files(adapter_dir)
     _record_coverage(record, model, read_adapter_tensors(source), "default", held_prefix=PEFT_PREFIX)
     return LoadedModel(model, record)
+
+
+loading_path("transformers-from-adapter-dir", requires=compat.transformers_peft_missing)(
+    load_transformers_from_adapter_dir)
 
 
 def _model_config_of(base_dir: Path):
