@@ -159,6 +159,9 @@ class _Merge:
                 self._tokens(key, got, want, expected.tokens, rtol)
             else:
                 self._lora(key, got, want, expected, rtol)
+            del got, want
+            self.merged.release(key)  # one tensor's pages at a time, whatever the checkpoint's size
+            self.base.release(self.alias_base.get(key, key))
         self._ties(merged_keys)
         return found
 
