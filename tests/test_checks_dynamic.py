@@ -69,19 +69,17 @@ def test_untrained_adapter_has_no_effect(default_bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_inside_plora_is_flagged_three_ways(make_bundle, tmp_path):
-    import shutil
-
+def test_lora_inside_plora_is_flagged_three_ways(make_bundle):
     bundle = make_bundle(target_modules=r".*\.Plora_[AB]")
-    # private copies: this failed twice in the full slow tier under xdist (image effect 0.0, as if im_mask never
-    # reached the model) and never alone or in one process; a copy rules out another worker touching the cache
-    base, adapter = (Path(shutil.copytree(d, tmp_path / d.name)) for d in (bundle.base_dir, bundle.adapter_dir))
-    got = results(adapter, base)
+    # in a child process, as users run it: in the full slow tier under xdist, run in-process (isolated=False) after
+    # other tests on the same worker, the image-row effect measured exactly 0.0 (state left by an earlier in-process
+    # test; never alone, never single-process; families and paths were intact): see the issue 19 closing note
+    report = harness.check(bundle.adapter_dir, base_model=bundle.base_dir, trust_remote_code=True, isolated=True)
+    got = {r.id: r for r in report.checks}
     assert got["lora-on-plora"].status == "fail"
     effect = got["effect"]
-    assert effect.status == "fail" and "no measurable effect on text rows" in effect.message, (
-        effect.message, effect.details, got["key-coverage"].message, got["key-coverage"].details.get("notes"))
-    assert "never changes text tokens" in got["effect"].message
+    assert effect.status == "fail" and "no measurable effect on text rows" in effect.message, effect.message
+    assert "never changes text tokens" in effect.message
     assert got["plora-preserved"].status == "fail" and "PLoRA tensor(s) differ" in got["plora-preserved"].message
 
 
