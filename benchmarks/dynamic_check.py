@@ -64,6 +64,7 @@ def worker(method: str, base: Path, adapter: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     import harness
+    from harness.numerics.probes import mask_kwarg
 
     with TreePeak() as tree:
         start = time.perf_counter()
@@ -75,9 +76,9 @@ def worker(method: str, base: Path, adapter: Path) -> dict:
             peft_model = PeftModel.from_pretrained(model, adapter).eval()
             probe = _probe(model)
             with torch.no_grad():
-                unmerged = peft_model(**probe.model_kwargs()).logits
+                unmerged = peft_model(**probe.model_kwargs(mask_kwarg(peft_model))).logits
                 merged_model = (copy.deepcopy(peft_model) if method == "naive" else peft_model).merge_and_unload()
-                merged = merged_model(**probe.model_kwargs()).logits
+                merged = merged_model(**probe.model_kwargs(mask_kwarg(merged_model))).logits
             assert torch.allclose(unmerged, merged, atol=1e-3, rtol=1e-3)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "rss_mb": tree.above_baseline_mb}

@@ -70,12 +70,10 @@ def test_untrained_adapter_has_no_effect(default_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_lora_inside_plora_is_flagged_three_ways(make_bundle):
+    """Also guards the synthetic trainer: it must feed im_mask (the detected family's mask keyword), or LoRA on
+    Plora_A/B never trains and the effect is exactly 0 on image rows too (it was, for an hour, on a fresh cache)."""
     bundle = make_bundle(target_modules=r".*\.Plora_[AB]")
-    # in a child process, as users run it: in the full slow tier under xdist, run in-process (isolated=False) after
-    # other tests on the same worker, the image-row effect measured exactly 0.0 (state left by an earlier in-process
-    # test; never alone, never single-process; families and paths were intact): see the issue 19 closing note
-    report = harness.check(bundle.adapter_dir, base_model=bundle.base_dir, trust_remote_code=True, isolated=True)
-    got = {r.id: r for r in report.checks}
+    got = results(bundle.adapter_dir, bundle.base_dir)
     assert got["lora-on-plora"].status == "fail"
     effect = got["effect"]
     assert effect.status == "fail" and "no measurable effect on text rows" in effect.message, effect.message

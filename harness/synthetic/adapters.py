@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from harness.model.families.xcomposer import OFFICIAL_TARGETS  # noqa: E402  (re-exported: synthetic.OFFICIAL_TARGETS)
-from harness.numerics.probes import make_probe
+from harness.numerics.probes import make_probe, mask_kwarg
 
 
 def official_lora_config(r: int = 8, lora_alpha: int | None = None, **overrides) -> LoraConfig:
@@ -52,10 +52,11 @@ def train_adapter(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     embedding = peft_model.get_input_embeddings()
+    mask = mask_kwarg(peft_model)  # XComposer's im_mask: without it PLoRA (and LoRA on Plora_A/B) never trains
     for step in range(steps):
         probe = make_probe(embedding, batch_size=2, seq_len=12, seed=seed * 1000 + step)
         labels = probe.input_ids.masked_fill(probe.im_mask, -100)
-        loss = peft_model(**probe.model_kwargs(), labels=labels).loss
+        loss = peft_model(**probe.model_kwargs(mask), labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
