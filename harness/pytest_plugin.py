@@ -109,9 +109,7 @@ def pytest_configure_node(node) -> None:
         import json
 
         node.workerinput[SHARED_DIR_KEY] = str(_controller_dir(node.config))
-        node.workerinput[UNITS_KEY] = json.dumps(
-            [[{"check_ids": list(u.check_ids), "layers": list(u.layers) if u.layers else None} for u in units]
-             for units in node.config.stash[_UNITS]])
+        node.workerinput[UNITS_KEY] = json.dumps([[u.to_json() for u in units] for units in node.config.stash[_UNITS]])
 
 
 def _units_from_json(text: str) -> list:
@@ -119,8 +117,7 @@ def _units_from_json(text: str) -> list:
 
     from harness.engine.units import WorkUnit
 
-    return [[WorkUnit(tuple(u["check_ids"]), tuple(u["layers"]) if u["layers"] else None) for u in units]
-            for units in json.loads(text)]
+    return [[WorkUnit.from_json(u) for u in units] for units in json.loads(text)]
 
 
 def _units(config: pytest.Config, adapter: str, merged: str | None) -> list:

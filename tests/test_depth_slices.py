@@ -264,3 +264,22 @@ def test_layers_runs_the_dynamic_checks_on_that_slice_only(default_bundle) -> No
     result = report.get("key-coverage")
     assert result.status == "pass", result.message
     assert result.message.startswith("on 1 depth slice(s) (layer 1): ")
+
+
+def test_planning_errors_say_which_resource_ran_short(info) -> None:
+    from harness.loading.slices import SlicePlanError
+
+    layout = layer_layout(info)
+    with pytest.raises(SlicePlanError) as short_of_memory:
+        plan_slices(info, "float32", needed_bytes(info, "float32", 1, layout) - 1, {0})
+    assert short_of_memory.value.resource == "memory" and "more memory" in short_of_memory.value.fix
+    with pytest.raises(SlicePlanError) as short_of_disk:
+        plan_slices(info, "float32", needed_bytes(info, "float32", 1, layout), {0}, disk=0, stored="float32")
+    assert short_of_disk.value.resource == "disk" and "TMPDIR" in short_of_disk.value.fix
+
+
+def test_work_units_cross_to_workers_unchanged() -> None:
+    from harness.engine.units import WorkUnit
+
+    for unit in (WorkUnit(("static", "effect")), WorkUnit(("effect",), (0,)), WorkUnit(("effect",), (8, 9, 10))):
+        assert WorkUnit.from_json(json.loads(json.dumps(unit.to_json()))) == unit

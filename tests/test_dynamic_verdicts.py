@@ -426,7 +426,7 @@ def test_combine_slices_takes_the_worst_and_names_its_layers():
     assert got.details["depth_slices"]["layers 2-3"] == {"status": "warn", "message": "meh b"}
 
 
-def test_a_base_over_the_budget_is_judged_per_depth_slice_naming_the_worst(default_bundle):
+def test_a_base_over_the_budget_is_judged_per_depth_slice_naming_the_worst(default_bundle, monkeypatch):
     """Slices planned and written for real (a tiny base); each slice's run recorded: layer 1 drops a key."""
     from harness.checks.context import CheckOptions
     from harness.inputs.adapter_dir import read_adapter
@@ -438,8 +438,9 @@ def test_a_base_over_the_budget_is_judged_per_depth_slice_naming_the_worst(defau
                        options=CheckOptions(max_memory=needed_bytes(info, "float32", 1, layer_layout(info))))
     runs = {"layer 0": Run(), "layer 1": Run(p=Outcome("peft", LoadRecord(path="peft", unexpected_keys=[KEY]),
                                                          comparison("peft")))}
-    for label, run in runs.items():
-        ctx.cache[f"dynamic.slice.{label}"] = CheckContext(adapter=ctx.adapter, base=info, cache={"dynamic.run": run})
+    import harness.checks.dynamic as dynamic
+
+    monkeypatch.setattr(dynamic, "slice_cache", lambda depth_slice: {"dynamic.run": runs[depth_slice.label]})
     try:
         got = run_check(get_check("key-coverage"), ctx)
         assert got.status == "fail"
@@ -467,3 +468,21 @@ def test_a_budget_below_one_layer_fails_in_one_line(default_bundle):
     assert " GiB in float32 for the dynamic checks and the memory budget is 0.0 GiB; depth slices cannot help: even one " \
            "decoder layer" in got.message
     assert got.fix == "run on a machine with more memory (or --device cuda), or check a smaller base"
+
+
+def test_a_temporary_disk_too_small_for_one_layer_fails_naming_tmpdir(default_bundle, monkeypatch):
+    """Planning refuses because of the disk, not memory: the fix is about TMPDIR (chosen by the error's kind)."""
+    import harness.loading.slices as slices
+    from harness.checks.context import CheckOptions
+    from harness.inputs.adapter_dir import read_adapter
+    from harness.model.structure import inspect_base
+
+    info = inspect_base(default_bundle.base_dir)
+    monkeypatch.setattr(slices, "temporary_disk_free", lambda: 0)
+    ctx = CheckContext(adapter=read_adapter(default_bundle.adapter_dir), base=info,
+                       options=CheckOptions(max_memory=slices.needed_bytes(info, "float32", 1, slices.layer_layout(info))))
+    got = run_check(get_check("merge-equivalence"), ctx)
+    assert got.status == "fail"
+    assert "depth slices cannot help: even one decoder layer with the rest of the model needs " in got.message
+    assert "GiB of temporary disk and 0.0 GiB is free" in got.message
+    assert got.fix == "point TMPDIR at a disk with room for one slice and its merged copy"

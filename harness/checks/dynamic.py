@@ -68,17 +68,18 @@ def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
     def plan():
         from harness.inputs.adapter_dir import read_adapter_tensors
         from harness.loading.slices import (
+            SlicePlanError,
             adapted_layers,
             available_bytes,
             layer_layout,
             needed_bytes,
             plan_slices,
+            run_dtypes,
             temporary_disk_free,
         )
-        from harness.model.structure import stored_dtype
 
         budget = ctx.options.max_memory or available_bytes(ctx.options.device)
-        dtype = ctx.options.dtype or stored_dtype(ctx.base.base_dir) or "float32"
+        dtype, stored = run_dtypes(ctx.base, ctx.options.dtype)
         layout = layer_layout(ctx.base)
         if ctx.options.layers is not None:
             chosen = asked_slice(ctx.options.layers, layout)
@@ -89,15 +90,11 @@ def depth_slices(ctx: CheckContext) -> list | None | Unavailable:
             return chosen
         try:
             adapted = adapted_layers(list(read_adapter_tensors(ctx.adapter.root)), layout) if layout else set()
-            stored = stored_dtype(ctx.base.base_dir)
             chosen = plan_slices(ctx.base, dtype, budget, adapted, disk=temporary_disk_free(), stored=stored)
-        except ValueError as err:
-            disk = "temporary disk" in str(err)
+        except SlicePlanError as err:
             return Unavailable(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} for "
                                f"the dynamic checks and the memory budget is {budget / 2**30:.1f} GiB; depth "
-                               f"slices cannot help: {err}", is_failure=True,
-                               fix=("point TMPDIR at a disk with room for one slice and its merged copy" if disk else
-                                    "run on a machine with more memory (or --device cuda), or check a smaller base"))
+                               f"slices cannot help: {err}", is_failure=True, fix=err.fix)
         if chosen is not None:
             ctx.note(f"the base needs {needed_bytes(ctx.base, dtype) / 2**30:.1f} GiB in {dtype} and the memory "
                      f"budget is {budget / 2**30:.1f} GiB ({temporary_disk_free() / 2**30:.1f} GiB of temporary disk "
@@ -145,10 +142,9 @@ def _slice_results(ctx: CheckContext, chosen: list[tuple[int, ...]], check_id: s
                 return _all_failed(done, ids, chosen, problem)
             ctx.say(f"writing the depth slice of layers {first}-{last}")
             depth_slice = write_slice(ctx.base, ctx.adapter.root, layers, workdir / f"layers-{first}")
-            recorded = ctx.cache.get(f"dynamic.slice.{depth_slice.label}")  # a test's recorded run for this slice
             sliced = dataclasses.replace(ctx, base=inspect_base(depth_slice.base_dir),
                                          adapter=read_adapter(depth_slice.adapter_dir),
-                                         cache=recorded.cache if recorded is not None else {},
+                                         cache=slice_cache(depth_slice),
                                          cleanup=stack.enter_context(contextlib.ExitStack()))
             for each in ids:
                 body = _body_of(get_check(each).func)  # the check itself, not the slicing wrapper
@@ -158,16 +154,20 @@ def _slice_results(ctx: CheckContext, chosen: list[tuple[int, ...]], check_id: s
     return done[check_id]
 
 
+def slice_cache(depth_slice) -> dict:
+    """The memo a slice's checks start from: empty, so the slice's own run is measured (a test hands recorded runs
+    in here instead of loading models: tests/test_dynamic_verdicts.py)."""
+    return {}
+
+
 def _disk_problem(ctx: CheckContext, layers: tuple[int, ...], workdir: Path) -> str | None:
     """The slice and the merge script's saved copy of it must fit the temporary disk (it was planned so, but the
     disk is shared): refuse in one line rather than fail deep inside a save."""
     import shutil
 
-    from harness.loading.slices import disk_bytes, layer_layout
-    from harness.model.structure import stored_dtype
+    from harness.loading.slices import disk_bytes, layer_layout, run_dtypes
 
-    stored = stored_dtype(ctx.base.base_dir) or "float32"
-    needed = disk_bytes(ctx.base, ctx.options.dtype or stored, stored, len(layers), layer_layout(ctx.base))
+    needed = disk_bytes(ctx.base, *run_dtypes(ctx.base, ctx.options.dtype), len(layers), layer_layout(ctx.base))
     free = shutil.disk_usage(workdir).free
     if free >= needed:
         return None

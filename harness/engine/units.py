@@ -29,6 +29,15 @@ class WorkUnit:
         first, last = self.layers[0], self.layers[-1]
         return f"layers-{first}-{last}" if last != first else f"layer-{first}"
 
+    def to_json(self) -> dict:
+        """What crosses to a pytest-xdist worker (``from_json`` reads it back)."""
+        return {"check_ids": list(self.check_ids), "layers": list(self.layers) if self.layers is not None else None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> WorkUnit:
+        layers = data.get("layers")
+        return cls(tuple(data["check_ids"]), tuple(layers) if layers is not None else None)
+
 
 def work_units(check_ids: list[str], base_dir: str | Path | None, adapter_dir: str | Path, *, dtype: str | None,
                budget: int, disk: int | None = None) -> list[WorkUnit]:
@@ -41,16 +50,15 @@ def work_units(check_ids: list[str], base_dir: str | Path | None, adapter_dir: s
     dynamic = tuple(i for i in check_ids if i in sliced_ids)
     if base_dir is None or not dynamic:
         return whole
-    from harness.loading.slices import adapted_layers, layer_layout, plan_slices
-    from harness.model.structure import inspect_base, stored_dtype
+    from harness.loading.slices import adapted_layers, layer_layout, plan_slices, run_dtypes
+    from harness.model.structure import inspect_base
 
     try:
         info = inspect_base(base_dir, build_tree=False)
         layout = layer_layout(info)
         if layout is None:
             return whole
-        stored = stored_dtype(Path(base_dir))
-        dtype = dtype or stored or "float32"
+        dtype, stored = run_dtypes(info, dtype)
         chosen = plan_slices(info, dtype, budget, adapted_layers(adapter_tensor_names(Path(adapter_dir)), layout),
                              disk=disk, stored=stored)
     except Exception:  # noqa: BLE001 - whatever stops planning here, the single run reports it with its fix

@@ -109,11 +109,34 @@ def disk_bytes(info: BaseModelInfo, dtype: str, stored: str | None, layers: int 
     return int(1.1 * written)
 
 
+class SlicePlanError(ValueError):
+    """Why depth slices cannot help (``resource``: "layout", "memory" or "disk"), with the fix a user applies."""
+
+    FIXES = {"layout": "run on a machine with more memory (or --device cuda), or check a smaller base",
+             "memory": "run on a machine with more memory (or --device cuda), or check a smaller base",
+             "disk": "point TMPDIR at a disk with room for one slice and its merged copy"}
+
+    def __init__(self, message: str, resource: str) -> None:
+        super().__init__(message)
+        self.resource = resource
+        self.fix = self.FIXES[resource]
+
+
+def run_dtypes(info: BaseModelInfo, asked: str | None) -> tuple[str, str | None]:
+    """(the dtype the dynamic checks load the base in, the dtype its checkpoint is stored in): what was asked, else
+    the stored one, else float32. One place, so the planner, the units and the disk guard agree."""
+    from harness.model.structure import stored_dtype
+
+    stored = stored_dtype(info.base_dir)
+    stored_name = str(stored) if stored is not None else None
+    return str(asked or stored_name or "float32"), stored_name
+
+
 def plan_slices(info: BaseModelInfo, dtype: str, budget: int, adapted_layers: set[int], *,
                 disk: int | None = None, stored: str | None = None) -> list[tuple[int, ...]] | None:
     """Consecutive runs of layers whose dynamic run fits ``budget`` bytes of memory (and ``disk`` bytes of temporary
     disk when given), covering ``adapted_layers``; None when the whole base fits (no slicing). Raises
-    ``ValueError`` when not even one layer fits."""
+    ``SlicePlanError`` when not even one layer fits."""
     def fits(k: int | None, layout: LayerLayout | None = None) -> bool:
         return needed_bytes(info, dtype, k, layout) <= budget and (
             disk is None or disk_bytes(info, dtype, stored, k, layout) <= disk)
@@ -122,15 +145,16 @@ def plan_slices(info: BaseModelInfo, dtype: str, budget: int, adapted_layers: se
         return None
     layout = layer_layout(info)
     if layout is None:
-        raise ValueError("the base has no decoder layer list to slice by depth")
+        raise SlicePlanError("the base has no decoder layer list to slice by depth", "layout")
     per_slice = max((k for k in range(1, layout.count) if fits(k, layout)), default=0)
     if per_slice == 0:
         memory = needed_bytes(info, dtype, 1, layout)
         if memory > budget:
-            raise ValueError(f"even one decoder layer with the rest of the model needs {memory / 2**30:.1f} GiB")
-        raise ValueError(f"even one decoder layer with the rest of the model needs "
+            raise SlicePlanError(f"even one decoder layer with the rest of the model needs {memory / 2**30:.1f} GiB",
+                                 "memory")
+        raise SlicePlanError(f"even one decoder layer with the rest of the model needs "
                          f"{disk_bytes(info, dtype, stored, 1, layout) / 2**30:.1f} GiB of temporary disk and "
-                         f"{(disk or 0) / 2**30:.1f} GiB is free (point TMPDIR at a disk with room)")
+                         f"{(disk or 0) / 2**30:.1f} GiB is free (point TMPDIR at a disk with room)", "disk")
     chunks = [tuple(range(start, min(start + per_slice, layout.count)))
               for start in range(0, layout.count, per_slice)]
     return [chunk for chunk in chunks if adapted_layers & set(chunk)] or [chunks[0]]
