@@ -217,10 +217,11 @@ def write_slice(info: BaseModelInfo, adapter_dir: Path, layers: tuple[int, ...],
     save_file(tensors, str(base_out / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     adapter_config = read_json_object(adapter_dir / "adapter_config.json")
-    adapter_out.joinpath("adapter_config.json").write_text(json.dumps(slice_adapter_config(adapter_config, layout,
-                                                                                           mapping), indent=2))
+    tensors_in = read_adapter_tensors(adapter_dir)
+    sliced_config = slice_adapter_config(adapter_config, layout, mapping, adapter_module_names(list(tensors_in)))
+    adapter_out.joinpath("adapter_config.json").write_text(json.dumps(sliced_config, indent=2))
     adapter = {}
-    for key, value in read_adapter_tensors(adapter_dir).items():
+    for key, value in tensors_in.items():
         new = _renumber(key, layout.prefix, mapping)
         if new is not None:
             adapter[new] = value.contiguous().clone()
@@ -228,24 +229,59 @@ def write_slice(info: BaseModelInfo, adapter_dir: Path, layers: tuple[int, ...],
     return DepthSlice(tuple(layers), base_out, adapter_out)
 
 
-def slice_adapter_config(config: dict, layout: LayerLayout, mapping: dict[int, int]) -> dict:
-    """``config`` for the renumbered layers: ``layers_to_transform`` and layer-naming pattern keys follow."""
+def slice_adapter_config(config: dict, layout: LayerLayout, mapping: dict[int, int],
+                         modules: Sequence[str] = ()) -> dict:
+    """``config`` for the renumbered layers. ``layers_to_transform`` follows the renumbering. ``rank_pattern`` and
+    ``alpha_pattern`` keys are regexes matched against the end of each module's name (``1.attn.c_attn`` names
+    layer 1 of a GPT-2 without its list's name), so they are not renamed as text: each adapted module of the slice
+    (``modules``: original names) gets an explicit key for its new name with the rank and alpha the installed PEFT
+    gives the original module, and keys that name no module of the slice are dropped."""
     config = dict(config)
     chosen = config.get("layers_to_transform")
     if isinstance(chosen, int):
         chosen = [chosen]
     if isinstance(chosen, list):
         config["layers_to_transform"] = [mapping[i] for i in chosen if i in mapping]
-    for field in ("rank_pattern", "alpha_pattern"):
-        if isinstance(config.get(field), dict):
-            renamed = {}
-            tail = layout.prefix.rsplit(".", 1)[-1]  # pattern keys name layers relative ("layers.3.x")
-            for key, value in config[field].items():
-                new = _renumber(key, tail, mapping)
-                if new is not None:
-                    renamed[new] = value
-            config[field] = renamed
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not (isinstance(ranks, dict) and isinstance(alphas, dict)) or not (ranks or alphas):
+        return config
+    default = (config.get("r", 8), config.get("lora_alpha", 8))
+    new_ranks, new_alphas = {}, {}
+    for module in sorted(set(modules)):
+        renamed = _renumber(module + ".", layout.prefix, mapping)
+        if renamed is None:
+            continue  # a layer outside the slice
+        rank, alpha = peft_rank_and_alpha(ranks, alphas, module, default)
+        key = _pattern_key_for(renamed[:-1])
+        if rank != default[0]:
+            new_ranks[key] = rank
+        if alpha != default[1]:
+            new_alphas[key] = alpha
+    config["rank_pattern"], config["alpha_pattern"] = new_ranks, new_alphas
     return config
+
+
+def peft_rank_and_alpha(ranks: dict, alphas: dict, module: str, default: tuple) -> tuple:
+    """The (r, lora_alpha) the installed PEFT gives ``module`` (its name in the base model) under these patterns."""
+    try:
+        from peft.utils.other import get_pattern_key
+    except ImportError:  # PEFT before get_pattern_key (0.8): the first key of both patterns with a "." before it
+        key = next((k for k in [*ranks, *alphas] if re.match(rf".*\.{k}$", module)), module)
+        return ranks.get(key, default[0]), alphas.get(key, default[1])
+    return (ranks.get(get_pattern_key(list(ranks), module), default[0]),
+            alphas.get(get_pattern_key(list(alphas), module), default[1]))
+
+
+def _pattern_key_for(module: str) -> str:
+    """A pattern key that every supported PEFT matches to ``module`` alone: its name without the first part (PEFT
+    0.8 wants a "." before the key), escaped."""
+    return re.escape(module.split(".", 1)[1] if "." in module else module)
+
+
+def adapter_module_names(adapter_keys: Sequence[str]) -> list[str]:
+    """The base-model module names an adapter's tensors belong to (``base_model.model.`` and the LoRA part off)."""
+    pattern = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(?:lora_[A-Za-z_]+|lora_magnitude_vector)(?:\.|$)")
+    return sorted({m.group(1) for key in adapter_keys if (m := pattern.match(key))})
 
 
 def available_bytes(device: str = "cpu") -> int:
