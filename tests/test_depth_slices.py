@@ -113,6 +113,19 @@ def test_every_supported_peft_reads_the_slice_patterns_as_meant() -> None:
                    "transformer.h.2.attn.c_attn": (4, 8)}
 
 
+def test_a_target_modules_regex_naming_layers_targets_the_same_modules_in_the_slice() -> None:
+    import re
+
+    layout = LayerLayout("model.layers", 4, "num_hidden_layers")
+    base_modules = [f"model.layers.{i}.attention.{m}" for i in range(4) for m in ("wqkv", "wo")] + ["output"]
+    config = {"target_modules": r".*layers\.(2|3)\.attention\.wqkv"}
+    sliced = slice_adapter_config(config, layout, {1: 0, 2: 1}, [], base_modules)
+    renamed = [f"model.layers.{i}.attention.{m}" for i in range(2) for m in ("wqkv", "wo")] + ["output"]
+    assert [m for m in renamed if re.fullmatch(sliced["target_modules"], m)] == ["model.layers.1.attention.wqkv"]
+    assert slice_adapter_config({"target_modules": ["wqkv"]}, layout, {1: 0}, [], base_modules)["target_modules"] == [
+        "wqkv"]  # a list matches by name suffix: no layer in it
+
+
 def test_adapter_module_names_strip_the_peft_wrapping() -> None:
     from harness.loading.slices import adapter_module_names
 
@@ -344,4 +357,24 @@ def test_rank_and_alpha_patterns_survive_slicing_on_hugging_face_architectures(a
     report = harness.check(built.adapter("patterns"), base_model=built.base,
                            max_memory=needed_bytes(info, "float32", 1, layer_layout(info)))
     assert any("depth slice(s) of 1 layer(s)" in note for note in report.notes), report.notes
+    assert report.exit_code == 0, report.render()
+
+
+@pytest.mark.slow
+def test_a_regex_target_naming_a_layer_is_checked_on_its_slice(synthetic_cache, tmp_path) -> None:
+    """A LoRA whose target_modules regex names layer 1 only: the slice of layer 1 (renumbered 0) must target it."""
+    from peft import LoraConfig, get_peft_model
+
+    import harness
+    from fixtures import zoo
+
+    built = zoo.build_arch("llama", synthetic_cache)
+    model = zoo.load_pretrained(built.base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=r".*layers\.1\.self_attn\.(q_proj|v_proj)"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    info = inspect_base(built.base)
+    report = harness.check(tmp_path / "adapter", base_model=built.base,
+                           max_memory=needed_bytes(info, "float32", 1, layer_layout(info)))
+    assert any("1 depth slice(s) of 1 layer(s)" in note for note in report.notes), report.notes
     assert report.exit_code == 0, report.render()

@@ -3,8 +3,8 @@
 A slice is a real model directory made from the base: its own code and small files, a config with fewer layers,
 the non-layer tensors (embeddings, norms, head, vision tower) and the chosen decoder layers renumbered from 0,
 read tensor by tensor from the base's safetensors (a private mmap; never the whole checkpoint), and an adapter
-with the tensors of those layers renumbered the same way (``layers_to_transform``, ``rank_pattern`` and
-``alpha_pattern`` keys naming layers follow). Every loading path then runs on the slice exactly as users run it
+with the tensors of those layers renumbered the same way (``layers_to_transform``, ``rank_pattern``,
+``alpha_pattern`` and a ``target_modules`` regex follow). Every loading path then runs on the slice exactly as users run it
 on the whole model. The slices together hold every layer the adapter touches.
 
 What a slice does not show: interactions across slices (a layer's error reaching later layers outside its
@@ -218,7 +218,8 @@ def write_slice(info: BaseModelInfo, adapter_dir: Path, layers: tuple[int, ...],
     del tensors
     adapter_config = read_json_object(adapter_dir / "adapter_config.json")
     tensors_in = read_adapter_tensors(adapter_dir)
-    sliced_config = slice_adapter_config(adapter_config, layout, mapping, adapter_module_names(list(tensors_in)))
+    sliced_config = slice_adapter_config(adapter_config, layout, mapping, adapter_module_names(list(tensors_in)),
+                                         [key.rsplit(".", 1)[0] for key in model_dir.shapes()])
     adapter_out.joinpath("adapter_config.json").write_text(json.dumps(sliced_config, indent=2))
     adapter = {}
     for key, value in tensors_in.items():
@@ -230,13 +231,17 @@ def write_slice(info: BaseModelInfo, adapter_dir: Path, layers: tuple[int, ...],
 
 
 def slice_adapter_config(config: dict, layout: LayerLayout, mapping: dict[int, int],
-                         modules: Sequence[str] = ()) -> dict:
+                         modules: Sequence[str] = (), base_modules: Sequence[str] = ()) -> dict:
     """``config`` for the renumbered layers. ``layers_to_transform`` follows the renumbering. ``rank_pattern`` and
     ``alpha_pattern`` keys are regexes matched against the end of each module's name (``1.attn.c_attn`` names
     layer 1 of a GPT-2 without its list's name), so they are not renamed as text: each adapted module of the slice
     (``modules``: original names) gets an explicit key for its new name with the rank and alpha the installed PEFT
-    gives the original module, and keys that name no module of the slice are dropped."""
+    gives the original module, and keys that name no module of the slice are dropped. A ``target_modules`` regex
+    (PEFT full-matches it against every module name) becomes the alternation of the slice's modules whose
+    original names it matched (``base_modules``: the base's module names), for the same reason."""
     config = dict(config)
+    if isinstance(config.get("target_modules"), str) and base_modules:
+        config["target_modules"] = _sliced_target_regex(config["target_modules"], layout, mapping, base_modules)
     chosen = config.get("layers_to_transform")
     if isinstance(chosen, int):
         chosen = [chosen]
@@ -259,6 +264,15 @@ def slice_adapter_config(config: dict, layout: LayerLayout, mapping: dict[int, i
             new_alphas[key] = alpha
     config["rank_pattern"], config["alpha_pattern"] = new_ranks, new_alphas
     return config
+
+
+def _sliced_target_regex(regex: str, layout: LayerLayout, mapping: dict[int, int], base_modules: Sequence[str]) -> str:
+    matched = []
+    for module in sorted(set(base_modules)):
+        renamed = _renumber(module + ".", layout.prefix, mapping)
+        if renamed is not None and re.fullmatch(regex, module):
+            matched.append(re.escape(renamed[:-1]))
+    return "|".join(matched) if matched else regex  # nothing matched in the slice: as the whole run would say
 
 
 def peft_rank_and_alpha(ranks: dict, alphas: dict, module: str, default: tuple) -> tuple:
