@@ -319,6 +319,17 @@ def test_target_regex_missing_some_modules(tmp_path):
                                     "tensors and load the adapter only in part")
 
 
+def test_unmatched_targets_uses_fullmatch_as_peft_does(tmp_path):
+    ctx = good(tmp_path)
+    message, _fix = static._unmatched_targets(ctx, {**CONFIG, "target_modules": "q_proj|v_proj"})
+    assert message.startswith("adapter_config.json: target_modules regex 'q_proj|v_proj' matches none of the 2 ")
+    message, _fix = static._unmatched_targets(ctx, {**CONFIG, "target_modules": "model"})  # re.match would take all
+    assert "matches none of the 2" in message
+    message, _fix = static._unmatched_targets(ctx, {**CONFIG, "target_modules": "model.*q_proj"})
+    assert " misses 1 of the 2 module(s) the adapter holds LoRA weights for (e.g. model.layers.0.self_attn.v_proj)" \
+        in message
+
+
 def test_unmatched_targets_only_for_a_plain_regex_over_plain_keys(tmp_path):
     ctx = good(tmp_path)
     assert static._unmatched_targets(ctx, {**CONFIG, "target_modules": r".*\.(q|v)_proj"}) is None
@@ -339,6 +350,10 @@ def test_unmatched_targets_only_for_a_plain_regex_over_plain_keys(tmp_path):
     message, fix = static._unmatched_targets(many, {**CONFIG, "target_modules": "zz"})
     assert r"e.g. .*\.(p0|p1|p2|p3|p4))" in fix
     assert "none of the 7 module(s)" in message and "(e.g. m.p0)" in message
+    # a module at the top level (no dot in its name) is its own leaf
+    top = make(tmp_path / "top", {**lora("lm_head"), **lora(Q)})
+    message, fix = static._unmatched_targets(top, {**CONFIG, "target_modules": "zz"})
+    assert r"e.g. .*\.(lm_head|q_proj))" in fix and "(e.g. lm_head)" in message
 
 
 # -- weights-readable ------------------------------------------------------------------------------
@@ -563,6 +578,21 @@ def test_full_checkpoint_reason_is_computed_once(tmp_path):
     assert static.tensor_scan(ctx) == "scan memo"
 
 
+def test_shared_work_is_named_in_the_time_section(tmp_path):
+    from harness import worklog
+
+    log = worklog.WorkLog()
+    with worklog.recording(log):
+        ctx = good(tmp_path)
+        static.check_full_checkpoint(ctx)
+        static.check_finite(ctx)
+        static.check_noop(ctx)
+    assert {w.key: w.name for w in log.entries()} == {
+        "static.full_checkpoint": "telling an adapter from a full checkpoint",
+        "static.keys": "classifying the adapter's keys",
+        "static.scan": "scanning the adapter's tensors (finite, zero, empty)"}
+
+
 def test_analyse_keys_reads_the_config(tmp_path):
     ctx = make(tmp_path, {**lora(Q), f"{P}output.weight": torch.ones(2)},
                {**CONFIG, "modules_to_save": ["output"]})
@@ -573,14 +603,13 @@ def test_analyse_keys_reads_the_config(tmp_path):
 
 
 def test_empty_tensors(tmp_path):
-    tensors = {**lora(Q), **{f"{P}m{i}.lora_A.weight": torch.ones(0, 4) for i in range(12)}}
+    tensors = {**lora(Q), **{f"{P}m{i}.lora_A.weight": torch.ones(0, 4 + i) for i in range(12)}}
     got = static.check_empty_tensors(make(tmp_path, tensors))
     first = f"{P}m0.lora_A.weight"
     assert verdict(got) == ("fail", f"12 of 14 tensors are empty (e.g. {first} shape (0, 4)): saved under ZeRO-3 "
                                     "without gathering the partitioned parameters")
     assert got.details["empty"] == 12
-    assert got.details["examples"] == {f"{P}m{i}.lora_A.weight": [0, 4] for i in sorted(range(12), key=str)[:10]} or \
-        list(got.details["examples"].values()) == [[0, 4]] * 10
+    assert got.details["examples"] == {f"{P}m{i}.lora_A.weight": [0, 4 + i] for i in sorted(range(12), key=str)[:10]}
     assert len(got.details["examples"]) == 10
     assert verdict(static.check_empty_tensors(good(tmp_path / "g"))) == ("pass", "all 4 tensors have elements")
 
@@ -730,13 +759,18 @@ def test_shapes_trainable_tokens(tmp_path):
     only = static.check_shapes(make(tmp_path / "o", {key: torch.ones(2, 8)}, config))
     assert verdict(only) == ("pass", "0 LoRA modules, shapes consistent with the config (); trainable tokens on 1 "
                                      "module(s)")
+    two = {**CONFIG, "trainable_token_indices": {"embed_tokens": [1, 2], "lm_head": [3]}}
+    got = static.check_shapes(make(tmp_path / "t", {key: torch.ones(2, 8), f"{P}lm_head.token_adapter."
+                                                    "trainable_tokens_delta": torch.ones(1, 8)}, two))
+    assert got.message.endswith("; trainable tokens on 2 module(s)") and got.details["trainable_tokens"] == 2
     bad = static.check_shapes(make(tmp_path / "b", {**lora(Q), key: torch.ones(3, 8)}, config))
     assert bad.status == "fail" and bad.message.startswith(f"1 LoRA module(s) with inconsistent shapes: {module}: ")
     empty = static.check_shapes(make(tmp_path / "e", {key: torch.ones(0, 8)}, config))
     assert verdict(empty) == ("skip", "no non-empty LoRA tensors")
-    named = f"{P}{module}.token_adapter.trainable_tokens_delta.other"
+    named = f"{P}{module}.token_adapter.trainable_tokens_delta.other"  # key-grammar's: an adapter name left in
     got = static.check_shapes(make(tmp_path / "n", {**lora(Q), named: torch.ones(3, 8)}, config))
-    assert got.details["trainable_tokens"] in (0, 1)
+    assert verdict(got) == ("pass", "1 LoRA modules, shapes consistent with the config (r=2 x1)")
+    assert got.details == {"ranks": {"2": 1}, "trainable_tokens": 0}
 
 
 def test_tokens_shape_problem_without_a_base():
@@ -760,6 +794,10 @@ def test_tokens_shape_problem_with_a_base():
         "model.embed_tokens: trainable_tokens_delta [2, 9], expected [2, 8] (one row as wide as the weight [10, 8] per "
         "token index in trainable_token_indices, 2 of them)")
     assert static.tokens_shape_problem(None, fine, "model.embed_tokens", (2, 9)) is None
+    # a list of token indices trains the base's input embedding only: another module's delta is not judged here
+    held["ckpt.lm_head.weight"] = ((10, 8), "float32")
+    assert static.tokens_shape_problem(base, fine, "model.lm_head", (3, 8)) is None
+    assert static.tokens_shape_problem(None, fine, "model.lm_head", (3, 8)) is not None
 
 
 # -- finite ----------------------------------------------------------------------------------------
@@ -846,6 +884,24 @@ def test_noop_examples_capped_and_bias_ignored(tmp_path):
     tensors[f"{P}m.p0.lora_B.bias"] = torch.zeros(3)
     got = static.check_noop(make(tmp_path, tensors))
     assert got.status == "fail" and len(got.details["examples"]) == 5 and got.details["zero"] == 7
+
+
+def test_noop_some_zero_examples_capped_at_five(tmp_path):
+    tensors = {k: v for i in range(7) for k, v in lora(f"m.p{i}", b_value=0.0).items()}
+    got = static.check_noop(make(tmp_path, {**tensors, **lora(Q)}))
+    assert got.status == "warn" and got.message.startswith("7 of 8 lora_B tensors are exactly zero (e.g. ")
+    assert got.details == {"zero": 7, "examples": [f"{P}m.p{i}.lora_B.weight" for i in range(5)]}
+
+
+def test_noop_a_one_element_lora_b_is_not_empty(tmp_path):
+    got = static.check_noop(make(tmp_path, lora(Q, r=1, out=1)))
+    assert verdict(got) == ("pass", "all 1 lora_B tensors are non-zero")
+
+
+def test_noop_zero_lora_b_with_trained_biases_warns(tmp_path):
+    tensors = {**lora(Q, b_value=0.0), f"{P}{Q}.base_layer.bias": torch.ones(3)}
+    got = static.check_noop(make(tmp_path, tensors, {**CONFIG, "bias": "all"}))
+    assert got.status == "warn" and "only 1 other tensor(s)" in got.message
 
 
 def test_noop_passes_and_skips(tmp_path):
