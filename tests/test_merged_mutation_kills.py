@@ -1,0 +1,448 @@
+"""``merged-matches`` on the zoo's tiny architectures, called directly (milliseconds a case), so the mutation run
+(scripts/mutation-test.sh) can judge the ``_Merge`` comparison: modules_to_save copies, trainable tokens (untied and
+tied), tied pairs the adapter changes on one side, lora_bias, DoRA, Conv1D without a module tree, saved base
+overrides (bias="all"), ΔW below the dtype's resolution, and what the report says for each (message, fix, details).
+test_merged_verdicts.py covers the XComposer cases (scaling, PLoRA, missing tensors) on the cached official merge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fixtures import zoo
+from harness.checks.context import CheckContext
+from harness.checks.registry import get_check, run_check
+from harness.inputs.adapter_dir import read_adapter
+from harness.model.structure import inspect_base
+
+_BUILT: dict = {}
+
+
+@pytest.fixture(scope="module")
+def arch(synthetic_cache):
+    """``arch(name, kind=None)`` → (the built zoo architecture, its base inspected once); skips where the
+    installed transformers or PEFT lacks it."""
+
+    def get(name: str, kind: str | None = None):
+        if reason := zoo.arch_unavailable(name) or (kind and zoo.feature_unavailable(kind)):
+            pytest.skip(reason)
+        if name not in _BUILT:
+            built = zoo.build_arch(name, synthetic_cache)
+            _BUILT[name] = (built, inspect_base(built.base))
+        return _BUILT[name]
+
+    return get
+
+
+def verdict(adapter: Path, info, merged: Path, progress=None):
+    ctx = CheckContext(adapter=read_adapter(adapter), base=info, merged=merged, progress=progress)
+    return run_check(get_check("merged-matches"), ctx)
+
+
+def edited(src: Path, out: Path, change=None, config=None) -> Path:
+    """A copy of model or adapter directory ``src`` with its safetensors and/or its JSON config changed."""
+    out = Path(shutil.copytree(src, out))
+    if change is not None:
+        path = next(out.glob("*.safetensors"))
+        tensors = load_file(path)
+        change(tensors)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    if config is not None:
+        path = out / ("adapter_config.json" if (out / "adapter_config.json").exists() else "config.json")
+        data = json.loads(path.read_text())
+        config(data)
+        path.write_text(json.dumps(data))
+    return out
+
+
+def base_tensors(built) -> dict:
+    return load_file(built.base / "model.safetensors")
+
+
+def noise_like(t: torch.Tensor, scale: float, seed: int = 0) -> torch.Tensor:
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# the official merges pass, and say so with the tensor count and the progress line
+
+
+@pytest.mark.parametrize("name, kind", [("llama", "modules_to_save"), ("llama", "tokens"), ("llama", "dora"),
+                                        ("opt", "tokens"), ("opt", "lora_bias"), ("gpt2", "modules_to_save")])
+def test_official_merges_of_every_feature_pass(arch, name, kind):
+    built, info = arch(name, kind)
+    said = []
+    got = verdict(built.adapter(kind), info, built.merged(kind), progress=said.append)
+    assert got.status == "pass", got.message
+    n = len(load_file(built.merged(kind) / "model.safetensors"))
+    assert got.message == f"{n} tensors match base + adapter (max rel error {got.details['max_rel_error']:.1e})"
+    assert said == ["comparing the merged checkpoint with base + adapter, tensor by tensor"]
+    assert got.details["problems"] == [] and got.details["max_rel_error"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# modules_to_save: the trained copy, not the base
+
+
+def test_a_dropped_modules_to_save_copy_is_named(arch):
+    built, info = arch("llama")
+    got = verdict(built.adapter("modules_to_save"), info, built.broken("modules-to-save-dropped"))
+    assert got.status == "fail"
+    assert got.message == ("1 trained modules_to_save tensor(s) not merged, e.g. lm_head.weight (modules_to_save "
+                           "lm_head: the base value, not the trained copy)")
+    assert got.details["copies_dropped"] == ["lm_head.weight (modules_to_save lm_head: the base value, not the "
+                                             "trained copy)"]
+    assert got.details["copies_wrong"] == [] and got.details["worst_tensor"] == "lm_head.weight"
+    assert got.details["max_rel_error"] > 0.1
+    assert got.fix == ("write the trained modules_to_save copies into the merged model (merge_and_unload does; a hand "
+                       "merge must copy them)")
+
+
+def test_a_modules_to_save_copy_that_is_neither_is_wrong_with_its_error(arch, tmp_path):
+    built, info = arch("llama")
+    merged = edited(built.merged("modules_to_save"), tmp_path / "m",
+                    lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + noise_like(t["lm_head.weight"], 0.05)}))
+    got = verdict(built.adapter("modules_to_save"), info, merged)
+    assert got.status == "fail" and got.details["copies_dropped"] == []
+    (entry,) = got.details["copies_wrong"]
+    err = got.details["max_rel_error"]
+    assert entry == f"lm_head.weight (modules_to_save lm_head: error {err:.2e} of max|W|)"
+    assert got.message == f"1 modules_to_save tensor(s) differ from the trained copy, e.g. {entry}"
+    assert "modules_to_save copies" in got.fix
+
+
+def test_a_modules_to_save_copy_of_another_shape_is_wrong(arch, tmp_path):
+    built, info = arch("llama")
+    merged = edited(built.merged("modules_to_save"), tmp_path / "m",
+                    lambda t: t.update({"lm_head.weight": t["lm_head.weight"][:-1]}))
+    got = verdict(built.adapter("modules_to_save"), info, merged)
+    trained = list(base_tensors(built)["lm_head.weight"].shape)
+    assert got.details["copies_wrong"] == [f"lm_head.weight (shape {[trained[0] - 1, trained[1]]}, the trained "
+                                           f"lm_head.weight is {trained})"]
+
+
+def test_a_copy_within_tolerance_passes_and_records_the_worst(arch, tmp_path):
+    built, info = arch("llama")
+    merged = edited(built.merged("modules_to_save"), tmp_path / "m",
+                    lambda t: t["lm_head.weight"].__setitem__((0, 0), t["lm_head.weight"][0, 0] * (1 + 1e-7)))
+    got = verdict(built.adapter("modules_to_save"), info, merged)
+    assert got.status == "pass", got.message
+    assert got.details["worst_tensor"] == "lm_head.weight" and 0 < got.details["max_rel_error"] < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# trainable tokens: the base with the trained rows written in
+
+
+def test_dropped_token_rows_are_named(arch):
+    built, info = arch("llama", "tokens")
+    got = verdict(built.adapter("tokens"), info, built.broken("tokens-dropped"))
+    entry = ("model.embed_tokens.weight (trainable tokens of model.embed_tokens: rows [3, 5, 7] hold the base values, "
+             "not the trained ones)")
+    assert got.details["tokens_dropped"] == [entry] and got.details["tokens_wrong"] == []
+    assert got.message == f"1 weight(s) with trainable tokens not merged, e.g. {entry}"
+    assert got.fix == ("write the trained token rows into the embedding (merge_and_unload does; a hand merge must copy "
+                       "exactly those rows)")
+    assert got.details["worst_tensor"] == "model.embed_tokens.weight"
+
+
+def test_token_rows_written_one_row_off_name_both_row_sets(arch):
+    built, info = arch("llama", "tokens")
+    got = verdict(built.adapter("tokens"), info, built.broken("tokens-wrong-rows"))
+    (entry,) = got.details["tokens_wrong"]
+    err = got.details["max_rel_error"]
+    assert entry == ("model.embed_tokens.weight (trainable tokens of model.embed_tokens [3, 5, 7]: rows [3, 5, 7] are "
+                     "not the trained values; rows [4, 6, 8] changed that the adapter does not train; error "
+                     f"{err:.2e} of max|W|)")
+    assert got.message == ("1 weight(s) with trainable tokens differ from the base with the trained rows written in, "
+                           f"e.g. {entry}")
+    assert got.details["tokens_dropped"] == []
+
+
+def test_only_untrained_rows_changed_names_those_rows_alone(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    key = "model.embed_tokens.weight"
+    rows = list(range(9, 19))  # ten untrained rows: the entry lists eight
+
+    def change(t):
+        t[key] = t[key].clone()
+        t[key][rows] += 0.5
+
+    got = verdict(built.adapter("tokens"), info, edited(built.merged("tokens"), tmp_path / "m", change))
+    (entry,) = got.details["tokens_wrong"]
+    assert entry.startswith(f"{key} (trainable tokens of model.embed_tokens [3, 5, 7]: rows {rows[:8]} changed that "
+                            "the adapter does not train; error ")
+    assert "are not the trained values" not in entry
+
+
+def test_trained_rows_half_written_are_wrong_not_dropped(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    key = "model.embed_tokens.weight"
+    base = base_tensors(built)[key]
+
+    def change(t):
+        t[key] = t[key].clone()
+        t[key][3] = base[3]  # one trained row left at the base, the others trained
+
+    got = verdict(built.adapter("tokens"), info, edited(built.merged("tokens"), tmp_path / "m", change))
+    (entry,) = got.details["tokens_wrong"]
+    assert f"[3, 5, 7]: rows [3] are not the trained values; error " in entry and got.details["tokens_dropped"] == []
+
+
+def test_an_embedding_of_another_shape_with_tokens_is_wrong(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    key = "model.embed_tokens.weight"
+    merged = edited(built.merged("tokens"), tmp_path / "m", lambda t: t.update({key: t[key][:, :-1]}))
+    got = verdict(built.adapter("tokens"), info, merged)
+    vocab, hidden = base_tensors(built)[key].shape
+    assert got.details["tokens_wrong"] == [f"{key} (trainable tokens of model.embed_tokens: shape [{vocab}, "
+                                           f"{hidden - 1}], base [{vocab}, {hidden}])"]
+
+
+def test_token_rows_that_do_not_fit_the_base_point_to_base_match(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    key = "model.embed_tokens.weight"
+    base = edited(built.base, tmp_path / "base", lambda t: t.update({key: t[key][:, :-2]}))
+    merged = edited(built.merged("tokens"), tmp_path / "m", lambda t: t.update({key: t[key][:, :-2]}))
+    narrow = inspect_base(base)
+    got = verdict(built.adapter("tokens"), narrow, merged)
+    (entry,) = got.details["tokens_wrong"]
+    assert entry.startswith(f"{key} (trainable tokens of model.embed_tokens: trainable_tokens_delta ")
+    assert entry.endswith(", see base-match)")
+
+
+def test_a_tied_head_left_at_the_base_drops_the_trained_rows(arch, tmp_path):
+    """opt ties lm_head to the embedding: PEFT's token adapter reaches the head too, so an untied head at the base
+    values is a dropped token merge, named by the head's key."""
+    built, info = arch("opt", "tokens")
+    base = base_tensors(built)
+    head, embedding = built.info["head_module"] + ".weight", built.info["embedding_key"]
+    merged = edited(built.merged("tokens"), tmp_path / "m", lambda t: t.update({head: base[embedding].clone()}),
+                    config=lambda c: c.update(tie_word_embeddings=False))
+    got = verdict(built.adapter("tokens"), info, merged)
+    assert got.details["tokens_dropped"] == [f"{head} (trainable tokens of {built.info['embedding_module']}: rows "
+                                             "[3, 5, 7] hold the base values, not the trained ones)"]
+    assert got.details["untie_expected"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# tied pairs the adapter changes on one side
+
+
+def tie_problem(module: str, partner: str, key: str, separate: str) -> str:
+    return (f"{module} is tied to {partner} (tie_word_embeddings) and the adapter changes only {module}, but the "
+            f"merged checkpoint keeps one shared tensor ({key}), so it cannot hold both the adapter's {module} and "
+            f"the base {partner} as the unmerged adapter does; save them untied (tie_word_embeddings: false, "
+            f"separate {separate})")
+
+
+def test_a_tied_embedding_merged_into_one_shared_tensor_fails(arch):
+    built, info = arch("gpt2")
+    got = verdict(built.adapter("embedding"), info, built.merged("embedding"))
+    problem = tie_problem("transformer.wte", "lm_head", "transformer.wte.weight",
+                          "transformer.wte.weight and lm_head.weight")
+    assert got.details["ties"] == [problem] and got.details["untie_expected"] is True
+    assert got.message == problem and got.details["problems"] == [problem]
+    assert got.fix == "save the tied pair untied (tie_word_embeddings: false and a separate weight for each)"
+
+
+def test_an_untied_head_copy_with_the_tie_flag_still_true_is_lost_on_reload(arch, tmp_path):
+    built, info = arch("gpt2")
+    assert built.info["merged_tie_word_embeddings"]["modules_to_save"] is False
+    good = built.merged("modules_to_save")
+    assert verdict(built.adapter("modules_to_save"), info, good).status == "pass"  # untied is right here
+    merged = edited(good, tmp_path / "true", config=lambda c: c.update(tie_word_embeddings=True))
+    got = verdict(built.adapter("modules_to_save"), info, merged)
+    problem = ("lm_head.weight holds the adapter's lm_head but config.json keeps tie_word_embeddings true: on reload "
+               "transformers re-ties lm_head to transformer.wte and the adapter's lm_head is lost; set "
+               "tie_word_embeddings: false")
+    assert got.details["ties"] == [problem] and got.message == problem and got.details["untie_expected"] is True
+    merged = edited(good, tmp_path / "default", config=lambda c: c.pop("tie_word_embeddings"))
+    got = verdict(built.adapter("modules_to_save"), info, merged)
+    assert got.details["ties"] == [problem.replace("tie_word_embeddings true:", "tie_word_embeddings true (the "
+                                                   "default):")]
+
+
+def test_an_untied_merge_of_a_tied_base_that_the_adapter_keeps_tied_fails_on_the_flag(arch, tmp_path):
+    built, info = arch("gpt2")
+    merged = edited(built.merged("plain"), tmp_path / "m", config=lambda c: c.update(tie_word_embeddings=False))
+    got = verdict(built.adapter("plain"), info, merged)
+    base_flag = json.loads((built.base / "config.json").read_text()).get("tie_word_embeddings")
+    assert got.details["problems"] == [f"config tie_word_embeddings is False, base has {base_flag!r}"]
+    assert got.details["untie_expected"] is False and got.details["ties"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_bias, DoRA, Conv1D, saved base overrides
+
+
+def test_a_lora_bias_off_by_twice_is_wrong_without_a_scaling_story(arch, tmp_path):
+    built, info = arch("opt", "lora_bias")
+    key = "model.decoder.layers.0.fc1.bias"
+    base = base_tensors(built)
+    merged = edited(built.merged("lora_bias"), tmp_path / "m",
+                    lambda t: t.update({key: 2 * t[key] - base[key]}))
+    got = verdict(built.adapter("lora_bias"), info, merged)
+    (entry,) = got.details["wrong_delta"]
+    assert entry.startswith(f"{key} (error ") and got.details["delta_ratios"] == {}
+    assert got.details["unmerged"] == [] and got.details["worst_tensor"] == key
+
+
+def test_a_dropped_lora_bias_is_an_unmerged_layer(arch):
+    built, info = arch("gpt2", "lora_bias")
+    got = verdict(built.adapter("lora_bias"), info, built.broken("lora-bias-dropped"))
+    assert got.details["unmerged"] == sorted(built.info["broken"]["lora-bias-dropped"])
+    assert got.message == f"8 adapted weight(s) equal the base (layer not merged), e.g. {got.details['unmerged'][0]}"
+
+
+def test_a_dora_weight_off_by_twice_the_delta_gets_no_ratio(arch, tmp_path):
+    built, info = arch("llama", "dora")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = base_tensors(built)
+    merged = edited(built.merged("dora"), tmp_path / "m", lambda t: t.update({key: 2 * t[key] - base[key]}))
+    got = verdict(built.adapter("dora"), info, merged)
+    assert [e.split(" (")[0] for e in got.details["wrong_delta"]] == [key] and got.details["delta_ratios"] == {}
+    assert "lora_alpha" not in got.message
+
+
+def test_conv1d_is_told_apart_by_shape_without_a_module_tree(arch, tmp_path):
+    """Without a module tree (a meta build that failed) only the weight's shape says a GPT-2 Conv1D stores
+    [in, out]: the non-square ones (c_attn, c_fc, mlp.c_proj) of the official merge match; a square one (attn.c_proj,
+    32x32) cannot be told apart and is reported; a skipped Conv1D layer is still named."""
+    built, _ = arch("gpt2")
+    flat = inspect_base(built.base, build_tree=False)
+    assert flat.modules is None
+    got = verdict(built.adapter("plain"), flat, built.merged("plain"))
+    assert [e.split(" (")[0] for e in got.details["wrong_delta"]] == [f"transformer.h.{i}.attn.c_proj.weight"
+                                                                      for i in (0, 1)], got.details
+    got = verdict(built.adapter("plain"), flat, built.broken("layer-skipped"))
+    assert got.details["unmerged"] == ["transformer.h.1.attn.c_attn.weight"]
+
+
+def test_a_delta_that_does_not_fit_the_base_weight_points_to_base_match(arch, tmp_path):
+    built, _ = arch("llama")
+    flat = inspect_base(built.base, build_tree=False)
+    module = "model.layers.0.self_attn.q_proj"
+    key = f"base_model.model.{module}.lora_B.weight"
+    adapter = edited(built.adapter("plain"), tmp_path / "a", lambda t: t.update({key: t[key][:-1]}))
+    got = verdict(adapter, flat, built.merged("plain"))
+    rows, cols = base_tensors(built)[f"{module}.weight"].shape
+    assert got.details["wrong_delta"] == [f"{module}.weight (ΔW {[rows - 1, cols]} does not fit the base weight "
+                                          f"{[rows, cols]}, see base-match)"]
+
+
+def test_an_adapted_weight_of_another_shape_is_wrong(arch, tmp_path):
+    built, info = arch("llama")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    merged = edited(built.merged("plain"), tmp_path / "m", lambda t: t.update({key: t[key][:-1]}))
+    got = verdict(built.adapter("plain"), info, merged)
+    rows, cols = base_tensors(built)[key].shape
+    assert got.details["wrong_delta"] == [f"{key} (shape {[rows - 1, cols]}, expected {[rows, cols]})"]
+
+
+def test_a_saved_bias_is_the_base_value_the_merge_must_keep(arch, tmp_path):
+    """bias="all" saves the trained biases: PEFT loads them over the base's, so the merged bias is the saved one."""
+    built, info = arch("opt")
+    key = "model.decoder.layers.0.self_attn.k_proj.bias"
+    trained = base_tensors(built)[key] + 0.5
+    adapter = edited(built.adapter("plain"), tmp_path / "a",
+                     lambda t: t.update({f"base_model.model.{key}": trained.clone()}),
+                     config=lambda c: c.update(bias="all"))
+    got = verdict(adapter, info, built.merged("plain"))
+    assert got.details["changed"] == [key], got.details
+    merged = edited(built.merged("plain"), tmp_path / "m", lambda t: t.update({key: trained.clone()}))
+    assert verdict(adapter, info, merged).status == "pass"
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors the adapter does not touch; ΔW below the resolution
+
+
+def test_untouched_tensors_changed_by_shape_inf_or_beyond_the_tolerance(arch, tmp_path):
+    built, info = arch("llama")
+    a, b, c = "model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"
+
+    def change(t):
+        t[a] = t[a][:-1]
+        t[b] = t[b].clone()
+        t[b][0] = float("inf")
+        t[c] = t[c] * (1 + 1e-3)
+
+    got = verdict(built.adapter("plain"), info, edited(built.merged("plain"), tmp_path / "m", change))
+    assert sorted(got.details["changed"]) == sorted([a, b, c])
+    near = edited(built.merged("plain"), tmp_path / "near", lambda t: t.update({c: t[c] * (1 + 1e-7)}))
+    assert verdict(built.adapter("plain"), info, near).status == "pass"
+
+
+def test_inf_in_both_base_and_merged_is_no_change(arch, tmp_path):
+    built, info = arch("llama")
+    key = "model.norm.weight"
+
+    def change(t):
+        t[key] = t[key].clone()
+        t[key][0] = float("inf")
+
+    base = edited(built.base, tmp_path / "base", change)
+    merged = edited(built.merged("plain"), tmp_path / "m", change)
+    assert verdict(built.adapter("plain"), inspect_base(base), merged).status == "pass"
+
+
+def test_a_bfloat16_merge_equal_to_the_cast_base_passes(arch, tmp_path):
+    built, info = arch("llama")
+    merged = edited(built.merged("plain"), tmp_path / "m",
+                    lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    got = verdict(built.adapter("plain"), info, merged)
+    assert got.status == "pass", got.message and got.details["dtypes"] == ["bfloat16"]
+
+
+def tiny_delta_adapter(built, out: Path) -> Path:
+    """The plain adapter with every lora_B scaled down until s·B·A is below float32's resolution of the weights."""
+    return edited(built.adapter("plain"), out,
+                  lambda t: t.update({k: v * 1e-12 for k, v in t.items() if ".lora_B." in k}))
+
+
+def test_delta_below_the_resolution_everywhere_warns(arch, tmp_path):
+    built, info = arch("llama")
+    adapter = tiny_delta_adapter(built, tmp_path / "a")
+    got = verdict(adapter, info, built.base)  # the base itself is base + a ΔW it cannot hold
+    assert got.status == "warn"
+    assert got.message == ("ΔW is below the ['float32'] resolution in every adapted weight; the merge cannot be "
+                           "verified from weights alone")
+    assert got.details["problems"] == []
+
+
+def test_delta_below_the_resolution_in_some_weights_passes(arch, tmp_path):
+    built, info = arch("llama")
+    module = "model.layers.0.self_attn.q_proj"
+    adapter = edited(built.adapter("plain"), tmp_path / "a",
+                     lambda t: t.update({k: v * 1e-12 for k, v in t.items() if ".lora_B." in k and module not in k}))
+    merged = edited(built.base, tmp_path / "m",
+                    lambda t: t.update({f"{module}.weight": load_file(built.merged("plain") / "model.safetensors")[
+                        f"{module}.weight"]}))
+    got = verdict(adapter, info, merged)
+    assert got.status == "pass", got.message
+
+
+def test_delta_below_the_resolution_with_a_trained_copy_passes(arch, tmp_path):
+    built, info = arch("llama")
+    adapter = edited(built.adapter("modules_to_save"), tmp_path / "a",
+                     lambda t: t.update({k: v * 1e-12 for k, v in t.items() if ".lora_B." in k}))
+    trained = {k: v for k, v in load_file(built.merged("modules_to_save") / "model.safetensors").items()
+               if k == "lm_head.weight"}
+    merged = edited(built.base, tmp_path / "m", lambda t: t.update(trained))
+    assert verdict(adapter, info, merged).status == "pass"
+
+
+def test_delta_below_the_resolution_with_trained_tokens_passes(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    adapter = edited(built.adapter("tokens"), tmp_path / "a",
+                     lambda t: t.update({k: v * 1e-12 for k, v in t.items() if ".lora_B." in k}))
+    key = "model.embed_tokens.weight"
+    rows = load_file(built.merged("tokens") / "model.safetensors")[key]
+    merged = edited(built.base, tmp_path / "m", lambda t: t.update({key: rows}))
+    assert verdict(adapter, info, merged).status == "pass"
