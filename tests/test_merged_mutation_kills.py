@@ -446,3 +446,266 @@ def test_delta_below_the_resolution_with_trained_tokens_passes(arch, tmp_path):
     rows = load_file(built.merged("tokens") / "model.safetensors")[key]
     merged = edited(built.base, tmp_path / "m", lambda t: t.update({key: rows}))
     assert verdict(adapter, info, merged).status == "pass"
+
+
+# ---------------------------------------------------------------------------------------------
+# merged-matches' inputs and the merged-whole progress line
+
+
+def test_merged_matches_skips_a_packed_quantized_base(arch, tmp_path):
+    built, info = arch("llama")
+    merged = edited(built.merged("plain"), tmp_path / "m", config=lambda c: c.update(
+        quantization_config={"quant_method": "gptq", "bits": 4}))
+    got = verdict(built.adapter("plain"), info, merged)
+    assert got.status == "skip"
+    assert got.message.startswith(f"the merged checkpoint {merged} is saved quantized (")
+    assert "comparing merged weights with W + ΔW tensor by tensor cannot be checked on it" in got.message
+
+
+def test_merged_matches_skips_an_adapter_without_tensors(arch):
+    from types import SimpleNamespace
+
+    built, info = arch("llama")
+    adapter = SimpleNamespace(primary=None, config={}, tensors={})
+    got = run_check(get_check("merged-matches"), CheckContext(adapter=adapter, base=info, merged=built.merged("plain")))
+    assert (got.status, got.message) == ("skip", "the adapter's tensors or config are unreadable (see the static "
+                                                 "checks)")
+    got = run_check(get_check("merged-matches"), CheckContext(adapter=None, base=info, merged=built.merged("plain")))
+    assert got.status == "skip" and got.message.startswith("the adapter's tensors or config are unreadable")
+
+
+def test_merged_whole_says_what_it_reads(arch):
+    built, info = arch("llama")
+    said = []
+    ctx = CheckContext(adapter=read_adapter(built.adapter("plain")), base=info, merged=built.merged("plain"),
+                       progress=said.append)
+    assert run_check(get_check("merged-whole"), ctx).status == "pass"
+    assert said == ["reading the merged directory's files as from_pretrained will"]
+
+
+def test_without_a_usable_target_modules_every_module_with_tensors_counts(arch, tmp_path, monkeypatch):
+    """No target_modules, or one that cannot be resolved (targets-resolve reports it): merged-matches compares
+    every module the adapter has tensors for, as PEFT would apply them, and does not crash."""
+    built, info = arch("llama")
+    adapter = edited(built.adapter("plain"), tmp_path / "a", config=lambda c: c.pop("target_modules"))
+    got = verdict(adapter, info, built.broken("layer-skipped"))
+    assert got.details["unmerged"] == ["model.layers.1.self_attn.q_proj.weight"]
+    assert got.details["ignored_adapter_tensors"] == []
+    from harness.checks import against_base
+
+    def unresolvable(ctx):
+        raise ValueError("catastrophic backtracking")
+
+    monkeypatch.setattr(against_base, "target_resolution", unresolvable)
+    got = verdict(built.adapter("plain"), info, built.broken("layer-skipped"))
+    assert got.details["unmerged"] == ["model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_untargeted_tensors_are_ignored_and_listed(synthetic_cache):
+    if reason := zoo.arch_unavailable("llama"):
+        pytest.skip(reason)
+    built, adapter = zoo.derived_adapter("untargeted-tensors", synthetic_cache)
+    got = verdict(adapter, inspect_base(built.base), built.base)
+    (note,) = got.details["ignored_adapter_tensors"]
+    assert note == ("4 saved tensor(s) get no effect in the reference: target_modules does not name the module, so "
+                    "PEFT gives it no LoRA layer and drops the tensors (e.g. base_model.model.model.layers.0.self_attn."
+                    "v_proj.lora_A.weight)")
+    assert got.status == "pass", got.message
+
+
+# ---------------------------------------------------------------------------------------------
+# zero-checkpoint: the conversion's report
+
+
+def zero(n_tensors: int = 3):
+    from harness.inputs.deepspeed import ZeroConversion
+
+    return ZeroConversion(checkpoint_dir=Path("ckpt"), tag="global_step5", tag_dir=Path("ckpt/global_step5"), stage=3,
+                          world_size=2, ds_version="0.14", n_tensors=n_tensors, output_dir=Path("out"),
+                          adapter_config_source="beside", dtype="float32", log="long log")
+
+
+def test_zero_checkpoint_reports_the_conversion():
+    check = get_check("zero-checkpoint")
+    got = run_check(check, CheckContext(deepspeed=zero()))
+    assert (got.status, got.message) == ("pass", "ZeRO-3 checkpoint, world size 2, tag global_step5: 3 adapter tensors "
+                                                 "converted with zero_to_fp32 (float32)")
+    assert "log" not in got.details and got.details["tag"] == "global_step5" and got.details["checkpoint_dir"] == "ckpt"
+    got = run_check(check, CheckContext(deepspeed=zero(0)))
+    assert (got.status, got.message) == ("fail", "ZeRO-3 checkpoint global_step5: no LoRA tensors converted")
+    assert "log" not in got.details and got.details["n_tensors"] == 0 and got.fix == check.fix
+    got = run_check(check, CheckContext(deepspeed=zero(), deepspeed_error="refused: a pickle global"))
+    assert (got.status, got.message) == ("fail", "refused: a pickle global")
+    got = run_check(check, CheckContext())
+    assert (got.status, got.message) == ("skip", "the adapter is not a DeepSpeed checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and context
+
+
+def test_results_get_the_check_id_and_the_default_fix_only_when_they_fail_or_warn():
+    from harness.checks.registry import Check, failed, passed, skipped, warned
+
+    def check_of(result):
+        return Check(id="toy", group="static", summary="s", why="w", fix="the default fix", func=lambda ctx: result)
+
+    ctx = CheckContext()
+    for make, status, fix in ((passed, "pass", None), (skipped, "skip", None), (warned, "warn", "the default fix"),
+                              (failed, "fail", "the default fix")):
+        got = run_check(check_of(make("m", a=1)), ctx)
+        assert (got.id, got.status, got.message, got.details, got.fix) == ("toy", status, "m", {"a": 1}, fix)
+    got = run_check(check_of(failed("m", fix="own")), ctx)
+    assert got.fix == "own"
+    got = run_check(check_of(warned("m", fix="own")), ctx)
+    assert got.fix == "own"
+
+
+def test_an_exception_in_a_check_is_one_line_with_its_type():
+    from harness.checks.registry import Check
+
+    def boom(ctx):
+        raise KeyError("x" * 400 + "\nsecond line")
+
+    got = run_check(Check(id="toy", group="static", summary="s", why="w", fix="f", func=boom), CheckContext())
+    assert got.id == "toy" and got.details == {"exception": "KeyError"}
+    assert got.message == "internal error in check: KeyError: '" + "x" * 299
+    assert got.fix == ("this is a harness bug or an input it does not understand; please report it with the JSON "
+                       "report")
+
+    def empty(ctx):
+        raise RuntimeError("")
+
+    got = run_check(Check(id="toy", group="static", summary="s", why="w", fix="f", func=empty), CheckContext())
+    assert got.message == "internal error in check: RuntimeError:"
+    got = run_check(Check(id="toy", group="static", summary="s", why="w", fix="f", func=lambda ctx: "pass"),
+                    CheckContext())
+    assert got.message == "internal error in check: TypeError: check returned str, not CheckResult"
+
+
+def test_unusable_input_inside_a_check_is_not_swallowed():
+    from harness.checks.registry import Check
+    from harness.inputs.errors import UnusableInput
+
+    def unusable(ctx):
+        raise UnusableInput("the base needs the network")
+
+    with pytest.raises(UnusableInput):
+        run_check(Check(id="toy", group="static", summary="s", why="w", fix="f", func=unusable), CheckContext())
+
+
+def test_run_checks_runs_the_selected_ids_in_order_and_says_each():
+    from harness.checks.registry import checks, run_checks
+
+    said = []
+    ctx = CheckContext(progress=said.append)
+    got = run_checks(ctx, "merged", only=["merged-whole"])
+    assert [r.id for r in got] == ["merged-whole"] and said == ["check merged-whole"]
+    said.clear()
+    got = run_checks(ctx, "merged")
+    assert [r.id for r in got] == [c.id for c in checks("merged")] == ["merged-matches", "merged-whole"]
+    assert said == ["check merged-matches", "check merged-whole"]
+
+
+def test_registering_the_same_function_again_is_allowed_and_replaces_the_record():
+    from harness.checks.registry import REGISTRY, register
+
+    original = REGISTRY["zero-checkpoint"]
+    try:
+        func = original.func
+        assert register(id="zero-checkpoint", group="deepspeed", summary="S", why="W", fix="F")(func) is func
+        again = REGISTRY["zero-checkpoint"]
+        assert (again.id, again.group, again.summary, again.why, again.fix, again.func) == (
+            "zero-checkpoint", "deepspeed", "S", "W", "F", func)
+        with pytest.raises(ValueError, match="check id 'zero-checkpoint' registered twice"):
+            register(id="zero-checkpoint", group="deepspeed", summary="S", why="W", fix="F")(lambda ctx: None)
+    finally:
+        REGISTRY["zero-checkpoint"] = original
+    with pytest.raises(ValueError) as err:
+        register(id="x", group="nope", summary="", why="", fix="")
+    assert str(err.value) == ("unknown check group 'nope'; one of ('deepspeed', 'static', 'against-base', 'dynamic', "
+                              "'serving', 'merged', 'quantized', 'trained')")
+    from harness.checks.registry import checks
+
+    with pytest.raises(ValueError) as err:
+        checks("nope")
+    assert str(err.value).startswith("unknown check group 'nope'; one of ('deepspeed'")
+
+
+def test_get_check_loads_the_module_of_its_group(monkeypatch):
+    import sys
+
+    from harness.checks import registry
+
+    monkeypatch.delitem(registry.REGISTRY, "zero-checkpoint")
+    monkeypatch.delitem(sys.modules, "harness.checks.deepspeed")
+    assert get_check("zero-checkpoint").group == "deepspeed"
+    monkeypatch.delitem(registry.REGISTRY, "zero-checkpoint")
+    monkeypatch.delitem(sys.modules, "harness.checks.deepspeed")
+    assert [c.id for c in registry.checks("deepspeed")] == ["zero-checkpoint"]
+
+
+def test_a_missing_dependency_of_a_check_module_is_not_hidden(monkeypatch):
+    import builtins
+    import sys
+
+    from harness.checks import registry
+
+    real = builtins.__import__
+
+    def without_dependency(name, *args, **kwargs):
+        if name == "harness.checks.deepspeed":
+            raise ModuleNotFoundError("No module named 'somedep'", name="somedep")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "harness.checks.deepspeed")
+    monkeypatch.setattr(builtins, "__import__", without_dependency)
+    import importlib
+
+    monkeypatch.setattr(importlib, "import_module", lambda name: without_dependency(name))
+    with pytest.raises(ModuleNotFoundError, match="somedep"):
+        registry._load_builtin_checks("deepspeed")
+
+    def group_module_gone(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(importlib, "import_module", group_module_gone)
+    registry._load_builtin_checks("deepspeed")  # a group whose module is gone has no checks: no error
+
+
+def test_context_caches_once_and_logs_shared_work():
+    from harness import worklog
+
+    ctx = CheckContext()
+    calls = []
+    log = worklog.WorkLog()
+    with worklog.recording(log):
+        with log.check("first"):
+            assert ctx.cached("g.thing", lambda: calls.append(1) or "value", "the thing") == "value"
+        with log.check("second"):
+            assert ctx.cached("g.thing", lambda: calls.append(2) or "other") == "value"
+            ctx.cached("g.other", lambda: 1)
+    assert calls == [1] and ctx.cache["g.thing"] == "value"
+    (thing, other) = log.entries()
+    assert (thing.key, thing.name, thing.checks) == ("g.thing", "the thing", ["first", "second"])
+    assert (other.key, other.name) == ("g.other", "g.other")
+
+
+def test_context_notes_once_and_says_only_with_a_listener():
+    from harness.checks.context import CheckOptions
+    from harness.dtypes import DType
+
+    ctx = CheckContext()
+    ctx.say("nobody listens")
+    ctx.note("a")
+    ctx.note("b")
+    ctx.note("a")
+    assert ctx.notes == ["a", "b"]
+    assert CheckOptions(dtype="torch.bfloat16").dtype is DType.bfloat16
+    assert CheckOptions(dtype=DType.float16).dtype is DType.float16
+    assert CheckOptions().dtype is None
+    options = CheckOptions()
+    assert (options.allow_plora_targets, options.device, options.max_memory, options.trained_on_quantized,
+            options.layers) == (False, "cpu", None, None, None)
+    with pytest.raises(ValueError):
+        CheckOptions(dtype="int8")
