@@ -709,3 +709,377 @@ def test_context_notes_once_and_says_only_with_a_listener():
             options.layers) == (False, "cpu", None, None, None)
     with pytest.raises(ValueError):
         CheckOptions(dtype="int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# serving-vllm: the judgement of a served outcome (the measurement faked: vLLM is not in the fast tier)
+
+
+class _Family:
+    def __init__(self, branch: bool) -> None:
+        self.branch = branch
+
+    def branch_modules_from_keys(self, weights):
+        return {"m.Plora_A"} if self.branch else set()
+
+
+def serving_ctx(said=None, branch=False):
+    from types import SimpleNamespace
+
+    return CheckContext(adapter=SimpleNamespace(root=Path("adapter")),
+                        base=SimpleNamespace(family=_Family(branch), weights={}, base_dir=Path("base")),
+                        run_adapters=(Path("adapter"), Path("other")), progress=(said.append if said is not None
+                                                                                 else None))
+
+
+def text_run():
+    """A dynamic run's text probe: two rows, the second padded by two positions."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    return SimpleNamespace(text_probe=SimpleNamespace(input_ids=ids, attention_mask=mask),
+                           text_reference_logits=torch.randn(2, 4, 16, generator=gen),
+                           text_base_logits=torch.randn(2, 4, 16, generator=gen) * 3)
+
+
+def served_from(logits_rows, ids, shift=0.0):
+    """vLLM's answer as if it served ``logits_rows``: per row and position, the logprob of the next probe token."""
+    out = []
+    for row, tokens in zip(logits_rows, ids):
+        lp = torch.log_softmax(row.float(), dim=-1)
+        out.append([{tokens[j + 1] if j + 1 < len(tokens) else 1: float(lp[j, tokens[j + 1] if j + 1 < len(tokens)
+                                                                            else 1]) + shift}
+                    for j in range(len(tokens))])
+    return out
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Fake vLLM: ``served(outcome, run)`` makes serve() answer ``outcome`` and dynamic_run() return ``run``."""
+    from harness.checks import dynamic
+    from harness.checks.measure import serving_vllm
+
+    calls = []
+    monkeypatch.setattr(serving_vllm, "vllm_missing", lambda: None)
+
+    def setup(outcome, run):
+        monkeypatch.setattr(dynamic, "dynamic_run", lambda ctx: run)
+        monkeypatch.setattr(serving_vllm, "serve", lambda base, adapter, prompts, siblings: calls.append(
+            (base, adapter, prompts, siblings)) or outcome)
+        return calls
+
+    return setup
+
+
+def test_serving_skips_without_a_base_for_xcomposer_and_without_vllm(monkeypatch):
+    from harness.checks import serving
+    from harness.checks.measure import serving_vllm
+
+    check = get_check("serving-vllm")
+    assert run_check(check, CheckContext()).message == "no --base-model given"
+    got = run_check(check, serving_ctx(branch=True))
+    assert (got.status, got.message) == ("skip", serving.XCOMPOSER_SKIP)
+    monkeypatch.setattr(serving_vllm, "vllm_missing", lambda: "vLLM is not installed")
+    got = run_check(check, serving_ctx())
+    assert (got.status, got.message) == ("skip", "vLLM is not installed")
+
+
+def test_serving_refusals_and_errors_fail_with_vllms_words(served):
+    from harness.checks.dynamic import Unavailable
+    from harness.checks.measure.serving_vllm import Refusal, ServingOutcome
+
+    check = get_check("serving-vllm")
+    refusals = [Refusal("rank 128 > max_lora_rank 64.", "start vLLM with --max-lora-rank 128", True),
+                Refusal("modules_to_save is not supported.", "drop modules_to_save", False)]
+    said = []
+    calls = served(ServingOutcome(vllm_version="0.9", refusals=refusals, seconds={"total": 1.0}),
+                   Unavailable("no base load"))
+    got = run_check(check, serving_ctx(said))
+    assert got.status == "fail"
+    assert got.message == ("vLLM 0.9 refuses this adapter at its default settings: rank 128 > max_lora_rank 64. "
+                           "modules_to_save is not supported.")
+    assert got.fix == "start vLLM with --max-lora-rank 128; drop modules_to_save"
+    assert got.details == {"refusals": [r.message for r in refusals], "vllm": "0.9", "seconds": {"total": 1.0}}
+    assert calls == [(Path("base"), Path("adapter"), None, (Path("adapter"), Path("other")))]
+    assert said == ["serving the adapter in a vLLM engine (a process of its own, shared by the run's adapters)"]
+    served(ServingOutcome(vllm_version="0.9", error="KeyError: lm_head"), Unavailable("no base load"))
+    got = run_check(check, serving_ctx())
+    assert got.status == "fail" and got.message == "vLLM 0.9 admits the adapter but cannot serve it: KeyError: lm_head"
+    assert got.fix.startswith("target only modules vLLM supports LoRA on for this architecture (its message lists "
+                              "them) and leave out weights it cannot load")
+    assert got.details == {"vllm": "0.9", "seconds": {}}
+    served(ServingOutcome(error="crashed"), Unavailable("no base load"))
+    assert run_check(check, serving_ctx()).message == "vLLM admits the adapter but cannot serve it: crashed"
+
+
+def test_serving_without_a_reference_or_an_architecture_skips(served):
+    from harness.checks.dynamic import Unavailable
+    from harness.checks.measure.serving_vllm import ServingOutcome
+
+    check = get_check("serving-vllm")
+    served(ServingOutcome(vllm_version="0.9"), Unavailable("the base does not load"))
+    got = run_check(check, serving_ctx())
+    assert (got.status, got.message) == ("skip", "vLLM 0.9 admits the adapter; its logprobs are not compared: the "
+                                                 "base does not load")
+    assert got.details == {"vllm": "0.9", "seconds": {}}
+    run = text_run()
+    calls = served(ServingOutcome(vllm_version="0.9", unsupported="InternLM2ForCausalLM"), run)
+    got = run_check(check, serving_ctx())
+    assert (got.status, got.message) == ("skip", "InternLM2ForCausalLM: vLLM does not serve this architecture")
+    assert calls[-1][2] == [[5, 6, 7, 8], [9, 10]]  # the probe rows without their padding
+
+
+def test_serving_compares_logprobs_with_the_reference(served):
+    from harness.checks.measure.serving_vllm import LOGPROB_ATOL, ServingOutcome
+
+    check = get_check("serving-vllm")
+    run = text_run()
+    ids = [[5, 6, 7, 8], [9, 10]]
+    ref = [run.text_reference_logits[0], run.text_reference_logits[1][:2]]
+    base = [run.text_base_logits[0], run.text_base_logits[1][:2]]
+    served(ServingOutcome(vllm_version="0.9", served=served_from(ref, ids)), run)
+    got = run_check(check, serving_ctx())
+    assert got.status == "pass", got.message
+    assert got.message.startswith("vLLM 0.9 serves the adapter as the fp32 reference: prompt logprobs within ")
+    assert got.message.endswith(f" (tolerance {LOGPROB_ATOL:g}) on 2 probe rows")
+    assert got.details["prompts"] == 2 and got.details["positions"] == 6
+    assert got.details["tolerance"] == LOGPROB_ATOL and got.details["max_logprob_gap"] <= 1e-5
+    assert got.details["gap_to_base"] > LOGPROB_ATOL
+    served(ServingOutcome(vllm_version="0.9", served=served_from(base, ids)), run)
+    got = run_check(check, serving_ctx())
+    assert got.status == "fail"
+    assert got.message.startswith("vLLM 0.9 serves the adapter differently from the fp32 reference: largest logprob "
+                                  "gap ")
+    assert got.message.endswith(f"; tolerance {LOGPROB_ATOL:g}): vLLM served the base model's logprobs, so it loaded "
+                                "the adapter and applied it to nothing (module names under a prefix vLLM's model "
+                                "class does not use?)")
+    assert got.fix.startswith("save the adapter with the module names of the class vLLM serves")
+    off = served_from(ref, ids)
+    off[1][0][10] += 0.01  # one logprob off: row 1, after its first token
+    served(ServingOutcome(vllm_version="0.9", served=off), run)
+    got = run_check(check, serving_ctx())
+    assert got.status == "fail" and "applied it to nothing" not in got.message
+    want = off[1][0][10]
+    assert (f"largest logprob gap 0.01 (token 10 after 1 tokens of probe row 1: vLLM {want:.4f}, reference "
+            f"{want - 0.01:.4f}; tolerance {LOGPROB_ATOL:g})") in got.message
+    assert got.fix.startswith("vLLM applies every tensor in the adapter file, PEFT only what the config names")
+    served(ServingOutcome(vllm_version="0.9", served=served_from(ref, ids, shift=LOGPROB_ATOL)), run)
+    assert run_check(check, serving_ctx()).status == "pass"
+
+
+# ---------------------------------------------------------------------------------------------
+# qlora-merge-gap and merged-quantized: the judgement (measurements faked: bitsandbytes loads are slow)
+
+
+def quant(method="bitsandbytes", scheme="nf4", bits=4):
+    from harness.model.quantization import Quantization
+
+    return Quantization(method=method, scheme=scheme, bits=bits, source="config.json quantization_config of m")
+
+
+def quantized_ctx(tmp_path, merged=True, failed_prerequisites=(), said=None, **options):
+    from types import SimpleNamespace
+
+    from harness.checks.context import CheckOptions
+
+    return CheckContext(adapter=SimpleNamespace(root=tmp_path / "adapter"),
+                        base=SimpleNamespace(base_dir=tmp_path / "base"), merged=tmp_path / "merged" if merged else None,
+                        failed_prerequisites=list(failed_prerequisites), options=CheckOptions(**options),
+                        progress=said.append if said is not None else None)
+
+
+def test_packed_reason_names_the_directory_and_its_scheme(tmp_path, monkeypatch):
+    from harness.checks import quantized
+
+    declared = {tmp_path / "base": None, tmp_path / "merged": quant("gptq", "gptq-4bit")}
+    reads = []
+    monkeypatch.setattr(quantized, "read_quantization", lambda d: reads.append(d) or declared[d])
+    ctx = quantized_ctx(tmp_path)
+    assert quantized.packed_reason(ctx, "X") == (
+        f"the merged checkpoint {tmp_path / 'merged'} is saved quantized (gptq-4bit, gptq): its checkpoint holds packed "
+        "integers and scales, not weights, so X cannot be checked on it; qlora-merge-gap and merged-quantized measure "
+        "a quantized base and its merges instead")
+    assert quantized.packed_reason(ctx, "X") is not None and len(reads) == 2  # read once per directory
+    declared[tmp_path / "base"] = quant()
+    ctx = quantized_ctx(tmp_path)
+    assert quantized.packed_reason(ctx, "Y").startswith(f"the base {tmp_path / 'base'} is saved quantized (nf4, "
+                                                        "bitsandbytes)")
+    declared[tmp_path / "base"] = declared[tmp_path / "merged"] = None
+    assert quantized.packed_reason(quantized_ctx(tmp_path), "Z") is None
+    assert quantized.packed_reason(CheckContext(), "Z") is None and quantized.declared_quantization(ctx, None) is None
+
+
+def gap(name, value, effect=1.0):
+    from harness.checks.measure.qlora import Gap
+
+    return Gap(name, {"text": value, "image": value / 2}, {"text": effect})
+
+
+@pytest.fixture
+def qlora_measured(monkeypatch):
+    from harness.checks.measure import qlora
+
+    calls = []
+
+    def setup(measured):
+        def measure(base, adapter, merged, *, trained_on_choice, progress):
+            calls.append((base, adapter, merged, trained_on_choice, progress))
+            return measured
+        monkeypatch.setattr(qlora, "measure_qlora_gap", measure)
+        return calls
+
+    return setup
+
+
+def test_qlora_merge_gap_skips_what_it_cannot_measure(tmp_path, qlora_measured):
+    from harness.checks.measure.qlora import QLoraGap
+
+    check = get_check("qlora-merge-gap")
+    assert run_check(check, CheckContext()).message == "no --base-model given"
+    ctx = quantized_ctx(tmp_path)
+    ctx.adapter = None
+    assert run_check(check, ctx).message == "the adapter could not be read (see the static checks)"
+    got = run_check(check, quantized_ctx(tmp_path, failed_prerequisites=["config-valid", "key-coverage",
+                                                                          "empty-tensors"]))
+    assert got.message == "the adapter cannot be loaded until config-valid, empty-tensors pass(es)"
+    said = []
+    calls = qlora_measured(QLoraGap(skipped="the base is not quantized"))
+    ctx = quantized_ctx(tmp_path, said=said, trained_on_quantized="nf4")
+    got = run_check(check, ctx)
+    assert (got.status, got.message) == ("skip", "the base is not quantized")
+    ((base, adapter, merged, choice, progress),) = calls
+    assert (base, adapter, merged, choice) == (tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", "nf4")
+    progress("hello")
+    assert said == ["hello"]
+
+
+def test_qlora_merge_gap_judges_the_given_merge(tmp_path, qlora_measured):
+    from harness.checks.measure.qlora import DEQUANT, GIVEN, MERGE_GAP_LIMIT, SHIPPED16, QLoraGap
+
+    check = get_check("qlora-merge-gap")
+    gaps = {SHIPPED16: gap(SHIPPED16, 0.8), DEQUANT: gap(DEQUANT, 0.1), GIVEN: gap(GIVEN, 0.8)}
+    qlora_measured(QLoraGap(quantization=quant(), effect={"text": 1.0, "image": 0.5}, gaps=gaps, given_is=SHIPPED16,
+                            notes=["a note"]))
+    ctx = quantized_ctx(tmp_path)
+    got = run_check(check, ctx)
+    head = (f"on the nf4 base the adapter's effect is 1; {SHIPPED16} 0.8 (0.80x the effect); {DEQUANT} 0.1 (0.10x the "
+            "effect)")
+    assert got.status == "fail"
+    assert got.message == (f"{head}; the given --merged {tmp_path / 'merged'} is the {SHIPPED16}, 0.8 from what was "
+                           f"evaluated (0.80x the effect): more than {MERGE_GAP_LIMIT}x the effect, so the released "
+                           "model is not the one that was evaluated")
+    assert ctx.notes == ["qlora-merge-gap: a note"]
+    assert got.details["quantization"] == quant().describe() and got.details["limit_fraction_of_effect"] == 0.5
+    assert got.details["effect"] == {"text": 1.0, "image": 0.5} and got.details["given_is"] == SHIPPED16
+    assert got.details[SHIPPED16] == {"per_row_class": {"text": 0.8, "image": 0.4}, "fraction_of_effect": 0.8}
+    for given_is, words in ((DEQUANT, f"the {DEQUANT}"), ("neither", "neither the 16-bit nor the dequantized merge"),
+                            ("odd", "odd")):
+        qlora_measured(QLoraGap(quantization=quant(), effect={"text": 1.0}, given_is=given_is,
+                                gaps={DEQUANT: gap(DEQUANT, 0.1), GIVEN: gap(GIVEN, 0.5)}))
+        got = run_check(check, quantized_ctx(tmp_path))
+        assert got.status == "pass"  # exactly at the limit
+        assert got.message == (f"on the nf4 base the adapter's effect is 1; {DEQUANT} 0.1 (0.10x the effect); the "
+                               f"given --merged {tmp_path / 'merged'} is {words}, 0.5 from what was evaluated (0.50x "
+                               "the effect)")
+
+
+def test_qlora_merge_gap_without_a_given_merge_warns_about_the_shipped_one(tmp_path, qlora_measured):
+    from harness.checks.measure.qlora import DEQUANT, MERGE_GAP_LIMIT, SHIPPED16, QLoraGap
+
+    check = get_check("qlora-merge-gap")
+    qlora_measured(QLoraGap(quantization=quant(), effect={"text": 2.0, "image": 1.0},
+                            gaps={SHIPPED16: gap(SHIPPED16, 1.2, 2.0), DEQUANT: gap(DEQUANT, 0.1, 2.0)}))
+    got = run_check(check, quantized_ctx(tmp_path, merged=False))
+    head = f"on the nf4 base the adapter's effect is 2; {SHIPPED16} 1.2 (0.60x the effect); {DEQUANT} 0.1 (0.05x the effect)"
+    assert (got.status, got.message) == ("warn", f"{head}: the 16-bit merge users ship would differ from what was "
+                                                 f"evaluated by more than {MERGE_GAP_LIMIT}x the effect (no --merged "
+                                                 "given to judge)")
+    qlora_measured(QLoraGap(quantization=quant(), effect={"text": 2.0},
+                            gaps={SHIPPED16: gap(SHIPPED16, 1.0, 2.0), DEQUANT: gap(DEQUANT, 0.1, 2.0)}))
+    got = run_check(check, quantized_ctx(tmp_path, merged=False))
+    assert got.status == "pass" and got.message.startswith("on the nf4 base the adapter's effect is 2; ")
+    qlora_measured(QLoraGap(quantization=quant(), effect={"text": 2.0}, gaps={DEQUANT: gap(DEQUANT, 1.9, 2.0)}))
+    assert run_check(check, quantized_ctx(tmp_path, merged=False)).status == "pass"
+
+
+@pytest.fixture
+def merged_q(monkeypatch):
+    """``merged_q(declared, found=None, bnb=None)``: the merged directory declares ``declared``; the 4-bit merge
+    measures ``found``; bitsandbytes is unavailable for reason ``bnb``."""
+    from harness.checks import quantized
+    from harness.checks.measure import quantized_merge
+    from harness.model import quantization
+
+    calls = []
+
+    def setup(declared, found=None, bnb=None):
+        monkeypatch.setattr(quantized, "read_quantization", lambda d: declared)
+        monkeypatch.setattr(quantization, "bnb_unavailable_reason", lambda: bnb)
+        monkeypatch.setattr(quantized_merge, "measure_quantized_merge",
+                            lambda base, adapter, merged, q: calls.append((base, adapter, merged, q)) or found)
+        return calls
+
+    return setup
+
+
+def test_merged_quantization_rejects_packed_integer_claims(tmp_path, merged_q):
+    check = get_check("merged-quantized")
+    config = tmp_path / "merged" / "config.json"
+    assert run_check(check, quantized_ctx(tmp_path, merged=False)).message == "no --merged given"
+    merged_q(None)
+    got = run_check(check, quantized_ctx(tmp_path))
+    assert (got.status, got.message) == ("pass", f"{config} declares no quantization: a plain merged checkpoint")
+    merged_q(quant("gptq", "gptq-4bit"))
+    got = run_check(check, quantized_ctx(tmp_path))
+    assert got.status == "fail"
+    assert got.message == (f"{config}: declares a gptq-4bit quantization_config, so a LoRA merge cannot have been "
+                           "written into it (gptq stores packed integers that merge_and_unload cannot add ΔW to, and a "
+                           "checkpoint that claims it while holding merged float weights does not load)")
+    assert got.fix == ("merge the adapter into the 16-bit base the gptq model was made from, then quantize the merged "
+                       "model with gptq again; or ship the adapter beside the quantized base")
+    assert got.details == {"quantization": quant("gptq", "gptq-4bit").describe()}
+    merged_q(quant(scheme="int8", bits=8))
+    got = run_check(check, quantized_ctx(tmp_path))
+    assert (got.status, got.message) == ("skip", f"{config} declares bitsandbytes int8: a merge into int8 weights is "
+                                                 "not measured (4-bit only)")
+    merged_q(quant())
+    got = run_check(check, quantized_ctx(tmp_path, failed_prerequisites=["unsafe-pickle"]))
+    assert got.message == "the adapter cannot be loaded until unsafe-pickle pass(es)"
+    merged_q(quant(), bnb="no CPU kernels")
+    got = run_check(check, quantized_ctx(tmp_path))
+    assert (got.status, got.message) == ("skip", f"{config} declares bitsandbytes nf4 and no CPU kernels")
+
+
+def test_merged_quantization_judges_the_4bit_merge(tmp_path, merged_q):
+    from harness.checks.measure.quantized_merge import QuantizedMerge
+
+    check = get_check("merged-quantized")
+    weights = tmp_path / "merged" / "model.safetensors"
+    said = []
+    calls = merged_q(quant(), QuantizedMerge(modules=4, lost=0.5))
+    got = run_check(check, quantized_ctx(tmp_path, said=said))
+    assert (got.status, got.message) == ("pass", f"{weights}: nf4 merge equals requant(dequant(W) + ΔW) in 4 weights "
+                                                 "and kept ΔW within 50%")
+    assert got.details == {"quantization": quant().describe(), "modules": 4, "mismatched": {}, "delta_lost": 0.5}
+    assert calls == [(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", quant())]
+    assert said == ["merged-quantized: comparing the 4-bit merged weights with requant(dequant(W) + ΔW)"]
+    merged_q(quant(), QuantizedMerge(modules=4, lost=0.91234))
+    got = run_check(check, quantized_ctx(tmp_path))
+    assert got.status == "fail" and got.details["delta_lost"] == 0.9123
+    assert got.message == (f"{weights}: merge_and_unload into packed nf4 weights requantized dequant(W) + ΔW and lost "
+                           "91% of ΔW (‖merged − (dequant(W) + ΔW)‖ / ‖ΔW‖ over 4 adapted weights): the saved model "
+                           "is close to the base, not base + adapter")
+    merged_q(quant(), QuantizedMerge(modules=4, mismatched={"m.q": 0.25, "m.k": 0.5}, lost=0.9))
+    got = run_check(check, quantized_ctx(tmp_path))
+    assert got.status == "fail"
+    assert got.message == (f"{weights}: 2 of 4 adapted 4-bit weight(s) are not what dequant(W) + ΔW requantizes to "
+                           "(e.g. m.q: 25% of its elements differ, more than 1%): not a merge of this adapter into "
+                           "this base")
+    assert got.fix == ("re-merge into the 16-bit or dequantized base from the base and adapter you checked, and "
+                       "quantize the merged model afterwards if you must ship 4 bits")
+    merged_q(quant(), QuantizedMerge(modules=0, error="cannot load", lost=0.9))
+    got = run_check(check, quantized_ctx(tmp_path))
+    assert (got.status, got.message) == ("fail", f"{weights}: the 4-bit merged checkpoint could not be compared with "
+                                                 "base + adapter: cannot load")
