@@ -1083,3 +1083,147 @@ def test_merged_quantization_judges_the_4bit_merge(tmp_path, merged_q):
     got = run_check(check, quantized_ctx(tmp_path))
     assert (got.status, got.message) == ("fail", f"{weights}: the 4-bit merged checkpoint could not be compared with "
                                                  "base + adapter: cannot load")
+
+
+# ---------------------------------------------------------------------------------------------
+# merged_advice: the fix follows the cause
+
+
+def ratios(*values, rank=4, scaling=2.0):
+    from harness.checks.merged_advice import DeltaRatio
+
+    return [DeltaRatio(f"m{i}.weight", v, rank, scaling) for i, v in enumerate(values)]
+
+
+def test_scaling_cause_names_each_clean_factor():
+    from harness.checks.merged_advice import scaling_cause
+
+    assert scaling_cause([], 3, {}) is None
+    assert scaling_cause(ratios(0.5), 1, {"lora_alpha": 8}) == (
+        "every wrong weight is exactly 0.5x off: the merge added B·A without the scaling s = lora_alpha/r = 2; or the "
+        "merged ΔW is half the adapter's s·B·A (as if lora_alpha were 4, not 8): the merge used another lora_alpha or r "
+        "than adapter_config.json, or added ΔW more than once")
+    assert scaling_cause(ratios(2.0, 2.0), 3, {"lora_alpha": 8}) == (
+        "2 of 3 wrong weight is exactly 2x off: the merge used rsLoRA scaling (lora_alpha/sqrt(r)) but "
+        "adapter_config.json has use_rslora false (lora_alpha/r = 2); or the merged ΔW is twice the adapter's s·B·A (as "
+        "if lora_alpha were 16, not 8): the merge used another lora_alpha or r than adapter_config.json, or added ΔW "
+        "more than once")
+    assert scaling_cause(ratios(0.5, scaling=4.0), 1, {"lora_alpha": 16, "use_rslora": True}) == (
+        "every wrong weight is exactly 0.5x off: the merge used lora_alpha/r but the adapter uses rsLoRA (use_rslora "
+        "true: lora_alpha/sqrt(r)); the merging PEFT ignored use_rslora (it needs peft >= 0.7); or the merged ΔW is "
+        "half the adapter's s·B·A (as if lora_alpha were 8, not 16): the merge used another lora_alpha or r than "
+        "adapter_config.json, or added ΔW more than once")
+    assert scaling_cause(ratios(0.25, scaling=4.0), 1, {"lora_alpha": 16, "use_rslora": True}) == (
+        "every wrong weight is exactly 0.25x off: the merge added B·A without the scaling s = lora_alpha/sqrt(r) = 4; "
+        "or the merged ΔW is 1/4x the adapter's s·B·A (as if lora_alpha were 4, not 16): the merge used another "
+        "lora_alpha or r than adapter_config.json, or added ΔW more than once")
+    assert scaling_cause(ratios(1.5), 1, {"lora_alpha": "x"}) == (
+        "every wrong weight is exactly 1.5x off: the merged ΔW is 3/2x the adapter's s·B·A: the merge used another "
+        "lora_alpha or r than adapter_config.json, or added ΔW more than once")
+
+
+def test_scaling_cause_stays_silent_without_a_clean_story():
+    from harness.checks.merged_advice import scaling_cause
+
+    assert scaling_cause(ratios(0.37), 1, {"lora_alpha": 8}) is None  # 3/8 ≈ 0.375 is not within 1e-3
+    assert scaling_cause(ratios(1.0, scaling=1.0), 1, {"lora_alpha": 4}) is None  # scaling 1: nothing to omit
+    assert scaling_cause(ratios(-2.0), 1, {"lora_alpha": 8}) is None
+    assert scaling_cause(ratios(0.0), 1, {"lora_alpha": 8}) is None
+    assert scaling_cause(ratios(130.0, scaling=3.0), 1, {"lora_alpha": 8}) is None  # a numerator beyond 64
+    assert scaling_cause(ratios(2.0, 3.0), 2, {"lora_alpha": 8}) is None
+    assert scaling_cause(ratios(2.0, 2.0025), 2, {"lora_alpha": 8}) is None  # 2.0025 is not 2 within 1e-3 · 2
+    assert scaling_cause(ratios(2.0, 2.0019), 2, {"lora_alpha": 8}).startswith("every wrong weight is exactly 2x off")
+    assert scaling_cause(ratios(1.0, rank=1, scaling=1.0), 1, {"lora_alpha": 1}) is None
+    assert scaling_cause(ratios(1.0, rank=1, scaling=1.0), 1, {"lora_alpha": 1, "use_rslora": True}) is None
+    # sqrt(r) for a rank-1 adapter is 1: no rsLoRA story either way
+    assert "rsLoRA" not in (scaling_cause(ratios(2.0, rank=1), 1, {"lora_alpha": 8}) or "")
+
+
+def test_scaling_cause_names_ignored_patterns_when_factors_differ():
+    from harness.checks.merged_advice import scaling_cause
+
+    got = scaling_cause(ratios(2.0, 0.5, 3.0, 4.0), 4, {"alpha_pattern": {"q": 16}, "rank_pattern": {"k": 2}})
+    assert got == ("ΔW is off by different factors per module (2x, 0.5x, 3x): the merge ignored alpha_pattern / "
+                   "rank_pattern in adapter_config.json; merge with a PEFT that applies them "
+                   "(PeftModel.from_pretrained → merge_and_unload)")
+    got = scaling_cause(ratios(2.0, 0.5), 2, {"rank_pattern": {"k": 2}, "alpha_pattern": {}})
+    assert got.startswith("ΔW is off by different factors per module (2x, 0.5x): the merge ignored rank_pattern in")
+    assert scaling_cause(ratios(2.0, 2.0), 2, {"rank_pattern": {"k": 2}}).startswith("every wrong weight is exactly 2x")
+
+
+def test_dtype_cause_names_both_float_dtypes():
+    from harness.checks.merged_advice import dtype_cause
+
+    assert dtype_cause({"float32", "int64"}, {"float32"}) is None
+    assert dtype_cause({"int64"}, {"float16"}) is None
+    assert dtype_cause({"float32"}, {"int64"}) is None
+    assert dtype_cause({"bfloat16", "float32"}, {"float16", "int64"}) == (
+        "the merged weights are stored as float16, the base's as bfloat16, float32: merge in float32 and save in the "
+        "base's dtype (model.to(torch.bfloat16).save_pretrained(...)); float16 overflows where bfloat16 does not, and "
+        "float32 doubles the size")
+
+
+class _Advice:
+    name = "toy"
+    merge_advice = {"missing": "MISSING", "folded": "FOLDED", "unmerged": "; UNMERGED"}
+
+    def is_branch_param(self, key):
+        return "branch" in key
+
+
+def test_fixes_one_per_cause_in_order():
+    from harness.checks.merged import MergedFindings
+    from harness.checks.merged_advice import fixes
+
+    assert fixes(MergedFindings(), family=_Advice(), plora=True, scaling=None, dtype=None, ties=[]) == []
+    every = MergedFindings(missing=["a.weight", "x.branch"], plora_folded=["f"], unmerged=["u.weight"],
+                           wrong_delta=["w"], copies_wrong=["c"], tokens_wrong=["t"], changed=["ch.weight"],
+                           unexpected=["ex.weight"])
+    got = fixes(every, family=_Advice(), plora=True, scaling=None, dtype=None, ties=["tie"])
+    assert got == [
+        "MISSING", "FOLDED",
+        "merge every adapted module (e.g. u.weight was left at the base): PeftModel.from_pretrained(base, adapter)."
+        "merge_and_unload(), then save_pretrained; UNMERGED",
+        "re-merge in float32 with PeftModel.from_pretrained(base, adapter).merge_and_unload() (a merge into a "
+        "bfloat16/float16 or quantized base rounds ΔW; DoRA needs the magnitude renormalisation)",
+        "write the trained modules_to_save copies into the merged model (merge_and_unload does; a hand merge must copy "
+        "them)",
+        "write the trained token rows into the embedding (merge_and_unload does; a hand merge must copy exactly those "
+        "rows)",
+        "save the tied pair untied (tie_word_embeddings: false and a separate weight for each)",
+        "leave every tensor the adapter does not touch at the base's value (e.g. ch.weight); check that --base-model is "
+        "the base the merge was made from",
+        "remove tensors the base does not have (e.g. ex.weight), or check that --base-model is the base the merge was "
+        "made from"]
+    plain = fixes(every, family=_Advice(), plora=False, scaling="SCALING", dtype="DTYPE", ties=[])
+    assert plain[0] == ("save the whole merged model with save_pretrained, not a filtered state dict (2 tensor(s) "
+                        "missing, e.g. a.weight)")
+    assert plain[2].endswith("then save_pretrained") and plain[3] == "SCALING" and plain[-2:] == [
+        "DTYPE", "remove tensors the base does not have (e.g. ex.weight), or check that --base-model is the base the "
+        "merge was made from"]
+    assert plain.count("DTYPE") == 1
+    only_dtype = fixes(MergedFindings(wrong_delta=["w"]), family=_Advice(), plora=False, scaling=None, dtype="DTYPE",
+                       ties=[])
+    assert only_dtype == ["DTYPE"]
+    dropped = fixes(MergedFindings(copies_dropped=["c"], tokens_dropped=["t"]), family=_Advice(), plora=False,
+                    scaling=None, dtype="DTYPE", ties=[])
+    assert dropped[0].startswith("write the trained modules_to_save") and dropped[1].startswith(
+        "write the trained token rows") and dropped[2] == "DTYPE"
+
+
+def test_fixes_for_a_family_without_advice():
+    from harness.checks.merged import MergedFindings
+    from harness.checks.merged_advice import fixes
+    from harness.model.families import GENERIC
+
+    found = MergedFindings(missing=["x.branch"], plora_folded=["f"], unmerged=["u"])
+    got = fixes(found, family=GENERIC, plora=True, scaling=None, dtype=None, ties=[])
+    assert got == ["save the whole merged model with save_pretrained, not a filtered state dict (1 tensor(s) missing, "
+                   "e.g. x.branch)",
+                   "merge only the adapter's ΔW: the base model's own branch must stay a separate module; "
+                   "PeftModel.merge_and_unload leaves it alone",
+                   "merge every adapted module (e.g. u was left at the base): PeftModel.from_pretrained(base, adapter)."
+                   "merge_and_unload(), then save_pretrained"]
+    missing_plain = fixes(MergedFindings(missing=["a.weight"]), family=_Advice(), plora=True, scaling=None, dtype=None,
+                          ties=[])
+    assert missing_plain[0].startswith("save the whole merged model")
