@@ -83,6 +83,8 @@ def test_official_merges_of_every_feature_pass(arch, name, kind):
     assert got.message == f"{n} tensors match base + adapter (max rel error {got.details['max_rel_error']:.1e})"
     assert said == ["comparing the merged checkpoint with base + adapter, tensor by tensor"]
     assert got.details["problems"] == [] and got.details["max_rel_error"] < 1e-5
+    if got.details["max_rel_error"] == 0:  # an exact merge names no worst tensor
+        assert got.details["worst_tensor"] == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1227,3 +1229,134 @@ def test_fixes_for_a_family_without_advice():
     missing_plain = fixes(MergedFindings(missing=["a.weight"]), family=_Advice(), plora=True, scaling=None, dtype=None,
                           ties=[])
     assert missing_plain[0].startswith("save the whole merged model")
+
+
+# ---------------------------------------------------------------------------------------------
+# more than eight trainable tokens: the entries list eight; the rows a small error reaches
+
+
+TOKENS_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
+def ten_tokens(built, out: Path) -> Path:
+    """The llama tokens adapter with ten trainable tokens (ids 3..12)."""
+    rows = torch.randn(10, 32, generator=torch.Generator().manual_seed(1)) * 0.1
+    return edited(built.adapter("tokens"), out, lambda t: t.update({TOKENS_KEY: rows}),
+                  config=lambda c: c.update(trainable_token_indices=list(range(3, 13))))
+
+
+def test_ten_dropped_token_rows_list_the_first_eight(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    key = "model.embed_tokens.weight"
+    base = base_tensors(built)[key]
+    adapter = ten_tokens(built, tmp_path / "a")
+    merged = edited(built.merged("tokens"), tmp_path / "m", lambda t: t.update({key: base.clone()}))
+    got = verdict(adapter, info, merged)
+    assert got.details["tokens_dropped"] == [f"{key} (trainable tokens of model.embed_tokens: rows [3, 4, 5, 6, 7, 8, "
+                                             "9, 10] hold the base values, not the trained ones)"]
+
+
+def test_ten_wrong_token_rows_list_the_first_eight(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    key = "model.embed_tokens.weight"
+    adapter = ten_tokens(built, tmp_path / "a")
+
+    def change(t):
+        t[key] = t[key].clone()
+        t[key][3:13] = 1.0
+
+    got = verdict(adapter, info, edited(built.merged("tokens"), tmp_path / "m", change))
+    (entry,) = got.details["tokens_wrong"]
+    eight = "[3, 4, 5, 6, 7, 8, 9, 10]"
+    assert entry.startswith(f"{key} (trainable tokens of model.embed_tokens {eight}: rows {eight} are not the trained "
+                            "values; error ")
+
+
+def test_an_untrained_row_just_beyond_the_tolerance_is_named(arch, tmp_path):
+    from harness.numerics.tolerances import policy_for
+
+    built, info = arch("llama", "tokens")
+    key = "model.embed_tokens.weight"
+    rtol = policy_for(torch.float32).merged_rel
+
+    def change(t):
+        t[key] = t[key].clone()
+        t[key][20, 0] += 3 * rtol * float(t[key].abs().max())
+
+    got = verdict(built.adapter("tokens"), info, edited(built.merged("tokens"), tmp_path / "m", change))
+    (entry,) = got.details["tokens_wrong"]
+    assert entry.startswith(f"{key} (trainable tokens of model.embed_tokens [3, 5, 7]: rows [20] changed that the "
+                            "adapter does not train; error ")
+
+
+# ---------------------------------------------------------------------------------------------
+# merged-whole: one problem, three problems, and a passing report's details
+
+
+def test_merged_whole_with_one_or_three_problems(arch, tmp_path):
+    built, info = arch("llama")
+    check = get_check("merged-whole")
+
+    def run(merged):
+        return run_check(check, CheckContext(adapter=read_adapter(built.adapter("plain")), base=info, merged=merged))
+
+    got = run(built.merged("plain"))
+    assert got.status == "pass" and got.details == {"problems": []}
+    one = Path(shutil.copytree(built.merged("plain"), tmp_path / "one"))
+    (one / "generation_config.json").unlink()
+    got = run(one)
+    (problem,) = got.details["problems"]
+    assert got.message == f"generation_config.json: {problem['problem']}" and got.fix == problem["fix"]
+    three = Path(shutil.copytree(one, tmp_path / "three"))
+    shutil.copyfile(built.adapter("plain") / "adapter_config.json", three / "adapter_config.json")
+    config = json.loads((three / "config.json").read_text())
+    (three / "config.json").write_text(json.dumps({**config, "architectures": ["OtherForCausalLM"]}))
+    got = run(three)
+    texts = [f"{p['file']}: {p['problem']}" for p in got.details["problems"]]
+    assert len(texts) >= 3
+    assert got.message == f"{texts[0]} (+{len(texts) - 1} more: {'; '.join(texts[1:])})"
+
+
+# ---------------------------------------------------------------------------------------------
+# PLoRA folded: a small branch, and a base without one of the branch's tensors
+
+
+LAYER = "model.layers.1.attention.wqkv"
+
+
+@pytest.fixture(scope="module")
+def ixc_merged(default_bundle, synthetic_cache) -> Path:
+    from harness.synthetic.bundle import build_merged_dir
+
+    return build_merged_dir(default_bundle, synthetic_cache)
+
+
+def test_a_small_plora_branch_folded_in_is_still_named(default_bundle, ixc_merged, tmp_path):
+    """A PLoRA branch whose B·A has a squared norm far below 1: the fitted scale must not be clamped."""
+    small = {}
+
+    def shrink(t):
+        t[f"{LAYER}.Plora_A.weight"] = t[f"{LAYER}.Plora_A.weight"] * 1e-3
+        small["branch"] = t[f"{LAYER}.Plora_B.weight"] @ t[f"{LAYER}.Plora_A.weight"]
+
+    base = edited(default_bundle.base_dir, tmp_path / "base", shrink)
+    assert float((small["branch"] ** 2).sum()) < 1e-2
+
+    def fold(t):
+        t[f"{LAYER}.Plora_A.weight"] = t[f"{LAYER}.Plora_A.weight"] * 1e-3
+        t[f"{LAYER}.weight"] = t[f"{LAYER}.weight"] + small["branch"]
+
+    merged = edited(ixc_merged, tmp_path / "m", fold)
+    got = verdict(default_bundle.adapter_dir, inspect_base(base), merged)
+    assert got.details["plora_folded"] == [f"{LAYER}.weight"], got.details["problems"]
+
+
+def test_a_base_without_one_plora_tensor_is_no_crash(default_bundle, ixc_merged, tmp_path):
+    base = edited(default_bundle.base_dir, tmp_path / "base", lambda t: t.pop(f"{LAYER}.Plora_A.weight"))
+
+    def change(t):
+        t.pop(f"{LAYER}.Plora_A.weight")
+        t[f"{LAYER}.weight"] = t[f"{LAYER}.weight"] + noise_like(t[f"{LAYER}.weight"], 0.05)
+
+    got = verdict(default_bundle.adapter_dir, inspect_base(base), edited(ixc_merged, tmp_path / "m", change))
+    assert [e.split(" (")[0] for e in got.details["wrong_delta"]] == [f"{LAYER}.weight"], got.message
