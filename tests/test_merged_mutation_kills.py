@@ -1360,3 +1360,47 @@ def test_a_base_without_one_plora_tensor_is_no_crash(default_bundle, ixc_merged,
 
     got = verdict(default_bundle.adapter_dir, inspect_base(base), edited(ixc_merged, tmp_path / "m", change))
     assert [e.split(" (")[0] for e in got.details["wrong_delta"]] == [f"{LAYER}.weight"], got.message
+
+
+# ---------------------------------------------------------------------------------------------
+# ties: which config decides, and a tied embedding among other adapted modules; tokens listed for the embedding
+
+
+def test_the_tie_flag_defaults_to_the_base_config_then_to_the_base_model(arch, tmp_path):
+    import dataclasses
+
+    built, info = arch("gpt2")
+    adapter, good = built.adapter("modules_to_save"), built.merged("modules_to_save")
+    merged = edited(good, tmp_path / "m", config=lambda c: c.pop("tie_word_embeddings"))
+    # neither config says: the base model ties its embedding and head (transformers' default), so a reload re-ties
+    base = edited(built.base, tmp_path / "base", config=lambda c: c.pop("tie_word_embeddings"))
+    got = verdict(adapter, dataclasses.replace(info, base_dir=base), merged)
+    assert len(got.details["ties"]) == 1 and "tie_word_embeddings true (the default)" in got.details["ties"][0]
+    # the base's config says untied: that is what a reload of the merged directory (which says nothing) follows
+    untied = edited(built.base, tmp_path / "untied", config=lambda c: c.update(tie_word_embeddings=False))
+    got = verdict(adapter, dataclasses.replace(info, base_dir=untied), merged)
+    assert got.details["ties"] == [] and got.details["problems"] == ["config tie_word_embeddings is None, base has "
+                                                                     "False"]
+
+
+def test_a_tied_embedding_adapted_with_other_modules_is_still_named(arch, tmp_path):
+    """LoRA on the attention and on the tied embedding: every adapted weight is looked at, the tied one too."""
+    built, info = arch("gpt2")
+    plain = load_file(built.adapter("plain") / "adapter_model.safetensors")
+    targets = json.loads((built.adapter("plain") / "adapter_config.json").read_text())["target_modules"]
+    adapter = edited(built.adapter("embedding"), tmp_path / "a", lambda t: t.update(plain),
+                     config=lambda c: c.update(target_modules=sorted({*targets, "wte"})))
+    got = verdict(adapter, info, built.merged("embedding"))
+    assert got.details["ties"] == [tie_problem("transformer.wte", "lm_head", "transformer.wte.weight",
+                                               "transformer.wte.weight and lm_head.weight")]
+
+
+def test_a_list_of_trainable_tokens_is_for_the_input_embedding_only(arch, tmp_path):
+    built, info = arch("llama", "tokens")
+    head_key = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+    adapter = edited(built.adapter("tokens"), tmp_path / "a", lambda t: t.update({head_key: t[TOKENS_KEY] + 1}))
+    got = verdict(adapter, info, built.merged("tokens"))
+    assert got.status == "pass", got.message
+    assert got.details["ignored_adapter_tensors"] == [
+        "1 saved tensor(s) get no effect in the reference: trainable_token_indices is a list, so PEFT trains tokens of "
+        f"the input embedding model.embed_tokens only (e.g. {head_key})"]
