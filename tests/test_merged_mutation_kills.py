@@ -1404,3 +1404,63 @@ def test_a_list_of_trainable_tokens_is_for_the_input_embedding_only(arch, tmp_pa
     assert got.details["ignored_adapter_tensors"] == [
         "1 saved tensor(s) get no effect in the reference: trainable_token_indices is a list, so PEFT trains tokens of "
         f"the input embedding model.embed_tokens only (e.g. {head_key})"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the report of many wrong weights: counts, caps, ratios, the dtype story, the PLoRA tensor named first
+
+
+def test_every_weight_mis_scaled_is_counted_and_the_details_cap_at_ten(arch):
+    built, info = arch("llama")
+    got = verdict(built.adapter("plain"), info, built.broken("mis-scaled"))
+    assert got.message.startswith(f"14 adapted weight(s) differ from W + s·B·A, e.g. {got.details['wrong_delta'][0]}; "
+                                  "every wrong weight is exactly 2x off: ")
+    assert len(got.details["wrong_delta"]) == 10 and len(got.details["delta_ratios"]) == 10
+    assert set(got.details["delta_ratios"].values()) == {2.0}
+
+
+def test_every_weight_unmerged_is_counted_and_the_details_cap_at_ten(arch):
+    built, info = arch("llama")
+    got = verdict(built.adapter("plain"), info, built.base)
+    assert got.message.startswith("14 adapted weight(s) equal the base (layer not merged), e.g. ")
+    assert len(got.details["unmerged"]) == 10
+
+
+def test_delta_ratios_are_rounded_to_six_digits(arch, tmp_path):
+    built, info = arch("llama")
+    base, merged = base_tensors(built), load_file(built.merged("plain") / "model.safetensors")
+    keys = [k for k in built.info["broken"]["mis-scaled"]]
+
+    def scale(t):
+        for k in keys[:1]:
+            t[k] = base[k] + 0.5 * (merged[k] - base[k])
+        for k in keys[1:2]:
+            t[k] = base[k] + 1.234568 * (merged[k] - base[k])
+
+    got = verdict(built.adapter("plain"), info, edited(built.merged("plain"), tmp_path / "m", scale))
+    assert got.details["delta_ratios"] == {keys[0]: 0.5, keys[1]: 1.234568}
+
+
+def test_a_bfloat16_merge_with_a_changed_tensor_names_the_dtypes(arch, tmp_path):
+    built, info = arch("llama")
+
+    def change(t):
+        t["model.norm.weight"] = t["model.norm.weight"] * 1.5
+        t.update({k: v.to(torch.bfloat16) for k, v in t.items()})
+
+    got = verdict(built.adapter("plain"), info, edited(built.merged("plain"), tmp_path / "m", change))
+    assert got.details["changed"] == ["model.norm.weight"]
+    assert got.fix.startswith("the merged weights are stored as bfloat16, the base's as float32: merge in float32 and "
+                              "save in the base's dtype (model.to(torch.float32).save_pretrained(...))")
+
+
+def test_missing_tensors_name_a_plora_one_first(default_bundle, ixc_merged, tmp_path):
+    keys = sorted(load_file(ixc_merged / "model.safetensors"))
+    plora = next(k for k in keys if "Plora" in k)
+    plain = next(k for k in keys if "Plora" not in k and k < plora)
+    assert plain < plora
+    merged = edited(ixc_merged, tmp_path / "m", lambda t: (t.pop(plain), t.pop(plora)))
+    got = verdict(default_bundle.adapter_dir, inspect_base(default_bundle.base_dir), merged)
+    assert got.message.startswith(f"2 base tensor(s) missing from the merged checkpoint (re-initialised on load), "
+                                  f"e.g. {plora}")
+    assert got.details["missing"] == sorted([plain, plora])
