@@ -1,0 +1,584 @@
+"""Behaviour of the loading-path registry and of each path's pieces, pinned down by mutation testing
+(scripts/mutation-test.sh): the registry's derived lists, the messages a refused loader gives, what each path
+writes into its work directory (never into the input), and the record each real load leaves on a tiny base.
+Each test runs in milliseconds to a second, so the mutation run can judge ``harness/loading/paths.py``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from harness.loading import paths
+from harness.loading.paths import LoadingPath, LoaderRefused
+from harness.loading.records import LoadedModel, LoadRecord
+
+CONFIG, SAFE, BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+
+
+@pytest.fixture
+def registry():
+    """The three registry tables, restored after the test (which registers toy paths)."""
+    saved = {table: dict(getattr(paths, table)) for table in ("REGISTRY", "PATHS", "UNAVAILABLE")}
+    yield paths
+    for table, content in saved.items():
+        getattr(paths, table).clear()
+        getattr(paths, table).update(content)
+
+
+def _load(*args, **kw):
+    return ("loaded", args, kw)
+
+
+def _toy(name, **facts) -> LoadingPath:
+    return paths.register_path(LoadingPath(name, _load, **facts))
+
+
+# -- the registry ----------------------------------------------------------------------------------------------------
+
+
+def test_a_path_the_stack_lacks_is_listed_with_its_reason_and_moves_when_re_registered(registry):
+    got = _toy("toy", requires=lambda: "needs peft 9")
+    assert registry.REGISTRY["toy"] is got and "toy" not in registry.PATHS
+    assert registry.UNAVAILABLE["toy"] == "needs peft 9"
+    again = _toy("toy", requires=lambda: None)  # the stack has it now: available, no stale reason
+    assert registry.PATHS["toy"] is again and registry.REGISTRY["toy"] is again and "toy" not in registry.UNAVAILABLE
+    _toy("toy", requires=lambda: "gone again")
+    assert "toy" not in registry.PATHS and registry.UNAVAILABLE["toy"] == "gone again"
+    _toy("toy")  # no requirement at all
+    assert "toy" in registry.PATHS and "toy" not in registry.UNAVAILABLE
+    registry.unregister_path("toy")
+    assert all("toy" not in getattr(registry, t) for t in ("REGISTRY", "PATHS", "UNAVAILABLE"))
+    _toy("toy", requires=lambda: "why")
+    registry.unregister_path("toy")
+    assert "toy" not in registry.UNAVAILABLE and "toy" not in registry.REGISTRY
+
+
+def test_loading_path_registers_the_function_with_its_facts_and_returns_it(registry):
+    def load_toy(base_dir, adapter_dir, **kw):
+        return (base_dir, adapter_dir, kw)
+
+    assert registry.loading_path("toy", merges=True, saves_and_reloads=True)(load_toy) is load_toy
+    path = registry.PATHS["toy"]
+    assert (path.name, path.function, path.merges, path.saves_and_reloads) == ("toy", load_toy, True, True)
+    assert path(Path("b"), Path("a"), dtype="d", workdir="w") == (Path("b"), Path("a"), {"dtype": "d", "workdir": "w"})
+
+
+def test_a_path_record_defaults_to_a_plain_adapter_load():
+    path = LoadingPath("toy", _load)
+    assert (path.merges, path.saves_and_reloads, path.reads_adapter_config, path.shares_load_with, path.then,
+            path.takes_base, path.requires) == (False, False, True, None, None, False, None)
+
+
+def test_replaced_keeps_the_facts_but_loads_on_its_own(registry):
+    def why():
+        return None
+
+    def then(loaded, **_):
+        return loaded
+
+    _toy("toy", merges=True, saves_and_reloads=True, reads_adapter_config=False, shares_load_with="peft", then=then,
+         takes_base=True, requires=why)
+    got = registry.replaced("toy", _load)
+    assert got == LoadingPath("toy", _load, merges=True, saves_and_reloads=True, reads_adapter_config=False,
+                              shares_load_with=None, then=None, takes_base=False, requires=why)
+
+
+def test_the_merging_lists_are_derived_from_the_available_records(registry):
+    for table in ("REGISTRY", "PATHS", "UNAVAILABLE"):
+        getattr(registry, table).clear()
+    _toy("plain")
+    _toy("merged", merges=True)
+    _toy("saved", merges=True, saves_and_reloads=True)
+    _toy("saves-only", saves_and_reloads=True)
+    _toy("lacking", merges=True, requires=lambda: "no")
+    assert registry.merging() == ["merged", "saved"]
+    assert registry.merging_in_memory() == ["merged"]
+
+
+def _names(registry, name):
+    return [p.name for p in registry.chain_of(name)]
+
+
+def test_a_chain_runs_from_the_root_that_takes_the_base_in_load_order(registry):
+    def then(loaded, **_):
+        return loaded
+
+    for table in ("REGISTRY", "PATHS", "UNAVAILABLE"):
+        getattr(registry, table).clear()
+    _toy("last", shares_load_with="middle", then=then)  # registered before its leader: order comes from the links
+    _toy("root", takes_base=True)
+    _toy("middle", shares_load_with="root", then=then)
+    _toy("alone")
+    _toy("no-step", shares_load_with="root")  # names a leader but has no step: loads on its own
+    assert _names(registry, "root") == _names(registry, "last") == _names(registry, "middle") == ["root", "middle",
+                                                                                                   "last"]
+    assert _names(registry, "alone") == [] and _names(registry, "no-step") == []
+    _toy("lonely-root", takes_base=True)  # a root nobody continues is no chain
+    assert _names(registry, "lonely-root") == []
+    _toy("headless", shares_load_with="leader-that-takes-no-base", then=then)
+    _toy("leader-that-takes-no-base")
+    assert _names(registry, "headless") == []
+    _toy("middle", shares_load_with="root", then=then, requires=lambda: "unavailable")
+    assert _names(registry, "root") == [] and _names(registry, "last") == []
+
+
+def test_a_declared_cycle_stops_where_it_closes(registry):
+    def then(loaded, **_):
+        return loaded
+
+    for table in ("REGISTRY", "PATHS", "UNAVAILABLE"):
+        getattr(registry, table).clear()
+    _toy("x", shares_load_with="y", then=then)
+    _toy("y", shares_load_with="x", then=then, takes_base=True)
+    assert _names(registry, "x") == ["y", "x"]  # climbs x -> y (takes the base), then y's follower x
+    assert _names(registry, "y") == []  # climbs y -> x, which takes no base: no chain
+
+
+def test_the_built_in_chain_and_merging_lists():
+    assert _names(paths, "peft") == _names(paths, "merge-script") == ["peft", "peft-merged", "merge-script"]
+    assert _names(paths, "peft-safe-merged") == [] and _names(paths, "bin") == []
+    assert paths.merging() == ["peft-merged", "peft-safe-merged", "merge-script"]
+    assert paths.merging_in_memory() == ["peft-merged", "peft-safe-merged"]
+    facts = {name: (p.merges, p.saves_and_reloads, p.reads_adapter_config, p.shares_load_with, p.takes_base)
+             for name, p in paths.REGISTRY.items()}
+    assert facts["peft"] == (False, False, True, None, True)
+    assert facts["peft-merged"] == (True, False, True, "peft", False)
+    assert facts["merge-script"] == (True, True, True, "peft-merged", False)
+    assert facts["state-dict"] == (False, False, False, None, False)
+    assert facts["load-adapter"] == facts["bin"] == facts["safetensors"] == (False, False, True, None, False)
+    assert paths.REGISTRY["transformers-load-adapter"].requires is not None
+    assert paths.REGISTRY["auto-peft"].requires is not None
+
+
+# -- pieces that touch files only ------------------------------------------------------------------------------------
+
+
+def _write_adapter(directory: Path, *, safe: bool = True, bin_too: bool = False, extra=(), **config) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["wo"], **config}))
+    tensors = {"base_model.model.layer.wo.lora_A.weight": torch.arange(8.0).reshape(2, 4),
+               "base_model.model.layer.wo.lora_B.weight": torch.arange(6.0).reshape(3, 2)}
+    if safe:
+        save_file(tensors, str(directory / SAFE), metadata={"format": "pt"})
+    if bin_too or not safe:
+        torch.save(tensors, directory / BIN)
+    for name in extra:
+        (directory / name).write_text(name)
+    return directory
+
+
+def _digest(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_explaining_bin_only_names_the_file_and_the_fix(tmp_path):
+    import transformers
+
+    adapter = _write_adapter(tmp_path / "a", safe=False)
+    with pytest.raises(LoaderRefused) as err, paths._explaining_bin_only(adapter):
+        raise FileNotFoundError(f"no file named {SAFE} in {adapter}")
+    assert str(err.value) == (
+        f"transformers {transformers.__version__}'s load_adapter looks only for adapter_model.safetensors in a local "
+        "directory and this adapter has only adapter_model.bin: users of model.load_adapter / "
+        "from_pretrained(adapter_dir) cannot load it; save the adapter with safe_serialization=True")
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+@pytest.mark.parametrize("case", ["both-files", "no-bin", "other-file"])
+def test_explaining_bin_only_leaves_other_missing_files_alone(tmp_path, case):
+    adapter = _write_adapter(tmp_path / "a", safe=case != "no-bin", bin_too=case == "both-files")
+    if case == "no-bin":
+        (adapter / BIN).unlink()
+    message = "tokenizer.json" if case == "other-file" else SAFE
+    if case == "other-file":
+        (adapter / SAFE).unlink()
+        _write_adapter(adapter, safe=False)
+    with pytest.raises(FileNotFoundError, match=message), paths._explaining_bin_only(adapter):
+        raise FileNotFoundError(message)
+    with paths._explaining_bin_only(adapter):  # nothing raised: nothing to explain
+        pass
+
+
+def test_adapter_files_are_the_adapter_files_sorted(tmp_path):
+    adapter = _write_adapter(tmp_path / "a", bin_too=True, extra=("README.md", "tokenizer.json", "my_adapter_x"))
+    assert paths._adapter_files(adapter) == [CONFIG, BIN, SAFE]
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_resaved_writes_the_same_tensors_in_the_format_into_the_workdir(tmp_path, fmt):
+    adapter = _write_adapter(tmp_path / "a", extra=("README.md",))
+    before = _digest(adapter)
+    out = paths._resaved(adapter, tmp_path / "work" / "deeper", fmt)
+    assert out == tmp_path / "work" / "deeper" / f"adapter-{fmt}"
+    name = BIN if fmt == "bin" else SAFE
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG, name])
+    assert (out / CONFIG).read_bytes() == (adapter / CONFIG).read_bytes()
+    got = torch.load(out / BIN, weights_only=True) if fmt == "bin" else load_file(out / SAFE)
+    want = load_file(adapter / SAFE)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    if fmt == "safetensors":
+        with safe_open(str(out / SAFE), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    assert _digest(adapter) == before
+    assert paths._resaved(adapter, tmp_path / "work" / "deeper", fmt) == out  # a second call reuses the directory
+
+
+def test_adapter_naming_base_copies_what_loaders_read_and_names_the_checked_base(tmp_path, monkeypatch):
+    adapter = _write_adapter(tmp_path / "a", bin_too=True, extra=("tokenizer.json", "tokenizer_config.json",
+                                                                   "README.md", "notes.txt"),
+                             base_model_name_or_path="somewhere/else")
+    before = _digest(adapter)
+    monkeypatch.chdir(tmp_path)
+    out = paths.adapter_naming_base(adapter, Path("base"), tmp_path / "w" / "x")
+    assert out == tmp_path / "w" / "x" / "adapter-naming-base"
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG, SAFE, BIN, "tokenizer.json",
+                                                            "tokenizer_config.json"])
+    config = json.loads((out / CONFIG).read_text())
+    assert config == {**json.loads((adapter / CONFIG).read_text()),
+                      "base_model_name_or_path": str((tmp_path / "base").resolve())}
+    assert (out / CONFIG).read_text() == json.dumps(config, indent=2)
+    assert (out / SAFE).read_bytes() == (adapter / SAFE).read_bytes()
+    assert (out / BIN).read_bytes() == (adapter / BIN).read_bytes()
+    assert (out / "tokenizer.json").read_text() == "tokenizer.json"
+    assert _digest(adapter) == before
+    assert paths.adapter_naming_base(adapter, Path("base"), tmp_path / "w" / "x") == out  # exists already: fine
+
+
+def test_point_at_rewrites_only_the_base_name(tmp_path):
+    adapter = _write_adapter(tmp_path / "a", base_model_name_or_path="old", r=8)
+    paths._point_at(adapter, tmp_path / "view")
+    config = json.loads((adapter / CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "view") and config["r"] == 8
+    assert (adapter / CONFIG).read_text() == json.dumps(config, indent=2)
+
+
+def test_a_missing_task_type_is_named_as_why_auto_peft_refuses(tmp_path):
+    adapter = _write_adapter(tmp_path / "a", task_type=None,
+                             auto_mapping={"base_model_class": "X", "parent_library": "transformers_modules.m"})
+    err = ValueError("not allowed: transformers_modules.m\nsecond line")
+    got = paths._auto_mapping_refused(err, adapter)
+    assert isinstance(got, ValueError) and got is not err
+    assert str(got) == (f"{adapter / CONFIG} has no task_type, so PEFT saved an auto_mapping naming "
+                        "'transformers_modules.m', which AutoPeftModelForCausalLM refuses (not allowed: "
+                        "transformers_modules.m); set \"task_type\": \"CAUSAL_LM\" in adapter_config.json "
+                        "(LoraConfig(task_type='CAUSAL_LM') when training)")
+    long = paths._auto_mapping_refused(ValueError("y" * 300), adapter)
+    assert f"({'y' * 160}); set" in str(long)
+
+
+@pytest.mark.parametrize("config", [{"task_type": "CAUSAL_LM", "auto_mapping": {"parent_library": "m"}},
+                                    {"task_type": None}, {"task_type": None, "auto_mapping": {}}])
+def test_other_auto_peft_errors_pass_unchanged(tmp_path, config):
+    adapter = _write_adapter(tmp_path / "a", **config)
+    err = ValueError("something else")
+    assert paths._auto_mapping_refused(err, adapter) is err
+
+
+# -- merge and save, on stand-ins for the model ----------------------------------------------------------------------
+
+
+class _Merging:
+    """A stand-in PEFT model: records how merge_and_unload was called and logs a warning as PEFT does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def merge_and_unload(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        logging.getLogger("peft").warning("merged with a warning")
+        return self
+
+    def eval(self):
+        self.evaluated = True
+        return self
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_merge_loaded_consumes_the_load_and_renames_a_copy_of_its_record(safe):
+    model = _Merging()
+    record = LoadRecord(path="peft", missing_keys=["m"], files_used=[SAFE])
+    loaded = LoadedModel(model, record)
+    merged = paths.merge_loaded(loaded, "peft-merged", safe_merge=safe) if safe else paths.merge_loaded(
+        loaded, "peft-merged")
+    assert model.calls == ([((), {"safe_merge": True})] if safe else [((), {})])
+    assert merged.model is model and model.evaluated and loaded.model is None
+    assert merged.record.path == "peft-merged" and merged.record.missing_keys == ["m"]
+    assert merged.record.files_used == [SAFE]
+    assert record.path == "peft" and merged.record is not record  # the original record is untouched
+    assert any("merged with a warning" in w for w in merged.record.warnings)
+    assert record.warnings == []
+
+
+def test_save_and_reload_records_the_reload(tmp_path, monkeypatch):
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    for name in ("modeling_x.py", "tokenizer.json", "weights.safetensors"):
+        (base_dir / name).write_text(name)
+    saved = {}
+
+    class Merged:
+        def save_pretrained(self, out, **kw):
+            saved.update(out=out, **kw)
+            Path(out).mkdir(parents=True)
+            (Path(out) / "model.safetensors").write_text("w")
+            (Path(out) / "config.json").write_text("{}")
+
+    calls = []
+
+    def fake_load_base(out, **kw):
+        calls.append((out, kw))
+        logging.getLogger("transformers").warning("reloaded with a warning")
+        return "reloaded", {"missing_keys": ["b", "a"], "unexpected_keys": ["z", "y"]}
+
+    monkeypatch.setattr(paths, "load_base", fake_load_base)
+    merged = LoadedModel(Merged(), LoadRecord(path="peft-merged", notes=["earlier"]))
+    got = paths.save_and_reload(merged, base_dir, dtype="d", device="dev", workdir=tmp_path / "work")
+    out = tmp_path / "work" / "merge-script"
+    assert saved == {"out": out, "safe_serialization": True}
+    assert calls == [(out, {"dtype": "d", "device": "dev", "output_loading_info": True})]
+    assert got.model == "reloaded" and merged.model is None
+    assert got.record.path == "merge-script"
+    assert got.record.notes == ["earlier", "copied ['modeling_x.py', 'tokenizer.json']"]
+    assert (got.record.missing_keys, got.record.unexpected_keys) == (["a", "b"], ["y", "z"])
+    assert got.record.files_used == ["config.json", "model.safetensors", "modeling_x.py", "tokenizer.json"]
+    assert any("reloaded with a warning" in w for w in got.record.warnings)
+    monkeypatch.setattr(paths, "load_base", lambda out, **kw: ("reloaded", {}))
+    again = paths.save_and_reload(LoadedModel(Merged(), LoadRecord(path="x")), base_dir, dtype="d", device="dev",
+                                  workdir=tmp_path / "work2")
+    assert (again.record.missing_keys, again.record.unexpected_keys) == ([], [])
+
+
+# -- every path's real load on the tiny base: what the record says ---------------------------------------------------
+
+
+@pytest.fixture
+def spy_loads(monkeypatch):
+    """Every ``load_base`` a path makes: (directory, keyword arguments), the real load still done."""
+    calls = []
+    real = paths.load_base
+
+    def spy(base_dir, **kw):
+        calls.append((Path(base_dir), {k: v for k, v in kw.items() if k != "config"}))
+        return real(base_dir, **kw)
+
+    monkeypatch.setattr(paths, "load_base", spy)
+    return calls
+
+
+def _run(name, bundle, tmp_path, adapter=None):
+    return paths.PATHS[name](bundle.base_dir, adapter or bundle.adapter_dir, dtype=torch.float32, device="cpu",
+                             workdir=tmp_path / "work")
+
+
+def _lora_b(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if ".lora_B." in n}
+
+
+def test_the_unmerged_peft_path_loads_the_base_once_shared_and_records_the_adapter_files(default_bundle, tmp_path,
+                                                                                         spy_loads):
+    loaded = _run("peft", default_bundle, tmp_path)
+    assert spy_loads == [(Path(default_bundle.base_dir), {"dtype": torch.float32, "device": "cpu", "private": False})]
+    assert loaded.record.path == "peft" and loaded.record.files_used == [CONFIG, SAFE]
+    assert not loaded.model.training and _lora_b(loaded.model)
+    base = paths.load_base(default_bundle.base_dir, dtype=torch.float32)
+    given = paths.load_peft(default_bundle.base_dir, default_bundle.adapter_dir, base=base, dtype=torch.float32,
+                            device="cpu", workdir=tmp_path / "given")
+    assert given.model.get_base_model() is base and len(spy_loads) == 2  # the base given is used, not reloaded
+
+
+@pytest.mark.parametrize("name", ["peft-merged", "peft-safe-merged", "merge-script"])
+def test_merging_paths_load_into_private_memory_and_leave_no_lora_layer(name, default_bundle, tmp_path, spy_loads):
+    loaded = _run(name, default_bundle, tmp_path)
+    assert spy_loads[0] == (Path(default_bundle.base_dir), {"dtype": torch.float32, "device": "cpu", "private": True})
+    assert loaded.record.path == name and not loaded.model.training
+    assert not _lora_b(loaded.model) and loaded.record.clean
+    if name == "merge-script":
+        out = tmp_path / "work" / "merge-script"
+        assert spy_loads[1] == (out, {"dtype": torch.float32, "device": "cpu", "output_loading_info": True})
+        assert "config.json" in loaded.record.files_used and "model.safetensors" in loaded.record.files_used
+        assert loaded.record.notes and loaded.record.notes[-1].startswith("copied [")
+    else:
+        assert len(spy_loads) == 1 and loaded.record.files_used == [CONFIG, SAFE]
+
+
+@pytest.fixture(scope="module")
+def nan_adapter(default_bundle, tmp_path_factory):
+    from fixtures.mutations import copy_adapter, load_tensors, save_tensors
+
+    adapter = copy_adapter(default_bundle.adapter_dir, tmp_path_factory.mktemp("nan") / "adapter")
+    tensors = load_tensors(adapter)
+    key = next(k for k in sorted(tensors) if ".lora_B." in k)
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_tensors(adapter, tensors)
+    return adapter
+
+
+def test_only_the_safe_merge_refuses_nan_weights(default_bundle, nan_adapter, tmp_path):
+    """``merge_and_unload(safe_merge=True)`` checks the merged weights for NaN; the plain merge does not."""
+    merged = _run("peft-merged", default_bundle, tmp_path / "plain", nan_adapter)
+    assert any(torch.isnan(p).any() for p in merged.model.parameters())
+    with pytest.raises(ValueError, match="NaN"):
+        _run("peft-safe-merged", default_bundle, tmp_path / "safe", nan_adapter)
+
+
+def test_the_fresh_peft_model_holds_frozen_non_zero_decoys(default_bundle):
+    """A key that never loads must show as a difference: the wrapped base starts with random, non-zero lora_B
+    (not PEFT's zero init) and is built for inference (nothing trainable)."""
+    model = paths._fresh_peft(default_bundle.base_dir, default_bundle.adapter_dir, dtype=torch.float32, device="cpu")
+    lora_b = _lora_b(model)
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values())
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.peft_config["default"].inference_mode
+
+
+def test_load_adapter_runs_the_adapter_under_another_name(default_bundle, tmp_path, spy_loads):
+    loaded = _run("load-adapter", default_bundle, tmp_path)
+    assert loaded.model.active_adapter == "other" and not loaded.model.training
+    assert loaded.record.path == "load-adapter" and loaded.record.files_used == [CONFIG, SAFE]
+    assert loaded.record.clean
+    assert spy_loads == [(Path(default_bundle.base_dir), {"dtype": torch.float32, "device": "cpu"})]
+    saved = load_file(default_bundle.adapter_dir / SAFE)
+    held = {n: p for n, p in loaded.model.named_parameters() if ".lora_B.other." in n}
+    key = next(k for k in sorted(saved) if ".lora_B." in k)
+    want = saved[key]
+    assert any(torch.equal(p, want) for p in held.values())  # the saved values, not the decoys
+
+
+def test_state_dict_loads_the_saved_values_without_reading_files_it_does_not_use(default_bundle, tmp_path, spy_loads):
+    loaded = _run("state-dict", default_bundle, tmp_path)
+    assert loaded.record.path == "state-dict" and loaded.record.files_used == [] and loaded.record.clean
+    assert not loaded.model.training
+    assert spy_loads == [(Path(default_bundle.base_dir), {"dtype": torch.float32, "device": "cpu"})]
+    saved = load_file(default_bundle.adapter_dir / SAFE)
+    key = next(k for k in sorted(saved) if ".lora_B." in k)
+    held = dict(loaded.model.named_parameters())
+    assert torch.equal(held[key.replace(".lora_B.weight", ".lora_B.default.weight")], saved[key])
+
+
+@pytest.mark.parametrize("name,resaved", [("bin", BIN), ("safetensors", SAFE)])
+def test_the_resaving_paths_load_their_copy_and_record_its_files(name, resaved, default_bundle, tmp_path):
+    loaded = _run(name, default_bundle, tmp_path)
+    assert loaded.record.path == name and loaded.record.files_used == sorted([CONFIG, resaved])
+    assert (tmp_path / "work" / f"adapter-{name}" / resaved).is_file() and loaded.record.clean
+    assert _lora_b(loaded.model) and not loaded.model.training
+
+
+def test_transformers_load_adapter_injects_into_the_base_and_records(default_bundle, tmp_path, spy_loads):
+    if "transformers-load-adapter" not in paths.PATHS:
+        pytest.skip(paths.UNAVAILABLE["transformers-load-adapter"])
+    loaded = _run("transformers-load-adapter", default_bundle, tmp_path)
+    assert type(loaded.model).__name__ != "PeftModel" and not loaded.model.training
+    assert loaded.record.path == "transformers-load-adapter" and loaded.record.files_used == [CONFIG, SAFE]
+    assert loaded.record.clean and _lora_b(loaded.model)
+    assert spy_loads == [(Path(default_bundle.base_dir), {"dtype": torch.float32, "device": "cpu"})]
+
+
+def test_transformers_load_adapter_refuses_a_bin_only_adapter_by_name(default_bundle, tmp_path):
+    if "transformers-load-adapter" not in paths.PATHS:
+        pytest.skip(paths.UNAVAILABLE["transformers-load-adapter"])
+    adapter = tmp_path / "bin-only"
+    adapter.mkdir()
+    (adapter / CONFIG).write_bytes((default_bundle.adapter_dir / CONFIG).read_bytes())
+    torch.save(load_file(default_bundle.adapter_dir / SAFE), adapter / BIN)
+    for name in ("transformers-load-adapter", "transformers-from-adapter-dir"):
+        try:
+            _run(name, default_bundle, tmp_path / name, adapter)
+        except LoaderRefused as err:
+            assert "has only adapter_model.bin" in str(err) and "safe_serialization=True" in str(err)
+        else:
+            pytest.skip("this transformers loads adapter_model.bin")
+
+
+def test_from_adapter_dir_loads_the_checked_base_through_a_copy(default_bundle, tmp_path, spy_loads):
+    if "transformers-from-adapter-dir" not in paths.PATHS:
+        pytest.skip(paths.UNAVAILABLE["transformers-from-adapter-dir"])
+    loaded = _run("transformers-from-adapter-dir", default_bundle, tmp_path)
+    copy = tmp_path / "work" / "adapter-naming-base"
+    assert spy_loads == [(copy, {"dtype": torch.float32, "device": "cpu"})]
+    assert loaded.record.path == "transformers-from-adapter-dir" and loaded.record.files_used == [CONFIG, SAFE]
+    assert loaded.record.clean and _lora_b(loaded.model) and not loaded.model.training
+
+
+@pytest.fixture(scope="module")
+def flash_base(default_bundle, tmp_path_factory):
+    """The default base whose config.json asks for flash attention (as the real one does)."""
+    import shutil
+
+    base = shutil.copytree(default_bundle.base_dir, tmp_path_factory.mktemp("flash") / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "attn_implementation": "flash_attention_2"}))
+    return base
+
+
+def _flash_attn_missing():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash_attn is installed: no override happens")
+
+
+def test_the_base_as_loaded_is_the_directory_when_its_config_needs_no_change(default_bundle, tmp_path):
+    record = LoadRecord(path="x")
+    assert paths._base_as_loaded(default_bundle.base_dir, tmp_path, record) == Path(default_bundle.base_dir)
+    assert record.notes == [] and not (tmp_path / "base").exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for file in Path(default_bundle.base_dir).iterdir():
+        (plain / file.name).symlink_to(file)
+    config = json.loads((Path(default_bundle.base_dir) / "config.json").read_text())
+    config.pop("attn_implementation", None)
+    (plain / "config.json").unlink()
+    (plain / "config.json").write_text(json.dumps(config))
+    assert paths._base_as_loaded(plain, tmp_path / "w", record) == plain and record.notes == []
+
+
+def test_a_flash_config_is_loaded_from_an_eager_view(flash_base, tmp_path):
+    _flash_attn_missing()
+    record = LoadRecord(path="x", notes=["earlier"])
+    view = paths._base_as_loaded(flash_base, tmp_path / "w", record)
+    assert view == tmp_path / "w" / "base"
+    config = json.loads((view / "config.json").read_text())
+    assert config == {**json.loads((flash_base / "config.json").read_text()), "attn_implementation": "eager"}
+    assert (view / "config.json").read_text() == json.dumps(config, indent=2)
+    assert not (view / "config.json").is_symlink()
+    others = sorted(p.name for p in flash_base.iterdir() if p.name != "config.json")
+    assert sorted(p.name for p in view.iterdir() if p.name != "config.json") == others
+    assert all((view / n).is_symlink() and (view / n).resolve() == (flash_base / n).resolve() for n in others)
+    assert record.notes == ["earlier", f"base loaded from a view of {flash_base} with attn_implementation='eager' "
+                                       "(as the other paths load it)"]
+    again = LoadRecord(path="x")
+    assert paths._base_as_loaded(flash_base, tmp_path / "w", again) == view  # the view exists: reused
+    assert json.loads((view / "config.json").read_text())["attn_implementation"] == "eager"
+
+
+def test_base_kwargs_are_what_load_base_passes(default_bundle, flash_base):
+    from harness.compat import ATTN_IMPLEMENTATION_KWARG, DTYPE_KW
+
+    got = paths._base_kwargs(default_bundle.base_dir, torch.bfloat16)
+    eager = {"attn_implementation": "eager"} if ATTN_IMPLEMENTATION_KWARG else {}
+    assert got == {"trust_remote_code": True, DTYPE_KW: torch.bfloat16, **eager}
+    _flash_attn_missing()
+    assert paths._base_kwargs(flash_base, torch.float32) == {"trust_remote_code": True, DTYPE_KW: torch.float32,
+                                                              **eager}
+
+
+def test_auto_peft_loads_the_checked_base_from_its_eager_view(default_bundle, flash_base, tmp_path):
+    if "auto-peft" not in paths.PATHS:
+        pytest.skip(paths.UNAVAILABLE["auto-peft"])
+    _flash_attn_missing()
+    loaded = paths.PATHS["auto-peft"](flash_base, default_bundle.adapter_dir, dtype=torch.float32, device="cpu",
+                                      workdir=tmp_path / "work")
+    record = loaded.record
+    assert record.path == "auto-peft" and record.files_used == [CONFIG, SAFE] and record.clean
+    assert record.notes == [f"base loaded from a view of {flash_base} with attn_implementation='eager' (as the "
+                            "other paths load it)"]
+    copy = json.loads((tmp_path / "work" / "adapter-naming-base" / CONFIG).read_text())
+    assert copy["base_model_name_or_path"] == str(tmp_path / "work" / "base")
+    assert not loaded.model.training and _lora_b(loaded.model)
+    assert next(loaded.model.parameters()).dtype == torch.float32
