@@ -582,3 +582,274 @@ def test_auto_peft_loads_the_checked_base_from_its_eager_view(default_bundle, fl
     assert copy["base_model_name_or_path"] == str(tmp_path / "work" / "base")
     assert not loaded.model.training and _lora_b(loaded.model)
     assert next(loaded.model.parameters()).dtype == torch.float32
+
+
+# == harness/checks/against_base.py: bases without a module tree or without PLoRA, trainable tokens ==================
+
+
+WO = "base_model.model.model.layers.0.attention.wo"
+EMBED = "base_model.model.model.tok_embeddings"
+
+
+@pytest.fixture(scope="module")
+def info(default_bundle):
+    from harness.model.structure import inspect_base
+
+    return inspect_base(default_bundle.base_dir)
+
+
+def _verdict(check_id, adapter_dir, base, **options):
+    from harness.checks.context import CheckContext, CheckOptions
+    from harness.checks.registry import get_check, run_check
+    from harness.inputs.adapter_dir import read_adapter
+
+    ctx = CheckContext(adapter=read_adapter(adapter_dir), base=base, options=CheckOptions(**options))
+    return run_check(get_check(check_id), ctx)
+
+
+def _edited(default_bundle, tmp_path, tensors=None, **config) -> Path:
+    """A copy of the good adapter with ``tensors`` changed (None: removed) and ``config`` set."""
+    from fixtures.mutations import copy_adapter, edit_config, load_tensors, save_tensors
+
+    dst = copy_adapter(default_bundle.adapter_dir, tmp_path / "adapter")
+    if config:
+        edit_config(dst, lambda c: c.update(config))
+    if tensors:
+        saved = load_tensors(dst)
+        for key, value in tensors.items():
+            if value is None:
+                saved.pop(key)
+            else:
+                saved[key] = value
+        save_tensors(dst, saved)
+    return dst
+
+
+def _no_tree(info, **weights):
+    """The base as inspect_base sees it when the meta build failed: the weight index alone."""
+    import dataclasses
+
+    return dataclasses.replace(info, modules=None, meta_build_error="no meta build",
+                               weights={**info.weights, **weights})
+
+
+def _saved(default_bundle, key):
+    return load_file(default_bundle.adapter_dir / SAFE)[key]
+
+
+def test_a_base_without_a_module_tree_still_judges_shapes_by_its_weight_index(default_bundle, tmp_path, info):
+    base = _no_tree(info)
+    assert base.layer("model.layers.0.attention.wo") is None
+    got = _verdict("base-match", default_bundle.adapter_dir, base)
+    assert (got.status, got.message) == ("pass", "all 10 adapted modules exist in the base with matching dimensions")
+    assert got.details["layer_kinds"] == {"unknown": 10}
+    a = _saved(default_bundle, f"{WO}.lora_A.weight")
+    rank, width = a.shape
+    out = info.weights["model.layers.0.attention.wo.weight"][0][0]
+    wrong = _edited(default_bundle, tmp_path, {f"{WO}.lora_A.weight": torch.zeros(rank, width + 1)})
+    got = _verdict("base-match", wrong, base)
+    assert got.status == "fail"
+    assert got.message == ("adapter looks trained for a base model with other modules: 0 adapted module(s) missing, "
+                           f"1 with other dimensions (first: model.layers.0.attention.wo: base nn.Linear in/out "
+                           f"{width}/{out}, adapter lora_A [{rank}, {width + 1}] (want [{rank}, {width}]))")
+
+
+def test_without_a_tree_either_orientation_of_a_linear_weight_fits(default_bundle, info):
+    """A Conv1D base stores its weight [in, out]: with no module tree to say which, both orientations are tried."""
+    shape, dtype = info.weights["model.layers.0.attention.wqkv.weight"]
+    assert shape[0] != shape[1]
+    base = _no_tree(info, **{"model.layers.0.attention.wqkv.weight": (tuple(shape[::-1]), dtype)})
+    got = _verdict("base-match", default_bundle.adapter_dir, base)
+    assert got.status == "pass", got.message
+
+
+def test_without_a_tree_a_module_whose_weight_is_not_indexed_is_not_judged(default_bundle, info):
+    import dataclasses
+
+    weights = {k: v for k, v in info.weights.items() if k != "model.layers.0.attention.wo.weight"}
+    base = dataclasses.replace(_no_tree(info), weights=weights)
+    assert _verdict("base-match", default_bundle.adapter_dir, base).status == "pass"
+
+
+def test_without_a_tree_a_wrong_vector_weight_is_not_judged(default_bundle, info):
+    """A 1-D weight has no in/out: no dims to compare with (the module is left to key-coverage)."""
+    base = _no_tree(info, **{"model.layers.0.attention.wo.weight": ((64,), "float32")})
+    assert _verdict("base-match", default_bundle.adapter_dir, base).status == "pass"
+
+
+def test_without_a_tree_a_transposed_fit_is_still_wrong_for_the_other_part(default_bundle, tmp_path, info):
+    """Both orientations tried: when neither fits every part, the module is reported in the weight's own one."""
+    a = _saved(default_bundle, f"{WO}.lora_A.weight")
+    rank, width = a.shape
+    out = info.weights["model.layers.0.attention.wo.weight"][0][0]
+    wrong = _edited(default_bundle, tmp_path, {f"{WO}.lora_B.weight": torch.zeros(out + 3, rank)})
+    got = _verdict("base-match", wrong, _no_tree(info))
+    assert got.status == "fail"
+    assert got.message.endswith(f"(first: model.layers.0.attention.wo: base nn.Linear in/out {width}/{out}, adapter "
+                                f"lora_B [{out + 3}, {rank}] (want [{out}, {rank}]))")
+
+
+def test_embedding_parts_are_judged_as_an_embedding_without_a_tree(default_bundle, tmp_path, info):
+    vocab, hidden = info.weights["model.tok_embeddings.weight"][0]
+    good = {f"{EMBED}.lora_embedding_A": torch.zeros(4, vocab), f"{EMBED}.lora_embedding_B": torch.zeros(hidden, 4)}
+    path = _edited(default_bundle, tmp_path / "good", good)
+    assert _verdict("base-match", path, _no_tree(info)).status == "pass"
+    bad = {**good, f"{EMBED}.lora_embedding_A": torch.zeros(4, vocab + 1)}
+    got = _verdict("base-match", _edited(default_bundle, tmp_path / "bad", bad), _no_tree(info))
+    assert got.status == "fail"
+    assert got.message.endswith(f"(first: model.tok_embeddings: base nn.Embedding in/out {vocab}/{hidden}, adapter "
+                                f"lora_embedding_A [4, {vocab + 1}] (want [4, {vocab}]))")
+
+
+def test_embedding_parts_on_a_linear_module_name_the_parts_it_takes(default_bundle, tmp_path, info):
+    key = "base_model.model.model.layers.0.attention.wo"
+    path = _edited(default_bundle, tmp_path, {f"{key}.lora_A.weight": None, f"{key}.lora_B.weight": None,
+                                              f"{key}.lora_embedding_A": torch.zeros(4, 8),
+                                              f"{key}.lora_embedding_B": torch.zeros(8, 4)})
+    got = _verdict("base-match", path, info)
+    assert got.status == "fail"
+    assert got.message.endswith("(first: model.layers.0.attention.wo: a nn.Linear takes lora_A/lora_B, the adapter "
+                                "has lora_embedding_A/lora_embedding_B)")
+
+
+def test_misfits_take_the_rank_from_the_up_part_when_the_down_part_is_absent(default_bundle, tmp_path, info):
+    b = _saved(default_bundle, f"{WO}.lora_B.weight")
+    out, rank = b.shape
+    width = info.weights["model.layers.0.attention.wo.weight"][0][1]
+    path = _edited(default_bundle, tmp_path / "b-only", {f"{WO}.lora_A.weight": None})
+    assert _verdict("base-match", path, info).status == "pass"  # lora_B alone, right shape: fits
+    path = _edited(default_bundle, tmp_path / "b-wrong", {f"{WO}.lora_A.weight": None,
+                                                           f"{WO}.lora_B.weight": torch.zeros(out + 1, rank)})
+    got = _verdict("base-match", path, info)
+    assert got.message.endswith(f"(first: model.layers.0.attention.wo: base nn.Linear in/out {width}/{out}, adapter "
+                                f"lora_B [{out + 1}, {rank}] (want [{out}, {rank}]))")
+    path = _edited(default_bundle, tmp_path / "vectors", {f"{WO}.lora_A.weight": torch.zeros(rank),
+                                                           f"{WO}.lora_B.weight": torch.zeros(out)})
+    assert _verdict("base-match", path, info).status == "pass"  # no rank to read: nothing compared here
+
+
+def test_misfits_compare_bias_and_magnitude_by_size_and_list_every_wrong_part(default_bundle, tmp_path, info):
+    out, width = info.weights["model.layers.0.attention.wo.weight"][0]
+    rank = _saved(default_bundle, f"{WO}.lora_A.weight").shape[0]
+    unit = {f"{WO}.lora_magnitude_vector": torch.ones(1, out), f"{WO}.lora_B.bias": torch.zeros(out)}
+    assert _verdict("base-match", _edited(default_bundle, tmp_path / "ok", unit), info).status == "pass"
+    wrong = {f"{WO}.lora_magnitude_vector": torch.ones(out + 1), f"{WO}.lora_B.bias": torch.zeros(1, out - 1),
+             f"{WO}.lora_A.weight": torch.zeros(rank, width + 2)}
+    got = _verdict("base-match", _edited(default_bundle, tmp_path / "bad", wrong), info)
+    assert got.message.endswith(f"adapter lora_A [{rank}, {width + 2}] (want [{rank}, {width}]), lora_B.bias [1, "
+                                f"{out - 1}] (want [{out}]), lora_magnitude_vector [{out + 1}] (want [{out}]))")
+
+
+def test_misfits_directly_skip_parts_the_kind_does_not_save():
+    from harness.checks.against_base import _misfits
+    from harness.model.layer_kinds import LINEAR, Dims
+
+    dims = Dims(6, 5)
+    assert _misfits(LINEAR, dims, {"lora_A": (2, 6), "lora_B": (5, 2), "lora_C": (9, 9)}) == []
+    assert _misfits(LINEAR, dims, {"lora_A": (2, 7), "lora_B": (4, 2)}) == ["lora_A [2, 7] (want [2, 6])",
+                                                                          "lora_B [4, 2] (want [5, 2])"]
+    assert _misfits(LINEAR, dims, {"lora_B": (4, 3)}) == ["lora_B [4, 3] (want [5, 3])"]
+    assert _misfits(LINEAR, dims, {"lora_B": (4,)}) == []
+    assert _misfits(LINEAR, dims, {"lora_A": (2, 6), "lora_B": (5, 3, 1)}) == ["lora_B [5, 3, 1] (want [5, 2])"]
+
+
+@pytest.mark.parametrize("rows,width,indices,problem", [
+    (2, 1, [1, 2], "trainable_tokens_delta [2, {w1}], expected [2, {w}] (one row as wide as the weight [{v}, {w}] per "
+                   "token index in trainable_token_indices, 2 of them)"),
+    (1, 0, [10_000], None),
+])
+def test_trainable_token_rows_that_do_not_fit_the_embedding_fail(default_bundle, tmp_path, info, rows, width, indices,
+                                                                  problem):
+    vocab, hidden = info.weights["model.tok_embeddings.weight"][0]
+    key = f"{EMBED}.token_adapter.trainable_tokens_delta"
+    path = _edited(default_bundle, tmp_path, {key: torch.zeros(rows, hidden + width)},
+                   trainable_token_indices=indices)
+    got = _verdict("base-match", path, info)
+    assert got.status == "fail"
+    assert got.message.startswith("adapter looks trained for a base model with other modules: 0 adapted module(s) "
+                                  "missing, 1 with other dimensions (first: model.tok_embeddings: ")
+    if problem:
+        assert got.message.endswith(problem.format(w1=hidden + 1, w=hidden, v=vocab) + ")")
+    else:
+        assert str(vocab) in got.message
+    assert len(got.details["mismatched"]) == 1 and got.details["mismatched"][0].startswith("model.tok_embeddings: ")
+
+
+def test_trainable_token_rows_alone_are_judged_and_fitting_ones_pass(default_bundle, tmp_path, info):
+    from fixtures.mutations import copy_adapter, edit_config, save_tensors
+
+    vocab, hidden = info.weights["model.tok_embeddings.weight"][0]
+    key = f"{EMBED}.token_adapter.trainable_tokens_delta"
+    path = copy_adapter(default_bundle.adapter_dir, tmp_path / "tokens-only")
+    edit_config(path, lambda c: c.update(trainable_token_indices=[1, 2]))
+    save_tensors(path, {key: torch.zeros(2, hidden + 1)})
+    got = _verdict("base-match", path, info)  # no LoRA tensors, yet a problem: judged, not skipped
+    assert got.status == "fail" and got.details["modules"] == 0
+    assert got.message.startswith("adapter looks trained for a different base model: 0 adapted module(s) missing, 1 "
+                                  "with other dimensions (first: model.tok_embeddings: trainable_tokens_delta")
+    save_tensors(path, {key: torch.zeros(2, hidden)})
+    got = _verdict("base-match", path, info)
+    assert (got.status, got.message) == ("skip", "the adapter has no LoRA tensors to compare (see key-grammar)")
+    fits = _edited(default_bundle, tmp_path / "fits", {key: torch.zeros(2, hidden)}, trainable_token_indices=[1, 2])
+    assert _verdict("base-match", fits, info).status == "pass"
+    named = {f"{key}.default": torch.zeros(2, hidden + 1)}  # saved under an adapter name: not a saved adapter's key
+    assert _verdict("base-match", _edited(default_bundle, tmp_path / "named", named, trainable_token_indices=[1, 2]),
+                    info).status == "pass"
+
+
+def test_base_match_details_name_everything_and_cap_the_lists(default_bundle, tmp_path, info):
+    from fixtures.mutations import copy_adapter, load_tensors, save_tensors
+
+    path = copy_adapter(default_bundle.adapter_dir, tmp_path / "adapter")
+    tensors = load_tensors(path)
+    a, b = tensors[f"{WO}.lora_A.weight"], tensors[f"{WO}.lora_B.weight"]
+    for i in range(12):  # twelve modules the base lacks: 22 in all, most (12) missing: another base
+        tensors[f"base_model.model.model.layers.0.attention.extra{i:02d}.lora_A.weight"] = a.clone()
+        tensors[f"base_model.model.model.layers.0.attention.extra{i:02d}.lora_B.weight"] = b.clone()
+    save_tensors(path, tensors)
+    got = _verdict("base-match", path, info)
+    missing = [f"model.layers.0.attention.extra{i:02d}" for i in range(12)]
+    assert got.details == {"modules": 22, "missing": missing[:10], "mismatched": [],
+                           "adapter_base_model_name_or_path": str(default_bundle.base_dir),
+                           "fan_in_fan_out_corrected": {}, "layer_kinds": {"linear": 10, "unknown": 12}}
+    assert got.message == ("adapter looks trained for a different base model: 12 adapted module(s) missing, 0 with "
+                           "other dimensions (first: model.layers.0.attention.extra00)")
+    assert got.fix.startswith("check base_model_name_or_path")
+
+
+def test_base_match_fan_in_fan_out_details_list_the_corrected_modules(default_bundle, tmp_path, info):
+    got = _verdict("base-match", _edited(default_bundle, tmp_path, fan_in_fan_out=True), info)
+    (note, modules), = got.details["fan_in_fan_out_corrected"].items()
+    assert note.startswith("fan_in_fan_out is true but the module is an nn.Linear") and len(modules) == 10
+    assert modules[0] == "model.layers.0.attention.wo" and got.details["missing"] == []
+    assert got.message.startswith(note + " (10 module(s), e.g. model.layers.0.attention.wo)")
+
+
+def _tree_without_plora(info, rename=None):
+    import dataclasses
+
+    modules = {(rename(n) if rename else n): dataclasses.replace(m, is_branch=False, name=rename(n) if rename else n)
+               for n, m in info.modules.items()}
+    return dataclasses.replace(info, modules=modules)
+
+
+def test_targets_on_a_base_without_plora_still_need_the_language_model(default_bundle, tmp_path, info):
+    vision = _edited(default_bundle, tmp_path / "v", target_modules=["q_proj"])
+    base = _tree_without_plora(info)
+    assert not base.branch_modules()
+    got = _verdict("targets-resolve", vision, base)
+    assert (got.status, got.message) == ("fail", "targets adapt no language-model module, only the vision: 1 part")
+    renamed = _tree_without_plora(info, lambda n: n.replace("model.", "language_model.", 1) if n.startswith(
+        "model.") else n)
+    got = _verdict("targets-resolve", vision, renamed)
+    assert got.status == "fail", got.message
+
+
+def test_targets_on_a_base_with_no_language_model_part_pass(default_bundle, tmp_path, info):
+    """A base whose module names show no language model (nothing under model. or language_model, no PLoRA) cannot
+    be told to need one: the vision targets pass, counted per tower."""
+    vision = _edited(default_bundle, tmp_path / "v", target_modules=["q_proj"])
+    base = _tree_without_plora(info, lambda n: "decoder" + n[len("model"):] if n.startswith("model") else n)
+    got = _verdict("targets-resolve", vision, base)
+    assert (got.status, got.message) == ("pass", "1 modules matched (vision 1)")
+    assert got.details["per_tower"] == {"vision": 1}
