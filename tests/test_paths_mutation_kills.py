@@ -853,3 +853,224 @@ def test_targets_on_a_base_with_no_language_model_part_pass(default_bundle, tmp_
     got = _verdict("targets-resolve", vision, base)
     assert (got.status, got.message) == ("pass", "1 modules matched (vision 1)")
     assert got.details["per_tower"] == {"vision": 1}
+
+
+# == harness/checks/dynamic.py: starting the shared run, planning depth slices (the heavy parts faked) ===============
+
+
+class _FakeRun:
+    """Stands in for ``DynamicRun``: records how it was started and whether it was closed."""
+
+    made: list = []
+    load_error = None
+
+    def __init__(self, base_dir, adapter_dir, **kw):
+        self.args, self.closed = (base_dir, adapter_dir, kw), False
+        _FakeRun.made.append(self)
+
+    def close(self):
+        self.closed = True
+
+
+def _dynamic_ctx(tmp_path, **options):
+    from types import SimpleNamespace
+
+    from harness.checks.context import CheckContext, CheckOptions
+
+    said = []
+    ctx = CheckContext(adapter=SimpleNamespace(config={}, root=tmp_path / "adapter"),
+                       base=SimpleNamespace(base_dir=tmp_path / "base", init_buffers={"rope": 1}),
+                       options=CheckOptions(**options), progress=said.append)
+    return ctx, said
+
+
+def test_the_dynamic_run_is_started_once_with_the_options_and_closed_at_cleanup(tmp_path, monkeypatch):
+    from harness.checks import dynamic
+    from harness.checks.measure import dynamic_run
+
+    monkeypatch.setattr(dynamic_run, "DynamicRun", _FakeRun)
+    monkeypatch.setattr(_FakeRun, "made", [])
+    ctx, said = _dynamic_ctx(tmp_path, dtype="bfloat16", device="meta-device")
+    run = dynamic.dynamic_run(ctx)
+    assert isinstance(run, _FakeRun) and dynamic.dynamic_run(ctx) is run and _FakeRun.made == [run]
+    base_dir, adapter_dir, kw = run.args
+    assert (base_dir, adapter_dir) == (tmp_path / "base", tmp_path / "adapter")
+    assert {k: v for k, v in kw.items() if k != "progress"} == {"dtype": "bfloat16", "device": "meta-device",
+                                                                 "init_buffers": {"rope": 1}}
+    kw["progress"]("a step")
+    assert said == ["a step"] and ctx.cache["dynamic.run"] is run
+    assert not run.closed
+    ctx.cleanup.close()
+    assert run.closed
+
+
+def test_a_base_that_does_not_load_fails_every_dynamic_check_naming_why(tmp_path, monkeypatch):
+    from harness.checks import dynamic
+    from harness.checks.measure import dynamic_run
+    from harness.checks.registry import get_check, run_check
+
+    class Broken(_FakeRun):
+        load_error = "modeling_x.py line 3: boom"
+
+    monkeypatch.setattr(dynamic_run, "DynamicRun", Broken)
+    ctx, _ = _dynamic_ctx(tmp_path)
+    got = dynamic.dynamic_run(ctx)
+    assert got == dynamic.Unavailable("the base model cannot be checked: modeling_x.py line 3: boom", is_failure=True)
+    ctx.cache["dynamic.slices"] = None  # the whole base fits
+    got = run_check(get_check("key-coverage"), ctx)
+    assert (got.status, got.message) == ("fail", "the base model cannot be checked: modeling_x.py line 3: boom")
+    assert got.fix.startswith("make the base directory load on its own first: the message names the file and line")
+    ctx.cleanup.close()
+
+
+def test_only_the_loading_prerequisites_block_the_dynamic_run(tmp_path, monkeypatch):
+    from harness.checks import dynamic
+    from harness.checks.measure import dynamic_run
+
+    monkeypatch.setattr(dynamic_run, "DynamicRun", _FakeRun)
+    ctx, _ = _dynamic_ctx(tmp_path)
+    ctx.failed_prerequisites = ["config-valid", "base-name", "empty-tensors"]
+    assert dynamic.dynamic_run(ctx) == dynamic.Unavailable(
+        "the adapter cannot be loaded until config-valid, empty-tensors pass(es)")
+    ctx.failed_prerequisites = ["base-name", "lora-on-plora"]
+    assert isinstance(dynamic.dynamic_run(ctx), _FakeRun)
+    ctx.cleanup.close()
+
+
+GiB = 2**30
+
+
+@pytest.fixture
+def sized(monkeypatch):
+    """The tiny base made to need 10 GiB whole and 3 GiB per layer (the real sizes are kilobytes); the temporary disk
+    and the memory the machine has are set by the test."""
+    from harness.loading import slices
+
+    monkeypatch.setattr(slices, "needed_bytes",
+                        lambda info, dtype, layers=None, layout=None: (10 if layers is None else 3 * layers) * GiB)
+    free = {"disk": 50 * GiB, "memory": 64 * GiB, "asked": []}
+    monkeypatch.setattr(slices, "temporary_disk_free", lambda: free["disk"])
+
+    def available(device="cpu"):
+        free["asked"].append(device)
+        return free["memory"]
+
+    monkeypatch.setattr(slices, "available_bytes", available)
+    return free
+
+
+def _slicing_ctx(default_bundle, info, adapter_dir=None, **options):
+    from harness.checks.context import CheckContext, CheckOptions
+    from harness.inputs.adapter_dir import read_adapter
+
+    return CheckContext(adapter=read_adapter(adapter_dir or default_bundle.adapter_dir), base=info,
+                        options=CheckOptions(**options))
+
+
+def test_a_base_that_fits_is_not_sliced(default_bundle, info, sized):
+    from harness.checks import dynamic
+
+    ctx = _slicing_ctx(default_bundle, info, max_memory=11 * GiB)
+    assert dynamic.depth_slices(ctx) is None and ctx.notes == [] and "dynamic.slices" in ctx.cache
+    ctx = _slicing_ctx(default_bundle, info, device="cuda:1")  # the budget: what the device has
+    assert dynamic.depth_slices(ctx) is None and sized["asked"] == ["cuda:1"]
+    ctx = _slicing_ctx(default_bundle, info, max_memory=1)
+    ctx.cache["dynamic.run"] = object()  # the whole-base run exists already: it is used
+    assert dynamic.depth_slices(ctx) is None and "dynamic.slices" not in ctx.cache
+    assert dynamic.depth_slices(_slicing_ctx(default_bundle, None, max_memory=1)) is None
+
+
+def test_a_base_over_the_budget_is_cut_into_the_slices_the_adapter_touches_with_a_note(default_bundle, info, sized,
+                                                                                       tmp_path):
+    from fixtures.mutations import copy_adapter, load_tensors, save_tensors
+    from harness.checks import dynamic
+
+    sized["memory"] = 4 * GiB
+    ctx = _slicing_ctx(default_bundle, info)
+    assert dynamic.depth_slices(ctx) == [(0,), (1,)] and ctx.cache["dynamic.slices"] == [(0,), (1,)]
+    assert ctx.notes == ["the base needs 10.0 GiB in float32 and the memory budget is 4.0 GiB (50.0 GiB of temporary "
+                         "disk free): the dynamic checks ran on 2 depth slice(s) of 1 layer(s) covering every layer "
+                         "the adapter touches (README, Depth slices)"]
+    late = copy_adapter(default_bundle.adapter_dir, tmp_path / "layer-1-only")
+    save_tensors(late, {k: v for k, v in load_tensors(late).items() if ".layers.0." not in k})
+    ctx = _slicing_ctx(default_bundle, info, late, max_memory=7 * GiB, dtype="bfloat16")
+    assert dynamic.depth_slices(ctx) == [(1,)]
+    assert ctx.notes[0].startswith("the base needs 10.0 GiB in bfloat16 and the memory budget is 7.0 GiB (")
+    assert "ran on 1 depth slice(s) of 1 layer(s)" in ctx.notes[0]
+
+
+def test_a_budget_below_one_layer_or_a_full_disk_fails_naming_the_fix(default_bundle, info, sized):
+    from harness.checks import dynamic
+
+    ctx = _slicing_ctx(default_bundle, info, max_memory=2 * GiB)
+    got = dynamic.depth_slices(ctx)
+    assert got == dynamic.Unavailable(
+        "the base needs 10.0 GiB in float32 for the dynamic checks and the memory budget is 2.0 GiB; depth slices "
+        "cannot help: even one decoder layer with the rest of the model needs 3.0 GiB", is_failure=True,
+        fix="run on a machine with more memory (or --device cuda), or check a smaller base")
+    sized["disk"] = 0
+    ctx = _slicing_ctx(default_bundle, info, max_memory=4 * GiB)
+    got = dynamic.depth_slices(ctx)
+    assert got.is_failure and got.fix == "point TMPDIR at a disk with room for one slice and its merged copy"
+    assert got.reason.startswith("the base needs 10.0 GiB in float32 for the dynamic checks and the memory budget is "
+                                 "4.0 GiB; depth slices cannot help: even one decoder layer with the rest of the model "
+                                 "needs ")
+    assert got.reason.endswith("GiB of temporary disk and 0.0 GiB is free (point TMPDIR at a disk with room)")
+    assert ctx.notes == []
+
+
+def test_the_layers_asked_for_are_the_one_slice(default_bundle, info, sized):
+    from harness.checks import dynamic
+
+    ctx = _slicing_ctx(default_bundle, info, layers=(1,))
+    assert dynamic.depth_slices(ctx) == [(1,)]
+    assert ctx.notes == ["the dynamic checks ran on the depth slice of layers 1-1 only, as asked (layers=); the other "
+                         "layers' units check the rest (README, Depth slices)"]
+    ctx = _slicing_ctx(default_bundle, info, layers=(0, 1))
+    assert dynamic.depth_slices(ctx) is None and ctx.notes == []  # the whole model
+    ctx = _slicing_ctx(default_bundle, info, layers=(1, 2))
+    assert dynamic.depth_slices(ctx) == dynamic.Unavailable(
+        "layers 1-2 were asked for, but the base has 2 decoder layers (0-1)", is_failure=True,
+        fix="ask for layers within 0-1")
+    assert dynamic.asked_slice((0, 3), None) == dynamic.Unavailable(
+        "layers 0-3 were asked for, but the base has no decoder layer list to slice by depth", is_failure=True,
+        fix="run without layers= (the whole model)")
+
+
+def test_a_slice_the_temporary_disk_cannot_hold_fails_every_planned_check(default_bundle, info, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    from harness.checks import dynamic
+    from harness.loading import slices
+
+    asked = []
+
+    def disk_bytes(info, dtype, stored, layers=None, layout=None):
+        asked.append((dtype, stored, layers, layout.count if layout else None))
+        return 3 * GiB
+
+    monkeypatch.setattr(slices, "disk_bytes", disk_bytes)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=GiB + GiB // 2))
+    ctx = _slicing_ctx(default_bundle, info, dtype="bfloat16")
+    assert dynamic._disk_problem(ctx, (2, 3, 4), tmp_path / "w") == (
+        f"the depth slice of layers 2-4 needs about 3.0 GiB of temporary disk and {tmp_path} has 1.5 GiB free")
+    assert asked == [("bfloat16", "float32", 3, 2)]
+    assert dynamic._disk_problem(_slicing_ctx(default_bundle, info), (0,), tmp_path / "w") is not None
+    assert asked[-1] == ("float32", "float32", 1, 2)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * GiB))
+    assert dynamic._disk_problem(ctx, (0,), tmp_path / "w") is None  # exactly enough
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=GiB))
+    ctx = _slicing_ctx(default_bundle, info, max_memory=1)
+    ctx.cache["dynamic.slices"] = [(0,), (1,)]
+    ctx.planned = ("key-coverage", "effect")
+    from harness.checks.registry import get_check, run_check
+
+    for check_id in ("key-coverage", "effect", "path-agreement"):
+        got = run_check(get_check(check_id), ctx)
+        assert (got.status, got.message) == ("fail", "layer 0: the depth slice of layers 0-0 needs about 3.0 GiB of "
+                                                     f"temporary disk and {tempfile.gettempdir()} has 1.0 GiB free")
+        assert list(got.details["depth_slices"]) == ["layer 0"]
+        assert got.fix == "point TMPDIR at a disk with room (or pass a smaller --max-memory for smaller slices)"
