@@ -19,6 +19,7 @@ from harness.loading.paths import LoadingPath, LoaderRefused
 from harness.loading.records import LoadedModel, LoadRecord
 
 CONFIG, SAFE, BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+WQKV = "base_model.model.model.layers.0.attention.wqkv"
 
 
 @pytest.fixture
@@ -84,8 +85,11 @@ def test_replaced_keeps_the_facts_but_loads_on_its_own(registry):
 
     _toy("toy", merges=True, saves_and_reloads=True, reads_adapter_config=False, shares_load_with="peft", then=then,
          takes_base=True, requires=why)
-    got = registry.replaced("toy", _load)
-    assert got == LoadingPath("toy", _load, merges=True, saves_and_reloads=True, reads_adapter_config=False,
+    def other(*args, **kw):
+        return "the replacement"
+
+    got = registry.replaced("toy", other)
+    assert got == LoadingPath("toy", other, merges=True, saves_and_reloads=True, reads_adapter_config=False,
                               shares_load_with=None, then=None, takes_base=False, requires=why)
 
 
@@ -138,6 +142,18 @@ def test_a_declared_cycle_stops_where_it_closes(registry):
     _toy("y", shares_load_with="x", then=then, takes_base=True)
     assert _names(registry, "x") == ["y", "x"]  # climbs x -> y (takes the base), then y's follower x
     assert _names(registry, "y") == []  # climbs y -> x, which takes no base: no chain
+
+
+def test_a_cycle_above_the_start_stops_where_it_closes(registry):
+    def then(loaded, **_):
+        return loaded
+
+    for table in ("REGISTRY", "PATHS", "UNAVAILABLE"):
+        getattr(registry, table).clear()
+    _toy("start", shares_load_with="y", then=then)
+    _toy("y", shares_load_with="z", then=then)
+    _toy("z", shares_load_with="y", then=then, takes_base=True)
+    assert _names(registry, "start") == ["z", "y", "start"]
 
 
 def test_the_built_in_chain_and_merging_lists():
@@ -390,6 +406,29 @@ def test_the_unmerged_peft_path_loads_the_base_once_shared_and_records_the_adapt
     given = paths.load_peft(default_bundle.base_dir, default_bundle.adapter_dir, base=base, dtype=torch.float32,
                             device="cpu", workdir=tmp_path / "given")
     assert given.model.get_base_model() is base and len(spy_loads) == 2  # the base given is used, not reloaded
+    private = paths.load_peft(default_bundle.base_dir, default_bundle.adapter_dir, private=True, dtype=torch.float32,
+                              device="cpu", workdir=tmp_path / "private")
+    assert spy_loads[-1][1]["private"] is True and private.record.path == "peft"  # to be merged in place next
+
+
+def test_load_adapter_and_state_dict_note_what_peft_itself_reported(default_bundle, tmp_path):
+    """PEFT's own load result goes into the notes beside the key-by-key record (a renamed key: one missing, one
+    unexpected); PEFT's missing list also names PLoRA's own weights, which the note says are ignored."""
+    from fixtures.mutations import copy_adapter, load_tensors, save_tensors
+
+    adapter = copy_adapter(default_bundle.adapter_dir, tmp_path / "renamed")
+    tensors = load_tensors(adapter)
+    old = f"{WQKV}.lora_A.weight"
+    tensors[old.replace(".wqkv.", ".wqkv_nowhere.")] = tensors.pop(old)
+    save_tensors(adapter, tensors)
+    notes = {name: _run(name, default_bundle, tmp_path / name, adapter).record.notes
+             for name in ("load-adapter", "state-dict")}
+    plora = ("PEFT also lists 22 non-adapter key(s) containing 'lora_' as missing (e.g. base_model.model.plora_glb_GN): "
+             "PLoRA names, ignored")
+    assert notes["load-adapter"] == ["load_result: 1 missing adapter keys, 1 unexpected keys"], notes
+    assert notes["state-dict"] == ["load_result: 1 missing adapter keys, 1 unexpected keys", plora], notes
+    clean = _run("state-dict", default_bundle, tmp_path / "clean").record.notes
+    assert clean == ["load_result: 0 missing adapter keys, 0 unexpected keys", plora]
 
 
 @pytest.mark.parametrize("name", ["peft-merged", "peft-safe-merged", "merge-script"])
@@ -462,8 +501,18 @@ def test_state_dict_loads_the_saved_values_without_reading_files_it_does_not_use
 
 
 @pytest.mark.parametrize("name,resaved", [("bin", BIN), ("safetensors", SAFE)])
-def test_the_resaving_paths_load_their_copy_and_record_its_files(name, resaved, default_bundle, tmp_path):
-    loaded = _run(name, default_bundle, tmp_path)
+def test_the_resaving_paths_load_their_copy_and_record_its_files(name, resaved, default_bundle, tmp_path,
+                                                                  spy_loads):
+    """Each loads the adapter re-saved in its format, whatever the user saved: a .bin-only adapter for the
+    safetensors path, the .safetensors one for the bin path."""
+    adapter = None
+    if name == "safetensors":
+        adapter = tmp_path / "bin-only"
+        adapter.mkdir()
+        (adapter / CONFIG).write_bytes((default_bundle.adapter_dir / CONFIG).read_bytes())
+        torch.save(load_file(default_bundle.adapter_dir / SAFE), adapter / BIN)
+    loaded = _run(name, default_bundle, tmp_path, adapter)
+    assert spy_loads == [(Path(default_bundle.base_dir), {"dtype": torch.float32, "device": "cpu", "private": False})]
     assert loaded.record.path == name and loaded.record.files_used == sorted([CONFIG, resaved])
     assert (tmp_path / "work" / f"adapter-{name}" / resaved).is_file() and loaded.record.clean
     assert _lora_b(loaded.model) and not loaded.model.training
@@ -1074,3 +1123,48 @@ def test_a_slice_the_temporary_disk_cannot_hold_fails_every_planned_check(defaul
                                                      f"temporary disk and {tempfile.gettempdir()} has 1.0 GiB free")
         assert list(got.details["depth_slices"]) == ["layer 0"]
         assert got.fix == "point TMPDIR at a disk with room (or pass a smaller --max-memory for smaller slices)"
+
+
+@pytest.mark.parametrize("name", ["bin", "safetensors", "auto-peft"])
+def test_paths_load_in_the_dtype_asked_for(name, default_bundle, tmp_path):
+    if name not in paths.PATHS:
+        pytest.skip(paths.UNAVAILABLE[name])
+    loaded = paths.PATHS[name](default_bundle.base_dir, default_bundle.adapter_dir, dtype=torch.bfloat16, device="cpu",
+                               workdir=tmp_path / "work")
+    weights = {n: p.dtype for n, p in loaded.model.named_parameters() if n.endswith("attention.wo.base_layer.weight")}
+    assert weights and set(weights.values()) == {torch.bfloat16}, weights
+
+
+def test_base_kwargs_leave_an_attention_other_than_eager_to_the_config(default_bundle, tmp_path):
+    base = tmp_path / "sdpa"
+    base.mkdir()
+    for file in Path(default_bundle.base_dir).iterdir():
+        if file.name != "config.json":
+            (base / file.name).symlink_to(file)
+    config = json.loads((Path(default_bundle.base_dir) / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "attn_implementation": "sdpa"}))
+    from harness.compat import DTYPE_KW
+
+    assert paths._base_kwargs(base, torch.float32) == {"trust_remote_code": True, DTYPE_KW: torch.float32}
+
+
+def test_auto_peft_names_a_missing_task_type_as_the_cause(default_bundle, tmp_path):
+    """PEFT's AutoPeftModelForCausalLM refuses an auto_mapping (saved when task_type is missing): the error names
+    the file, the module it would import and the fix."""
+    from fixtures.mutations import copy_adapter, edit_config
+
+    if "auto-peft" not in paths.PATHS:
+        pytest.skip(paths.UNAVAILABLE["auto-peft"])
+    adapter = copy_adapter(default_bundle.adapter_dir, tmp_path / "adapter")
+    edit_config(adapter, lambda c: c.update(task_type=None, auto_mapping={
+        "base_model_class": "InternLMXComposer2ForCausalLM", "parent_library": "transformers_modules.base.modeling_x"}))
+    try:
+        _run("auto-peft", default_bundle, tmp_path, adapter)
+    except ValueError as err:
+        message = str(err)
+    else:
+        pytest.skip("this PEFT imports an auto_mapping without an allowlist")
+    assert message.startswith(f"{adapter / CONFIG} has no task_type, so PEFT saved an auto_mapping naming "
+                              "'transformers_modules.base.modeling_x', which AutoPeftModelForCausalLM refuses (")
+    assert message.endswith("); set \"task_type\": \"CAUSAL_LM\" in adapter_config.json "
+                            "(LoraConfig(task_type='CAUSAL_LM') when training)")
