@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from harness.loading import paths
-from harness.loading.paths import LoadingPath, LoaderRefused
+from harness.loading.paths import LoaderRefused, LoadingPath
 from harness.loading.records import LoadedModel, LoadRecord
 
 CONFIG, SAFE, BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -423,8 +423,8 @@ def test_load_adapter_and_state_dict_note_what_peft_itself_reported(default_bund
     save_tensors(adapter, tensors)
     notes = {name: _run(name, default_bundle, tmp_path / name, adapter).record.notes
              for name in ("load-adapter", "state-dict")}
-    plora = ("PEFT also lists 22 non-adapter key(s) containing 'lora_' as missing (e.g. base_model.model.plora_glb_GN): "
-             "PLoRA names, ignored")
+    plora = ("PEFT also lists 22 non-adapter key(s) containing 'lora_' as missing (e.g. "
+             "base_model.model.plora_glb_GN): PLoRA names, ignored")
     assert notes["load-adapter"] == ["load_result: 1 missing adapter keys, 1 unexpected keys"], notes
     assert notes["state-dict"] == ["load_result: 1 missing adapter keys, 1 unexpected keys", plora], notes
     clean = _run("state-dict", default_bundle, tmp_path / "clean").record.notes
