@@ -1168,3 +1168,9 @@ def test_auto_peft_names_a_missing_task_type_as_the_cause(default_bundle, tmp_pa
                               "'transformers_modules.base.modeling_x', which AutoPeftModelForCausalLM refuses (")
     assert message.endswith("); set \"task_type\": \"CAUSAL_LM\" in adapter_config.json "
                             "(LoraConfig(task_type='CAUSAL_LM') when training)")
+
+
+def test_lora_on_plora_lists_ten_of_many_inner_targets(default_bundle, tmp_path, info):
+    got = _verdict("lora-on-plora", _edited(default_bundle, tmp_path, target_modules=r".*\.Plora_[AB]"), info)
+    assert got.status == "fail" and got.details["count"] == 20 and len(got.details["modules"]) == 10
+    assert got.message == f"20 target(s) are Plora_A/Plora_B inside PLoRA modules, e.g. {got.details['modules'][0]}"
