@@ -4,17 +4,22 @@ each broken merged checkpoint fails with its message, in seconds (test_checks_me
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+from harness.checks import merged as merged_check
 from harness.checks.context import CheckContext
 from harness.checks.registry import get_check, run_check
 from harness.inputs.adapter_dir import read_adapter
 from harness.model.structure import inspect_base
+from harness.numerics import tolerances
 from harness.synthetic.bundle import build_merged_dir
 
 LAYER = "model.layers.1.attention.wqkv"
@@ -210,3 +215,92 @@ def test_merged_matches_skips_an_unreadable_adapter(default_bundle, info, merged
     got = run_check(get_check("merged-matches"), CheckContext(adapter=unreadable, base=info, merged=merged_dir))
     assert (got.status, got.message) == ("skip", "the adapter's tensors or config are unreadable (see the static "
                                                  "checks)")
+
+
+# ---------------------------------------------------------------------------------------------
+# a weight whose ΔW is small against max|W| (bf16 at 7B: one outlier sets max|W|), judged element by element
+
+
+def _outlier_weight(seed: int = 0):
+    """A bf16 weight whose one outlier makes max|W| 200x its typical element, and a rank-8 ΔW about 1e-3 of it."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(256, 256, generator=g) * 0.02
+    base[0, 0] = 4.0
+    delta = torch.randn(256, 8, generator=g) @ torch.randn(8, 256, generator=g) * 2e-4
+    return base.to(torch.bfloat16), delta
+
+
+def test_a_small_delta_is_below_the_per_tensor_resolution_of_bf16():
+    base, delta = _outlier_weight()
+    assert float(delta.abs().max() / base.float().abs().max()) <= tolerances.policy_for(torch.bfloat16).merged_rel
+
+
+def test_by_element_a_right_merge_is_right_a_base_unmerged_and_a_double_wrong():
+    base, delta = _outlier_weight()
+    want = base.float() + delta
+    verdict_, off, shown = merged_check.judge_by_element(want.to(torch.bfloat16), base, want)
+    assert verdict_ == merged_check.RIGHT and off < 0.05 and shown > 0.5
+    assert merged_check.judge_by_element(base, base, want)[:2] == (merged_check.UNMERGED, 1.0)
+    verdict_, off, _ = merged_check.judge_by_element((base.float() + 2 * delta).to(torch.bfloat16), base, want)
+    assert verdict_ == merged_check.WRONG and off > 0.9
+    half = (base.float() + 0.4 * delta).to(torch.bfloat16)  # off by 0.6 ΔW: wrong, yet not the base
+    assert merged_check.judge_by_element(half, base, want)[0] == merged_check.WRONG
+
+
+def test_by_element_a_delta_below_rounding_everywhere_is_unresolved():
+    base, delta = _outlier_weight()
+    want = base.float() + delta * 1e-4
+    assert merged_check.judge_by_element(base, base, want)[0] == merged_check.UNRESOLVED
+    assert merged_check.judge_by_element(base.int(), base, want)[0] == merged_check.UNRESOLVED
+    assert merged_check.judge_by_element(base[:8], base, want)[0] == merged_check.UNRESOLVED
+
+
+def test_by_element_runs_in_chunks(monkeypatch):
+    base, delta = _outlier_weight()
+    want = base.float() + delta
+    whole = merged_check.judge_by_element((base.float() + 2 * delta).to(torch.bfloat16), base, want)
+    monkeypatch.setattr(merged_check, "CHUNK", 1000)
+    assert merged_check.judge_by_element((base.float() + 2 * delta).to(torch.bfloat16), base, want) == whole
+
+
+def _bf16_small_delta_case(default_bundle, merged_dir, tmp_path, factor):
+    """A bf16 merged checkpoint of an adapter whose LAYER ΔW is scaled down below the per-tensor resolution, with
+    that layer's merged weight base + factor·ΔW."""
+    adapter = Path(shutil.copytree(default_bundle.adapter_dir, tmp_path / "adapter"))
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = f"base_model.model.{LAYER}.lora_B.weight"
+    tensors[key] = tensors[key] * 0.3  # max|ΔW| 1.1e-2 of max|W|: below bf16's merged_rel, 1.6e-2
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    small = delta(dataclasses.replace(default_bundle, adapter_dir=adapter), LAYER)
+    base = load_file(default_bundle.base_dir / "model.safetensors")[f"{LAYER}.weight"]
+
+    def change(t):
+        t.update({k: v.to(torch.bfloat16) for k, v in t.items()})
+        t[f"{LAYER}.weight"] = (base + factor * small).to(torch.bfloat16)
+
+    return adapter, broken(merged_dir, tmp_path, change)
+
+
+def _small_delta_verdict(default_bundle, info, merged_dir, tmp_path, factor):
+    adapter, merged = _bf16_small_delta_case(default_bundle, merged_dir, tmp_path, factor)
+    return run_check(get_check("merged-matches"), CheckContext(adapter=read_adapter(adapter), base=info, merged=merged))
+
+
+def test_a_bf16_merge_of_a_small_delta_passes(default_bundle, info, merged_dir, tmp_path):
+    got = _small_delta_verdict(default_bundle, info, merged_dir, tmp_path, 1.0)
+    assert got.status == "pass", got.message
+
+
+def test_a_bf16_merge_that_left_out_a_small_delta_fails_naming_the_layer(default_bundle, info, merged_dir, tmp_path):
+    got = _small_delta_verdict(default_bundle, info, merged_dir, tmp_path, 0.0)
+    assert got.status == "fail"
+    assert got.message.startswith(f"1 adapted weight(s) equal the base (layer not merged), e.g. {LAYER}.weight")
+
+
+def test_a_bf16_merge_that_doubled_a_small_delta_fails_naming_the_share(default_bundle, info, merged_dir, tmp_path):
+    got = _small_delta_verdict(default_bundle, info, merged_dir, tmp_path, 2.0)
+    assert got.status == "fail"
+    assert re.match(rf"1 adapted weight\(s\) differ from W \+ s·B·A, e.g. {re.escape(LAYER)}.weight \(\d+% of the \d+% "
+                    r"of its elements where ΔW is above the dtype's rounding are off by more than half of ΔW\)",
+                    got.message), got.message
+    assert got.details["delta_ratios"] == {f"{LAYER}.weight": pytest.approx(2.0, abs=0.02)}

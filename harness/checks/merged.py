@@ -253,8 +253,20 @@ class _Merge:
         resolution = _rel((want - base.float()).abs().max(), scale)
         if err > self.found.worst[0]:
             self.found.worst = (err, key)
-        if resolution <= rtol:
-            self.found.unresolved.append(key)
+        if resolution <= rtol:  # max|ΔW| is within rounding of max|W|: judge element by element where ΔW shows
+            verdict, ratio, share = judge_by_element(got, base, want)
+            if verdict == UNRESOLVED:
+                self.found.unresolved.append(key)
+            elif verdict == UNMERGED:
+                self.found.unmerged.append(key)
+            elif verdict == WRONG:
+                if _folds_plora(self.base, key, got, want, rtol, self.info.family):
+                    self.found.plora_folded.append(key)
+                else:
+                    self.found.wrong_delta.append(f"{key} ({ratio:.0%} of the {share:.0%} of its elements where ΔW is "
+                                                  "above the dtype's rounding are off by more than half of ΔW)")
+                    if lora.magnitude(self.get) is None and expected.what == "lora":
+                        self._ratio_by_element(key, got, base, want, lora)
         elif err > rtol:
             if _rel((got.float() - base.float()).abs().max(), scale) <= rtol:
                 self.found.unmerged.append(key)
@@ -270,6 +282,21 @@ class _Merge:
         applied, expected = got.float() - base.float(), want - base.float()
         k = float((applied * expected).sum() / (expected * expected).sum().clamp_min(1e-30))
         if _rel((applied - k * expected).abs().max(), want.abs().max()) <= rtol:
+            self.found.ratios.append(DeltaRatio(key, k, lora.rank, lora.scaling))
+
+    def _ratio_by_element(self, key: str, got, base, want, lora: LoraModule) -> None:
+        """``_ratio`` for a weight judged element by element: k when the applied change is k·ΔW (to within a
+        quarter of ΔW) on nine in ten of the elements where ΔW is above rounding."""
+        num = den = 0.0
+        for g, _, w, delta in _shown_chunks(got, base, want):
+            num += float((g - (w - delta)) @ delta)
+            den += float(delta @ delta)
+        k = num / max(den, 1e-30)
+        shown = fits = 0
+        for g, _, w, delta in _shown_chunks(got, base, want):
+            shown += g.numel()
+            fits += int(((g - (w - delta)) - k * delta).abs().le(0.25 * delta.abs()).sum())
+        if shown and fits >= 0.9 * shown:
             self.found.ratios.append(DeltaRatio(key, k, lora.rank, lora.scaling))
 
     def _ties(self, merged_keys: set[str]) -> None:
@@ -301,6 +328,53 @@ def compare_merged(ctx: CheckContext, base: ModelDir, merged: ModelDir) -> Merge
     return _Merge(ctx, base, merged).run()
 
 
+UNRESOLVED, UNMERGED, WRONG, RIGHT = "unresolved", "unmerged", "wrong", "right"
+RESOLVED_ULPS = 4  # an element shows ΔW when |ΔW| is above this many spacings of the stored dtype there
+MIN_SHOWN = 16  # fewer elements than this that show ΔW: the weight cannot be judged (unresolved)
+CHUNK = 1 << 22  # elements per step, so a 7B weight's fp32 temporaries stay at tens of MB
+
+
+def _spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gap between neighbouring ``dtype`` numbers at each of ``values`` (its rounding step there)."""
+    import torch
+
+    exponent = torch.frexp(values)[1].float() - 1  # values = m·2^e with 0.5 <= |m| < 1
+    return torch.clamp(torch.finfo(dtype).eps * torch.exp2(exponent), min=torch.finfo(dtype).tiny)
+
+
+def _shown_chunks(got: torch.Tensor, base: torch.Tensor, want: torch.Tensor):
+    """Per chunk of elements: (got, base rounded to got's dtype, want, ΔW) as fp32, restricted to the elements
+    where ΔW is above RESOLVED_ULPS spacings of ``got``'s dtype."""
+    flat_got, flat_base, flat_want = got.reshape(-1), base.reshape(-1), want.reshape(-1)
+    for start in range(0, flat_want.numel(), CHUNK):
+        g = flat_got[start:start + CHUNK].float()
+        b = flat_base[start:start + CHUNK].to(got.dtype).float()
+        w = flat_want[start:start + CHUNK].float()
+        delta = w - flat_base[start:start + CHUNK].float()
+        shown = delta.abs() > RESOLVED_ULPS * _spacing(w, got.dtype)
+        yield g[shown], b[shown], w[shown], delta[shown]
+
+
+def judge_by_element(got: torch.Tensor, base: torch.Tensor, want: torch.Tensor) -> tuple[str, float, float]:
+    """A merged weight whose ΔW is small against max|W| (the per-tensor test cannot see it), judged on the elements
+    where ΔW is well above the stored dtype's rounding: (verdict, share of them off by more than half their ΔW,
+    their share of the weight). A bf16 7B w2 has max|ΔW| ~1e-2 of max|W|, yet ΔW moves 87% of its elements: a merge
+    that left it out, or doubled it, is off by all of ΔW on each, where a right merge is off by rounding (<= ΔW/8)."""
+    if not got.dtype.is_floating_point or got.shape != want.shape or base.shape != want.shape:
+        return UNRESOLVED, 0.0, 0.0
+    shown = off = at_base = 0
+    for g, b, w, delta in _shown_chunks(got, base, want):
+        shown += g.numel()
+        off += int(((g - w).abs() > 0.5 * delta.abs()).sum())
+        at_base += int((g == b).sum())
+    share = shown / max(want.numel(), 1)
+    if shown < MIN_SHOWN:
+        return UNRESOLVED, 0.0, share
+    if off <= shown // 2:
+        return RIGHT, off / shown, share
+    return (UNMERGED if at_base >= 0.9 * shown else WRONG), off / shown, share
+
+
 def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Tensor, rtol: float,
                  family: families.ModelFamily) -> bool:
     """Did the merge add the base model's own branch (PLoRA: Plora_B @ Plora_A · scale) into the weight too?"""
@@ -311,7 +385,11 @@ def _folds_plora(base: ModelDir, key: str, got: torch.Tensor, expected: torch.Te
         residual = got.float() - expected
         # any positive scale: the residual is a multiple of the branch's own B @ A
         scale = float((residual * branch).sum() / (branch * branch).sum().clamp_min(1e-30))
-        if scale > 0 and _rel((residual - scale * branch).abs().max(), expected.abs().max()) <= rtol:
+        left = residual - scale * branch
+        # within rounding of max|W|, and the branch explains the residual (where ΔW itself is within rounding of
+        # max|W|, as in bf16 at 7B, the first test alone holds for any residual of ΔW's size)
+        if (scale > 0 and _rel(left.abs().max(), expected.abs().max()) <= rtol
+                and float(left.norm()) <= 0.5 * float(residual.norm())):
             return True
     return False
 
