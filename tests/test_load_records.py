@@ -105,3 +105,20 @@ def test_the_merge_script_record_names_what_the_reload_lacks(default_bundle, tmp
     assert record.missing_keys == [losing_save.dropped] and record.unexpected_keys == []
     config = json.loads((default_bundle.adapter_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"  # the input was only read
+
+
+def test_warnings_are_heard_while_transformers_is_quietened():
+    import logging
+
+    from harness.loading.records import capture_warnings
+
+    logger = logging.getLogger("transformers")
+    before = logger.level
+    logger.setLevel(logging.ERROR)  # what transformers.logging.set_verbosity_error() does
+    try:
+        got: list[str] = []
+        with capture_warnings(got):
+            logger.warning("a key was not loaded")
+        assert got == ["WARNING: a key was not loaded"] and logger.level == logging.ERROR
+    finally:
+        logger.setLevel(before)

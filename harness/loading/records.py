@@ -49,15 +49,19 @@ def capture_warnings(into: list[str]):
     handler = logging.Handler(level=logging.WARNING)
     handler.emit = records.append  # type: ignore[method-assign]
     loggers = [logging.getLogger(n) for n in ("transformers", "peft")]
+    levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.WARNING:  # quietened (set_verbosity_error): still hear warnings
+            logger.setLevel(logging.WARNING)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             yield
         finally:
-            for logger in loggers:
+            for logger, level in zip(loggers, levels):
                 logger.removeHandler(handler)
+                logger.setLevel(level)
     into.extend(
         f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}"
         for w in caught
