@@ -252,6 +252,9 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--naive-only", action="store_true", help="run only the naive script (the models exist)")
     parser.add_argument("--only", nargs="*", default=None, help="merged variants to check (default: all)")
+    parser.add_argument("--runs", choices=("both", "defaults", "budget"), default="both",
+                        help="check each variant with default options, with --max-memory, or both (default)")
+    parser.add_argument("--build-only", action="store_true", help="build the models and stop")
     args = parser.parse_args()
     dims = dims_from(args.dims)
     work = Path(args.workdir)
@@ -273,8 +276,10 @@ def main() -> None:
     print(f"base: {base} ({size:.1f} GiB in bf16, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}); "
           f"build {timings.get('build_s', 0):.0f} s", flush=True)
     variants = ["merged", *BROKEN]
-    for variant in [] if args.naive_only else args.only or variants:
-        for options in ([], ["--max-memory", args.max_memory]):
+    runs = {"both": ([], ["--max-memory", args.max_memory]), "defaults": ([],),
+            "budget": (["--max-memory", args.max_memory],)}[args.runs]
+    for variant in [] if args.naive_only or args.build_only else args.only or variants:
+        for options in runs:
             result = run_check(["--adapter", str(adapter), "--base-model", str(base), "--merged", str(work / variant),
                                 "--trust-remote-code", *options])
             label = f"{variant} {' '.join(options) or '(defaults)'}"
@@ -283,7 +288,7 @@ def main() -> None:
                   f"wall {result['wall_s']:.0f} s", flush=True)
             for check_id, (status, message, duration) in result["verdicts"].items():
                 print(f"   {check_id:<18} {status:<5} {duration or 0:7.1f}s  {message}", flush=True)
-    if not args.skip_naive:
+    if not args.skip_naive and not args.build_only:
         result = naive(base, adapter)
         print(f"\n== naive script (load, PeftModel, deepcopy, merge, compare): exit {result['exit']}, peak "
               f"{result['check_gib']:.2f} GiB over its process tree, wall {result['wall_s']:.0f} s: {result['tail']}")
