@@ -263,9 +263,9 @@ def test_by_element_runs_in_chunks(monkeypatch):
     assert merged_check.judge_by_element((base.float() + 2 * delta).to(torch.bfloat16), base, want) == whole
 
 
-def _bf16_small_delta_case(default_bundle, merged_dir, tmp_path, factor):
+def _bf16_small_delta_case(default_bundle, merged_dir, tmp_path, factor, noise=0.0):
     """A bf16 merged checkpoint of an adapter whose LAYER ΔW is scaled down below the per-tensor resolution, with
-    that layer's merged weight base + factor·ΔW."""
+    that layer's merged weight base + factor·ΔW (+ noise·u·ΔW, u uniform in [-1, 1] per element)."""
     adapter = Path(shutil.copytree(default_bundle.adapter_dir, tmp_path / "adapter"))
     tensors = load_file(adapter / "adapter_model.safetensors")
     key = f"base_model.model.{LAYER}.lora_B.weight"
@@ -276,13 +276,14 @@ def _bf16_small_delta_case(default_bundle, merged_dir, tmp_path, factor):
 
     def change(t):
         t.update({k: v.to(torch.bfloat16) for k, v in t.items()})
-        t[f"{LAYER}.weight"] = (base + factor * small).to(torch.bfloat16)
+        u = torch.rand(small.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        t[f"{LAYER}.weight"] = (base + (factor + noise * u) * small).to(torch.bfloat16)
 
     return adapter, broken(merged_dir, tmp_path, change)
 
 
-def _small_delta_verdict(default_bundle, info, merged_dir, tmp_path, factor):
-    adapter, merged = _bf16_small_delta_case(default_bundle, merged_dir, tmp_path, factor)
+def _small_delta_verdict(default_bundle, info, merged_dir, tmp_path, factor, noise=0.0):
+    adapter, merged = _bf16_small_delta_case(default_bundle, merged_dir, tmp_path, factor, noise)
     return run_check(get_check("merged-matches"), CheckContext(adapter=read_adapter(adapter), base=info, merged=merged))
 
 
@@ -304,3 +305,9 @@ def test_a_bf16_merge_that_doubled_a_small_delta_fails_naming_the_share(default_
                     r"of its elements where ΔW is above the dtype's rounding are off by more than half of ΔW\)",
                     got.message), got.message
     assert got.details["delta_ratios"] == {f"{LAYER}.weight": pytest.approx(2.0, abs=0.02)}
+
+
+def test_a_bf16_merge_off_by_no_clean_ratio_fails_without_a_scaling_story(default_bundle, info, merged_dir, tmp_path):
+    got = _small_delta_verdict(default_bundle, info, merged_dir, tmp_path, 2.0, noise=0.9)  # (2 ± 0.9)·ΔW
+    assert got.status == "fail" and got.message.startswith(f"1 adapted weight(s) differ from W + s·B·A, e.g. {LAYER}")
+    assert got.details["delta_ratios"] == {} and "exactly" not in got.message
