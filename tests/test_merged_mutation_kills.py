@@ -12,13 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
 from fixtures import zoo
+from harness import compat
 from harness.checks.context import CheckContext
 from harness.checks.registry import get_check, run_check
 from harness.inputs.adapter_dir import read_adapter
 from harness.model.structure import inspect_base
+
+# Written against the current stack's behaviour (the mutation run's); the oldest stack differs in the marked tests:
+# PEFT 0.8.2 refuses config fields it does not know and has no DoRA, transformers 4.33 keeps or omits the tie flag.
+OLDEST_STACK = Version(str(compat.PEFT_VERSION)) < Version("0.14")
+CURRENT_STACK_ONLY = pytest.mark.skipif(OLDEST_STACK, reason=f"PEFT {compat.PEFT_VERSION}: the oldest stack behaves "
+                                        "differently here (see OLDEST_STACK)")
 
 _BUILT: dict = {}
 
@@ -75,6 +83,9 @@ def noise_like(t: torch.Tensor, scale: float, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("name, kind", [("llama", "modules_to_save"), ("llama", "tokens"), ("llama", "dora"),
                                         ("opt", "tokens"), ("opt", "lora_bias"), ("gpt2", "modules_to_save")])
 def test_official_merges_of_every_feature_pass(arch, name, kind):
+    if (name, kind) == ("gpt2", "modules_to_save") and OLDEST_STACK:
+        pytest.skip("transformers 4.33's merge keeps GPT-2's tie flag true, so the head copy is lost on reload: "
+                    "merged-matches fails it, rightly")
     built, info = arch(name, kind)
     said = []
     got = verdict(built.adapter(kind), info, built.merged(kind), progress=said.append)
@@ -253,6 +264,7 @@ def test_a_tied_embedding_merged_into_one_shared_tensor_fails(arch):
     assert got.fix == "save the tied pair untied (tie_word_embeddings: false and a separate weight for each)"
 
 
+@CURRENT_STACK_ONLY
 def test_an_untied_head_copy_with_the_tie_flag_still_true_is_lost_on_reload(arch, tmp_path):
     built, info = arch("gpt2")
     assert built.info["merged_tie_word_embeddings"]["modules_to_save"] is False
@@ -1367,6 +1379,7 @@ def test_a_base_without_one_plora_tensor_is_no_crash(default_bundle, ixc_merged,
 # ties: which config decides, and a tied embedding among other adapted modules; tokens listed for the embedding
 
 
+@CURRENT_STACK_ONLY
 def test_the_tie_flag_defaults_to_the_base_config_then_to_the_base_model(arch, tmp_path):
     import dataclasses
 

@@ -11,12 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from harness import compat
 from harness.loading import paths
 from harness.loading.paths import LoaderRefused, LoadingPath
 from harness.loading.records import LoadedModel, LoadRecord
+
+# Written against the current stack's behaviour (the mutation run's); the oldest stack differs in the marked tests:
+# PEFT 0.8.2 refuses config fields it does not know and has no DoRA, transformers 4.33 keeps or omits the tie flag.
+OLDEST_STACK = Version(str(compat.PEFT_VERSION)) < Version("0.14")
+CURRENT_STACK_ONLY = pytest.mark.skipif(OLDEST_STACK, reason=f"PEFT {compat.PEFT_VERSION}: the oldest stack behaves "
+                                        "differently here (see OLDEST_STACK)")
 
 CONFIG, SAFE, BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 WQKV = "base_model.model.model.layers.0.attention.wqkv"
@@ -411,6 +419,7 @@ def test_the_unmerged_peft_path_loads_the_base_once_shared_and_records_the_adapt
     assert spy_loads[-1][1]["private"] is True and private.record.path == "peft"  # to be merged in place next
 
 
+@CURRENT_STACK_ONLY
 def test_load_adapter_and_state_dict_note_what_peft_itself_reported(default_bundle, tmp_path):
     """PEFT's own load result goes into the notes beside the key-by-key record (a renamed key: one missing, one
     unexpected); PEFT's missing list also names PLoRA's own weights, which the note says are ignored."""
@@ -466,6 +475,7 @@ def test_only_the_safe_merge_refuses_nan_weights(default_bundle, nan_adapter, tm
         _run("peft-safe-merged", default_bundle, tmp_path / "safe", nan_adapter)
 
 
+@CURRENT_STACK_ONLY
 def test_the_fresh_peft_model_holds_frozen_non_zero_decoys(default_bundle):
     """A key that never loads must show as a difference: the wrapped base starts with random, non-zero lora_B
     (not PEFT's zero init) and is built for inference (nothing trainable)."""
@@ -777,6 +787,7 @@ def test_misfits_take_the_rank_from_the_up_part_when_the_down_part_is_absent(def
     assert _verdict("base-match", path, info).status == "pass"  # no rank to read: nothing compared here
 
 
+@CURRENT_STACK_ONLY
 def test_misfits_compare_bias_and_magnitude_by_size_and_list_every_wrong_part(default_bundle, tmp_path, info):
     out, width = info.weights["model.layers.0.attention.wo.weight"][0]
     rank = _saved(default_bundle, f"{WO}.lora_A.weight").shape[0]
