@@ -250,9 +250,10 @@ def test_by_element_a_right_merge_is_right_a_base_unmerged_and_a_double_wrong():
 def test_by_element_a_delta_below_rounding_everywhere_is_unresolved():
     base, delta = _outlier_weight()
     want = base.float() + delta * 1e-4
-    assert merged_check.judge_by_element(base, base, want)[0] == merged_check.UNRESOLVED
-    assert merged_check.judge_by_element(base.int(), base, want)[0] == merged_check.UNRESOLVED
-    assert merged_check.judge_by_element(base[:8], base, want)[0] == merged_check.UNRESOLVED
+    verdict_, off, shown = merged_check.judge_by_element(base, base, want)
+    assert (verdict_, off) == (merged_check.UNRESOLVED, 0.0) and shown < 16 / base.numel()
+    assert merged_check.judge_by_element(base.int(), base, want) == (merged_check.UNRESOLVED, 0.0, 0.0)
+    assert merged_check.judge_by_element(base[:8], base, want) == (merged_check.UNRESOLVED, 0.0, 0.0)
 
 
 def test_by_element_runs_in_chunks(monkeypatch):
