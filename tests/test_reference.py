@@ -338,3 +338,40 @@ def test_reference_modules_to_save_on_a_tied_embedding_keeps_the_head() -> None:
                                       {"base_model.model.transformer.wte.weight": trained})
     assert changed == ["transformer.wte.weight"]
     assert torch.equal(model.transformer.wte.weight, trained) and torch.equal(model.lm_head.weight, base)
+
+
+def _wo(model):
+    name = next(n for n, m in model.named_modules() if n.endswith("attention.wo"))
+    return name, dict(model.named_modules())[name]
+
+
+def test_a_lora_bias_on_a_layer_without_bias_folds_the_weight_only_and_says_so() -> None:
+    model = base_model(Scenario())
+    name, module = _wo(model)
+    if module.bias is not None:
+        module.bias = None
+    before = module.weight.detach().clone()
+    a, b = torch.full((2, before.shape[1]), 0.5), torch.full((before.shape[0], 2), 0.25)
+    tensors = {f"base_model.model.{name}.lora_A.weight": a, f"base_model.model.{name}.lora_B.weight": b,
+               f"base_model.model.{name}.lora_B.bias": torch.ones(before.shape[0])}
+    notes: list[str] = []
+    assert apply_adapter_reference(model, {"r": 2, "lora_alpha": 4, "target_modules": ["wo"], "lora_bias": True},
+                                   tensors, notes=notes) == [name]
+    assert module.bias is None
+    torch.testing.assert_close(module.weight.detach(), before + 2.0 * (b @ a))
+    assert f"reference: {name}: lora_B.bias but the base layer has no bias (PEFT refuses to merge it)" in notes
+
+
+def test_a_delta_that_does_not_fit_its_weight_is_noted_and_left_out() -> None:
+    model = base_model(Scenario())
+    name, module = _wo(model)
+    out_features, in_features = module.weight.shape
+    tensors = {f"base_model.model.{name}.lora_A.weight": torch.ones(2, in_features + 1),
+               f"base_model.model.{name}.lora_B.weight": torch.ones(out_features, 2)}
+    notes: list[str] = []
+    before = module.weight.detach().clone()
+    assert apply_adapter_reference(model, {"r": 2, "lora_alpha": 2, "target_modules": ["wo"]}, tensors,
+                                   notes=notes) == []
+    assert torch.equal(module.weight.detach(), before)
+    assert any(line.startswith(f"reference: {name}: ΔW [{out_features}, {in_features + 1}] does not fit its ")
+               and line.endswith("PEFT cannot load it either (see base-match)") for line in notes), notes
