@@ -736,6 +736,9 @@ def test_pairwise_disagreements_use_twice_the_tolerance():
     assert problems[0].startswith("a vs c: ") and "OUTSIDE the float32 tolerance 2e-04" in problems[0]
     assert pairwise_disagreements({"a": a, "b": b}, probe, dtype=torch.float32) == []
     assert pairwise_disagreements({"a": a, "b": b}, probe, dtype=torch.bfloat16) == []
+    bands = {"image": 1e-4, "text": 1e-4}  # calibrated bands double the same way
+    assert pairwise_disagreements({"a": a, "b": b}, probe, dtype=torch.float32, bands=bands) == []
+    assert len(pairwise_disagreements({"a": a, "c": c}, probe, dtype=torch.float32, bands=bands)) == 1
 
 
 # -- loading.raw_load ------------------------------------------------------------------------------
