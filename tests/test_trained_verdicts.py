@@ -123,3 +123,11 @@ def test_a_reload_that_fails_fails_with_a_base_and_skips_without():
     assert got.fix == "fix the saved directory so PeftModel.from_pretrained loads it (see the static checks)"
     got = verdict("trained-vs-shipped", audit(reload_error="no base files given", base_dir=None))
     assert (got.status, got.message) == ("skip", "no base files given")
+
+
+def test_a_kind_without_words_is_named_by_its_own_name():
+    from harness.checks.trained import _by_kind
+
+    findings = [ParamFinding("a", True, True, kind="mystery"), ParamFinding("b", True, True, kind="vision"),
+                ParamFinding("c", True, True, kind="mystery")]
+    assert _by_kind(findings, families.detect()) == "2 mystery, 1 vision tower"
