@@ -40,17 +40,19 @@ def test_rejected_names_peft_its_first_line_and_the_exception():
     assert long == "PEFT 1 rejects this config: " + "x" * 200
 
 
-@pytest.mark.parametrize("text", ["not a valid regular expression", "too costly to match", "failed to compile"])
-def test_config_fix_for_regex_problems(text):
-    fix = static._config_fix([("r", "fine"), ("target_modules", text)])
+def test_config_fix_for_regex_problems():
+    fix = static._config_fix([static.ConfigProblem("r", "fine"),
+                              static.ConfigProblem("target_modules", "anything", regex=True)])
     assert fix.startswith("write target_modules as a list of module names, or a simple regex PEFT can match")
     assert fix.endswith("rank_pattern / alpha_pattern keys are regexes too")
 
 
 def test_config_fix_for_value_problems():
-    fix = static._config_fix([("r", "r must be a positive integer, not 0")])
+    fix = static._config_fix([static.ConfigProblem("r", "r must be a positive integer, not 0")])
     assert fix == ("regenerate adapter_config.json with save_pretrained, with r a positive integer and lora_alpha a "
                    "positive finite number")
+    # chosen by the problem's kind, not its words: a value problem that mentions a regex keeps the value fix
+    assert static._config_fix([static.ConfigProblem("target_modules", "not a regular expression, nor a list")]) == fix
 
 
 def test_shown_cuts_long_values_to_the_limit():
@@ -424,7 +426,7 @@ GOOD_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q"]}
     ],
 )
 def test_scalar_problems_name_the_field(changes, expected):
-    assert static._scalar_problems({**GOOD_CONFIG, **changes}) == expected
+    assert static._scalar_problems({**GOOD_CONFIG, **changes}) == [static.ConfigProblem(*e) for e in expected]
 
 
 def test_pattern_problems_compile_then_time_every_pattern(monkeypatch):
@@ -442,9 +444,9 @@ def test_pattern_problems_compile_then_time_every_pattern(monkeypatch):
     config = {**GOOD_CONFIG, "target_modules": "(", "rank_pattern": {"slow": 2, "fast": 2}}
     found = static._pattern_problems(config, ["n1", "n2"])
     bad = patterns.config_patterns(config)[0]
-    assert found == [("target_modules", patterns.compile_problem(bad)),
-                     ("rank_pattern", "rank_pattern key 'slow' is too costly")]
-    assert "is not a valid regular expression" in found[0][1]
+    assert found == [static.ConfigProblem("target_modules", patterns.compile_problem(bad), regex=True),
+                     static.ConfigProblem("rank_pattern", "rank_pattern key 'slow' is too costly", regex=True)]
+    assert "is not a valid regular expression" in found[0].text
     assert seen == [("rank_pattern", "slow", ["n1", "n2"]), ("rank_pattern", "fast", ["n1", "n2"])]
     assert static._pattern_problems(GOOD_CONFIG, ["n1"]) == []
 

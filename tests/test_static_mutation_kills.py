@@ -142,7 +142,7 @@ def test_another_peft_method(peft_type):
 def test_value_problems_are_counted_and_fields_sorted():
     got = static.check_config_valid(cfg_ctx({**CONFIG, "r": 0, "lora_alpha": -1, "bias": "x"}))
     assert verdict(got) == ("fail", "adapter_config.json: r must be a positive integer, not 0 (+2 more)")
-    assert got.fix == static._config_fix([("r", "")])
+    assert got.fix == static._config_fix([static.ConfigProblem("r", "")])
     assert got.details == {
         "problems": ["r must be a positive integer, not 0",
                      "lora_alpha is negative (-1): the LoRA scaling alpha/r must be positive",
@@ -170,17 +170,17 @@ def test_costly_regex_is_timed_on_the_adapters_own_module_names(tmp_path):
 
 def test_pattern_problems_name_the_field_and_the_problem():
     found = static._pattern_problems({**CONFIG, "target_modules": "(", "rank_pattern": {"q_proj": 4}}, ["a.q_proj"])
-    assert [field for field, _ in found] == ["target_modules"]
+    assert [p.field for p in found] == ["target_modules"] and all(p.regex for p in found)
     assert "(" in found[0][1]
     costly = static._pattern_problems({**CONFIG, "target_modules": "(([a-z0-9_.]|[a-z0-9_.])+)+#"},
                                       list(static.PROBE_NAMES))
-    assert [field for field, _ in costly] == ["target_modules"] and "costly" in costly[0][1]
+    assert [p.field for p in costly] == ["target_modules"] and "costly" in costly[0].text
     assert static._pattern_problems(CONFIG, list(static.PROBE_NAMES)) == []
 
 
 def test_scalar_problems_for_targets_bias_and_pattern_tables():
     def fields(**changes):
-        return static._scalar_problems({**CONFIG, **changes})
+        return [(p.field, p.text) for p in static._scalar_problems({**CONFIG, **changes})]
 
     assert fields() == []
     assert fields(target_modules=None, bias="all", rank_pattern=None) == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from harness.checks.context import CheckContext
 from harness.checks.registry import failed, passed, register, skipped, warned
@@ -170,7 +170,16 @@ def _alpha_problem(name: str, value) -> str | None:
     return None
 
 
-def _scalar_problems(config: dict) -> list[tuple[str, str]]:
+class ConfigProblem(NamedTuple):
+    """One thing wrong in adapter_config.json: the field, the sentence, and whether it is a regex PEFT would build
+    (which decides the fix: a simpler pattern, not a regenerated config)."""
+
+    field: str
+    text: str
+    regex: bool = False
+
+
+def _scalar_problems(config: dict) -> list[ConfigProblem]:
     """r, lora_alpha, target_modules, bias, rank_pattern and alpha_pattern: types and ranges."""
     found = [("r", _rank_problem("r", config.get("r"))), ("lora_alpha", _alpha_problem("lora_alpha", config.get("lora_alpha")))]
     targets = config.get("target_modules")
@@ -189,10 +198,10 @@ def _scalar_problems(config: dict) -> list[tuple[str, str]]:
             found.append((name, f"{name} must map module patterns to numbers, not {_shown(table)}"))
             continue
         found += [(name, judge(f"{name}[{_shown(key)}]", value)) for key, value in table.items()]
-    return [(name, text) for name, text in found if text]
+    return [ConfigProblem(name, text) for name, text in found if text]
 
 
-def _pattern_problems(config: dict, names: list[str]) -> list[tuple[str, str]]:
+def _pattern_problems(config: dict, names: list[str]) -> list[ConfigProblem]:
     """Every regex PEFT would build from the config, compiled as PEFT splices it, then timed on ``names``."""
     from harness.inputs.patterns import PatternTooCostly, bounded_matches, compile_problem, config_patterns
 
@@ -205,7 +214,7 @@ def _pattern_problems(config: dict, names: list[str]) -> list[tuple[str, str]]:
             except PatternTooCostly as err:
                 problem = str(err)
         if problem is not None:
-            found.append((pattern.field, problem))
+            found.append(ConfigProblem(pattern.field, problem, regex=True))
     return found
 
 
@@ -255,8 +264,8 @@ def _unmatched_targets(ctx: CheckContext, config: dict) -> tuple[str, str] | Non
             "load the adapter only in part", fix)
 
 
-def _config_fix(problems: list[tuple[str, str]]) -> str:
-    if any("regular expression" in text or "too costly" in text or "to compile" in text for _, text in problems):
+def _config_fix(problems: list[ConfigProblem]) -> str:
+    if any(problem.regex for problem in problems):
         return ("write target_modules as a list of module names, or a simple regex PEFT can match (no nested "
                 "quantifiers such as (a+)+); rank_pattern / alpha_pattern keys are regexes too")
     return "regenerate adapter_config.json with save_pretrained, with r a positive integer and lora_alpha a " \
@@ -291,7 +300,6 @@ def check_config_valid(ctx: CheckContext):
         )
 
     config = adapter.config
-    problems: list[tuple[str, str]] = []  # (field, what is wrong)
     missing = [name for name in REQUIRED_FIELDS if config.get(name) is None]
     targets, params = config.get("target_modules"), config.get("target_parameters")
     if not targets and not params:
@@ -318,13 +326,13 @@ def check_config_valid(ctx: CheckContext):
         )
 
     r, alpha = config.get("r"), config.get("lora_alpha")
-    problems += _scalar_problems(config) + _pattern_problems(config, _module_names(ctx))
+    problems = _scalar_problems(config) + _pattern_problems(config, _module_names(ctx))
     if problems:
         return failed(
-            f"adapter_config.json: {problems[0][1]}{_more(len(problems), 1)}",
+            f"adapter_config.json: {problems[0].text}{_more(len(problems), 1)}",
             fix=_config_fix(problems),
-            problems=[text for _, text in problems],
-            fields=sorted({name for name, _ in problems}),
+            problems=[problem.text for problem in problems],
+            fields=sorted({problem.field for problem in problems}),
         )
 
     from harness.compat import PEFT_VERSION, lora_config_fields
