@@ -1,7 +1,8 @@
 """Dynamic check cost: ``harness.check(adapter, base_model=...)`` vs the validation script users write today.
 
 Builds a synthetic XComposer base of about 1.5 GB of fp32 weights (``--hidden``/``--layers`` to
-resize) and a random r=16 adapter, then measures in fresh worker processes, interleaved:
+resize) and a random r=16 adapter, then measures in fresh worker processes, interleaved, each timed end to end
+from before its imports (as ``python script.py`` and ``plora-harness check`` are):
   floor   - load base + adapter, two forward passes (unmerged, merged) and one merge: the minimum;
   naive   - load base, PeftModel.from_pretrained, deep-copy, merge_and_unload, compare outputs;
   harness - harness.check(adapter, base_model=base) (every check, every loading path; the engine runs in a
@@ -63,19 +64,22 @@ def _probe(model):
 
 
 def worker(method: str, base: Path, adapter: Path, dtype: str = "float32") -> dict:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    import harness
-    from harness.numerics.probes import mask_kwarg
-
+    """One method in this fresh interpreter, timed from before its imports: a user's script imports torch,
+    transformers and PEFT itself, and so does the harness's engine child (its parent imports neither)."""
     with TreePeak() as tree:
         start = time.perf_counter()
         if method == "harness":
+            import harness
+
             report = harness.check(adapter, base_model=base, trust_remote_code=True)
             assert report.exit_code == 0, report.render()
         else:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            from harness.numerics.probes import mask_kwarg
+
             model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True, dtype=getattr(torch, dtype)).eval()
             peft_model = PeftModel.from_pretrained(model, adapter).eval()
             probe = _probe(model)

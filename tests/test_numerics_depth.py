@@ -128,6 +128,76 @@ def test_streamed_reference_of_a_bf16_model_computes_in_fp32(default_bundle) -> 
     assert (plain_bf16 - want).abs().max() > 20 * (got - want).abs().max()
 
 
+def test_streamed_run_copies_only_what_it_must(default_bundle) -> None:
+    """An fp32 model's base run swaps nothing (the same arithmetic as its own forward, bit for bit, no extra bytes);
+    a folded run copies only the weights the fold writes into, at most one unit's worth."""
+    from harness.loading.base import load_base
+
+    model = load_base(default_bundle.base_dir, dtype=torch.float32)
+    config, tensors = _adapter(default_bundle.adapter_dir)
+    probe = make_probe(model.get_input_embeddings(), image_spans=[(3, 7)], left_padding=[0, 2], feed="model-embeds")
+    got, stream = run_streamed(model, lambda: probe_logits(model, probe, dtype=torch.float32))
+    assert torch.equal(got, probe_logits(model, probe)) and stream.peak_extra_bytes == 0
+    fold = ReferenceFold(model, config, tensors)
+    _, folded = run_streamed(model, lambda: probe_logits(model, probe, dtype=torch.float32), fold=fold)
+    modules = dict(model.named_modules())
+    written = max(sum(modules[lora.module].weight.numel() * 4 for lora in fold.lora if _inside_block(lora.module, b))
+                  for b in block_units(model))
+    assert 0 < folded.peak_extra_bytes <= written + 4 * sum(  # + the biases the fold may write
+        modules[lora.module].bias.numel() for lora in fold.lora if getattr(modules[lora.module], "bias", None) is not None)
+    assert folded.peak_extra_bytes < _unit_bytes(model, folded)  # the unit's other weights are not copied
+
+
+def test_streamed_units_reuse_the_previous_units_fp32_buffers(default_bundle, monkeypatch) -> None:
+    """Each layer's fp32 copies go into the buffers the layer before gave back (no fresh pages to fault in per layer,
+    seconds at 7B), the result is the fp32 run's, and the spares are freed with the run."""
+    from harness.loading.base import load_base
+
+    low = load_base(default_bundle.base_dir, dtype=BF16)
+    probe = make_probe(low.get_input_embeddings(), image_spans=[(3, 7)], left_padding=[0, 2])
+    want = probe_logits(copy.deepcopy(low).float(), probe)
+    real_spare, reused = StreamedFp32._spare, []
+
+    def spare(self, param):
+        reused.append(any(s.shape == param.shape for s in self._spares))
+        return real_spare(self, param)
+
+    monkeypatch.setattr(StreamedFp32, "_spare", spare)
+    got, stream = run_streamed(low, lambda: probe_logits(low, probe, dtype=torch.float32))
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    layers = [b for b in block_units(low) if b.startswith("model.layers.")]  # the decoder layers the probe runs
+    per_layer = sum(1 for p in dict(low.named_modules())[layers[0]].parameters() if p.is_floating_point())
+    assert len(layers) >= 2 and sum(reused) >= (len(layers) - 1) * per_layer, (sum(reused), len(layers), per_layer)
+    assert stream._spares == [] and all(p.dtype == BF16 for p in low.parameters() if p.is_floating_point())
+
+
+def _inside_block(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+def test_an_fp32_run_measures_the_base_once(default_bundle) -> None:
+    """In fp32 the streamed base run is the model's own forward when its buffers are what its constructor computes
+    (the default bundle's are): reused, so the noise is exactly 0 and one forward is saved."""
+    run = DynamicRun(default_bundle.base_dir, default_bundle.adapter_dir, dtype="float32", device="cpu")
+    try:
+        assert run.base_logits is run.base_dtype_logits and run.noise == {"image": 0.0, "text": 0.0}
+        assert run.outcome("peft").comparison.ok
+    finally:
+        run.close()
+
+
+def test_a_buffer_unlike_its_constructor_value_gets_the_streamed_base_run() -> None:
+    """Reuse holds only when every buffer the streamed run would replace already holds exactly that value."""
+    from harness.checks.measure.dynamic_run import _buffers_as_constructed
+
+    table = torch.linspace(-1, 1, 64).reshape(8, 8)
+    module = torch.nn.Module()
+    module.register_buffer("cos_cached", table.clone(), persistent=False)
+    assert _buffers_as_constructed(module, {"cos_cached": table})
+    assert _buffers_as_constructed(module, {"other": table, "cos_cached": table[:4]})  # never swapped: no reason
+    assert not _buffers_as_constructed(module, {"cos_cached": table * (1 + 4e-6)})  # within fp32 rounding, not equal
+
+
 @pytest.mark.parametrize(("arch", "kind"), [("opt", "tokens"), ("gpt2", "modules_to_save"), ("llama", "embedding")])
 def test_streamed_reference_matches_on_tied_heads_conv1d_and_embeddings(synthetic_cache, arch, kind) -> None:
     """Token rows a tied head shares, a modules_to_save head copy, Conv1D weights and embedding LoRA fold into the
@@ -143,9 +213,12 @@ def test_streamed_reference_matches_on_tied_heads_conv1d_and_embeddings(syntheti
     ids = sorted({i for i in zoo.TOKEN_INDICES})
     probe = make_probe(model.get_input_embeddings(), image_spans=[], feed="input_ids", token_ids=ids)
     want = probe_logits(_fold_reference(model, config, tensors), probe, mask=None)
+    before = {name: (id(p), p.detach().clone()) for name, p in model.named_parameters(remove_duplicate=False)}
     got, stream = run_streamed(model, lambda: probe_logits(model, probe, mask=None, dtype=torch.float32),
                                fold=ReferenceFold(model, config, tensors))
     assert torch.allclose(got, want, rtol=0, atol=1e-5), (stream.mode, (got - want).abs().max())
+    after = dict(model.named_parameters(remove_duplicate=False))  # every parameter put back, the same object
+    assert all(id(after[n]) == i and torch.equal(after[n], v) for n, (i, v) in before.items()) and after.keys() == before.keys()
     assert not torch.allclose(got, probe_logits(model, probe, mask=None), atol=1e-4)
 
 

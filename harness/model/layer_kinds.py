@@ -48,6 +48,14 @@ class Dims(NamedTuple):
     out_features: int
 
 
+class LowRank(NamedTuple):
+    """ΔW = scaling·up@down, as factors: what the reference folds into an fp32 weight without forming ΔW."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scaling: float
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """One kind of module PEFT's LoRA wraps, and every rule the harness needs about it."""
@@ -100,6 +108,14 @@ class LayerKind:
         factor = magnitude.float().flatten().to(merged.device) / merged.norm(p=2, dim=axis)
         return merged * (factor.view(1, -1) if self.stored_in_out else factor.view(-1, 1))
 
+    def _add_low_rank_(self, weight: torch.Tensor, factors: LowRank) -> None:
+        """weight += s·B@A in place (fp32), in the layout the weight is stored in."""
+        down, up = factors.down.float().to(weight.device), factors.up.float().to(weight.device)
+        if self.stored_in_out:
+            weight.addmm_(down.T, up.T, alpha=factors.scaling)
+        else:
+            weight.addmm_(up, down, alpha=factors.scaling)
+
     @staticmethod
     def bias_delta(lora_bias: torch.Tensor, scaling: float) -> torch.Tensor:
         """``lora_bias``: what the merge adds to the base bias, s·lora_B.bias (fp32)."""
@@ -107,24 +123,30 @@ class LayerKind:
 
     # -- reference forward -----------------------------------------------------------------------
 
-    def fold(self, module: torch.nn.Module, delta: torch.Tensor, *, magnitude: torch.Tensor | None = None,
+    def fold(self, module: torch.nn.Module, delta: torch.Tensor | LowRank, *, magnitude: torch.Tensor | None = None,
              bias_delta: torch.Tensor | None = None, untie: bool = False) -> None:
         """Merge ``delta`` into ``module`` by hand, so that its own forward is the reference forward.
 
-        ``bias_delta``: s·lora_B.bias, added to the base bias. ``untie``: the weight is shared with another module
-        (tied embeddings): the merged weight becomes this module's own Parameter and the other keeps the base
-        value, as PEFT's unmerged layer does.
+        ``delta``: ΔW, or its factors (``LowRank``: an fp32 weight then takes s·B@A in one fused, in-place product,
+        no weight-sized ΔW). ``bias_delta``: s·lora_B.bias, added to the base bias. ``untie``: the weight is shared
+        with another module (tied embeddings): the merged weight becomes this module's own Parameter and the other
+        keeps the base value, as PEFT's unmerged layer does.
         """
         import torch
 
         weight = module.weight
-        if untie:
-            merged = self.merged_weight(weight, delta, magnitude).to(weight.dtype)
-            module.weight = torch.nn.Parameter(merged, requires_grad=False)
-        elif magnitude is None and weight.dtype == torch.float32:
-            weight.add_(delta.to(weight.device))  # the same fp32 sum as merged_weight, without a copy
+        if magnitude is None and not untie and weight.dtype == torch.float32:
+            if isinstance(delta, LowRank):
+                self._add_low_rank_(weight, delta)
+            else:
+                weight.add_(delta.to(weight.device))  # the same fp32 sum as merged_weight, without a copy
         else:
-            weight.copy_(self.merged_weight(weight, delta, magnitude).to(weight.dtype))
+            delta = self.delta(delta.down, delta.up, delta.scaling) if isinstance(delta, LowRank) else delta
+            merged = self.merged_weight(weight, delta, magnitude).to(weight.dtype)
+            if untie:
+                module.weight = torch.nn.Parameter(merged, requires_grad=False)
+            else:
+                weight.copy_(merged)
         if bias_delta is not None:
             module.bias.copy_((module.bias.float() + bias_delta.float().to(module.bias.device)).to(module.bias.dtype))
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from harness.model.layer_kinds import TOKENS, LayerKind, kind_of_parts
+from harness.model.layer_kinds import TOKENS, LayerKind, LowRank, kind_of_parts
 from harness.model.lora_math import module_scaling
 from harness.model.peft_keys import as_list, classify_key, strip_prefix
 
@@ -40,6 +40,11 @@ class LoraModule:
         """ΔW in the layout the base weight is stored in (fp32)."""
         down, up = self.kind.parts
         return self.kind.delta(get(self.keys[down]), get(self.keys[up]), self.scaling)
+
+    def factors(self, get: Getter) -> LowRank:
+        """ΔW as its factors (fp32 weights take them in one fused product: ``LayerKind.fold``)."""
+        down, up = self.kind.parts
+        return LowRank(get(self.keys[down]), get(self.keys[up]), self.scaling)
 
     def magnitude(self, get: Getter) -> torch.Tensor | None:
         return get(self.keys[MAGNITUDE]) if MAGNITUDE in self.keys else None

@@ -190,7 +190,7 @@ class ReferenceFold:
             bias_delta = lora.bias_delta(get)
             if bias_delta is not None and getattr(module, "bias", None) is None:
                 bias_delta = None
-            lora.kind.fold(module, lora.delta(get), magnitude=lora.magnitude(get), bias_delta=bias_delta,
+            lora.kind.fold(module, lora.factors(get), magnitude=lora.magnitude(get), bias_delta=bias_delta,
                            untie=id(module.weight) in shared)
 
 

@@ -21,6 +21,7 @@ says which ran.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
@@ -61,6 +62,16 @@ class StreamedFp32:
         self.extra_bytes = self.peak_extra_bytes = 0
         self._open: list = []  # swaps not yet put back (innermost last)
         self._token_rows = self._rows_by_weight() if fold is not None else {}
+        self._written = self._written_by_fold()
+        self._spares: list[torch.Tensor] = []  # fp32 copies a finished unit gave back, for the next one to reuse
+
+    def _written_by_fold(self) -> set[str]:
+        """Parameters the fold writes into in place (LoRA weights and biases, loaded embedding/bias tensors): each
+        needs its own fp32 copy even when the model is fp32 already; every other fp32 parameter is used as it is."""
+        if self.fold is None:
+            return set()
+        written = {f"{lora.module}.{leaf}" for lora in self.fold.lora for leaf in ("weight", "bias")}
+        return written | {copy.param for copy in self.fold.copies if copy.role != "modules_to_save"}
 
     def _rows_by_weight(self) -> dict[int, list[tuple[tuple[int, ...], torch.Tensor]]]:
         """Trainable token rows by the identity of the weight they are written into (a tied head shares them)."""
@@ -97,6 +108,7 @@ class StreamedFp32:
                 handle.remove()
             while self._open:  # a forward that raised never reached the hooks that put the weights back
                 self._swap_out(self._open.pop())
+            self._spares = []  # freed with the run, not kept until this object goes
 
     def _hook(self, owner: torch.nn.Module, unit: list[str]) -> list:
         saved: list = []
@@ -117,24 +129,40 @@ class StreamedFp32:
     def _swap_in(self, unit: list[str]) -> list[tuple[torch.nn.Module, str, str, torch.Tensor]]:
         originals = []
         size = 0
+        copied = []  # (module, leaf, param): the parameters that get an fp32 copy
         for name in unit:
             module = self.modules[name]
             for leaf, param in list(module._parameters.items()):
                 if param is None:
                     continue
-                copy = param.detach().float().clone() if param.is_floating_point() else param.detach()
-                for indices, rows in self._token_rows.get(id(param), ()):  # written as PEFT writes them
-                    copy.index_copy_(0, torch.as_tensor(indices, dtype=torch.long), rows.to(copy.dtype))
-                originals.append((module, "_parameters", leaf, param))
-                module._parameters[leaf] = torch.nn.Parameter(copy, requires_grad=False)
-                size += copy.numel() * copy.element_size() if copy.is_floating_point() else 0
+                originals.append((module, "_parameters", leaf, param))  # every one: a fold may replace it
+                full = f"{name}.{leaf}" if name else leaf
+                if param.is_floating_point() and (param.dtype != torch.float32 or full in self._written
+                                                  or id(param) in self._token_rows):
+                    copied.append((module, leaf, param))  # else fp32 already, unwritten: used as it is (no copy)
+        self._keep_spares_for([param for _, _, param in copied])
+        lent = []  # (module, leaf, the Parameter swapped in, its buffer): given back as spares on the way out
+        for module, leaf, param in copied:
+            copy = self._spare(param)
+            copy.copy_(param.detach())
+            for indices, rows in self._token_rows.get(id(param), ()):  # written as PEFT writes them
+                copy.index_copy_(0, torch.as_tensor(indices, dtype=torch.long), rows.to(copy.dtype))
+            module._parameters[leaf] = swapped_in = torch.nn.Parameter(copy, requires_grad=False)
+            lent.append((module, leaf, swapped_in, copy))
+            size += copy.numel() * copy.element_size()
+        for name in unit:
+            module = self.modules[name]
             for leaf, buffer in list(module._buffers.items()):
                 if buffer is None or not buffer.is_floating_point():
                     continue
                 full = f"{name}.{leaf}" if name else leaf
                 known = self.buffers.get(full)
-                copy = (known.to(buffer.device) if known is not None and known.shape == buffer.shape
-                        else buffer.detach().float().clone())
+                if known is not None and known.shape == buffer.shape:
+                    copy = known.to(buffer.device)
+                elif buffer.dtype == torch.float32:
+                    continue  # nothing writes buffers: an fp32 one is used as it is
+                else:
+                    copy = buffer.detach().float().clone()
                 originals.append((module, "_buffers", leaf, buffer))
                 module._buffers[leaf] = copy
                 size += copy.numel() * copy.element_size()
@@ -145,13 +173,35 @@ class StreamedFp32:
             self.fold.apply(within, params, tokens=False)
         self.extra_bytes += size
         self.peak_extra_bytes = max(self.peak_extra_bytes, self.extra_bytes)
-        return [(originals, size)]
+        return [(originals, size, lent)]
 
     def _swap_out(self, swapped) -> None:
-        for originals, size in swapped:
+        for originals, size, lent in swapped:
+            for module, leaf, swapped_in, copy in lent:
+                if module._parameters.get(leaf) is swapped_in:  # still ours (a fold may have replaced it)
+                    self._spares.append(copy)  # the next unit's copy, without fresh pages to fault in
             for module, table, leaf, value in reversed(originals):
                 getattr(module, table)[leaf] = value
             self.extra_bytes -= size
+
+    def _keep_spares_for(self, params: list[torch.Tensor]) -> None:
+        """Drop the spare fp32 buffers no parameter of the next unit can reuse, before it allocates its own (so the
+        spares never add a unit of a different shape, e.g. the LM head, on top of a layer)."""
+        wanted = Counter((tuple(p.shape), p.device) for p in params)
+        kept = []
+        for spare in self._spares:
+            key = (tuple(spare.shape), spare.device)
+            if wanted[key] > 0:
+                wanted[key] -= 1
+                kept.append(spare)
+        self._spares = kept
+
+    def _spare(self, param: torch.Tensor) -> torch.Tensor:
+        """An fp32 buffer of ``param``'s shape: a spare from the previous unit, or a new one."""
+        for index, spare in enumerate(self._spares):
+            if spare.shape == param.shape and spare.device == param.device:
+                return self._spares.pop(index)
+        return torch.empty(param.shape, dtype=torch.float32, device=param.device)
 
 
 def run_streamed(model: torch.nn.Module, run: Callable[[], torch.Tensor], *, fold: ReferenceFold | None = None,
