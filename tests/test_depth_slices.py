@@ -147,7 +147,7 @@ def test_the_verdict_is_the_worst_slice_naming_its_layers(tmp_path) -> None:
     assert (result.status, result.message, result.fix) == ("fail", "layers 2-3: peft: OUTSIDE", "re-merge")
     assert result.details["depth_slices"]["layers 0-1"]["status"] == "pass"
     passed = combine_slices([(slice_of(0, 1), good), (slice_of(2), good)])
-    assert passed.status == "pass" and passed.message == "on 2 depth slice(s) (layers 0-1, layer 2): all agree"
+    assert passed.status == "pass" and passed.message == "on 2 depth slice(s) (layers 0-1, layer 2): all agree (figures from layers 0-1)"
 
 
 def _context(default_bundle, info, budget: int) -> CheckContext:

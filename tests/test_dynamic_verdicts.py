@@ -238,7 +238,7 @@ def test_merge_equivalence_passes_matching_merges(tmp_path):
     assert got.message == ("unmerged, merged and safe-merged match the fp32 reference (max rel 2.0e-07, float32 "
                            "tolerance 1.0e-05)")
     assert got.details == {name: comparison(name).to_dict() for name in ("peft", "peft-merged", "peft-safe-merged")} | {
-        "merged_vs_unmerged_rel": 0.0, "calibration": CALIBRATION}
+        "merged_vs_unmerged_rel": 0.0, "calibration": CALIBRATION, "max_rel": 2e-07}
 
 
 def test_merge_equivalence_fails_on_a_merge_that_differs(tmp_path):
@@ -311,7 +311,7 @@ def test_reload_roundtrip_verdicts(tmp_path):
     assert (got.status, got.message) == ("pass", "merged → saved → reloaded: no missing or unexpected tensors, "
                                                  "outputs match (max rel 2.0e-07)")
     assert got.details == {"missing_on_reload": [], "unexpected_on_reload": [],
-                           "comparison": comparison("merge-script").to_dict(), "files": []}
+                           "comparison": comparison("merge-script").to_dict(), "files": [], "max_rel": 2e-07}
     many = [f"t{i:02d}" for i in range(12)]
     lost = LoadRecord(path="merge-script", missing_keys=many, unexpected_keys=many)
     got = verdict("reload-roundtrip", Run(s=Outcome("merge-script", lost, comparison("merge-script"))), tmp_path)
@@ -415,9 +415,14 @@ def test_combine_slices_takes_the_worst_and_names_its_layers():
     got = combine_slices([(a, passed("ok a")), (b, warned("meh b"))])
     assert (got.status, got.message) == ("warn", "layers 2-3: meh b")
     got = combine_slices([(a, passed("ok a")), (b, passed("ok b"))])
-    assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok a")
+    assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok a (figures from "
+                                                 "layers 0-1)")
+    got = combine_slices([(a, passed("rel 1e-2", max_rel=1e-2)), (b, passed("rel 3e-2", max_rel=3e-2)),
+                          (c, passed("rel 2e-2", max_rel=2e-2))])  # the largest error is the one shown
+    assert got.message == "on 3 depth slice(s) (layers 0-1, layers 2-3, layers 4-5): rel 3e-2 (figures from layers 2-3)"
     got = combine_slices([(a, skipped("none")), (b, passed("ok b"))])
-    assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok b")
+    assert (got.status, got.message) == ("pass", "on 2 depth slice(s) (layers 0-1, layers 2-3): ok b (figures from "
+                                                 "layers 2-3)")
     assert combine_slices([(a, skipped("none a")), (b, skipped("none b"))]).message == "none a"
     got = combine_slices([(a, warned("meh a", fix="fix a")), (b, failed("bad b")), (c, warned("meh c"))])
     assert (got.status, got.message) == ("fail", "layers 2-3: bad b")

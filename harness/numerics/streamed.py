@@ -126,7 +126,8 @@ class StreamedFp32:
         return [owner.register_forward_pre_hook(enter), owner.register_forward_hook(leave)]
 
     @torch.no_grad()
-    def _swap_in(self, unit: list[str]) -> list[tuple[torch.nn.Module, str, str, torch.Tensor]]:
+    def _swap_in(self, unit: list[str]) -> list[tuple[list, int, list]]:
+        """Swap ``unit``'s weights for fp32 (folded) copies; returns [(originals, bytes, lent copies)] for ``_swap_out``."""
         originals = []
         size = 0
         copied = []  # (module, leaf, param): the parameters that get an fp32 copy
